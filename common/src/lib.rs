@@ -1,0 +1,17 @@
+//! What the Mora cache daemon and its clients share: the wire protocol, the
+//! frame codec, sealed shared-memory segments, tensor manifests, model
+//! references and the socket path.
+//!
+//! Neither the daemon (`mora-cache`) nor the exec client (`mora-exec`) depends
+//! on the other; both depend on this crate.
+
+pub mod frame;
+pub mod manifest;
+pub mod model;
+pub mod paths;
+pub mod protocol;
+pub mod segment;
+
+pub use manifest::{Manifest, TensorDType, TensorEntry};
+pub use model::{ModelSource, ResolvedModel};
+pub use protocol::{Request, Response, PROTOCOL_VERSION};

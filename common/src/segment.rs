@@ -1,0 +1,218 @@
+//! Sealed shared-memory segments: one memfd per resident model.
+//!
+//! The daemon creates a segment, fills it through a writable mapping, drops
+//! that mapping and seals the memfd against writing, shrinking and growing.
+//! From then on nobody, the daemon included, can change its bytes, so a
+//! client may map it read-only and trust that what it reads stays put.
+//! The kernel keeps the memory alive while any descriptor or mapping of it
+//! exists: a client's mapping stays valid even if the daemon exits.
+//!
+//! This module holds all of Mora's `unsafe` for shared memory.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+/// The seals every segment carries once filled.
+pub const REQUIRED_SEALS: SealFlags = SealFlags::WRITE.union(SealFlags::SHRINK).union(SealFlags::GROW);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("cannot create a {len}-byte shared-memory segment: {source}")]
+    Create { len: u64, source: io::Error },
+    #[error("cannot map a {len}-byte segment: {source}")]
+    Map { len: u64, source: io::Error },
+    #[error("cannot seal the segment: {0}")]
+    Seal(io::Error),
+    #[error("received segment is not sealed against writes (seals {found:?}): refusing to map it")]
+    NotSealed { found: SealFlags },
+    #[error("received segment is {actual} bytes, the daemon announced {expected}")]
+    WrongSize { expected: u64, actual: u64 },
+    #[error("cannot inspect the received segment: {0}")]
+    Inspect(io::Error),
+}
+
+/// A sealed, read-only segment: the daemon's handle on a resident model.
+#[derive(Debug)]
+pub struct Segment {
+    fd: OwnedFd,
+    len: u64,
+}
+
+/// A segment being filled. Sealing it consumes the writable mapping.
+pub struct SegmentWriter {
+    fd: OwnedFd,
+    map: RawMapping,
+}
+
+/// A read-only view of a sealed segment. Unmapped on drop.
+pub struct Mapping {
+    map: RawMapping,
+}
+
+struct RawMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a RawMapping is a plain region of shared memory owned by the value;
+// moving it to another thread moves the only handle that unmaps it.
+unsafe impl Send for RawMapping {}
+// SAFETY: shared access only reads the region (Mapping) and the writer needs
+// `&mut self` to write, so no data race can be expressed in safe code.
+unsafe impl Sync for RawMapping {}
+
+impl RawMapping {
+    fn new(fd: BorrowedFd<'_>, len: u64, prot: ProtFlags) -> Result<Self, SegmentError> {
+        let size = usize::try_from(len).map_err(|_| SegmentError::Map {
+            len,
+            source: io::Error::other("larger than the address space"),
+        })?;
+        // SAFETY: we ask the kernel for a fresh mapping (null hint, no FIXED),
+        // so no existing memory is replaced; the fd is a memfd of at least
+        // `len` bytes (created or checked by the caller), and MAP_SHARED of a
+        // sealed or private-to-us memfd cannot be truncated underneath us
+        // (SEAL_SHRINK on received segments; we own unsealed ones).
+        let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, MapFlags::SHARED, fd, 0) }
+            .map_err(|e| SegmentError::Map { len, source: e.into() })?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SegmentError::Map {
+            len,
+            source: io::Error::other("kernel returned a null mapping"),
+        })?;
+        Ok(RawMapping { ptr, len: size })
+    }
+}
+
+impl Drop for RawMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned and nothing else
+        // unmaps them; every slice borrowed from this mapping borrows `self`,
+        // so none outlives this call.
+        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+impl SegmentWriter {
+    /// Creates an unsealed memfd of `len` bytes (zero-filled) and maps it
+    /// writable. `name` shows in `/proc/PID/fd` and `/proc/PID/maps`.
+    pub fn create(name: &str, len: u64) -> Result<Self, SegmentError> {
+        let len = len.max(1);
+        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE)?;
+        Ok(SegmentWriter { fd, map })
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives
+        // as long as `self`; `&mut self` makes this the only live view.
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr(), self.map.len) }
+    }
+
+    /// Unmaps the writable view and seals the memfd. After this the bytes
+    /// cannot change for as long as the segment exists.
+    pub fn seal(self) -> Result<Segment, SegmentError> {
+        let SegmentWriter { fd, map } = self;
+        let len = map.len as u64;
+        // F_SEAL_WRITE is refused while a writable shared mapping exists.
+        drop(map);
+        fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
+        Ok(Segment { fd, len })
+    }
+}
+
+impl Segment {
+    /// Adopts a descriptor received from the daemon, after checking that it
+    /// is sealed and of the announced size.
+    pub fn from_received(fd: OwnedFd, expected_len: u64) -> Result<Self, SegmentError> {
+        let seals = fcntl_get_seals(&fd).map_err(|e| SegmentError::Inspect(e.into()))?;
+        if !seals.contains(REQUIRED_SEALS) {
+            return Err(SegmentError::NotSealed { found: seals });
+        }
+        let st = fstat(&fd).map_err(|e| SegmentError::Inspect(e.into()))?;
+        let actual = st.st_size as u64;
+        if actual != expected_len {
+            return Err(SegmentError::WrongSize { expected: expected_len, actual });
+        }
+        Ok(Segment { fd, len: actual })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Maps the whole segment read-only.
+    pub fn map(&self) -> Result<Mapping, SegmentError> {
+        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ)? })
+    }
+}
+
+impl Mapping {
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes of a segment sealed
+        // against writes and shrinking (checked in `from_received`, or set by
+        // `seal`), so the bytes neither change nor vanish while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr(), self.map.len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_segment_keeps_its_bytes_and_refuses_writes() {
+        let mut w = SegmentWriter::create("mora-test", 4096).unwrap();
+        w.as_mut_slice()[..5].copy_from_slice(b"hello");
+        let seg = w.seal().unwrap();
+        let map = seg.map().unwrap();
+        assert_eq!(&map.as_slice()[..5], b"hello");
+        // A write through the descriptor is refused by the seal.
+        let err = rustix::io::pwrite(seg.fd(), b"x", 0).unwrap_err();
+        assert_eq!(err, rustix::io::Errno::PERM);
+        assert!(rustix::fs::ftruncate(seg.fd(), 1).is_err());
+    }
+
+    #[test]
+    fn received_segment_must_be_sealed_and_of_announced_size() {
+        let unsealed = memfd_create("mora-test", MemfdFlags::ALLOW_SEALING).unwrap();
+        ftruncate(&unsealed, 64).unwrap();
+        assert!(matches!(Segment::from_received(unsealed, 64), Err(SegmentError::NotSealed { .. })));
+
+        let seg = SegmentWriter::create("mora-test", 128).unwrap().seal().unwrap();
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        assert!(matches!(Segment::from_received(dup, 64), Err(SegmentError::WrongSize { .. })));
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        assert_eq!(Segment::from_received(dup, 128).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn mapping_outlives_the_segment_descriptor() {
+        let mut w = SegmentWriter::create("mora-test", 64).unwrap();
+        w.as_mut_slice()[0] = 42;
+        let seg = w.seal().unwrap();
+        let map = seg.map().unwrap();
+        drop(seg);
+        assert_eq!(map.as_slice()[0], 42);
+    }
+}
