@@ -5,6 +5,7 @@
 //! Neither the daemon (`mora-cache`) nor the exec client (`mora-exec`) depends
 //! on the other; both depend on this crate.
 
+pub mod connection;
 pub mod frame;
 pub mod manifest;
 pub mod model;

@@ -1,0 +1,251 @@
+//! The daemon's accept loop and per-connection protocol handling.
+//!
+//! Each connection runs in its own task. Whatever a peer sends (garbage, an
+//! oversized length, a foreign protocol version, a request that fails), the
+//! damage is limited to that connection: it gets an error or is closed, and
+//! the leases it held are released when its task ends.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use mora_common::frame::{self, FrameError};
+use mora_common::protocol::{
+    Acquired, ErrorKind, ErrorReply, Hello, HelloReply, Request, Response, SegmentDescriptor, HELLO_MAGIC,
+    PROTOCOL_VERSION,
+};
+
+use crate::registry::{Lease, Registry};
+use crate::socket::BoundSocket;
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Daemon {
+    registry: Arc<Registry>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Daemon {
+    pub fn new() -> Self {
+        Daemon { registry: Arc::new(Registry::new()), shutdown: watch::channel(false).0 }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Asks [`Daemon::serve`] to return.
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Serves `socket` until a client sends `Stop`, or SIGINT or SIGTERM
+    /// arrives. The socket file is removed on return.
+    pub async fn serve(self: Arc<Self>, socket: BoundSocket) -> std::io::Result<()> {
+        socket.listener.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(socket.listener.try_clone()?)?;
+        let mut shutdown = self.shutdown.subscribe();
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let uid = rustix::process::getuid().as_raw();
+        tracing::info!(socket = %socket.path().display(), pid = std::process::id(), protocol = PROTOCOL_VERSION, "serving");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let daemon = self.clone();
+                        tokio::spawn(async move { daemon.connection(stream, uid).await });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        tracing::info!(socket = %socket.path().display(), "shutting down");
+        drop(socket);
+        Ok(())
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: UnixStream, uid: u32) {
+        let peer = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                return;
+            }
+        };
+        let pid = peer.pid().unwrap_or(0);
+        if peer.uid() != uid {
+            tracing::warn!(peer_uid = peer.uid(), pid, "refusing a peer of another uid");
+            return;
+        }
+        match tokio::time::timeout(HELLO_TIMEOUT, self.handshake(&mut stream)).await {
+            Ok(Ok(client)) => tracing::debug!(pid, %client, "client connected"),
+            Ok(Err(reason)) => {
+                tracing::warn!(pid, %reason, "handshake failed; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(pid, "no hello within {HELLO_TIMEOUT:?}; closing");
+                return;
+            }
+        }
+        let mut leases: HashMap<u64, Lease> = HashMap::new();
+        loop {
+            let payload = match read_frame(&mut stream).await {
+                Ok(p) => p,
+                Err(FrameError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "unreadable frame; closing");
+                    break;
+                }
+            };
+            let request: Request = match frame::decode(&payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "malformed request");
+                    let reply = Response::Error(ErrorReply {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("malformed request: {e}"),
+                    });
+                    if write_response(&mut stream, &reply, None).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let stop = matches!(request, Request::Stop);
+            if let Err(e) = self.handle(&mut stream, request, &mut leases, pid).await {
+                tracing::debug!(pid, error = %e, "client went away mid-reply");
+                break;
+            }
+            if stop {
+                self.request_shutdown();
+            }
+        }
+        if !leases.is_empty() {
+            tracing::info!(pid, leases = leases.len(), "connection closed; releasing its leases");
+        }
+    }
+
+    async fn handshake(&self, stream: &mut UnixStream) -> Result<String, String> {
+        let payload = read_frame(stream).await.map_err(|e| e.to_string())?;
+        let hello: Hello = frame::decode(&payload).map_err(|e| format!("not a Mora hello: {e}"))?;
+        if hello.magic != HELLO_MAGIC {
+            return Err(format!("bad magic {:#x}", hello.magic));
+        }
+        let pid = std::process::id();
+        if hello.version != PROTOCOL_VERSION {
+            let reply = HelloReply::version_mismatch(PROTOCOL_VERSION, hello.version, pid);
+            let _ = write_response(stream, &reply, None).await;
+            return Err(reply.message);
+        }
+        let reply = HelloReply { version: PROTOCOL_VERSION, accepted: true, message: String::new(), daemon_pid: pid };
+        write_response(stream, &reply, None).await.map_err(|e| e.to_string())?;
+        Ok(hello.client)
+    }
+
+    async fn handle(
+        &self,
+        stream: &mut UnixStream,
+        request: Request,
+        leases: &mut HashMap<u64, Lease>,
+        pid: i32,
+    ) -> Result<(), FrameError> {
+        match request {
+            Request::Acquire { source, dtype, device } => {
+                let name = source.display_name();
+                match self.registry.acquire(source, dtype, device).await {
+                    Ok(grant) => {
+                        let r = &grant.resident;
+                        let reply = Response::Acquired(Acquired {
+                            lease: grant.lease.id(),
+                            name: r.name.clone(),
+                            dir: r.dir.clone(),
+                            manifest: r.manifest.clone(),
+                            segment: SegmentDescriptor::Memfd { len: r.segment.len() },
+                            loaded_now: grant.loaded_now,
+                            load_ms: if grant.loaded_now { r.load_ms } else { 0 },
+                        });
+                        tracing::info!(pid, model = %name, lease = grant.lease.id(), warm = !grant.loaded_now, "lease granted");
+                        let segment_fd = r.segment.fd().try_clone_to_owned().map_err(FrameError::Io)?;
+                        // The lease is recorded before the reply goes out, so
+                        // a client that dies while reading it still releases it.
+                        leases.insert(grant.lease.id(), grant.lease);
+                        write_response(stream, &reply, Some(segment_fd.as_fd())).await
+                    }
+                    Err(e) => {
+                        tracing::info!(pid, model = %name, error = %e.message, "acquire refused");
+                        write_response(stream, &Response::Error(e), None).await
+                    }
+                }
+            }
+            Request::Release { lease } => {
+                let reply = match leases.remove(&lease) {
+                    Some(_) => Response::Released { lease },
+                    None => Response::Error(ErrorReply {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("lease {lease} is not held by this connection"),
+                    }),
+                };
+                write_response(stream, &reply, None).await
+            }
+            Request::List => write_response(stream, &Response::Models(self.registry.list()), None).await,
+            Request::Stop => {
+                tracing::info!(pid, "stop requested");
+                write_response(stream, &Response::Stopping, None).await
+            }
+        }
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
+    let mut prefix = [0u8; 4];
+    match stream.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(FrameError::Io(e)),
+    }
+    let mut payload = vec![0u8; frame::payload_len(prefix)?];
+    stream.read_exact(&mut payload).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    Ok(payload)
+}
+
+async fn write_response<T: serde::Serialize>(
+    stream: &mut UnixStream,
+    msg: &T,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), FrameError> {
+    let bytes = frame::encode(msg)?;
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        sent = stream.async_io(Interest::WRITABLE, || frame::send_with_fd(&*stream, &bytes, fd)).await?;
+    }
+    stream.write_all(&bytes[sent..]).await?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Claiming the daemon's socket path.
+//!
+//! A daemon serves a path only while it holds an exclusive `flock` on
+//! `PATH.lock`; the lock dies with the process, however it dies. Holding the
+//! lock, a daemon may replace a socket file left behind by a dead one, and a
+//! second daemon started on the same path is refused instead of stealing it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{flock, FlockOperation};
+
+use mora_common::paths::lock_path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another daemon is serving {}{}", path.display(), pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AnotherDaemon { path: PathBuf, pid: Option<u32> },
+    #[error("{} exists and is not a socket: remove it or choose another --socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("socket directory {} belongs to uid {owner}, not to you (uid {uid}): choose another --socket", dir.display())]
+    ForeignDir { dir: PathBuf, owner: u32, uid: u32 },
+    #[error("cannot set up the socket at {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A bound, listening socket and the lock that makes it ours. Dropping it
+/// removes the socket file.
+pub struct BoundSocket {
+    pub listener: UnixListener,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path`: creates its directory (0700) if missing, takes the lock,
+/// clears a stale socket file, binds and restricts the socket to 0600.
+pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
+    let io_err = |source| BindError::Io { path: path.to_path_buf(), source };
+    let uid = rustix::process::getuid().as_raw();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+    }
+    let owner = fs::metadata(dir).map_err(io_err)?.uid();
+    if owner != uid && uid != 0 {
+        return Err(BindError::ForeignDir { dir: dir.to_path_buf(), owner, uid });
+    }
+
+    let lock_file = lock_path(path);
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_file)
+        .map_err(io_err)?;
+    if let Err(e) = flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            let mut s = String::new();
+            let _ = lock.read_to_string(&mut s);
+            return Err(BindError::AnotherDaemon { path: path.to_path_buf(), pid: s.trim().parse().ok() });
+        }
+        return Err(io_err(e.into()));
+    }
+
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                // Someone answers without holding the lock: not ours to take.
+                return Err(BindError::AnotherDaemon { path: path.to_path_buf(), pid: None });
+            }
+            tracing::info!(socket = %path.display(), "removing stale socket left by a daemon that is gone");
+            fs::remove_file(path).map_err(io_err)?;
+        }
+        Ok(_) => return Err(BindError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    lock.set_len(0).map_err(io_err)?;
+    lock.rewind().map_err(io_err)?;
+    writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
+    Ok(BoundSocket { listener, path: path.to_path_buf(), _lock: lock })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mora-sock-test-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn creates_a_private_directory_and_socket() {
+        let d = dir("perm").join("nested");
+        let sock = d.join("cache.sock");
+        let bound = bind(&sock).unwrap();
+        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(bound);
+        assert!(!sock.exists(), "socket file is removed on drop");
+    }
+
+    #[test]
+    fn live_socket_is_not_stolen() {
+        let sock = dir("live").join("cache.sock");
+        let _first = bind(&sock).unwrap();
+        let err = bind(&sock).err().expect("second bind must fail");
+        let msg = err.to_string();
+        assert!(msg.starts_with("another daemon is serving"), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+    }
+
+    #[test]
+    fn stale_socket_from_a_dead_daemon_is_replaced() {
+        let d = dir("stale");
+        fs::create_dir_all(&d).unwrap();
+        let sock = d.join("cache.sock");
+        // A socket file nobody listens on, as a killed daemon leaves behind.
+        drop(UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let bound = bind(&sock).unwrap();
+        assert!(UnixStream::connect(bound.path()).is_ok());
+    }
+
+    #[test]
+    fn a_regular_file_in_the_way_is_refused() {
+        let d = dir("file");
+        fs::create_dir_all(&d).unwrap();
+        let sock = d.join("cache.sock");
+        fs::write(&sock, "not a socket").unwrap();
+        assert!(matches!(bind(&sock), Err(BindError::NotASocket(_))));
+    }
+}
