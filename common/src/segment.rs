@@ -76,7 +76,7 @@ impl RawMapping {
         // `len` bytes (created or checked by the caller), and MAP_SHARED of a
         // sealed or private-to-us memfd cannot be truncated underneath us
         // (SEAL_SHRINK on received segments; we own unsealed ones).
-        let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, MapFlags::SHARED, fd, 0) }
+        let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, MapFlags::SHARED | MapFlags::POPULATE, fd, 0) }
             .map_err(|e| SegmentError::Map { len, source: e.into() })?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SegmentError::Map {
             len,

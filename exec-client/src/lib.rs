@@ -1,0 +1,39 @@
+//! The Mora exec client: runs a workflow on model weights borrowed from the
+//! cache daemon, or loaded in-process with `--no-cache`.
+//!
+//! - [`workflow`] parses and checks workflow files;
+//! - [`daemon`] reaches the daemon, starting one if needed;
+//! - [`weights`] maps lent segments (or loads files) for candle;
+//! - [`embed`] runs BERT with sentence-transformers pooling;
+//! - [`run`] ties them together and writes outputs.
+//!
+//! Architecture invariant: the client never frees or writes weights it did
+//! not allocate. A lent segment is sealed and mapped read-only; the lease
+//! that keeps it resident belongs to the connection and ends with it.
+
+pub mod daemon;
+pub mod embed;
+pub mod run;
+pub mod weights;
+pub mod workflow;
+
+/// Everything that can stop a run, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Workflow(#[from] workflow::WorkflowError),
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Daemon(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Call(#[from] mora_common::connection::CallError),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Output(String),
+}

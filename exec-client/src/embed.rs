@@ -1,0 +1,172 @@
+//! Sentence embeddings: a BERT encoder followed by the pooling and
+//! normalisation that the model's sentence-transformers files declare
+//! (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// Texts embedded per forward pass.
+pub const BATCH: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+}
+
+pub struct SentenceEmbedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+}
+
+#[derive(Deserialize)]
+struct Module {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not valid: {e}", path.display()))
+}
+
+/// Pooling and normalisation from `modules.json`; a plain transformer
+/// checkpoint without one gets mean pooling and no normalisation, as
+/// sentence-transformers gives it.
+fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
+    let modules_path = dir.join("modules.json");
+    if !modules_path.is_file() {
+        return Ok((Pooling::Mean, false));
+    }
+    let modules: Vec<Module> = read_json(&modules_path)?;
+    let mut pooling = Pooling::Mean;
+    let mut normalize = false;
+    for m in &modules {
+        if m.kind.ends_with(".Pooling") {
+            let cfg: PoolingConfig = read_json(&dir.join(&m.path).join("config.json"))?;
+            pooling = match (cfg.pooling_mode_mean_tokens, cfg.pooling_mode_cls_token, cfg.pooling_mode_max_tokens) {
+                (true, false, false) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Mean,
+                (false, true, false) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Cls,
+                (false, false, true) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Max,
+                _ => {
+                    return Err(format!(
+                        "{}: only one of mean, cls or max pooling is supported",
+                        dir.join(&m.path).join("config.json").display()
+                    ))
+                }
+            };
+        } else if m.kind.ends_with(".Normalize") {
+            normalize = true;
+        }
+    }
+    Ok((pooling, normalize))
+}
+
+impl SentenceEmbedder {
+    /// Builds the encoder from `vb` and the small files in `dir`.
+    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
+        let config_path = dir.join("config.json");
+        let raw: serde_json::Value = read_json(&config_path)?;
+        let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if model_type != "bert" {
+            return Err(format!(
+                "{} declares model_type `{model_type}`; the embed task runs BERT models",
+                config_path.display()
+            ));
+        }
+        let config: Config = serde_json::from_value(raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let model = BertModel::load(vb, &config).map_err(|e| format!("cannot build BERT from {}: {e}", dir.display()))?;
+
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| format!("cannot load {}: {e}", tok_path.display()))?;
+        let st_path = dir.join("sentence_bert_config.json");
+        let max_len = if st_path.is_file() {
+            read_json::<SentenceBertConfig>(&st_path)?.max_seq_length
+        } else {
+            None
+        }
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| format!("{}: {e}", tok_path.display()))?;
+        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(config.pad_token_id as u32);
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            pad_token: "[PAD]".into(),
+            ..Default::default()
+        }));
+        let (pooling, normalize) = pooling_of(dir)?;
+        Ok(SentenceEmbedder { model, tokenizer, pooling, normalize })
+    }
+
+    pub fn pooling(&self) -> (Pooling, bool) {
+        (self.pooling, self.normalize)
+    }
+
+    /// One embedding per text, in order.
+    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        let mut out = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(BATCH) {
+            out.extend(self.embed_batch(batch).map_err(|e| format!("inference failed: {e}"))?);
+        }
+        Ok(out)
+    }
+
+    fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error + Send + Sync>> {
+        let dev = Device::Cpu;
+        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true)?;
+        let ids: Vec<Tensor> = encodings.iter().map(|e| Tensor::new(e.get_ids(), &dev)).collect::<Result<_, _>>()?;
+        let masks: Vec<Tensor> =
+            encodings.iter().map(|e| Tensor::new(e.get_attention_mask(), &dev)).collect::<Result<_, _>>()?;
+        let input_ids = Tensor::stack(&ids, 0)?;
+        let mask = Tensor::stack(&masks, 0)?;
+        let token_types = input_ids.zeros_like()?;
+        let hidden = self.model.forward(&input_ids, &token_types, Some(&mask))?.to_dtype(DType::F32)?;
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?)?,
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Max => {
+                // Padding positions must never win the max.
+                let neg = ((maskf.ones_like()? - &maskf)? * -1e9)?;
+                hidden.broadcast_add(&neg)?.max(1)?
+            }
+        };
+        let pooled = if self.normalize {
+            pooled.broadcast_div(&pooled.sqr()?.sum_keepdim(1)?.sqrt()?)?
+        } else {
+            pooled
+        };
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,195 @@
+//! Model weights for candle: lent by the daemon (a sealed segment mapped
+//! read-only) or, with `--no-cache`, read in-process from the files.
+//!
+//! candle's CPU tensors own a `Vec`, so building a model from a mapping
+//! copies each tensor out of it once; that copy is timed and reported, not
+//! hidden. The mapping itself is never written and never freed by candle.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use mora_common::connection::Connection;
+use mora_common::manifest::{TensorDType, WeightDType};
+use mora_common::protocol::{LeaseId, Request, Response, SegmentDescriptor};
+use mora_common::segment::{Mapping, Segment};
+use mora_common::{Manifest, ModelSource, TensorEntry};
+
+use crate::ExecError;
+
+/// Where a model's weights came from, for the run report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Provenance {
+    /// Lent by the daemon; `loaded_now` when this request made it read the files.
+    Daemon { lease: LeaseId, loaded_now: bool, load_ms: u64, bytes: u64 },
+    /// Read in-process (`--no-cache`).
+    InProcess { load_ms: u64, bytes: u64 },
+}
+
+/// A model's weights, ready to build candle modules from.
+pub struct Weights {
+    pub name: String,
+    /// Directory with the model's small files (config, tokenizer, pooling).
+    pub dir: PathBuf,
+    pub dtype: WeightDType,
+    pub provenance: Provenance,
+    store: Store,
+}
+
+enum Store {
+    Mapped(MappedWeights),
+    Loaded(HashMap<String, Tensor>),
+}
+
+/// A [`SimpleBackend`] over a read-only mapping of a daemon segment.
+/// Cloning shares the mapping.
+#[derive(Clone)]
+pub struct MappedWeights {
+    mapping: Arc<Mapping>,
+    index: Arc<HashMap<String, TensorEntry>>,
+}
+
+pub fn candle_dtype(d: TensorDType) -> Option<DType> {
+    Some(match d {
+        TensorDType::U8 => DType::U8,
+        TensorDType::U32 => DType::U32,
+        TensorDType::I16 => DType::I16,
+        TensorDType::I32 => DType::I32,
+        TensorDType::I64 => DType::I64,
+        TensorDType::F16 => DType::F16,
+        TensorDType::BF16 => DType::BF16,
+        TensorDType::F32 => DType::F32,
+        TensorDType::F64 => DType::F64,
+        TensorDType::Bool | TensorDType::I8 | TensorDType::U16 | TensorDType::U64 => return None,
+    })
+}
+
+pub fn weight_dtype(d: WeightDType) -> DType {
+    match d {
+        WeightDType::F32 => DType::F32,
+        WeightDType::F16 => DType::F16,
+        WeightDType::BF16 => DType::BF16,
+    }
+}
+
+impl MappedWeights {
+    /// Indexes a mapping by a manifest the caller has validated against it.
+    pub fn new(mapping: Mapping, manifest: Manifest) -> Self {
+        let index = manifest.tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        MappedWeights { mapping: Arc::new(mapping), index: Arc::new(index) }
+    }
+
+    fn tensor(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self
+            .index
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let dtype = candle_dtype(t.dtype)
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is {:?}, which candle cannot hold", t.dtype)))?;
+        let bytes = &self.mapping.as_slice()[t.offset as usize..(t.offset + t.len) as usize];
+        Tensor::from_raw_buffer(bytes, dtype, &t.shape, dev)
+    }
+}
+
+impl SimpleBackend for MappedWeights {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.tensor(name, dev)?.to_dtype(dtype)?;
+        if tensor.shape() != &s {
+            Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt())?
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.tensor(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}
+
+impl Weights {
+    /// Asks the daemon for `source` in `dtype` and maps what it lends. The
+    /// lease lasts as long as `conn` stays open.
+    pub fn from_daemon(conn: &Connection, source: ModelSource, dtype: WeightDType) -> Result<Weights, ExecError> {
+        let name = source.display_name();
+        let (response, mut fds) = conn.call(&Request::Acquire {
+            source,
+            dtype,
+            device: mora_common::protocol::Device::Cpu,
+        })?;
+        let acquired = match response {
+            Response::Acquired(a) => a,
+            Response::Error(e) => return Err(ExecError::Daemon(e.message)),
+            other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
+        };
+        let SegmentDescriptor::Memfd { len } = acquired.segment;
+        let fd = match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => fd,
+            _ => return Err(ExecError::Protocol(format!("the daemon lent {name} without exactly one segment descriptor"))),
+        };
+        let segment = Segment::from_received(fd, len).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+        if acquired.manifest.segment_len != len {
+            return Err(ExecError::Protocol(format!(
+                "{name}: manifest describes {} bytes, segment has {len}",
+                acquired.manifest.segment_len
+            )));
+        }
+        acquired.manifest.validate().map_err(|e| ExecError::Protocol(format!("{name}: bad manifest: {e}")))?;
+        let mapping = segment.map().map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+        Ok(Weights {
+            name: acquired.name,
+            dir: acquired.dir,
+            dtype,
+            provenance: Provenance::Daemon {
+                lease: acquired.lease,
+                loaded_now: acquired.loaded_now,
+                load_ms: acquired.load_ms,
+                bytes: len,
+            },
+            store: Store::Mapped(MappedWeights::new(mapping, acquired.manifest)),
+        })
+    }
+
+    /// Reads `source` in-process with candle's own safetensors loader: the
+    /// baseline a run without Mora pays on every start.
+    pub fn in_process(source: &ModelSource, dtype: WeightDType) -> Result<Weights, ExecError> {
+        let start = Instant::now();
+        let resolved = source.resolve().map_err(|e| ExecError::Model(e.to_string()))?;
+        let mut tensors = HashMap::new();
+        let mut bytes = 0u64;
+        for file in &resolved.weights {
+            bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
+                .map_err(|e| ExecError::Model(format!("cannot load {}: {e}", file.display())))?;
+            tensors.extend(loaded);
+        }
+        Ok(Weights {
+            name: resolved.name,
+            dir: resolved.dir,
+            dtype,
+            provenance: Provenance::InProcess { load_ms: start.elapsed().as_millis() as u64, bytes },
+            store: Store::Loaded(tensors),
+        })
+    }
+
+    /// A VarBuilder over these weights, on the CPU, in their dtype.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        let dtype = weight_dtype(self.dtype);
+        match &self.store {
+            Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), dtype, Device::Cpu),
+            Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), dtype, &Device::Cpu),
+        }
+    }
+}
