@@ -1,0 +1,242 @@
+//! Support for Mora's end-to-end tests and benchmarks: find the built
+//! binaries and the test model, run a daemon on a private socket, run
+//! workflows against it, read its state.
+//!
+//! The test model (all-MiniLM-L6-v2) comes from `scripts/fetch-test-model.sh`;
+//! a test that needs it fails loudly when it is missing, it never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A binary of the workspace (`mora-cache`, `mora-exec`), built by
+/// `cargo build --workspace --bins` into the same profile directory as the
+/// running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The Hugging Face hub cache holding the test model: `$MORA_TEST_HF_CACHE`,
+/// else `.mora-test/hf-hub` in the workspace. Panics when the model is not there.
+pub fn test_hub() -> PathBuf {
+    let hub = std::env::var_os("MORA_TEST_HF_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".mora-test").join("hf-hub"));
+    let refs = hub.join("models--sentence-transformers--all-MiniLM-L6-v2").join("refs").join("main");
+    assert!(
+        refs.is_file(),
+        "test model all-MiniLM-L6-v2 is missing from {}: run scripts/fetch-test-model.sh (scripts/test.sh does)",
+        hub.display()
+    );
+    hub
+}
+
+/// The snapshot directory of the test model (config, tokenizer, weights).
+pub fn test_model_dir() -> PathBuf {
+    let repo = test_hub().join("models--sentence-transformers--all-MiniLM-L6-v2");
+    let commit = std::fs::read_to_string(repo.join("refs").join("main")).expect("refs/main");
+    repo.join("snapshots").join(commit.trim())
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "mora-t-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Scratch { path }
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A private environment: a scratch directory with its own socket, and a
+/// daemon when started. The daemon is killed on drop.
+pub struct Env {
+    pub scratch: Scratch,
+    pub socket: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Env {
+    /// A scratch environment with no daemon running.
+    pub fn new(tag: &str) -> Env {
+        let scratch = Scratch::new(tag);
+        let socket = scratch.join("run").join("cache.sock");
+        Env { scratch, socket, daemon: None }
+    }
+
+    /// A scratch environment with a daemon serving its socket.
+    pub fn with_daemon(tag: &str) -> Env {
+        let mut env = Env::new(tag);
+        env.start_daemon();
+        env
+    }
+
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::File::create(self.scratch.join("daemon.log")).expect("daemon log");
+        let child = self
+            .command("mora-cache")
+            .args(["serve", "--socket"])
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mora-cache serve");
+        self.daemon = Some(child);
+        let socket = self.socket.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok()),
+            "daemon did not start listening at {}: {}",
+            socket.display(),
+            self.daemon_log()
+        );
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// True while the daemon this environment started is running.
+    pub fn daemon_alive(&mut self) -> bool {
+        match self.daemon.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A command for a workspace binary with this environment's socket and
+    /// the test model's hub cache.
+    pub fn command(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.env("MORA_SOCKET", &self.socket)
+            .env("HF_HUB_CACHE", test_hub())
+            .env_remove("HF_HOME")
+            .env_remove("MORA_LOG")
+            .current_dir(&self.scratch.path);
+        c
+    }
+
+    /// Writes a workflow file into the scratch directory.
+    pub fn workflow(&self, name: &str, toml: &str) -> PathBuf {
+        let p = self.scratch.join(name);
+        std::fs::write(&p, toml).expect("write workflow");
+        p
+    }
+
+    /// `mora-exec run WORKFLOW -o OUT [extra...]`, waited for.
+    pub fn exec(&self, workflow: &Path, out: &str, extra: &[&str]) -> Output {
+        self.command("mora-exec")
+            .arg("run")
+            .arg(workflow)
+            .arg("-o")
+            .arg(self.scratch.join(out))
+            .args(extra)
+            .output()
+            .expect("run mora-exec")
+    }
+
+    /// `mora-cache ps --json`, parsed.
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        let out = self.command("mora-cache").args(["ps", "--json"]).output().expect("run mora-cache ps");
+        assert!(out.status.success(), "ps failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("ps --json prints JSON")
+    }
+
+    /// Sum of open leases over every resident model.
+    pub fn total_leases(&self) -> u64 {
+        self.ps().iter().map(|m| m["leases"].as_u64().unwrap_or(0)).sum()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // An auto-started daemon is not our child: stop it through its socket.
+        if self.socket.exists() {
+            let _ = Command::new(bin("mora-cache")).args(["stop", "--socket"]).arg(&self.socket).output();
+        }
+    }
+}
+
+/// The embedding workflow of `examples/embed.toml` on the given texts.
+pub fn embed_workflow(texts: &[&str]) -> String {
+    let texts = serde_json::to_string(texts).expect("texts as JSON");
+    format!(
+        "name = \"embed\"\n[models.minilm]\nrepo = \"sentence-transformers/all-MiniLM-L6-v2\"\n\
+         [[steps]]\nname = \"embed\"\ntask = \"embed\"\nmodel = \"minilm\"\ntexts = {texts}\noutput = \"embeddings.json\"\n"
+    )
+}
+
+/// Reads an output file written by an embed step.
+pub fn read_embeddings(path: &Path) -> Vec<Vec<f64>> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read output")).expect("output is JSON");
+    v["embeddings"]
+        .as_array()
+        .expect("embeddings array")
+        .iter()
+        .map(|e| e.as_array().expect("embedding").iter().map(|x| x.as_f64().expect("number")).collect())
+        .collect()
+}
+
+/// Asserts a process failed with exactly one line on stderr, and returns it.
+pub fn one_line_failure(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure, got success; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{err}");
+    lines[0].to_string()
+}

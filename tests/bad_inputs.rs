@@ -1,0 +1,103 @@
+//! Each bad input gives one clear line on stderr and a non-zero exit, and
+//! the daemon keeps running.
+
+use std::path::{Path, PathBuf};
+
+use mora::{embed_workflow, one_line_failure, test_model_dir, Env};
+
+fn local_model(env: &Env, name: &str, weights: &[u8]) -> PathBuf {
+    let dir = env.scratch.join(name);
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    let src = test_model_dir();
+    for f in ["config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+    dir
+}
+
+fn local_workflow(dir: &Path) -> String {
+    embed_workflow(&["x"]).replace(
+        "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
+        &format!("path = {:?}", dir.display().to_string()),
+    )
+}
+
+#[test]
+fn missing_workflow_file() {
+    let env = Env::with_daemon("missing");
+    let line = one_line_failure(&env.exec(&env.scratch.join("nope.toml"), "out", &[]));
+    assert!(line.contains("cannot read workflow") && line.contains("nope.toml"), "{line}");
+}
+
+#[test]
+fn toml_syntax_error_names_line_and_column() {
+    let env = Env::with_daemon("syntax");
+    let wf = env.workflow("bad.toml", "name = \"x\"\n[models.m]\nrepo = \"a/b\"\n[[steps]\n");
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("bad.toml:4:"), "{line}");
+}
+
+#[test]
+fn unknown_key_in_a_step() {
+    let env = Env::with_daemon("unknown-key");
+    let wf = env.workflow("typo.toml", &embed_workflow(&["x"]).replace("output =", "ouput ="));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("unknown field `ouput`") && line.contains("typo.toml:"), "{line}");
+}
+
+#[test]
+fn unknown_model_name() {
+    let env = Env::with_daemon("unknown-model");
+    let wf = env.workflow("m.toml", &embed_workflow(&["x"]).replace("model = \"minilm\"", "model = \"bert\""));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("unknown model `bert`") && line.contains("declared: minilm"), "{line}");
+}
+
+#[test]
+fn repo_not_in_the_cache() {
+    let mut env = Env::with_daemon("not-cached");
+    let wf = env.workflow("r.toml", &embed_workflow(&["x"]).replace("all-MiniLM-L6-v2", "no-such-model"));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("`sentence-transformers/no-such-model` (revision main) is not in the Hugging Face cache at"), "{line}");
+    assert!(line.ends_with("download it or give a local path"), "{line}");
+    let line = one_line_failure(&env.exec(&wf, "out", &["--no-cache"]));
+    assert!(line.contains("is not in the Hugging Face cache at"), "{line}");
+    assert!(env.daemon_alive());
+}
+
+#[test]
+fn truncated_safetensors_is_refused_and_the_daemon_keeps_running() {
+    let mut env = Env::with_daemon("truncated");
+    let full = std::fs::read(test_model_dir().join("model.safetensors")).unwrap();
+    let dir = local_model(&env, "truncated-model", &full[..full.len() / 2]);
+    let wf = env.workflow("t.toml", &local_workflow(&dir));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("not a valid safetensors file") && line.contains("truncated"), "{line}");
+    assert!(env.daemon_alive(), "daemon died on a truncated file");
+    assert!(env.ps().is_empty(), "a refused load must leave nothing resident");
+    // The daemon still serves good models afterwards.
+    let good = env.workflow("good.toml", &embed_workflow(&["x"]));
+    assert!(env.exec(&good, "good", &[]).status.success());
+}
+
+#[test]
+fn corrupt_safetensors_header_is_refused() {
+    let mut env = Env::with_daemon("corrupt");
+    let mut bytes = 40u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"w\": {\"dtype\": \"F32\", \"shape\": [2]}}    ");
+    bytes.extend_from_slice(&[0u8; 8]);
+    let dir = local_model(&env, "corrupt-model", &bytes);
+    let wf = env.workflow("c.toml", &local_workflow(&dir));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("not a valid safetensors file") && line.contains("data_offsets"), "{line}");
+    assert!(env.daemon_alive());
+}
+
+#[test]
+fn missing_local_model_directory() {
+    let env = Env::with_daemon("nodir");
+    let wf = env.workflow("d.toml", &local_workflow(&env.scratch.join("absent")));
+    let line = one_line_failure(&env.exec(&wf, "out", &[]));
+    assert!(line.contains("model directory") && line.contains("does not exist"), "{line}");
+}
