@@ -186,7 +186,7 @@ impl Manifest {
                     expected: expected.unwrap_or(u64::MAX),
                 });
             }
-            let end = t.offset.checked_add(t.len).unwrap_or(u64::MAX);
+            let end = t.offset.saturating_add(t.len);
             if end > self.segment_len {
                 return Err(ManifestError::OutOfBounds {
                     name: t.name.clone(),

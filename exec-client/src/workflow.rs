@@ -266,7 +266,7 @@ output = "embeddings.json"
         let src = GOOD.replace("output = ", "outptu = ");
         let err = parse(&src).unwrap_err().to_string();
         assert!(err.contains("unknown field `outptu`"), "{err}");
-        assert!(err.starts_with("/w/flow.toml:11:"), "{err}");
+        assert!(err.starts_with("/w/flow.toml:10:1:"), "{err}");
     }
 
     #[test]
@@ -274,7 +274,7 @@ output = "embeddings.json"
         let src = GOOD.replace("model = \"minilm\"", "model = \"minlm\"");
         let err = parse(&src).unwrap_err().to_string();
         assert!(err.contains("unknown model `minlm` (declared: minilm)"), "{err}");
-        assert!(err.starts_with("/w/flow.toml:9:9:"), "{err}");
+        assert!(err.starts_with("/w/flow.toml:8:9:"), "{err}");
     }
 
     #[test]
