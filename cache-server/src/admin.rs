@@ -1,10 +1,16 @@
-//! The admin commands (`ps`, `stop`): short-lived clients of a running daemon.
+//! The admin commands (`ps`, `load`, `evict`, `pin`, `unpin`, `clear`,
+//! `stop`): short-lived clients of a running daemon.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mora_common::connection::{ConnectError, Connection};
-use mora_common::protocol::{ModelStatus, Request, Response};
+use mora_common::manifest::WeightDType;
+use mora_common::protocol::{DaemonStatus, Device, ModelState, ModelStatus, Request, Response, Selector};
+use mora_common::units::{format_duration, KeepAlive};
+use mora_common::ModelSource;
+
+pub use crate::registry::human_bytes;
 
 const CLIENT: &str = concat!("mora-cache ", env!("CARGO_PKG_VERSION"));
 
@@ -14,7 +20,7 @@ pub enum AdminError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Call(#[from] mora_common::connection::CallError),
-    #[error("the daemon answered: {0}")]
+    #[error("{0}")]
     Daemon(String),
     #[error("the daemon sent an unexpected reply")]
     Unexpected,
@@ -22,29 +28,83 @@ pub enum AdminError {
     StillRunning { path: std::path::PathBuf, secs: u64 },
 }
 
-/// Asks the daemon for its resident models.
-pub fn list(socket: &Path) -> Result<Vec<ModelStatus>, AdminError> {
+fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
     let conn = Connection::connect(socket, CLIENT)?;
-    match conn.call(&Request::List)?.0 {
-        Response::Models(models) => Ok(models),
+    match conn.call(request)?.0 {
         Response::Error(e) => Err(AdminError::Daemon(e.message)),
+        other => Ok(other),
+    }
+}
+
+/// A model named on the command line: an existing directory is a local
+/// model; anything else is a Hugging Face repo id, `OWNER/NAME[@REVISION]`,
+/// looked up in this process's hub cache.
+pub fn model_source(arg: &str) -> ModelSource {
+    let p = Path::new(arg);
+    if p.is_dir() {
+        return ModelSource::Dir { path: std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()) };
+    }
+    match arg.split_once('@') {
+        Some((repo, rev)) => ModelSource::hf_repo(repo, Some(rev)),
+        None => ModelSource::hf_repo(arg, None),
+    }
+}
+
+/// The selector for a model named on the command line (see [`model_source`]).
+pub fn selector(arg: &str, dtype: Option<WeightDType>) -> Selector {
+    Selector { name: model_source(arg).display_name(), dtype }
+}
+
+/// Asks the daemon for its state.
+pub fn status(socket: &Path) -> Result<DaemonStatus, AdminError> {
+    match call(socket, &Request::List)? {
+        Response::Status(s) => Ok(s),
         _ => Err(AdminError::Unexpected),
     }
 }
 
-/// `ps --json`: an array of objects, one per resident model.
+/// Preloads a model; returns its state as the daemon reports it.
+pub fn load(
+    socket: &Path,
+    source: ModelSource,
+    dtype: WeightDType,
+    pin: bool,
+    keep_alive: Option<KeepAlive>,
+) -> Result<Option<ModelStatus>, AdminError> {
+    match call(socket, &Request::Load { source, dtype, device: Device::Cpu, pin, keep_alive })? {
+        Response::Loaded(s) => Ok(Some(s)),
+        Response::Changed { .. } => Ok(None),
+        _ => Err(AdminError::Unexpected),
+    }
+}
+
+/// Sends evict, pin, unpin or clear; returns the models acted on and the bytes freed.
+pub fn change(socket: &Path, request: Request) -> Result<(Vec<String>, u64), AdminError> {
+    match call(socket, &request)? {
+        Response::Changed { models, bytes } => Ok((models, bytes)),
+        _ => Err(AdminError::Unexpected),
+    }
+}
+
+/// `ps --json`: an array of objects, one per model held or loading.
 pub fn to_json(models: &[ModelStatus]) -> String {
     let arr: Vec<serde_json::Value> = models
         .iter()
         .map(|m| {
             serde_json::json!({
                 "name": m.name,
+                "names": m.names,
+                "state": match m.state { ModelState::Loading => "loading", ModelState::Resident => "resident" },
                 "dir": m.dir,
                 "dtype": m.dtype.to_string(),
                 "device": m.device.to_string(),
                 "bytes": m.bytes,
                 "tensors": m.tensors,
                 "leases": m.leases,
+                "lease_pids": m.lease_pids,
+                "pinned": m.pinned,
+                "keep_alive": m.keep_alive.to_string(),
+                "expires": m.expires_unix_ms.map(|ms| ms / 1000),
                 "loads": m.loads,
                 "hits": m.hits,
                 "last_used": m.last_used_unix_ms / 1000,
@@ -55,60 +115,64 @@ pub fn to_json(models: &[ModelStatus]) -> String {
     serde_json::to_string_pretty(&arr).expect("JSON of plain values")
 }
 
-/// `ps`: a table for people.
-pub fn to_table(models: &[ModelStatus]) -> String {
+/// `ps`: a table for people, and a line with the budget.
+pub fn to_table(status: &DaemonStatus) -> String {
+    let mut out = String::new();
+    let models = &status.models;
     if models.is_empty() {
-        return "no models resident\n".to_string();
-    }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-    let rows: Vec<[String; 8]> = models
-        .iter()
-        .map(|m| {
-            [
-                m.name.clone(),
-                m.device.to_string(),
-                m.dtype.to_string(),
-                human_bytes(m.bytes),
-                m.leases.to_string(),
-                m.loads.to_string(),
-                m.hits.to_string(),
-                format!("{} ago", human_age(now.saturating_sub(m.last_used_unix_ms))),
-            ]
-        })
-        .collect();
-    let header = ["NAME", "DEVICE", "DTYPE", "SIZE", "LEASES", "LOADS", "HITS", "LAST USED"];
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
+        out.push_str("no models resident\n");
+    } else {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let rows: Vec<[String; 10]> = models
+            .iter()
+            .map(|m| {
+                [
+                    m.names.join(", "),
+                    m.device.to_string(),
+                    m.dtype.to_string(),
+                    human_bytes(m.bytes),
+                    m.leases.to_string(),
+                    if m.pinned { "yes".into() } else { "no".into() },
+                    m.loads.to_string(),
+                    m.hits.to_string(),
+                    match m.state {
+                        ModelState::Loading => "loading".into(),
+                        ModelState::Resident => format!("{} ago", human_age(now.saturating_sub(m.last_used_unix_ms))),
+                    },
+                    match (m.expires_unix_ms, m.pinned, m.leases) {
+                        (Some(at), _, _) => format!("in {}", human_age(at.saturating_sub(now))),
+                        (None, true, _) => "pinned".into(),
+                        (None, _, n) if n > 0 => "in use".into(),
+                        (None, _, _) if m.keep_alive == KeepAlive::Forever => "never".into(),
+                        _ => "-".into(),
+                    },
+                ]
+            })
+            .collect();
+        let header = ["NAME", "DEVICE", "DTYPE", "SIZE", "LEASES", "PINNED", "LOADS", "HITS", "LAST USED", "EXPIRES"];
+        let mut widths = header.map(str::len);
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let mut line = |cells: &[&str]| {
+            let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            out.push_str(parts.join("  ").trim_end());
+            out.push('\n');
+        };
+        line(&header);
+        for r in &rows {
+            line(&r.each_ref().map(String::as_str));
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(parts.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for r in &rows {
-        line(&r.each_ref().map(String::as_str));
-    }
+    out.push_str(&format!(
+        "cpu: {} of {} budget in use; default keep-alive {}\n",
+        human_bytes(status.used),
+        human_bytes(status.budget),
+        status.default_keep_alive
+    ));
     out
-}
-
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn human_age(ms: u64) -> String {
@@ -118,6 +182,14 @@ fn human_age(ms: u64) -> String {
         60..=3599 => format!("{}m", s / 60),
         3600..=86399 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+/// A keep-alive for display: `forever`, `30m`, `0s`.
+pub fn describe_keep_alive(k: KeepAlive) -> String {
+    match k {
+        KeepAlive::Forever => "forever".into(),
+        KeepAlive::For(d) => format_duration(d),
     }
 }
 
@@ -147,18 +219,22 @@ pub fn stop(socket: &Path, wait: Duration) -> Result<bool, AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mora_common::manifest::WeightDType;
-    use mora_common::protocol::Device;
 
-    fn status() -> ModelStatus {
+    fn model() -> ModelStatus {
         ModelStatus {
             name: "org/model".into(),
+            names: vec!["org/model".into(), "/local/copy".into()],
+            state: ModelState::Resident,
             dir: "/m".into(),
             dtype: WeightDType::F32,
             device: Device::Cpu,
             bytes: 90_868_224,
             tensors: 101,
             leases: 1,
+            lease_pids: vec![4242],
+            pinned: false,
+            keep_alive: KeepAlive::For(Duration::from_secs(1800)),
+            expires_unix_ms: None,
             loads: 1,
             hits: 2,
             last_used_unix_ms: 1_700_000_000_000,
@@ -166,26 +242,49 @@ mod tests {
         }
     }
 
+    fn status(models: Vec<ModelStatus>) -> DaemonStatus {
+        DaemonStatus { pid: 1, budget: 8 << 30, used: 90_868_224, default_keep_alive: KeepAlive::Forever, models }
+    }
+
     #[test]
     fn json_listing_has_the_documented_fields() {
-        let v: serde_json::Value = serde_json::from_str(&to_json(&[status()])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&to_json(&[model()])).unwrap();
         let m = &v[0];
-        for key in ["name", "dtype", "device", "bytes", "leases", "loads", "hits", "last_used"] {
+        for key in [
+            "name", "names", "dtype", "device", "bytes", "leases", "pinned", "loads", "hits", "last_used", "expires",
+            "keep_alive",
+        ] {
             assert!(m.get(key).is_some(), "missing {key}");
         }
         assert_eq!(m["dtype"], "f32");
         assert_eq!(m["device"], "cpu");
         assert_eq!(m["hits"], 2);
         assert_eq!(m["last_used"], 1_700_000_000);
+        assert_eq!(m["names"][1], "/local/copy");
+        assert_eq!(m["keep_alive"], "30m");
+        assert_eq!(m["lease_pids"][0], 4242);
     }
 
     #[test]
-    fn table_lists_one_row_per_model_under_a_header() {
-        let t = to_table(&[status()]);
+    fn table_lists_every_name_and_the_budget() {
+        let t = to_table(&status(vec![model()]));
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 3, "{t}");
         assert!(lines[0].starts_with("NAME"));
-        assert!(lines[1].starts_with("org/model") && lines[1].contains("86.7 MiB"), "{t}");
-        assert_eq!(to_table(&[]), "no models resident\n");
+        assert!(lines[1].starts_with("org/model, /local/copy") && lines[1].contains("86.7 MiB"), "{t}");
+        assert!(lines[1].contains("in use"), "{t}");
+        assert!(lines[2].contains("of 8.0 GiB budget"), "{t}");
+        assert!(to_table(&status(vec![])).starts_with("no models resident\n"));
+    }
+
+    #[test]
+    fn a_directory_argument_is_a_local_model_and_anything_else_a_repo() {
+        let dir = std::env::temp_dir();
+        assert!(matches!(model_source(dir.to_str().unwrap()), ModelSource::Dir { .. }));
+        match model_source("org/name@v2") {
+            ModelSource::HfRepo { repo, revision, .. } => assert_eq!((repo.as_str(), revision.as_str()), ("org/name", "v2")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(selector("org/name", None).name, "org/name");
     }
 }

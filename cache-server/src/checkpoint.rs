@@ -137,9 +137,22 @@ pub struct Loaded {
     pub elapsed: Duration,
 }
 
+/// What a load will produce, known from the headers alone.
+pub struct Plan {
+    pub manifest: Manifest,
+    stored: Vec<(PathBuf, StoredTensor)>,
+}
+
+impl Plan {
+    /// Bytes the resident copy will occupy.
+    pub fn bytes(&self) -> u64 {
+        self.manifest.segment_len
+    }
+}
+
 /// Plans the segment of `model` held in `dtype` from the headers alone
-/// (no tensor data is read).
-pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<(Manifest, Vec<(PathBuf, StoredTensor)>), CheckpointError> {
+/// (no tensor data is read): the fit check before a load uses this.
+pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<Plan, CheckpointError> {
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
     let mut stored = Vec::new();
     for file in &model.weights {
@@ -152,14 +165,23 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<(Manifest, Vec<
     }
     let manifest =
         Manifest::layout(stored.iter().map(|(_, t)| (t.name.clone(), held_dtype(t.dtype, dtype), t.shape.clone())));
-    Ok((manifest, stored))
+    Ok(Plan { manifest, stored })
 }
 
 /// Reads every tensor of `model` into a new sealed segment, in `dtype`.
 pub fn load(model: &ResolvedModel, dtype: WeightDType) -> Result<Loaded, CheckpointError> {
     let start = Instant::now();
-    let (manifest, stored) = plan(model, dtype)?;
-    let mut writer = SegmentWriter::create(&format!("mora:{}", model.name), manifest.segment_len)?;
+    let plan = plan(model, dtype)?;
+    let mut loaded = load_plan(&model.name, plan)?;
+    loaded.elapsed = start.elapsed();
+    Ok(loaded)
+}
+
+/// Carries out a plan: reads every tensor into a new sealed segment.
+pub fn load_plan(name: &str, plan: Plan) -> Result<Loaded, CheckpointError> {
+    let start = Instant::now();
+    let Plan { manifest, stored } = plan;
+    let mut writer = SegmentWriter::create(&format!("mora:{name}"), manifest.segment_len)?;
     let dst = writer.as_mut_slice();
     let mut bytes_read = 0u64;
     let mut open: Option<(PathBuf, File)> = None;

@@ -1,14 +1,18 @@
 //! The Mora cache daemon: owns model weights in sealed shared memory and
 //! lends them to clients under leases.
 //!
-//! - [`admin`] implements `ps` and `stop` as clients of a running daemon;
+//! - [`admin`] implements the admin commands as clients of a running daemon;
 //! - [`socket`] claims the socket path (lock, stale socket, permissions);
 //! - [`server`] runs the accept loop and speaks the protocol;
-//! - [`registry`] keeps the resident models and their leases;
+//! - [`registry`] keeps the resident models, their leases, the budget and eviction;
+//! - [`identity`] names weight files by content, so copies are held once;
+//! - [`memory`] reads what the machine has, for the default budget;
 //! - [`checkpoint`] reads safetensors files into sealed segments.
 
 pub mod admin;
 pub mod checkpoint;
+pub mod identity;
+pub mod memory;
 pub mod registry;
 pub mod server;
 pub mod socket;

@@ -3,10 +3,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use mora_cache::{admin, server::Daemon, socket};
+use mora_cache::admin::{self, human_bytes};
+use mora_cache::registry::Limits;
+use mora_cache::{memory, server::Daemon, socket};
+use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
+use mora_common::protocol::Request;
+use mora_common::units::{parse_size, KeepAlive};
 
 /// The Mora cache daemon: keeps model weights resident and lends them to
 /// `mora-exec` runs, so each run starts warm.
@@ -21,41 +26,68 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args)]
+struct Target {
+    /// A Hugging Face repo id (OWNER/NAME[@REVISION]) or a model directory.
+    model: String,
+    /// Only the copy held in this dtype (f32, f16, bf16) [default: every copy].
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<WeightDType>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground (logs to stderr; level from MORA_LOG, default info).
-    Serve,
-    /// List resident models: size, leases, loads, hits, last use.
+    Serve {
+        /// Most memory resident models may use, e.g. 8GiB, 512MiB, 2GB
+        /// [default: half of the memory available when the daemon starts].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_memory: Option<u64>,
+        /// How long an idle model stays resident: 30m, 1h, 90s; -1 forever; 0 evict
+        /// when its last lease ends. A workflow's `keep_alive` overrides it per model.
+        #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = KeepAlive::parse)]
+        keep_alive: KeepAlive,
+    },
+    /// List resident models: names, size, leases, pin, loads, hits, last use, expiry.
     Ps {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Load a model into the cache now, without running anything.
+    Load {
+        /// A Hugging Face repo id (OWNER/NAME[@REVISION]) or a model directory.
+        model: String,
+        /// Hold the weights in this dtype.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: WeightDType,
+        /// Protect it from eviction until `unpin`.
+        #[arg(long)]
+        pin: bool,
+        /// Its keep-alive (see `serve --keep-alive`).
+        #[arg(long, value_name = "DURATION", value_parser = KeepAlive::parse)]
+        keep_alive: Option<KeepAlive>,
+    },
+    /// Evict a model now. Refused while a client holds a lease on it, or while it is pinned.
+    Evict(Target),
+    /// Protect a resident model from eviction.
+    Pin(Target),
+    /// Let a pinned model be evicted again.
+    Unpin(Target),
+    /// Evict every model that has no lease and no pin.
+    Clear,
     /// Stop the daemon. Clients that map its weights keep them until they exit.
     Stop,
+}
+
+fn parse_dtype(s: &str) -> Result<WeightDType, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let socket = socket_path(cli.socket.as_deref());
-    let result = match cli.command {
-        Command::Serve => serve(socket),
-        Command::Ps { json } => admin::list(&socket).map_err(anyhow::Error::from).map(|models| {
-            if json {
-                println!("{}", admin::to_json(&models));
-            } else {
-                print!("{}", admin::to_table(&models));
-            }
-        }),
-        Command::Stop => admin::stop(&socket, Duration::from_secs(10)).map_err(anyhow::Error::from).map(|stopped| {
-            if stopped {
-                eprintln!("mora-cache: stopped the daemon at {}", socket.display());
-            } else {
-                eprintln!("mora-cache: no daemon at {}; nothing to stop", socket.display());
-            }
-        }),
-    };
-    match result {
+    match run(cli.command, socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mora-cache: error: {e:#}");
@@ -64,7 +96,63 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(socket_path: PathBuf) -> anyhow::Result<()> {
+fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { max_memory, keep_alive } => serve(socket, max_memory, keep_alive)?,
+        Command::Ps { json } => {
+            let status = admin::status(&socket)?;
+            if json {
+                println!("{}", admin::to_json(&status.models));
+            } else {
+                print!("{}", admin::to_table(&status));
+            }
+        }
+        Command::Load { model, dtype, pin, keep_alive } => {
+            match admin::load(&socket, admin::model_source(&model), dtype, pin, keep_alive)? {
+                Some(m) => println!(
+                    "{} ({}, {}) resident: {}{}; keep-alive {}",
+                    m.name,
+                    m.device,
+                    m.dtype,
+                    human_bytes(m.bytes),
+                    if m.pinned { ", pinned" } else { "" },
+                    admin::describe_keep_alive(m.keep_alive)
+                ),
+                None => println!("{model} loaded and released at once (keep-alive 0)"),
+            }
+        }
+        Command::Evict(t) => {
+            let (models, bytes) = admin::change(&socket, Request::Evict { target: admin::selector(&t.model, t.dtype) })?;
+            println!("evicted {} ({} freed)", models.join(", "), human_bytes(bytes));
+        }
+        Command::Pin(t) => {
+            let (models, _) = admin::change(&socket, Request::Pin { target: admin::selector(&t.model, t.dtype) })?;
+            println!("pinned {}", models.join(", "));
+        }
+        Command::Unpin(t) => {
+            let (models, _) = admin::change(&socket, Request::Unpin { target: admin::selector(&t.model, t.dtype) })?;
+            println!("unpinned {}", models.join(", "));
+        }
+        Command::Clear => {
+            let (models, bytes) = admin::change(&socket, Request::Clear)?;
+            if models.is_empty() {
+                println!("nothing to evict: every resident model is leased or pinned");
+            } else {
+                println!("evicted {} ({} freed)", models.join(", "), human_bytes(bytes));
+            }
+        }
+        Command::Stop => {
+            if admin::stop(&socket, Duration::from_secs(10))? {
+                eprintln!("mora-cache: stopped the daemon at {}", socket.display());
+            } else {
+                eprintln!("mora-cache: no daemon at {}; nothing to stop", socket.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")
@@ -72,8 +160,13 @@ fn serve(socket_path: PathBuf) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let budget = match max_memory {
+        Some(b) => b,
+        None => memory::default_budget()?,
+    };
     let bound = socket::bind(&socket_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(Arc::new(Daemon::new()).serve(bound))?;
+    let daemon = Arc::new(Daemon::new(Limits { budget, default_keep_alive: keep_alive }));
+    runtime.block_on(daemon.serve(bound))?;
     Ok(())
 }

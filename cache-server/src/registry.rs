@@ -1,66 +1,159 @@
-//! The resident models and the leases held on them.
+//! The cache: which models are resident, who holds them, and which go when
+//! room is needed.
 //!
-//! An entry is keyed by what its bytes are: the canonical paths of its weight
-//! files (a Hugging Face snapshot's files canonicalize to content-addressed
-//! blobs), the dtype and the device. Two requests for the same key share one
-//! load: the first runs it, the others wait for it.
+//! State machine of one entry (key: content identity of its weight files,
+//! dtype, device):
 //!
-//! Invariant: an entry with an open lease is never removed. Leases are guards
-//! owned by the connection that took them, so a client that exits or crashes
-//! without releasing them releases them all when its connection closes.
+//! ```text
+//!  absent ──acquire/load (fits after evictions)──► loading ──ok──► resident
+//!    ▲                                               │                │
+//!    └──────────────────────── error ────────────────┘                │
+//!    └──── evicting: budget, keep-alive expiry, evict, clear ─────────┘
+//! ```
+//!
+//! Who moves an entry: an acquire or load request moves absent → loading
+//! (after the fit check and any evictions it needs) and its load task moves
+//! loading → resident, or back to absent on error. Eviction (resident →
+//! absent) happens only to an entry with no lease and no pin, and only by one
+//! of: a load that needs the room (least recently used first, fewest
+//! evictions), the keep-alive reaper, the last lease ending under keep-alive 0,
+//! or an admin `evict`/`clear`.
+//!
+//! Invariants: bytes resident plus bytes reserved by loads in progress never
+//! exceed the budget; an entry with an open lease is never evicted. Leases
+//! are guards owned by the connection that took them, so a client that exits
+//! or crashes without releasing them releases them all when its connection
+//! closes. Every decision is taken under one mutex over all entries, because
+//! eviction and the budget span entries; the mutex is never held across I/O.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 
 use mora_common::manifest::WeightDType;
 use mora_common::model::ResolveError;
-use mora_common::protocol::{Device, ErrorKind, ErrorReply, LeaseId, ModelStatus};
+use mora_common::protocol::{
+    Device, ErrorKind, ErrorReply, LeaseId, ModelState, ModelStatus, Selector,
+};
 use mora_common::segment::Segment;
+use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, ResolvedModel};
 
 use crate::checkpoint::{self, CheckpointError};
+use crate::identity::{ContentId, IdentityMemo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    pub weights: Vec<PathBuf>,
+    pub content: Vec<ContentId>,
     pub dtype: WeightDType,
     pub device: Device,
 }
 
 /// A model whose weights are in a sealed segment.
 pub struct Resident {
-    pub name: String,
-    pub dir: PathBuf,
     pub manifest: Manifest,
     pub segment: Segment,
     pub load_ms: u64,
 }
 
-pub struct Entry {
-    key: Key,
-    resident: OnceCell<Arc<Resident>>,
-    leases: AtomicU64,
-    loads: AtomicU64,
-    hits: AtomicU64,
-    last_used_unix_ms: AtomicU64,
+/// How the cache is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most bytes resident plus reserved, per device.
+    pub budget: u64,
+    /// Keep-alive of an entry whose requests name none.
+    pub default_keep_alive: KeepAlive,
+}
+
+type LoadResult = Option<Result<Arc<Resident>, ErrorReply>>;
+
+enum State {
+    Loading(watch::Receiver<LoadResult>),
+    Resident(Arc<Resident>),
+}
+
+struct Entry {
+    names: Vec<String>,
+    dir: PathBuf,
+    state: State,
+    /// Reserved while loading, the segment's length once resident.
+    bytes: u64,
+    tensors: u64,
+    leases: HashMap<LeaseId, i32>,
+    pinned: bool,
+    keep_alive: KeepAlive,
+    loads: u64,
+    hits: u64,
+    last_used: Instant,
+    last_used_unix_ms: u64,
+}
+
+impl Entry {
+    fn evictable(&self) -> bool {
+        matches!(self.state, State::Resident(_)) && self.leases.is_empty() && !self.pinned
+    }
+
+    fn name(&self) -> &str {
+        self.names.first().map(String::as_str).unwrap_or("?")
+    }
+
+    fn touch(&mut self) {
+        self.last_used = Instant::now();
+        self.last_used_unix_ms = now_unix_ms();
+    }
+
+    fn add_name(&mut self, name: &str) {
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_string());
+        }
+    }
+
+    fn expires_in(&self) -> Option<Duration> {
+        if !self.evictable() {
+            return None;
+        }
+        match self.keep_alive {
+            KeepAlive::Forever => None,
+            KeepAlive::For(d) => Some(d.saturating_sub(self.last_used.elapsed())),
+        }
+    }
+}
+
+struct Inner {
+    entries: HashMap<Key, Entry>,
+}
+
+impl Inner {
+    fn used(&self, device: Device) -> u64 {
+        self.entries.iter().filter(|(k, _)| k.device == device).map(|(_, e)| e.bytes).sum()
+    }
+
+    fn evict(&mut self, key: &Key, why: &str) -> Option<(String, u64)> {
+        let e = self.entries.remove(key)?;
+        tracing::info!(model = %e.name(), bytes = e.bytes, reason = why, "evicted");
+        Some((e.name().to_string(), e.bytes))
+    }
 }
 
 /// What an acquire hands back: the resident model and the lease holding it.
 pub struct Grant {
     pub resident: Arc<Resident>,
     pub lease: Lease,
+    pub name: String,
+    /// This request's own resolution of the model (its small files live here).
+    pub dir: PathBuf,
     pub loaded_now: bool,
 }
 
 /// Holds its entry resident. Dropping it ends the lease.
 pub struct Lease {
     id: LeaseId,
-    entry: Arc<Entry>,
+    key: Key,
+    inner: Arc<Mutex<Inner>>,
 }
 
 impl Lease {
@@ -71,25 +164,39 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.entry.leases.fetch_sub(1, Ordering::AcqRel);
-        self.entry.touch();
+        let mut inner = lock(&self.inner);
+        let Some(e) = inner.entries.get_mut(&self.key) else { return };
+        e.leases.remove(&self.id);
+        e.touch();
+        if e.evictable() && e.keep_alive == KeepAlive::For(Duration::ZERO) {
+            inner.evict(&self.key.clone(), "keep-alive 0: last lease ended");
+        }
     }
 }
 
-impl Entry {
-    fn touch(&self) {
-        self.last_used_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
-    }
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic while holding the lock leaves entries consistent (every update
+    // is a single assignment), so recover rather than take the daemon down.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
-#[derive(Default)]
-pub struct Registry {
-    entries: DashMap<Key, Arc<Entry>>,
-    next_lease: AtomicU64,
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn resolve_error(e: ResolveError) -> ErrorReply {
@@ -113,83 +220,438 @@ fn internal(message: String) -> ErrorReply {
     ErrorReply { kind: ErrorKind::Internal, message }
 }
 
+fn refused(message: String) -> ErrorReply {
+    ErrorReply { kind: ErrorKind::Refused, message }
+}
+
+/// Picks which idle models to evict to free `need` bytes: the fewest
+/// evictions that free enough, and among those the least recently used.
+/// `candidates` is ordered least recently used first, as (id, bytes).
+/// Returns `None` when all of them together are not enough.
+pub fn choose_victims<T: Clone>(candidates: &[(T, u64)], need: u64) -> Option<Vec<T>> {
+    if need == 0 {
+        return Some(Vec::new());
+    }
+    let top = |items: &[(T, u64)], k: usize| -> u64 {
+        let mut sizes: Vec<u64> = items.iter().map(|(_, b)| *b).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        sizes.iter().take(k).sum()
+    };
+    let k = (1..=candidates.len()).find(|&k| top(candidates, k) >= need)?;
+    let mut chosen = Vec::new();
+    let mut freed = 0u64;
+    for (i, (id, bytes)) in candidates.iter().enumerate() {
+        let slots = k - chosen.len();
+        if slots == 0 || freed >= need {
+            break;
+        }
+        if freed + bytes + top(&candidates[i + 1..], slots - 1) >= need {
+            chosen.push(id.clone());
+            freed += bytes;
+        }
+    }
+    Some(chosen)
+}
+
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+    limits: Limits,
+    identity: IdentityMemo,
+    next_lease: AtomicU64,
+}
+
+/// How a request wants the entry it touches to be configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wants {
+    pub keep_alive: Option<KeepAlive>,
+    pub pin: bool,
+}
+
 impl Registry {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(limits: Limits) -> Self {
+        Registry {
+            inner: Arc::new(Mutex::new(Inner { entries: HashMap::new() })),
+            limits,
+            identity: IdentityMemo::new(),
+            next_lease: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Resolves `source`, makes it resident in `dtype` (loading it unless it
-    /// already is, or is being loaded by another request) and takes a lease.
-    pub async fn acquire(&self, source: ModelSource, dtype: WeightDType, device: Device) -> Result<Grant, ErrorReply> {
-        let resolved = tokio::task::spawn_blocking(move || {
-            let resolved = source.resolve()?;
-            let weights = resolved
-                .weights
-                .iter()
-                .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
-                .collect::<Vec<_>>();
-            Ok::<_, ResolveError>((resolved, weights))
-        })
-        .await
-        .map_err(|e| internal(format!("model resolution failed: {e}")))?;
-        let (resolved, weights) = resolved.map_err(resolve_error)?;
-        let key = Key { weights, dtype, device };
-        let entry = self
-            .entries
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Entry {
-                    key,
-                    resident: OnceCell::new(),
-                    leases: AtomicU64::new(0),
-                    loads: AtomicU64::new(0),
-                    hits: AtomicU64::new(0),
-                    last_used_unix_ms: AtomicU64::new(now_unix_ms()),
-                })
-            })
-            .clone();
-
-        let mut loaded_now = false;
-        let resident = entry
-            .resident
-            .get_or_try_init(|| {
-                loaded_now = true;
-                load(resolved, dtype)
-            })
-            .await?
-            .clone();
-        if loaded_now {
-            entry.loads.fetch_add(1, Ordering::Relaxed);
+    /// already is, or is being loaded by another request, evicting idle models
+    /// if room is needed) and takes a lease for `pid`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        source: ModelSource,
+        dtype: WeightDType,
+        device: Device,
+        wants: Wants,
+        pid: i32,
+    ) -> Result<Grant, ErrorReply> {
+        let this = self.clone();
+        let (resolved, key) = tokio::task::spawn_blocking(move || this.identify(source, dtype, device))
+            .await
+            .map_err(|e| internal(format!("model resolution failed: {e}")))??;
+        let mut plan: Option<checkpoint::Plan> = None;
+        let mut triggered = false;
+        loop {
+            if plan.is_none() && !self.is_known(&key) {
+                // Headers are read without the lock; the fit check needs them.
+                let r = resolved.clone();
+                plan = Some(
+                    tokio::task::spawn_blocking(move || {
+                        checkpoint::plan(&r, dtype).map_err(|e| checkpoint_error(&r.name, e))
+                    })
+                    .await
+                    .map_err(|e| internal(format!("reading headers failed: {e}")))??,
+                );
+            }
+            let waiting = {
+                let mut inner = lock(&self.inner);
+                match inner.entries.get_mut(&key) {
+                    Some(e) => {
+                        e.add_name(&resolved.name);
+                        match &e.state {
+                            State::Resident(r) => {
+                                let resident = r.clone();
+                                return Ok(self.grant(e, &key, resident, &resolved, wants, pid, false));
+                            }
+                            State::Loading(rx) => Some(rx.clone()),
+                        }
+                    }
+                    None => match plan.take() {
+                        // Evicted since we looked: read the headers and retry.
+                        None => None,
+                        Some(p) => {
+                            self.admit(&mut inner, &resolved.name, device, p.bytes())?;
+                            let (tx, rx) = watch::channel(None);
+                            inner.entries.insert(
+                                key.clone(),
+                                Entry {
+                                    names: vec![resolved.name.clone()],
+                                    dir: resolved.dir.clone(),
+                                    state: State::Loading(rx.clone()),
+                                    bytes: p.bytes(),
+                                    tensors: p.manifest.tensors.len() as u64,
+                                    leases: HashMap::new(),
+                                    pinned: false,
+                                    keep_alive: wants.keep_alive.unwrap_or(self.limits.default_keep_alive),
+                                    loads: 0,
+                                    hits: 0,
+                                    last_used: Instant::now(),
+                                    last_used_unix_ms: now_unix_ms(),
+                                },
+                            );
+                            // The load runs in its own task, so the entry leaves
+                            // `loading` whatever happens to this request.
+                            tokio::spawn(Self::load(self.inner.clone(), key.clone(), resolved.name.clone(), p, tx));
+                            triggered = true;
+                            Some(rx)
+                        }
+                    },
+                }
+            };
+            let Some(waiting) = waiting else { continue };
+            let mut rx = waiting;
+            let outcome = rx
+                .wait_for(|r| r.is_some())
+                .await
+                .map(|r| r.clone().expect("waited for Some"))
+                .unwrap_or_else(|_| Err(internal("the load task vanished".into())));
+            let resident = outcome?;
+            let mut inner = lock(&self.inner);
+            if let Some(e) = inner.entries.get_mut(&key) {
+                if let State::Resident(r) = &e.state {
+                    if Arc::ptr_eq(r, &resident) {
+                        return Ok(self.grant(e, &key, resident, &resolved, wants, pid, triggered));
+                    }
+                }
+            }
+            // Evicted between the load and this lease (keep-alive 0 and a
+            // racing release, say): go round again.
         }
-        // Lease before anything else can observe the entry as idle.
-        entry.leases.fetch_add(1, Ordering::AcqRel);
-        entry.hits.fetch_add(1, Ordering::Relaxed);
-        entry.touch();
-        let id = self.next_lease.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Grant { resident, lease: Lease { id, entry }, loaded_now })
     }
 
-    /// Every resident model, largest first.
+    fn is_known(&self, key: &Key) -> bool {
+        lock(&self.inner).entries.contains_key(key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grant(
+        &self,
+        e: &mut Entry,
+        key: &Key,
+        resident: Arc<Resident>,
+        resolved: &ResolvedModel,
+        wants: Wants,
+        pid: i32,
+        loaded_now: bool,
+    ) -> Grant {
+        let id = self.next_lease.fetch_add(1, Ordering::Relaxed) + 1;
+        e.leases.insert(id, pid);
+        e.hits += 1;
+        e.touch();
+        if let Some(k) = wants.keep_alive {
+            e.keep_alive = k;
+        }
+        if wants.pin {
+            e.pinned = true;
+        }
+        Grant {
+            resident,
+            lease: Lease { id, key: key.clone(), inner: self.inner.clone() },
+            name: resolved.name.clone(),
+            dir: resolved.dir.clone(),
+            loaded_now,
+        }
+    }
+
+    fn identify(&self, source: ModelSource, dtype: WeightDType, device: Device) -> Result<(ResolvedModel, Key), ErrorReply> {
+        let resolved = source.resolve().map_err(resolve_error)?;
+        let mut content = Vec::with_capacity(resolved.weights.len());
+        for w in &resolved.weights {
+            content.push(self.identity.content_id(w).map_err(|e| ErrorReply {
+                kind: ErrorKind::InvalidModel,
+                message: format!("cannot read {}: {e}", w.display()),
+            })?);
+        }
+        Ok((resolved, Key { content, dtype, device }))
+    }
+
+    /// Makes room for `need` bytes on `device`, evicting idle unpinned
+    /// models if that is enough, or refuses with the figures.
+    fn admit(&self, inner: &mut Inner, name: &str, device: Device, need: u64) -> Result<(), ErrorReply> {
+        let budget = self.limits.budget;
+        let used = inner.used(device);
+        if used + need <= budget {
+            return Ok(());
+        }
+        let mut candidates: Vec<(&Key, &Entry)> =
+            inner.entries.iter().filter(|(k, e)| k.device == device && e.evictable()).collect();
+        candidates.sort_by_key(|(_, e)| e.last_used);
+        let order: Vec<(Key, u64)> = candidates.iter().map(|(k, e)| ((*k).clone(), e.bytes)).collect();
+        let to_free = (used + need).saturating_sub(budget);
+        let Some(victims) = choose_victims(&order, to_free).filter(|_| need <= budget) else {
+            let held: Vec<&Entry> = inner
+                .entries
+                .iter()
+                .filter(|(k, e)| k.device == device && !e.evictable())
+                .map(|(_, e)| e)
+                .collect();
+            let held_bytes: u64 = held.iter().map(|e| e.bytes).sum();
+            let mut names: Vec<String> = held
+                .iter()
+                .map(|e| match e.state {
+                    State::Loading(_) => format!("{} (loading)", e.name()),
+                    _ => e.name().to_string(),
+                })
+                .collect();
+            names.sort();
+            let held_part = if names.is_empty() {
+                String::new()
+            } else {
+                format!("; {} held by pinned, leased or loading models: {}", human_bytes(held_bytes), names.join(", "))
+            };
+            return Err(ErrorReply {
+                kind: ErrorKind::NoRoom,
+                message: format!(
+                    "cannot load {name}: needs {}; budget {}{held_part} (raise --max-memory, or unpin or release models)",
+                    human_bytes(need),
+                    human_bytes(budget),
+                ),
+            });
+        };
+        for k in victims {
+            inner.evict(&k, &format!("making room for {name}"));
+        }
+        Ok(())
+    }
+
+    async fn load(inner: Arc<Mutex<Inner>>, key: Key, name: String, plan: checkpoint::Plan, tx: watch::Sender<LoadResult>) {
+        let dtype = key.dtype;
+        tracing::info!(model = %name, %dtype, bytes = plan.bytes(), "loading");
+        let n = name.clone();
+        let result = tokio::task::spawn_blocking(move || checkpoint::load_plan(&n, plan).map_err(|e| checkpoint_error(&n, e)))
+            .await
+            .unwrap_or_else(|e| Err(internal(format!("loading {name} failed: {e}"))));
+        let mut guard = lock(&inner);
+        let outcome = match result {
+            Ok(loaded) => {
+                let secs = loaded.elapsed.as_secs_f64().max(1e-9);
+                tracing::info!(
+                    model = %name,
+                    tensors = loaded.manifest.tensors.len(),
+                    mib = format_args!("{:.1}", loaded.segment.len() as f64 / (1024.0 * 1024.0)),
+                    ms = loaded.elapsed.as_millis() as u64,
+                    gb_per_s = format_args!("{:.2}", loaded.bytes_read as f64 / secs / 1e9),
+                    "resident"
+                );
+                let resident = Arc::new(Resident {
+                    load_ms: loaded.elapsed.as_millis() as u64,
+                    manifest: loaded.manifest,
+                    segment: loaded.segment,
+                });
+                match guard.entries.get_mut(&key) {
+                    Some(e) => {
+                        e.bytes = resident.segment.len();
+                        e.state = State::Resident(resident.clone());
+                        e.loads += 1;
+                        e.touch();
+                        Ok(resident)
+                    }
+                    None => Err(internal(format!("{name} was dropped while loading"))),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(model = %name, error = %e.message, "load refused");
+                guard.entries.remove(&key);
+                Err(e)
+            }
+        };
+        drop(guard);
+        tx.send_replace(Some(outcome));
+    }
+
+    fn matching<'a>(inner: &'a mut Inner, target: &Selector) -> Vec<(Key, &'a mut Entry)> {
+        inner
+            .entries
+            .iter_mut()
+            .filter(|(k, e)| e.names.iter().any(|n| *n == target.name) && target.dtype.is_none_or(|d| d == k.dtype))
+            .map(|(k, e)| (k.clone(), e))
+            .collect()
+    }
+
+    /// Evicts the selected models, refusing (with the reason) if any of them
+    /// is leased, pinned or loading.
+    pub fn evict(&self, target: &Selector) -> Result<(Vec<String>, u64), ErrorReply> {
+        let mut inner = lock(&self.inner);
+        let selected = Self::matching(&mut inner, target);
+        if selected.is_empty() {
+            return Err(ErrorReply { kind: ErrorKind::NotFound, message: format!("no resident model is named {}", target.name) });
+        }
+        for (k, e) in &selected {
+            if !e.leases.is_empty() {
+                let mut pids: Vec<i32> = e.leases.values().copied().collect();
+                pids.sort_unstable();
+                pids.dedup();
+                let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
+                return Err(refused(format!(
+                    "cannot evict {} ({}): leased by pid {}",
+                    e.name(),
+                    k.dtype,
+                    pids.join(", ")
+                )));
+            }
+            if e.pinned {
+                return Err(refused(format!("cannot evict {} ({}): it is pinned; unpin it first", e.name(), k.dtype)));
+            }
+            if matches!(e.state, State::Loading(_)) {
+                return Err(refused(format!("cannot evict {} ({}): it is still loading", e.name(), k.dtype)));
+            }
+        }
+        let keys: Vec<Key> = selected.into_iter().map(|(k, _)| k).collect();
+        let mut names = Vec::new();
+        let mut freed = 0;
+        for k in keys {
+            if let Some((n, b)) = inner.evict(&k, "evict requested") {
+                names.push(n);
+                freed += b;
+            }
+        }
+        Ok((names, freed))
+    }
+
+    /// Sets or clears the pin of the selected models.
+    pub fn set_pinned(&self, target: &Selector, pinned: bool) -> Result<Vec<String>, ErrorReply> {
+        let mut inner = lock(&self.inner);
+        let selected = Self::matching(&mut inner, target);
+        if selected.is_empty() {
+            let hint = if pinned { format!(": load it with `mora-cache load {} --pin`", target.name) } else { String::new() };
+            return Err(ErrorReply {
+                kind: ErrorKind::NotFound,
+                message: format!("no resident model is named {}{hint}", target.name),
+            });
+        }
+        let mut names = Vec::new();
+        for (_, e) in selected {
+            e.pinned = pinned;
+            e.touch();
+            names.push(e.name().to_string());
+        }
+        Ok(names)
+    }
+
+    /// Evicts every model with no lease and no pin.
+    pub fn clear(&self) -> (Vec<String>, u64) {
+        let mut inner = lock(&self.inner);
+        let keys: Vec<Key> = inner.entries.iter().filter(|(_, e)| e.evictable()).map(|(k, _)| k.clone()).collect();
+        let mut names = Vec::new();
+        let mut freed = 0;
+        for k in keys {
+            if let Some((n, b)) = inner.evict(&k, "clear requested") {
+                names.push(n);
+                freed += b;
+            }
+        }
+        (names, freed)
+    }
+
+    /// Evicts idle models whose keep-alive has run out; returns how long
+    /// until the next one would, if any.
+    pub fn reap(&self) -> Option<Duration> {
+        let mut inner = lock(&self.inner);
+        let expired: Vec<Key> =
+            inner.entries.iter().filter(|(_, e)| e.expires_in() == Some(Duration::ZERO)).map(|(k, _)| k.clone()).collect();
+        for k in expired {
+            inner.evict(&k, "keep-alive expired");
+        }
+        inner.entries.values().filter_map(Entry::expires_in).min()
+    }
+
+    /// Bytes resident or reserved on `device`.
+    pub fn used(&self, device: Device) -> u64 {
+        lock(&self.inner).used(device)
+    }
+
+    /// Every entry, largest first.
     pub fn list(&self) -> Vec<ModelStatus> {
-        let mut out: Vec<ModelStatus> = self
+        let inner = lock(&self.inner);
+        let now = now_unix_ms();
+        let mut out: Vec<ModelStatus> = inner
             .entries
             .iter()
-            .filter_map(|e| {
-                let entry = e.value();
-                let r = entry.resident.get()?;
-                Some(ModelStatus {
-                    name: r.name.clone(),
-                    dir: r.dir.clone(),
-                    dtype: entry.key.dtype,
-                    device: entry.key.device,
-                    bytes: r.segment.len(),
-                    tensors: r.manifest.tensors.len() as u64,
-                    leases: entry.leases.load(Ordering::Acquire),
-                    loads: entry.loads.load(Ordering::Relaxed),
-                    hits: entry.hits.load(Ordering::Relaxed),
-                    last_used_unix_ms: entry.last_used_unix_ms.load(Ordering::Relaxed),
-                    load_ms: r.load_ms,
-                })
+            .map(|(k, e)| {
+                let mut lease_pids: Vec<i32> = e.leases.values().copied().collect();
+                lease_pids.sort_unstable();
+                ModelStatus {
+                    name: e.name().to_string(),
+                    names: e.names.clone(),
+                    state: match e.state {
+                        State::Loading(_) => ModelState::Loading,
+                        State::Resident(_) => ModelState::Resident,
+                    },
+                    dir: e.dir.clone(),
+                    dtype: k.dtype,
+                    device: k.device,
+                    bytes: e.bytes,
+                    tensors: e.tensors,
+                    leases: e.leases.len() as u64,
+                    lease_pids,
+                    pinned: e.pinned,
+                    keep_alive: e.keep_alive,
+                    expires_unix_ms: e.expires_in().map(|d| now + d.as_millis() as u64),
+                    loads: e.loads,
+                    hits: e.hits,
+                    last_used_unix_ms: e.last_used_unix_ms,
+                    load_ms: match &e.state {
+                        State::Resident(r) => r.load_ms,
+                        State::Loading(_) => 0,
+                    },
+                }
             })
             .collect();
         out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
@@ -197,36 +659,38 @@ impl Registry {
     }
 }
 
-async fn load(resolved: ResolvedModel, dtype: WeightDType) -> Result<Arc<Resident>, ErrorReply> {
-    let name = resolved.name.clone();
-    tracing::info!(model = %name, %dtype, dir = %resolved.dir.display(), "loading");
-    let result = tokio::task::spawn_blocking(move || {
-        let loaded = checkpoint::load(&resolved, dtype).map_err(|e| checkpoint_error(&resolved.name, e))?;
-        Ok::<_, ErrorReply>((resolved, loaded))
-    })
-    .await
-    .map_err(|e| internal(format!("loading {name} failed: {e}")))?;
-    let (resolved, loaded) = match result {
-        Ok(ok) => ok,
-        Err(e) => {
-            tracing::warn!(model = %name, error = %e.message, "load refused");
-            return Err(e);
-        }
-    };
-    let secs = loaded.elapsed.as_secs_f64().max(1e-9);
-    tracing::info!(
-        model = %name,
-        tensors = loaded.manifest.tensors.len(),
-        mib = format_args!("{:.1}", loaded.segment.len() as f64 / (1024.0 * 1024.0)),
-        ms = loaded.elapsed.as_millis() as u64,
-        gb_per_s = format_args!("{:.2}", loaded.bytes_read as f64 / secs / 1e9),
-        "resident"
-    );
-    Ok(Arc::new(Resident {
-        name: resolved.name,
-        dir: resolved.dir,
-        manifest: loaded.manifest,
-        segment: loaded.segment,
-        load_ms: loaded.elapsed.as_millis() as u64,
-    }))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_victim_suffices_when_one_is_big_enough() {
+        // LRU order: a (oldest) .. d. Freeing 50 takes one eviction: the
+        // oldest model that is big enough, not the three oldest small ones.
+        let c = [("a", 20), ("b", 20), ("c", 60), ("d", 80)];
+        assert_eq!(choose_victims(&c, 50), Some(vec!["c"]));
+    }
+
+    #[test]
+    fn least_recently_used_goes_first_among_equals() {
+        let c = [("old", 10), ("mid", 10), ("new", 10)];
+        assert_eq!(choose_victims(&c, 10), Some(vec!["old"]));
+        assert_eq!(choose_victims(&c, 15), Some(vec!["old", "mid"]));
+    }
+
+    #[test]
+    fn fewest_evictions_then_oldest() {
+        // Need 100: two evictions are necessary (no single one is enough);
+        // {a, d} = 110 works and a is the oldest, so a goes with the one that
+        // completes it.
+        let c = [("a", 40), ("b", 30), ("c", 50), ("d", 70)];
+        assert_eq!(choose_victims(&c, 100), Some(vec!["a", "d"]));
+    }
+
+    #[test]
+    fn not_enough_candidates_is_none() {
+        assert_eq!(choose_victims(&[("a", 10)], 11), None);
+        assert_eq!(choose_victims::<&str>(&[], 1), None);
+        assert_eq!(choose_victims::<&str>(&[], 0), Some(vec![]));
+    }
 }

@@ -17,11 +17,11 @@ use tokio::sync::watch;
 
 use mora_common::frame::{self, FrameError};
 use mora_common::protocol::{
-    Acquired, ErrorKind, ErrorReply, Hello, HelloReply, Request, Response, SegmentDescriptor, HELLO_MAGIC,
-    PROTOCOL_VERSION,
+    Acquired, DaemonStatus, Device, ErrorKind, ErrorReply, Hello, HelloReply, Request, Response, SegmentDescriptor,
+    HELLO_MAGIC, PROTOCOL_VERSION,
 };
 
-use crate::registry::{Lease, Registry};
+use crate::registry::{Lease, Limits, Registry, Wants};
 use crate::socket::BoundSocket;
 
 /// How long a new connection may take to say hello.
@@ -32,15 +32,9 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
 }
 
-impl Default for Daemon {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Daemon {
-    pub fn new() -> Self {
-        Daemon { registry: Arc::new(Registry::new()), shutdown: watch::channel(false).0 }
+    pub fn new(limits: Limits) -> Self {
+        Daemon { registry: Arc::new(Registry::new(limits)), shutdown: watch::channel(false).0 }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -61,7 +55,16 @@ impl Daemon {
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let uid = rustix::process::getuid().as_raw();
-        tracing::info!(socket = %socket.path().display(), pid = std::process::id(), protocol = PROTOCOL_VERSION, "serving");
+        let limits = self.registry.limits();
+        tracing::info!(
+            socket = %socket.path().display(),
+            pid = std::process::id(),
+            protocol = PROTOCOL_VERSION,
+            budget = %crate::registry::human_bytes(limits.budget),
+            keep_alive = %limits.default_keep_alive,
+            "serving"
+        );
+        let reaper = tokio::spawn(reap(self.registry.clone()));
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -81,6 +84,7 @@ impl Daemon {
             }
         }
         tracing::info!(socket = %socket.path().display(), "shutting down");
+        reaper.abort();
         drop(socket);
         Ok(())
     }
@@ -172,15 +176,16 @@ impl Daemon {
         pid: i32,
     ) -> Result<(), FrameError> {
         match request {
-            Request::Acquire { source, dtype, device } => {
+            Request::Acquire { source, dtype, device, keep_alive } => {
                 let name = source.display_name();
-                match self.registry.acquire(source, dtype, device).await {
+                let wants = Wants { keep_alive, pin: false };
+                match self.registry.acquire(source, dtype, device, wants, pid).await {
                     Ok(grant) => {
                         let r = &grant.resident;
                         let reply = Response::Acquired(Acquired {
                             lease: grant.lease.id(),
-                            name: r.name.clone(),
-                            dir: r.dir.clone(),
+                            name: grant.name.clone(),
+                            dir: grant.dir.clone(),
                             manifest: r.manifest.clone(),
                             segment: SegmentDescriptor::Memfd { len: r.segment.len() },
                             loaded_now: grant.loaded_now,
@@ -199,6 +204,52 @@ impl Daemon {
                     }
                 }
             }
+            Request::Load { source, dtype, device, pin, keep_alive } => {
+                let wants = Wants { keep_alive, pin };
+                let reply = match self.registry.acquire(source, dtype, device, wants, pid).await {
+                    Ok(grant) => {
+                        let key_name = grant.name.clone();
+                        drop(grant.lease);
+                        let status = self
+                            .registry
+                            .list()
+                            .into_iter()
+                            .find(|m| m.names.contains(&key_name) && m.dtype == dtype && m.device == device);
+                        match status {
+                            Some(s) => Response::Loaded(s),
+                            // keep-alive 0 and no pin: loaded and let go at once.
+                            None => Response::Changed { models: vec![key_name], bytes: 0 },
+                        }
+                    }
+                    Err(e) => Response::Error(e),
+                };
+                write_response(stream, &reply, None).await
+            }
+            Request::Evict { target } => {
+                let reply = match self.registry.evict(&target) {
+                    Ok((models, bytes)) => Response::Changed { models, bytes },
+                    Err(e) => Response::Error(e),
+                };
+                write_response(stream, &reply, None).await
+            }
+            Request::Pin { target } => {
+                let reply = match self.registry.set_pinned(&target, true) {
+                    Ok(models) => Response::Changed { models, bytes: 0 },
+                    Err(e) => Response::Error(e),
+                };
+                write_response(stream, &reply, None).await
+            }
+            Request::Unpin { target } => {
+                let reply = match self.registry.set_pinned(&target, false) {
+                    Ok(models) => Response::Changed { models, bytes: 0 },
+                    Err(e) => Response::Error(e),
+                };
+                write_response(stream, &reply, None).await
+            }
+            Request::Clear => {
+                let (models, bytes) = self.registry.clear();
+                write_response(stream, &Response::Changed { models, bytes }, None).await
+            }
             Request::Release { lease } => {
                 let reply = match leases.remove(&lease) {
                     Some(_) => Response::Released { lease },
@@ -209,12 +260,31 @@ impl Daemon {
                 };
                 write_response(stream, &reply, None).await
             }
-            Request::List => write_response(stream, &Response::Models(self.registry.list()), None).await,
+            Request::List => {
+                let limits = self.registry.limits();
+                let status = DaemonStatus {
+                    pid: std::process::id(),
+                    budget: limits.budget,
+                    used: self.registry.used(Device::Cpu),
+                    default_keep_alive: limits.default_keep_alive,
+                    models: self.registry.list(),
+                };
+                write_response(stream, &Response::Status(status), None).await
+            }
             Request::Stop => {
                 tracing::info!(pid, "stop requested");
                 write_response(stream, &Response::Stopping, None).await
             }
         }
+    }
+}
+
+/// Evicts idle models whose keep-alive has run out, waking when the next
+/// one is due (and at least every 100 ms, since a release can start a clock).
+async fn reap(registry: Arc<Registry>) {
+    loop {
+        let next = registry.reap().unwrap_or(Duration::from_millis(100));
+        tokio::time::sleep(next.clamp(Duration::from_millis(1), Duration::from_millis(100))).await;
     }
 }
 

@@ -12,6 +12,7 @@ pub mod model;
 pub mod paths;
 pub mod protocol;
 pub mod segment;
+pub mod units;
 
 pub use manifest::{Manifest, TensorDType, TensorEntry};
 pub use model::{ModelSource, ResolvedModel};

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 
 use crate::manifest::{Manifest, WeightDType};
 use crate::model::ModelSource;
+use crate::units::KeepAlive;
 
 /// Bumped whenever [`Request`] or [`Response`] change shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts (16 MiB). A manifest of a model with
 /// 100 000 tensors fits comfortably; a length above this is a corrupt or
@@ -92,17 +93,42 @@ pub enum Request {
     /// Make the model resident (loading it if needed) and lend it: the
     /// response carries the manifest and the segment, and a lease that holds
     /// the model resident until released or until this connection closes.
+    /// `keep_alive`, when given, becomes the model's keep-alive.
     Acquire {
         source: ModelSource,
         dtype: WeightDType,
         device: Device,
+        keep_alive: Option<KeepAlive>,
     },
     /// End a lease early. Closing the connection ends all of its leases.
     Release { lease: LeaseId },
-    /// Describe every resident model.
+    /// Describe the daemon and every model it holds or is loading.
     List,
+    /// Make a model resident without lending it (`mora-cache load`).
+    Load {
+        source: ModelSource,
+        dtype: WeightDType,
+        device: Device,
+        pin: bool,
+        keep_alive: Option<KeepAlive>,
+    },
+    /// Evict the models the selector names; refused for leased or pinned ones.
+    Evict { target: Selector },
+    /// Protect the named models from eviction (budget and keep-alive alike).
+    Pin { target: Selector },
+    Unpin { target: Selector },
+    /// Evict every model with no lease and no pin.
+    Clear,
     /// Shut the daemon down. Clients holding leases keep their mappings.
     Stop,
+}
+
+/// Names resident models for the admin requests: every entry one of whose
+/// names is `name` (and whose dtype is `dtype`, when given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    pub name: String,
+    pub dtype: Option<WeightDType>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,7 +137,12 @@ pub enum Response {
     /// the segment's file descriptor (SCM_RIGHTS) when `segment` says so.
     Acquired(Acquired),
     Released { lease: LeaseId },
-    Models(Vec<ModelStatus>),
+    Status(DaemonStatus),
+    /// Answer to [`Request::Load`]: the model as it now stands.
+    Loaded(ModelStatus),
+    /// Answer to evict, pin, unpin and clear: the models acted on and the
+    /// bytes freed (zero for pin and unpin).
+    Changed { models: Vec<String>, bytes: u64 },
     Stopping,
     Error(ErrorReply),
 }
@@ -139,18 +170,45 @@ pub enum SegmentDescriptor {
     Memfd { len: u64 },
 }
 
-/// One resident model, as `mora-cache ps` shows it.
+/// The daemon as a whole, as `mora-cache ps` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    /// Most bytes the daemon will hold resident (or reserve for loads) at once.
+    pub budget: u64,
+    /// Bytes resident or reserved for loads in progress now.
+    pub used: u64,
+    pub default_keep_alive: KeepAlive,
+    pub models: Vec<ModelStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelState {
+    Loading,
+    Resident,
+}
+
+/// One model the daemon holds or is loading.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelStatus {
+    /// The first name it was requested by.
     pub name: String,
+    /// Every name that resolved to these same bytes, first one first.
+    pub names: Vec<String>,
+    pub state: ModelState,
     pub dir: PathBuf,
     pub dtype: WeightDType,
     pub device: Device,
-    /// Bytes of the resident copy (the segment's length).
+    /// Bytes of the resident copy (reserved bytes while loading).
     pub bytes: u64,
     pub tensors: u64,
-    /// Leases open now.
+    /// Leases open now, and the pids that hold them.
     pub leases: u64,
+    pub lease_pids: Vec<i32>,
+    pub pinned: bool,
+    pub keep_alive: KeepAlive,
+    /// When an idle model will be evicted, if nothing uses it before.
+    pub expires_unix_ms: Option<u64>,
     /// Times the weights were read from disk into this entry.
     pub loads: u64,
     /// Leases granted on this entry, the one that loaded it included.
@@ -177,4 +235,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The daemon failed for a reason of its own (out of memory, I/O).
     Internal,
+    /// The model does not fit in the budget even after every possible eviction.
+    NoRoom,
+    /// The request is valid but the model's state forbids it (leased, pinned).
+    Refused,
 }

@@ -54,7 +54,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         if !weights.contains_key(step.model.as_str()) {
             let spec = &workflow.models[&step.model];
             let w = match &conn {
-                Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype)?,
+                Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, spec.keep_alive)?,
                 None => Weights::in_process(&spec.source, spec.dtype)?,
             };
             weights.insert(step.model.as_str(), w);

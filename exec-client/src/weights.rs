@@ -18,6 +18,7 @@ use mora_common::connection::Connection;
 use mora_common::manifest::{TensorDType, WeightDType};
 use mora_common::protocol::{LeaseId, Request, Response, SegmentDescriptor};
 use mora_common::segment::{Mapping, Segment};
+use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, TensorEntry};
 
 use crate::ExecError;
@@ -122,12 +123,18 @@ impl SimpleBackend for MappedWeights {
 impl Weights {
     /// Asks the daemon for `source` in `dtype` and maps what it lends. The
     /// lease lasts as long as `conn` stays open.
-    pub fn from_daemon(conn: &Connection, source: ModelSource, dtype: WeightDType) -> Result<Weights, ExecError> {
+    pub fn from_daemon(
+        conn: &Connection,
+        source: ModelSource,
+        dtype: WeightDType,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Weights, ExecError> {
         let name = source.display_name();
         let (response, mut fds) = conn.call(&Request::Acquire {
             source,
             dtype,
             device: mora_common::protocol::Device::Cpu,
+            keep_alive,
         })?;
         let acquired = match response {
             Response::Acquired(a) => a,

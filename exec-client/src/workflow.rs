@@ -23,6 +23,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use mora_common::manifest::WeightDType;
+use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
 /// A workflow error, located in its file where it can be.
@@ -53,6 +54,15 @@ struct ModelDecl {
     revision: Option<String>,
     path: Option<PathBuf>,
     dtype: Option<Spanned<String>>,
+    keep_alive: Option<Spanned<KeepAliveDecl>>,
+}
+
+/// `keep_alive = "10m"`, or the integers `-1` (forever) and `0` (at once).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeepAliveDecl {
+    Int(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +81,8 @@ struct StepDecl {
 pub struct ModelSpec {
     pub source: ModelSource,
     pub dtype: WeightDType,
+    /// Asked of the daemon with every acquire; `None` keeps the daemon's.
+    pub keep_alive: Option<KeepAlive>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +170,17 @@ impl Workflow {
                 Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
                 None => WeightDType::default(),
             };
-            models.insert(key.clone(), ModelSpec { source, dtype });
+            let keep_alive = match &decl.keep_alive {
+                None => None,
+                Some(k) => {
+                    let text = match k.get_ref() {
+                        KeepAliveDecl::Int(i) => i.to_string(),
+                        KeepAliveDecl::Text(t) => t.clone(),
+                    };
+                    Some(KeepAlive::parse(&text).map_err(|e| at(Some(k.span()), format!("model `{key}`: keep_alive {e}")))?)
+                }
+            };
+            models.insert(key.clone(), ModelSpec { source, dtype, keep_alive });
         }
 
         if file.steps.is_empty() {
@@ -283,6 +305,17 @@ output = "embeddings.json"
         let w = parse(&src).unwrap();
         assert_eq!(w.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/w/models/mini") });
         assert_eq!(w.models["minilm"].dtype, WeightDType::F16);
+    }
+
+    #[test]
+    fn keep_alive_takes_durations_and_ollamas_integers() {
+        let with = |v: &str| GOOD.replace("[models.minilm]\n", &format!("[models.minilm]\nkeep_alive = {v}\n"));
+        assert_eq!(parse(&with("\"10m\"")).unwrap().models["minilm"].keep_alive, Some(KeepAlive::For(std::time::Duration::from_secs(600))));
+        assert_eq!(parse(&with("-1")).unwrap().models["minilm"].keep_alive, Some(KeepAlive::Forever));
+        assert_eq!(parse(&with("0")).unwrap().models["minilm"].keep_alive, Some(KeepAlive::For(std::time::Duration::ZERO)));
+        assert_eq!(parse(GOOD).unwrap().models["minilm"].keep_alive, None);
+        let err = parse(&with("\"soon\"")).unwrap_err().to_string();
+        assert!(err.contains("keep_alive") && err.starts_with("/w/flow.toml:4:"), "{err}");
     }
 
     #[test]

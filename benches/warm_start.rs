@@ -1,0 +1,83 @@
+//! Wall time of one `mora-exec run` of the embedding workflow, three ways:
+//! in-process load (`--no-cache`, the baseline), cold (a fresh daemon loads the
+//! model), warm (the daemon already holds it). Prints medians over repeats and
+//! each one's ratio to the baseline, plus the client's own breakdown (time to
+//! build the model from the weights, which for lent weights is the copy out of
+//! the shared mapping).
+//!
+//!   cargo build --release --workspace --bins
+//!   cargo bench --bench warm_start            # MORA_BENCH_REPEATS=N (default 7)
+//!
+//! The model files are in the page cache for every scenario (the first run
+//! reads them), so "cold" here is a daemon load from page cache, not disk.
+
+use std::time::Instant;
+
+use mora::{embed_workflow, Env};
+
+struct Sample {
+    wall_ms: f64,
+    build_ms: f64,
+    load_ms: f64,
+}
+
+fn figure(stdout: &str, before: &str) -> f64 {
+    // "... in 123 ms" right after `before`.
+    stdout
+        .split(before)
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn run(env: &Env, wf: &std::path::Path, extra: &[&str]) -> Sample {
+    let start = Instant::now();
+    let out = env.exec(wf, "out", extra);
+    let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "run failed: {}", String::from_utf8_lossy(&out.stderr));
+    Sample {
+        wall_ms,
+        build_ms: figure(&stdout, "model built"),
+        load_ms: if stdout.contains("warm:") { 0.0 } else { figure(&stdout, "MiB") },
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let repeats: usize = std::env::var("MORA_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let texts = ["A man is eating food.", "A man is eating a piece of bread."];
+    let mut baseline = Vec::new();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let warm_env = Env::with_daemon("bench-warm");
+    let wf = warm_env.workflow("embed.toml", &embed_workflow(&texts));
+    run(&warm_env, &wf, &[]); // load once, and bring the files into the page cache
+    for _ in 0..repeats {
+        baseline.push(run(&warm_env, &wf, &["--no-cache"]));
+        warm.push(run(&warm_env, &wf, &[]));
+        let cold_env = Env::with_daemon("bench-cold");
+        let cold_wf = cold_env.workflow("embed.toml", &embed_workflow(&texts));
+        cold.push(run(&cold_env, &cold_wf, &[]));
+    }
+    let base = median(baseline.iter().map(|s| s.wall_ms).collect());
+    println!("mora-exec run (2 texts, all-MiniLM-L6-v2 f32, 86.6 MiB), median of {repeats}");
+    println!("{:<24} {:>10} {:>10} {:>12} {:>14}", "scenario", "wall ms", "vs base", "load ms", "model built ms");
+    for (name, s) in [("no cache (baseline)", &baseline), ("cold daemon", &cold), ("warm daemon", &warm)] {
+        let wall = median(s.iter().map(|x| x.wall_ms).collect());
+        println!(
+            "{:<24} {:>10.1} {:>9.2}x {:>12.1} {:>14.1}",
+            name,
+            wall,
+            wall / base,
+            median(s.iter().map(|x| x.load_ms).collect()),
+            median(s.iter().map(|x| x.build_ms).collect()),
+        );
+    }
+}

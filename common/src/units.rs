@@ -1,0 +1,140 @@
+//! Sizes and durations as people type them: `8GiB`, `512MB`, `30m`, `-1`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Parses a byte size: a number (decimals allowed) and an optional unit.
+/// `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` are powers of 1024;
+/// `KB`, `MB`, `GB`, `TB` are powers of 1000; `B` or no unit is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 8GiB, 512MiB, 2GB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => return Err(format!("`{s}`: unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` is too large"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// How long an idle model stays resident after its last lease ends, as in
+/// Ollama's `keep_alive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeepAlive {
+    /// Never evicted for being idle (`-1`); the budget may still evict it.
+    Forever,
+    /// Evicted this long after its last use; zero means as soon as the last
+    /// lease ends.
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// Parses `-1` (forever), `0` (at once), or a duration: `500ms`, `90s`,
+    /// `30m`, `2h`, `1d`; a bare number is seconds.
+    pub fn parse(s: &str) -> Result<KeepAlive, String> {
+        let t = s.trim();
+        if t == "-1" || t.starts_with('-') && parse_duration(&t[1..]).is_ok() {
+            return Ok(KeepAlive::Forever);
+        }
+        parse_duration(t).map(KeepAlive::For)
+    }
+}
+
+impl std::fmt::Display for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeepAlive::Forever => f.write_str("forever"),
+            KeepAlive::For(d) => f.write_str(&format_duration(*d)),
+        }
+    }
+}
+
+/// `500ms`, `90s`, `1.5m`, `30m`, `2h`, `1d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 30m, 90s, 2h, -1, 0)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        other => return Err(format!("`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
+}
+
+/// The shortest of `1h30m`-style renderings that is exact to the millisecond.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("3 parsecs").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn keep_alive_like_ollama() {
+        assert_eq!(KeepAlive::parse("-1").unwrap(), KeepAlive::Forever);
+        assert_eq!(KeepAlive::parse("0").unwrap(), KeepAlive::For(Duration::ZERO));
+        assert_eq!(KeepAlive::parse("30m").unwrap(), KeepAlive::For(Duration::from_secs(1800)));
+        assert_eq!(KeepAlive::parse("250ms").unwrap(), KeepAlive::For(Duration::from_millis(250)));
+        assert_eq!(KeepAlive::parse("90").unwrap(), KeepAlive::For(Duration::from_secs(90)));
+        assert!(KeepAlive::parse("soon").is_err());
+    }
+
+    #[test]
+    fn durations_render_compactly() {
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(KeepAlive::Forever.to_string(), "forever");
+    }
+}
