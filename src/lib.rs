@@ -114,17 +114,27 @@ impl Env {
 
     /// A scratch environment with a daemon serving its socket.
     pub fn with_daemon(tag: &str) -> Env {
+        Env::with_daemon_args(tag, &[])
+    }
+
+    /// A scratch environment with a daemon started with `serve ARGS...`.
+    pub fn with_daemon_args(tag: &str, args: &[&str]) -> Env {
         let mut env = Env::new(tag);
-        env.start_daemon();
+        env.start_daemon_with(args);
         env
     }
 
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with(&[]);
+    }
+
+    pub fn start_daemon_with(&mut self, args: &[&str]) {
         let log = std::fs::File::create(self.scratch.join("daemon.log")).expect("daemon log");
         let child = self
             .command("mora-cache")
             .args(["serve", "--socket"])
             .arg(&self.socket)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -193,6 +203,42 @@ impl Env {
         serde_json::from_slice(&out.stdout).expect("ps --json prints JSON")
     }
 
+    /// `mora-cache ARGS...` against this environment's daemon, waited for.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        self.command("mora-cache").args(args).output().expect("run mora-cache")
+    }
+
+    /// `mora-cache ARGS...`, asserting success; returns stdout.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(out.status.success(), "mora-cache {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Writes a synthetic model with `mora-exec synth` and returns its directory.
+    pub fn synth(&self, name: &str, arch: &str, size: &str, seed: u64) -> PathBuf {
+        let dir = self.scratch.join(name);
+        let out = Command::new(bin("mora-exec"))
+            .args(["synth", "--arch", arch, "--size", size, "--seed", &seed.to_string(), "-o"])
+            .arg(&dir)
+            .output()
+            .expect("run mora-exec synth");
+        assert!(out.status.success(), "synth failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    }
+
+    /// Names of the resident (or loading) models, as `ps --json` lists them.
+    pub fn resident_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.ps().iter().map(|m| m["name"].as_str().unwrap_or("").to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// Sum of `bytes` over every model `ps` lists.
+    pub fn resident_bytes(&self) -> u64 {
+        self.ps().iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum()
+    }
+
     /// Sum of open leases over every resident model.
     pub fn total_leases(&self) -> u64 {
         self.ps().iter().map(|m| m["leases"].as_u64().unwrap_or(0)).sum()
@@ -239,4 +285,32 @@ pub fn one_line_failure(out: &Output) -> String {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{err}");
     lines[0].to_string()
+}
+
+/// Memory a process holds: resident set size, and the bytes allocated to the
+/// Mora segments (memfds) it has open. A daemon that has dropped a segment's
+/// descriptor no longer pays for it, whatever its RSS says.
+pub fn process_memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut memfd = 0u64;
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            let is_segment = std::fs::read_link(fd.path())
+                .map(|t| t.to_string_lossy().starts_with("/memfd:mora:"))
+                .unwrap_or(false);
+            if is_segment {
+                if let Ok(meta) = std::fs::metadata(fd.path()) {
+                    use std::os::unix::fs::MetadataExt;
+                    memfd += meta.blocks() * 512;
+                }
+            }
+        }
+    }
+    (rss_kib * 1024, memfd)
 }

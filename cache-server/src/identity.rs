@@ -18,9 +18,12 @@ use sha2::{Digest, Sha256};
 /// `sha256:<64 hex digits>`.
 pub type ContentId = String;
 
+/// What identifies an unchanged file: device, inode, size, mtime (s, ns).
+type FileStamp = (u64, u64, u64, i64, i64);
+
 #[derive(Default)]
 pub struct IdentityMemo {
-    known: Mutex<HashMap<(u64, u64, u64, i64, i64), ContentId>>,
+    known: Mutex<HashMap<FileStamp, ContentId>>,
 }
 
 /// The sha256 a hub blob path carries in its name, if it is one.

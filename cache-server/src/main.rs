@@ -45,7 +45,7 @@ enum Command {
         max_memory: Option<u64>,
         /// How long an idle model stays resident: 30m, 1h, 90s; -1 forever; 0 evict
         /// when its last lease ends. A workflow's `keep_alive` overrides it per model.
-        #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = KeepAlive::parse)]
+        #[arg(long, value_name = "DURATION", default_value = "30m", allow_hyphen_values = true, value_parser = KeepAlive::parse)]
         keep_alive: KeepAlive,
     },
     /// List resident models: names, size, leases, pin, loads, hits, last use, expiry.
@@ -65,7 +65,7 @@ enum Command {
         #[arg(long)]
         pin: bool,
         /// Its keep-alive (see `serve --keep-alive`).
-        #[arg(long, value_name = "DURATION", value_parser = KeepAlive::parse)]
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = KeepAlive::parse)]
         keep_alive: Option<KeepAlive>,
     },
     /// Evict a model now. Refused while a client holds a lease on it, or while it is pinned.

@@ -88,8 +88,12 @@ struct Entry {
     keep_alive: KeepAlive,
     loads: u64,
     hits: u64,
+    /// Orders eviction (least recently used first) and shows in `ps`.
     last_used: Instant,
     last_used_unix_ms: u64,
+    /// Starts the keep-alive clock: the last use, or the unpin that made the
+    /// entry evictable again, whichever came later.
+    idle_since: Instant,
 }
 
 impl Entry {
@@ -104,6 +108,7 @@ impl Entry {
     fn touch(&mut self) {
         self.last_used = Instant::now();
         self.last_used_unix_ms = now_unix_ms();
+        self.idle_since = self.last_used;
     }
 
     fn add_name(&mut self, name: &str) {
@@ -118,7 +123,7 @@ impl Entry {
         }
         match self.keep_alive {
             KeepAlive::Forever => None,
-            KeepAlive::For(d) => Some(d.saturating_sub(self.last_used.elapsed())),
+            KeepAlive::For(d) => Some(d.saturating_sub(self.idle_since.elapsed())),
         }
     }
 }
@@ -344,6 +349,7 @@ impl Registry {
                                     hits: 0,
                                     last_used: Instant::now(),
                                     last_used_unix_ms: now_unix_ms(),
+                                    idle_since: Instant::now(),
                                 },
                             );
                             // The load runs in its own task, so the entry leaves
@@ -520,7 +526,7 @@ impl Registry {
         inner
             .entries
             .iter_mut()
-            .filter(|(k, e)| e.names.iter().any(|n| *n == target.name) && target.dtype.is_none_or(|d| d == k.dtype))
+            .filter(|(k, e)| e.names.contains(&target.name) && target.dtype.is_none_or(|d| d == k.dtype))
             .map(|(k, e)| (k.clone(), e))
             .collect()
     }
@@ -578,8 +584,12 @@ impl Registry {
         }
         let mut names = Vec::new();
         for (_, e) in selected {
+            // Not a use: the eviction order stays, but an unpinned model gets
+            // its whole keep-alive from now rather than expiring at once.
+            if e.pinned && !pinned {
+                e.idle_since = Instant::now();
+            }
             e.pinned = pinned;
-            e.touch();
             names.push(e.name().to_string());
         }
         Ok(names)

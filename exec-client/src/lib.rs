@@ -5,7 +5,8 @@
 //! - [`daemon`] reaches the daemon, starting one if needed;
 //! - [`weights`] maps lent segments (or loads files) for candle;
 //! - [`embed`] runs BERT with sentence-transformers pooling;
-//! - [`run`] ties them together and writes outputs.
+//! - [`run`] ties them together and writes outputs;
+//! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
 //!
 //! Architecture invariant: the client never frees or writes weights it did
 //! not allocate. A lent segment is sealed and mapped read-only; the lease
@@ -14,6 +15,7 @@
 pub mod daemon;
 pub mod embed;
 pub mod run;
+pub mod synth;
 pub mod weights;
 pub mod workflow;
 

@@ -3,7 +3,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
+use mora_common::units::parse_size;
+use mora_exec::synth::{generate, Arch, SynthSpec};
 use mora_exec::run::{describe, run, RunOptions};
 use mora_exec::workflow::Workflow;
 
@@ -37,6 +40,25 @@ enum Command {
         #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
         output_dir: PathBuf,
     },
+    /// Write a deterministic random-weight model (real config, safetensors and
+    /// tokenizer) of about a given size, for tests and benchmarks.
+    Synth {
+        /// bert (runs the embed task) or llama.
+        #[arg(long, default_value = "bert")]
+        arch: Arch,
+        /// Target size of model.safetensors: 1MiB .. several GiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDType,
+        /// Same seed, same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Directory to write the model into.
+        #[arg(short = 'o', long = "output-dir", value_name = "DIR")]
+        output_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,7 +69,30 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run { workflow, socket, no_cache, no_autostart, output_dir } = Cli::parse().command;
+    let (workflow, socket, no_cache, no_autostart, output_dir) = match Cli::parse().command {
+        Command::Run { workflow, socket, no_cache, no_autostart, output_dir } => {
+            (workflow, socket, no_cache, no_autostart, output_dir)
+        }
+        Command::Synth { arch, size, dtype, seed, output_dir } => {
+            return match generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir) {
+                Ok(r) => {
+                    println!(
+                        "wrote {}: {} bytes of {dtype} weights ({} tensors, hidden {}, {} layers)",
+                        r.dir.display(),
+                        r.weights_bytes,
+                        r.tensors,
+                        r.hidden_size,
+                        r.layers
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mora-exec: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let result = Workflow::load(&workflow).map_err(Into::into).and_then(|wf| {
         let opts = RunOptions {
             socket: socket_path(socket.as_deref()),
