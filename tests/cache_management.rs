@@ -282,3 +282,26 @@ fn thirty_two_clients_over_three_models_within_a_budget_of_two() {
     // Still serving.
     assert!(UnixStream::connect(&env.socket).is_ok());
 }
+
+#[test]
+fn a_workflows_keep_alive_reaches_the_daemon() {
+    let env = Env::with_daemon("wf-keepalive");
+    let m = env.synth("m", "bert", "1MiB", 3);
+    let wf = env.workflow(
+        "w.toml",
+        &format!(
+            "name = \"w\"\n[models.m]\npath = {:?}\nkeep_alive = 0\n[[steps]]\nname = \"e\"\ntask = \"embed\"\nmodel = \"m\"\ntexts = [\"a dog\"]\n",
+            path(&m)
+        ),
+    );
+    let out = env.exec(&wf, "out", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // keep_alive = 0: evicted as soon as the run's lease ended.
+    assert!(wait_until(Duration::from_secs(10), || env.ps().is_empty()), "{:?}", env.ps());
+    let wf = env.workflow("w2.toml", &std::fs::read_to_string(&wf).unwrap().replace("keep_alive = 0", "keep_alive = \"-1\""));
+    assert!(env.exec(&wf, "out2", &[]).status.success());
+    let ps = env.ps();
+    assert_eq!(ps.len(), 1);
+    assert_eq!(ps[0]["keep_alive"], "forever");
+    assert!(ps[0]["expires"].is_null());
+}

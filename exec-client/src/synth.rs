@@ -234,7 +234,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     }
     let mut header = serde_json::to_vec(&header).expect("JSON header");
     // Pad the header so tensor data starts 8-byte aligned, as writers do.
-    while (8 + header.len()) % 8 != 0 {
+    while !(8 + header.len()).is_multiple_of(8) {
         header.push(b' ');
     }
     let weights_path = dir.join("model.safetensors");
