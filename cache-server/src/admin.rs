@@ -71,7 +71,13 @@ pub fn load(
     pin: bool,
     keep_alive: Option<KeepAlive>,
 ) -> Result<Option<ModelStatus>, AdminError> {
-    match call(socket, &Request::Load { source, dtype, device: Device::Cpu, pin, keep_alive })? {
+    let conn = Connection::connect(socket, CLIENT)?;
+    let mut bar = mora_common::progress::LoadProgress::new("mora-cache");
+    let request = Request::Load { source, dtype, device: Device::Cpu, pin, keep_alive };
+    let (response, _) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
+    bar.finish();
+    match response {
+        Response::Error(e) => Err(AdminError::Daemon(e.message)),
         Response::Loaded(s) => Ok(Some(s)),
         Response::Changed { .. } => Ok(None),
         _ => Err(AdminError::Unexpected),

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
@@ -172,13 +173,17 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<Plan, Checkpoin
 pub fn load(model: &ResolvedModel, dtype: WeightDType) -> Result<Loaded, CheckpointError> {
     let start = Instant::now();
     let plan = plan(model, dtype)?;
-    let mut loaded = load_plan(&model.name, plan)?;
+    let mut loaded = load_plan(&model.name, plan, &AtomicU64::new(0))?;
     loaded.elapsed = start.elapsed();
     Ok(loaded)
 }
 
-/// Carries out a plan: reads every tensor into a new sealed segment.
-pub fn load_plan(name: &str, plan: Plan) -> Result<Loaded, CheckpointError> {
+/// Bytes read per `pread`, and how often progress moves.
+const READ_CHUNK: usize = 16 << 20;
+
+/// Carries out a plan: reads every tensor into a new sealed segment,
+/// adding the bytes of each chunk read to `progress` (for waiting clients).
+pub fn load_plan(name: &str, plan: Plan, progress: &AtomicU64) -> Result<Loaded, CheckpointError> {
     let start = Instant::now();
     let Plan { manifest, stored } = plan;
     let mut writer = SegmentWriter::create(&format!("mora:{name}"), manifest.segment_len)?;
@@ -195,11 +200,15 @@ pub fn load_plan(name: &str, plan: Plan) -> Result<Loaded, CheckpointError> {
         let io_err = |source: io::Error| CheckpointError::Io { path: path.clone(), source };
         let out = &mut dst[entry.offset as usize..(entry.offset + entry.len) as usize];
         if t.dtype == entry.dtype {
-            file.read_exact_at(out, t.file_offset).map_err(io_err)?;
+            for (i, chunk) in out.chunks_mut(READ_CHUNK).enumerate() {
+                file.read_exact_at(chunk, t.file_offset + (i * READ_CHUNK) as u64).map_err(io_err)?;
+                progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
         } else {
             scratch.resize(t.len as usize, 0);
             file.read_exact_at(&mut scratch, t.file_offset).map_err(io_err)?;
             convert(&scratch, t.dtype, out, entry.dtype);
+            progress.fetch_add(entry.len, Ordering::Relaxed);
         }
         bytes_read += t.len;
     }

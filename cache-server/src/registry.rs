@@ -40,6 +40,7 @@ use mora_common::protocol::{
     Device, ErrorKind, ErrorReply, LeaseId, ModelState, ModelStatus, Selector,
 };
 use mora_common::segment::Segment;
+pub use mora_common::units::human_bytes;
 use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, ResolvedModel};
 
@@ -72,8 +73,32 @@ pub struct Limits {
 type LoadResult = Option<Result<Arc<Resident>, ErrorReply>>;
 
 enum State {
-    Loading(watch::Receiver<LoadResult>),
+    Loading(watch::Receiver<LoadResult>, Arc<Progress>),
     Resident(Arc<Resident>),
+}
+
+/// How far a load has got: bytes written into its segment, of `total`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: u64,
+}
+
+/// Where an acquire that has to wait for a load shows that load's progress,
+/// so the connection can report it while the acquire is pending.
+#[derive(Default)]
+pub struct ProgressSlot(Mutex<Option<Arc<Progress>>>);
+
+impl ProgressSlot {
+    /// (bytes done, total) of the load being waited for, if any.
+    pub fn get(&self) -> Option<(u64, u64)> {
+        let p = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some((p.done.load(Ordering::Relaxed), p.total))
+    }
+
+    fn set(&self, p: Arc<Progress>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    }
 }
 
 struct Entry {
@@ -189,21 +214,6 @@ fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn resolve_error(e: ResolveError) -> ErrorReply {
     let kind = match e {
         ResolveError::NotInCache { .. } | ResolveError::NoSuchDir(_) => ErrorKind::NotFound,
@@ -296,6 +306,7 @@ impl Registry {
         device: Device,
         wants: Wants,
         pid: i32,
+        progress: &ProgressSlot,
     ) -> Result<Grant, ErrorReply> {
         let this = self.clone();
         let (resolved, key) = tokio::task::spawn_blocking(move || this.identify(source, dtype, device))
@@ -325,7 +336,10 @@ impl Registry {
                                 let resident = r.clone();
                                 return Ok(self.grant(e, &key, resident, &resolved, wants, pid, false));
                             }
-                            State::Loading(rx) => Some(rx.clone()),
+                            State::Loading(rx, p) => {
+                                progress.set(p.clone());
+                                Some(rx.clone())
+                            }
                         }
                     }
                     None => match plan.take() {
@@ -334,12 +348,14 @@ impl Registry {
                         Some(p) => {
                             self.admit(&mut inner, &resolved.name, device, p.bytes())?;
                             let (tx, rx) = watch::channel(None);
+                            let p_state = Arc::new(Progress { done: AtomicU64::new(0), total: p.bytes() });
+                            progress.set(p_state.clone());
                             inner.entries.insert(
                                 key.clone(),
                                 Entry {
                                     names: vec![resolved.name.clone()],
                                     dir: resolved.dir.clone(),
-                                    state: State::Loading(rx.clone()),
+                                    state: State::Loading(rx.clone(), p_state.clone()),
                                     bytes: p.bytes(),
                                     tensors: p.manifest.tensors.len() as u64,
                                     leases: HashMap::new(),
@@ -354,7 +370,14 @@ impl Registry {
                             );
                             // The load runs in its own task, so the entry leaves
                             // `loading` whatever happens to this request.
-                            tokio::spawn(Self::load(self.inner.clone(), key.clone(), resolved.name.clone(), p, tx));
+                            tokio::spawn(Self::load(
+                                self.inner.clone(),
+                                key.clone(),
+                                resolved.name.clone(),
+                                p,
+                                p_state,
+                                tx,
+                            ));
                             triggered = true;
                             Some(rx)
                         }
@@ -452,7 +475,7 @@ impl Registry {
             let mut names: Vec<String> = held
                 .iter()
                 .map(|e| match e.state {
-                    State::Loading(_) => format!("{} (loading)", e.name()),
+                    State::Loading(..) => format!("{} (loading)", e.name()),
                     _ => e.name().to_string(),
                 })
                 .collect();
@@ -477,11 +500,20 @@ impl Registry {
         Ok(())
     }
 
-    async fn load(inner: Arc<Mutex<Inner>>, key: Key, name: String, plan: checkpoint::Plan, tx: watch::Sender<LoadResult>) {
+    async fn load(
+        inner: Arc<Mutex<Inner>>,
+        key: Key,
+        name: String,
+        plan: checkpoint::Plan,
+        progress: Arc<Progress>,
+        tx: watch::Sender<LoadResult>,
+    ) {
         let dtype = key.dtype;
         tracing::info!(model = %name, %dtype, bytes = plan.bytes(), "loading");
         let n = name.clone();
-        let result = tokio::task::spawn_blocking(move || checkpoint::load_plan(&n, plan).map_err(|e| checkpoint_error(&n, e)))
+        let result = tokio::task::spawn_blocking(move || {
+            checkpoint::load_plan(&n, plan, &progress.done).map_err(|e| checkpoint_error(&n, e))
+        })
             .await
             .unwrap_or_else(|e| Err(internal(format!("loading {name} failed: {e}"))));
         let mut guard = lock(&inner);
@@ -555,7 +587,7 @@ impl Registry {
             if e.pinned {
                 return Err(refused(format!("cannot evict {} ({}): it is pinned; unpin it first", e.name(), k.dtype)));
             }
-            if matches!(e.state, State::Loading(_)) {
+            if matches!(e.state, State::Loading(..)) {
                 return Err(refused(format!("cannot evict {} ({}): it is still loading", e.name(), k.dtype)));
             }
         }
@@ -641,7 +673,7 @@ impl Registry {
                     name: e.name().to_string(),
                     names: e.names.clone(),
                     state: match e.state {
-                        State::Loading(_) => ModelState::Loading,
+                        State::Loading(..) => ModelState::Loading,
                         State::Resident(_) => ModelState::Resident,
                     },
                     dir: e.dir.clone(),
@@ -659,7 +691,7 @@ impl Registry {
                     last_used_unix_ms: e.last_used_unix_ms,
                     load_ms: match &e.state {
                         State::Resident(r) => r.load_ms,
-                        State::Loading(_) => 0,
+                        State::Loading(..) => 0,
                     },
                 }
             })

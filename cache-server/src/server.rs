@@ -21,7 +21,7 @@ use mora_common::protocol::{
     HELLO_MAGIC, PROTOCOL_VERSION,
 };
 
-use crate::registry::{Lease, Limits, Registry, Wants};
+use crate::registry::{Grant, Lease, Limits, ProgressSlot, Registry, Wants};
 use crate::socket::BoundSocket;
 
 /// How long a new connection may take to say hello.
@@ -179,7 +179,7 @@ impl Daemon {
             Request::Acquire { source, dtype, device, keep_alive } => {
                 let name = source.display_name();
                 let wants = Wants { keep_alive, pin: false };
-                match self.registry.acquire(source, dtype, device, wants, pid).await {
+                match self.acquire_reporting(stream, &name, source, dtype, device, wants, pid).await? {
                     Ok(grant) => {
                         let r = &grant.resident;
                         let reply = Response::Acquired(Acquired {
@@ -206,7 +206,8 @@ impl Daemon {
             }
             Request::Load { source, dtype, device, pin, keep_alive } => {
                 let wants = Wants { keep_alive, pin };
-                let reply = match self.registry.acquire(source, dtype, device, wants, pid).await {
+                let name = source.display_name();
+                let reply = match self.acquire_reporting(stream, &name, source, dtype, device, wants, pid).await? {
                     Ok(grant) => {
                         let key_name = grant.name.clone();
                         drop(grant.lease);
@@ -274,6 +275,43 @@ impl Daemon {
             Request::Stop => {
                 tracing::info!(pid, "stop requested");
                 write_response(stream, &Response::Stopping, None).await
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// Acquires, sending the client a progress report every 250 ms while
+    /// the acquire waits on a load (none for a quick one).
+    #[allow(clippy::too_many_arguments)]
+    async fn acquire_reporting(
+        &self,
+        stream: &mut UnixStream,
+        name: &str,
+        source: mora_common::ModelSource,
+        dtype: mora_common::manifest::WeightDType,
+        device: Device,
+        wants: Wants,
+        pid: i32,
+    ) -> Result<Result<Grant, ErrorReply>, FrameError> {
+        let slot = ProgressSlot::default();
+        let acquire = self.registry.acquire(source, dtype, device, wants, pid, &slot);
+        tokio::pin!(acquire);
+        let period = Duration::from_millis(250);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut last = None;
+        loop {
+            tokio::select! {
+                granted = &mut acquire => return Ok(granted),
+                _ = tick.tick() => {
+                    if let Some((done, total)) = slot.get() {
+                        if last != Some(done) {
+                            last = Some(done);
+                            let report = Response::Progress { name: name.to_string(), done, total };
+                            write_response(stream, &report, None).await?;
+                        }
+                    }
+                }
             }
         }
     }

@@ -63,11 +63,25 @@ impl Connection {
     }
 
     /// Sends one request and waits for its response, with any descriptors
-    /// that came with it.
+    /// that came with it. Progress reports on the way are skipped.
     pub fn call(&self, request: &Request) -> Result<(Response, Vec<OwnedFd>), CallError> {
+        self.call_with_progress(request, |_, _, _| {})
+    }
+
+    /// Like [`Connection::call`], handing each progress report to `progress`
+    /// as (model name, bytes done, bytes total).
+    pub fn call_with_progress(
+        &self,
+        request: &Request,
+        mut progress: impl FnMut(&str, u64, u64),
+    ) -> Result<(Response, Vec<OwnedFd>), CallError> {
         frame::write_message(&self.stream, request)?;
         let mut fds = Vec::new();
-        let response = frame::read_message(&self.stream, &mut fds)?;
-        Ok((response, fds))
+        loop {
+            match frame::read_message(&self.stream, &mut fds)? {
+                Response::Progress { name, done, total } => progress(&name, done, total),
+                response => return Ok((response, fds)),
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod manifest;
 pub mod model;
 pub mod paths;
+pub mod progress;
 pub mod protocol;
 pub mod segment;
 pub mod units;

@@ -136,6 +136,10 @@ pub enum Response {
     /// Answer to [`Request::Acquire`]. The frame that carries it also carries
     /// the segment's file descriptor (SCM_RIGHTS) when `segment` says so.
     Acquired(Acquired),
+    /// Sent, zero or more times, before the answer to an acquire or load
+    /// that waits on a load taking longer than a moment: bytes of `name`
+    /// loaded so far, of `total`.
+    Progress { name: String, done: u64, total: u64 },
     Released { lease: LeaseId },
     Status(DaemonStatus),
     /// Answer to [`Request::Load`]: the model as it now stands.

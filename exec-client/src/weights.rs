@@ -130,12 +130,10 @@ impl Weights {
         keep_alive: Option<KeepAlive>,
     ) -> Result<Weights, ExecError> {
         let name = source.display_name();
-        let (response, mut fds) = conn.call(&Request::Acquire {
-            source,
-            dtype,
-            device: mora_common::protocol::Device::Cpu,
-            keep_alive,
-        })?;
+        let mut bar = mora_common::progress::LoadProgress::new("mora-exec");
+        let request = Request::Acquire { source, dtype, device: mora_common::protocol::Device::Cpu, keep_alive };
+        let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
+        bar.finish();
         let acquired = match response {
             Response::Acquired(a) => a,
             Response::Error(e) => return Err(ExecError::Daemon(e.message)),
