@@ -66,7 +66,8 @@ unsafe impl Send for RawMapping {}
 unsafe impl Sync for RawMapping {}
 
 impl RawMapping {
-    fn new(fd: BorrowedFd<'_>, len: u64, prot: ProtFlags) -> Result<Self, SegmentError> {
+    /// `populate` pre-faults every page in the `mmap` call itself.
+    fn new(fd: BorrowedFd<'_>, len: u64, prot: ProtFlags, populate: bool) -> Result<Self, SegmentError> {
         let size = usize::try_from(len).map_err(|_| SegmentError::Map {
             len,
             source: io::Error::other("larger than the address space"),
@@ -76,7 +77,8 @@ impl RawMapping {
         // `len` bytes (created or checked by the caller), and MAP_SHARED of a
         // sealed or private-to-us memfd cannot be truncated underneath us
         // (SEAL_SHRINK on received segments; we own unsealed ones).
-        let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, MapFlags::SHARED | MapFlags::POPULATE, fd, 0) }
+        let flags = if populate { MapFlags::SHARED | MapFlags::POPULATE } else { MapFlags::SHARED };
+        let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, flags, fd, 0) }
             .map_err(|e| SegmentError::Map { len, source: e.into() })?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SegmentError::Map {
             len,
@@ -103,7 +105,9 @@ impl SegmentWriter {
         let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(|e| SegmentError::Create { len, source: e.into() })?;
         ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
-        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE)?;
+        // Allocating every page up front is one system call instead of a
+        // fault per page as the load writes (docs/decisions.md).
+        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, true)?;
         Ok(SegmentWriter { fd, map })
     }
 
@@ -155,7 +159,7 @@ impl Segment {
 
     /// Maps the whole segment read-only.
     pub fn map(&self) -> Result<Mapping, SegmentError> {
-        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ)? })
+        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ, false)? })
     }
 }
 
