@@ -167,6 +167,19 @@ impl Inner {
         tracing::info!(model = %e.name(), bytes = e.bytes, reason = why, "evicted");
         Some((e.name().to_string(), e.bytes))
     }
+
+    /// Evicts each key; returns the names evicted and the bytes freed.
+    fn evict_all(&mut self, keys: Vec<Key>, why: &str) -> (Vec<String>, u64) {
+        let mut names = Vec::new();
+        let mut freed = 0;
+        for k in keys {
+            if let Some((n, b)) = self.evict(&k, why) {
+                names.push(n);
+                freed += b;
+            }
+        }
+        (names, freed)
+    }
 }
 
 /// What an acquire hands back: the resident model and the lease holding it.
@@ -592,15 +605,7 @@ impl Registry {
             }
         }
         let keys: Vec<Key> = selected.into_iter().map(|(k, _)| k).collect();
-        let mut names = Vec::new();
-        let mut freed = 0;
-        for k in keys {
-            if let Some((n, b)) = inner.evict(&k, "evict requested") {
-                names.push(n);
-                freed += b;
-            }
-        }
-        Ok((names, freed))
+        Ok(inner.evict_all(keys, "evict requested"))
     }
 
     /// Sets or clears the pin of the selected models.
@@ -631,15 +636,7 @@ impl Registry {
     pub fn clear(&self) -> (Vec<String>, u64) {
         let mut inner = lock(&self.inner);
         let keys: Vec<Key> = inner.entries.iter().filter(|(_, e)| e.evictable()).map(|(k, _)| k.clone()).collect();
-        let mut names = Vec::new();
-        let mut freed = 0;
-        for k in keys {
-            if let Some((n, b)) = inner.evict(&k, "clear requested") {
-                names.push(n);
-                freed += b;
-            }
-        }
-        (names, freed)
+        inner.evict_all(keys, "clear requested")
     }
 
     /// Evicts idle models whose keep-alive has run out; returns how long
