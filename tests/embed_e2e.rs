@@ -170,3 +170,26 @@ fn no_autostart_without_a_daemon_is_a_clear_error() {
     assert!(line.contains("no cache daemon is listening at"), "{line}");
     assert!(!env.socket.exists());
 }
+
+#[test]
+fn half_precision_weights_match_candles_own_conversion_bit_for_bit() {
+    // The daemon converts f32 to f16 itself; the baseline lets candle do it.
+    let env = Env::with_daemon("f16");
+    let wf = env.workflow(
+        "embed.toml",
+        &embed_workflow(&PAIR).replace("[models.minilm]\n", "[models.minilm]\ndtype = \"f16\"\n"),
+    );
+    assert!(std::fs::read_to_string(&wf).unwrap().contains("dtype = \"f16\""));
+    let cached = env.exec(&wf, "cached", &[]);
+    assert_ok(&cached);
+    assert_ok(&env.exec(&wf, "baseline", &["--no-cache"]));
+    let ps = env.ps();
+    assert_eq!(ps[0]["dtype"], "f16");
+    assert!(ps[0]["bytes"].as_u64().unwrap() < 50_000_000, "held in half the bytes: {ps:?}");
+    let a = std::fs::read(env.scratch.join("cached/embeddings.json")).unwrap();
+    let b = std::fs::read(env.scratch.join("baseline/embeddings.json")).unwrap();
+    assert_eq!(a, b, "f16 cached and --no-cache outputs differ");
+    let e = read_embeddings(&env.scratch.join("cached/embeddings.json"));
+    let c = cosine(&e[0], &e[1]);
+    assert!((c - 0.755).abs() <= 0.01, "f16 cosine {c}");
+}

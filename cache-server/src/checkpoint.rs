@@ -341,6 +341,34 @@ mod tests {
     }
 
     #[test]
+    fn sharded_model_loads_every_shard_into_one_segment() {
+        let d = model_dir("shards");
+        write_safetensors(&d.join("model-00001-of-00002.safetensors"), &[("a", "F32", vec![2], f32_bytes(&[1.0, 2.0]))]);
+        write_safetensors(&d.join("model-00002-of-00002.safetensors"), &[("b", "F32", vec![1], f32_bytes(&[3.0]))]);
+        std::fs::write(
+            d.join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let model = mora_common::ModelSource::Dir { path: d.clone() }.resolve().unwrap();
+        assert_eq!(model.weights.len(), 2);
+        let loaded = load(&model, WeightDType::F32).unwrap();
+        let map = loaded.segment.map().unwrap();
+        let b = loaded.manifest.get("b").unwrap();
+        assert_eq!(&map.as_slice()[b.offset as usize..][..4], &3.0f32.to_le_bytes());
+        assert_eq!(loaded.manifest.tensors.len(), 2);
+    }
+
+    #[test]
+    fn a_tensor_in_two_shards_is_refused() {
+        let d = model_dir("dup-shards");
+        write_safetensors(&d.join("s1.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[1.0]))]);
+        write_safetensors(&d.join("s2.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[2.0]))]);
+        let model = ResolvedModel { name: "t".into(), dir: d.clone(), weights: vec![d.join("s1.safetensors"), d.join("s2.safetensors")] };
+        assert!(matches!(plan(&model, WeightDType::F32), Err(CheckpointError::DuplicateTensor { .. })));
+    }
+
+    #[test]
     fn truncated_file_is_refused_before_any_data_is_read() {
         let d = model_dir("trunc");
         let p = d.join("model.safetensors");

@@ -63,7 +63,10 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         match step.task {
             Task::Embed => {
                 let start = Instant::now();
-                let embedder = SentenceEmbedder::load(&w.dir, w.var_builder()).map_err(ExecError::Model)?;
+                // f32 whatever the weights are held in: candle's CPU BERT
+                // turns its attention mask into NaN in f16 (0 × -inf).
+                let vb = w.var_builder(candle_core::DType::F32);
+                let embedder = SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
                 let build_ms = start.elapsed().as_millis() as u64;
                 let start = Instant::now();
                 let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;

@@ -180,6 +180,14 @@ impl Weights {
                 .map_err(|e| ExecError::Model(format!("cannot load {}: {e}", file.display())))?;
             tensors.extend(loaded);
         }
+        // Hold floats in the requested dtype, as the daemon would, so that a
+        // run computes on the same values with or without the cache.
+        let held = weight_dtype(dtype);
+        for t in tensors.values_mut() {
+            if t.dtype().is_float() && t.dtype() != held {
+                *t = t.to_dtype(held).map_err(|e| ExecError::Model(format!("cannot convert {}: {e}", resolved.name)))?;
+            }
+        }
         Ok(Weights {
             name: resolved.name,
             dir: resolved.dir,
@@ -189,12 +197,12 @@ impl Weights {
         })
     }
 
-    /// A VarBuilder over these weights, on the CPU, in their dtype.
-    pub fn var_builder(&self) -> VarBuilder<'static> {
-        let dtype = weight_dtype(self.dtype);
+    /// A VarBuilder over these weights, on the CPU, handing out tensors in
+    /// `compute` (converted from the dtype the weights are held in).
+    pub fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
         match &self.store {
-            Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), dtype, Device::Cpu),
-            Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), dtype, &Device::Cpu),
+            Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, Device::Cpu),
+            Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), compute, &Device::Cpu),
         }
     }
 }
