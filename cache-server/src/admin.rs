@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mora_common::connection::{ConnectError, Connection};
 use mora_common::manifest::WeightDType;
 use mora_common::protocol::{DaemonStatus, Device, ModelState, ModelStatus, Request, Response, Selector};
-use mora_common::units::{format_duration, KeepAlive};
+use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
 pub use crate::registry::human_bytes;
@@ -188,14 +188,6 @@ fn human_age(ms: u64) -> String {
         60..=3599 => format!("{}m", s / 60),
         3600..=86399 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
-    }
-}
-
-/// A keep-alive for display: `forever`, `30m`, `0s`.
-pub fn describe_keep_alive(k: KeepAlive) -> String {
-    match k {
-        KeepAlive::Forever => "forever".into(),
-        KeepAlive::For(d) => format_duration(d),
     }
 }
 

@@ -116,7 +116,7 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                     m.dtype,
                     human_bytes(m.bytes),
                     if m.pinned { ", pinned" } else { "" },
-                    admin::describe_keep_alive(m.keep_alive)
+                    m.keep_alive
                 ),
                 None => println!("{model} loaded and released at once (keep-alive 0)"),
             }
