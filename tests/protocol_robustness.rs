@@ -136,3 +136,17 @@ fn stop_shuts_the_daemon_down_cleanly() {
     let line = mora::one_line_failure(&ps);
     assert!(line.contains("no cache daemon is listening at"), "{line}");
 }
+
+#[test]
+fn a_silent_connection_does_not_hold_up_other_clients() {
+    let mut env = Env::with_daemon("silent");
+    // Connected, never says hello: the daemon serves everyone else meanwhile.
+    let silent: Vec<UnixStream> = (0..8).map(|_| connect(&env)).collect();
+    assert_still_serving(&mut env);
+    let s = connect(&env);
+    handshake(&s);
+    frame::write_message(&s, &Request::List).unwrap();
+    assert!(matches!(frame::read_message::<Response>(&s, &mut Vec::new()).unwrap(), Response::Status(_)));
+    drop(silent);
+    assert_still_serving(&mut env);
+}
