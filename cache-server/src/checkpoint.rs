@@ -169,15 +169,6 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<Plan, Checkpoin
     Ok(Plan { manifest, stored })
 }
 
-/// Reads every tensor of `model` into a new sealed segment, in `dtype`.
-pub fn load(model: &ResolvedModel, dtype: WeightDType) -> Result<Loaded, CheckpointError> {
-    let start = Instant::now();
-    let plan = plan(model, dtype)?;
-    let mut loaded = load_plan(&model.name, plan, &AtomicU64::new(0))?;
-    loaded.elapsed = start.elapsed();
-    Ok(loaded)
-}
-
 /// Bytes read per `pread`, and how often progress moves.
 const READ_CHUNK: usize = 16 << 20;
 
@@ -294,6 +285,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// Plans and loads in one go, as the registry does in two steps.
+    fn load(model: &ResolvedModel, dtype: WeightDType) -> Result<Loaded, CheckpointError> {
+        load_plan(&model.name, plan(model, dtype)?, &AtomicU64::new(0))
     }
 
     fn resolved(dir: &Path) -> ResolvedModel {
