@@ -10,7 +10,7 @@ use mora_common::protocol::{DaemonStatus, Device, ModelState, ModelStatus, Reque
 use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
-pub use crate::registry::human_bytes;
+use mora_common::units::human_bytes;
 
 const CLIENT: &str = concat!("mora-cache ", env!("CARGO_PKG_VERSION"));
 

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use mora_cache::admin::{self, human_bytes};
+use mora_cache::admin;
 use mora_cache::registry::Limits;
 use mora_cache::{memory, server::Daemon, socket};
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
 use mora_common::protocol::Request;
-use mora_common::units::{parse_size, KeepAlive};
+use mora_common::units::{human_bytes, parse_size, KeepAlive};
 
 /// The Mora cache daemon: keeps model weights resident and lends them to
 /// `mora-exec` runs, so each run starts warm.

@@ -40,7 +40,7 @@ use mora_common::protocol::{
     Device, ErrorKind, ErrorReply, LeaseId, ModelState, ModelStatus, Selector,
 };
 use mora_common::segment::Segment;
-pub use mora_common::units::human_bytes;
+use mora_common::units::human_bytes;
 use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, ResolvedModel};
 

@@ -60,7 +60,7 @@ impl Daemon {
             socket = %socket.path().display(),
             pid = std::process::id(),
             protocol = PROTOCOL_VERSION,
-            budget = %crate::registry::human_bytes(limits.budget),
+            budget = %mora_common::units::human_bytes(limits.budget),
             keep_alive = %limits.default_keep_alive,
             "serving"
         );

@@ -198,13 +198,6 @@ fn write_value(out: &mut Vec<u8>, v: f32, dtype: WeightDType) {
     }
 }
 
-fn elem_bytes(dtype: WeightDType) -> u64 {
-    match dtype {
-        WeightDType::F32 => 4,
-        _ => 2,
-    }
-}
-
 /// Writes the synthetic model into `dir` (created if needed).
 pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     if spec.target_bytes < MIN_BYTES {
@@ -217,7 +210,8 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
         Arch::Llama => llama_tokenizer(),
     };
     let vocab = vocab_tokens;
-    let d = fit(spec.arch, vocab, spec.target_bytes / elem_bytes(spec.dtype));
+    let elem = spec.dtype.tensor_dtype().size_in_bytes() as u64;
+    let d = fit(spec.arch, vocab, spec.target_bytes / elem);
     let tensors = tensors_of(spec.arch, d);
 
     // Header: offsets follow from the shapes alone.
@@ -225,7 +219,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     header.insert("__metadata__".into(), json!({"format": "pt", "generator": "mora synth", "seed": spec.seed.to_string()}));
     let mut offset = 0u64;
     for (name, shape, _) in &tensors {
-        let len = shape.iter().product::<usize>() as u64 * elem_bytes(spec.dtype);
+        let len = shape.iter().product::<usize>() as u64 * elem;
         header.insert(
             name.clone(),
             json!({"dtype": safetensors_dtype(spec.dtype), "shape": shape, "data_offsets": [offset, offset + len]}),
