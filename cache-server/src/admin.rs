@@ -68,12 +68,13 @@ pub fn load(
     socket: &Path,
     source: ModelSource,
     dtype: WeightDType,
+    device: Device,
     pin: bool,
     keep_alive: Option<KeepAlive>,
 ) -> Result<Option<ModelStatus>, AdminError> {
     let conn = Connection::connect(socket, CLIENT)?;
     let mut bar = mora_common::progress::LoadProgress::new("mora-cache");
-    let request = Request::Load { source, dtype, device: Device::Cpu, pin, keep_alive };
+    let request = Request::Load { source, dtype, device, pin, keep_alive };
     let (response, _) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
     bar.finish();
     match response {
@@ -134,7 +135,7 @@ pub fn to_table(status: &DaemonStatus) -> String {
             .map(|m| {
                 [
                     m.names.join(", "),
-                    m.device.to_string(),
+                    device_label(status, m.device),
                     m.dtype.to_string(),
                     human_bytes(m.bytes),
                     m.leases.to_string(),
@@ -178,7 +179,28 @@ pub fn to_table(status: &DaemonStatus) -> String {
         human_bytes(status.budget),
         status.default_keep_alive
     ));
+    for g in &status.gpus {
+        out.push_str(&format!(
+            "cuda:{} ({}, {}): {} of {} budget in use\n",
+            g.ordinal,
+            g.name,
+            g.uuid,
+            human_bytes(g.used),
+            human_bytes(g.budget)
+        ));
+    }
     out
+}
+
+/// `cpu`, or `cuda:N` in the daemon's numbering (the UUID if it has none).
+fn device_label(status: &DaemonStatus, device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(uuid) => match status.gpus.iter().find(|g| g.uuid == uuid) {
+            Some(g) => format!("cuda:{}", g.ordinal),
+            None => uuid.to_string(),
+        },
+    }
 }
 
 fn human_age(ms: u64) -> String {
@@ -241,7 +263,14 @@ mod tests {
     }
 
     fn status(models: Vec<ModelStatus>) -> DaemonStatus {
-        DaemonStatus { pid: 1, budget: 8 << 30, used: 90_868_224, default_keep_alive: KeepAlive::Forever, models }
+        DaemonStatus {
+            pid: 1,
+            budget: 8 << 30,
+            used: 90_868_224,
+            default_keep_alive: KeepAlive::Forever,
+            gpus: Vec::new(),
+            models,
+        }
     }
 
     #[test]
@@ -273,6 +302,20 @@ mod tests {
         assert!(lines[1].contains("in use"), "{t}");
         assert!(lines[2].contains("of 8.0 GiB budget"), "{t}");
         assert!(to_table(&status(vec![])).starts_with("no models resident\n"));
+    }
+
+    #[test]
+    fn table_names_gpus_by_the_daemons_ordinal_and_shows_their_budgets() {
+        use mora_common::protocol::{GpuStatus, GpuUuid};
+        let uuid = GpuUuid([0x11; 16]);
+        let mut m = model();
+        m.device = Device::Cuda(uuid);
+        let mut s = status(vec![m]);
+        s.gpus.push(GpuStatus { uuid, ordinal: 1, name: "NVIDIA H100".into(), budget: 70 << 30, used: 90_868_224 });
+        let t = to_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].contains("  cuda:1  "), "{t}");
+        assert_eq!(lines[3], format!("cuda:1 (NVIDIA H100, {uuid}): 86.7 MiB of 70.0 GiB budget in use"));
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Reading safetensors checkpoints into a sealed segment.
+//! Reading safetensors checkpoints into a sealed segment or GPU memory.
 //!
 //! Headers are parsed and checked in full before a byte of tensor data is
 //! read, so a truncated or corrupt file is refused with a reason instead of
-//! being half-loaded. Data is read with `pread` into the segment (no mmap of
-//! the source file: a file truncated under a mapping would kill the daemon
-//! with SIGBUS), converting floating-point tensors to the requested dtype.
+//! being half-loaded. Data is read with `pread` in chunks (no mmap of the
+//! source file: a file truncated under a mapping would kill the daemon with
+//! SIGBUS), converting floating-point tensors to the requested dtype, into a
+//! [`Sink`]: the segment's own mapping, or pinned staging buffers that are
+//! copied to the GPU while the next chunk is read.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,9 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
-use mora_common::manifest::{tensor_bytes, Manifest, TensorDType, WeightDType};
+use mora_common::manifest::{tensor_bytes, Manifest, TensorDType, WeightDType, DEVICE_TENSOR_ALIGN, TENSOR_ALIGN};
+use mora_common::protocol::{Device, SegmentDescriptor};
 use mora_common::segment::{Segment, SegmentError, SegmentWriter};
 use mora_common::ResolvedModel;
+
+use crate::gpu::{DeviceBuffer, GpuMemory};
 
 /// Safetensors headers above this size are refused (the format's own
 /// reference implementation uses the same limit).
@@ -33,6 +38,8 @@ pub enum CheckpointError {
     DuplicateTensor { name: String, first: PathBuf, second: PathBuf },
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 /// One tensor as a checkpoint file stores it.
@@ -129,10 +136,39 @@ pub fn held_dtype(stored: TensorDType, requested: WeightDType) -> TensorDType {
     }
 }
 
-/// A model read into a sealed segment.
+/// Where a resident model's bytes are.
+pub enum Storage {
+    /// A sealed memfd, lent as a descriptor.
+    Host(Segment),
+    /// One device allocation, lent as a CUDA IPC handle. Freed when dropped.
+    Gpu(Box<dyn DeviceBuffer>),
+}
+
+impl Storage {
+    pub fn len(&self) -> u64 {
+        match self {
+            Storage::Host(s) => s.len(),
+            Storage::Gpu(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What a client is told about this storage.
+    pub fn descriptor(&self) -> SegmentDescriptor {
+        match self {
+            Storage::Host(s) => SegmentDescriptor::Memfd { len: s.len() },
+            Storage::Gpu(b) => SegmentDescriptor::CudaIpc { handle: b.ipc_handle(), gpu: b.gpu(), len: b.len() },
+        }
+    }
+}
+
+/// A model read into its storage.
 pub struct Loaded {
     pub manifest: Manifest,
-    pub segment: Segment,
+    pub storage: Storage,
     /// Bytes read from the checkpoint files.
     pub bytes_read: u64,
     pub elapsed: Duration,
@@ -151,9 +187,17 @@ impl Plan {
     }
 }
 
-/// Plans the segment of `model` held in `dtype` from the headers alone
-/// (no tensor data is read): the fit check before a load uses this.
-pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<Plan, CheckpointError> {
+/// How tensors are aligned in a segment on `device`.
+pub fn alignment(device: Device) -> u64 {
+    match device {
+        Device::Cpu => TENSOR_ALIGN,
+        Device::Cuda(_) => DEVICE_TENSOR_ALIGN,
+    }
+}
+
+/// Plans the segment of `model` held in `dtype` on `device` from the headers
+/// alone (no tensor data is read): the fit check before a load uses this.
+pub fn plan(model: &ResolvedModel, dtype: WeightDType, device: Device) -> Result<Plan, CheckpointError> {
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
     let mut stored = Vec::new();
     for file in &model.weights {
@@ -164,47 +208,109 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType) -> Result<Plan, Checkpoin
             stored.push((file.clone(), t));
         }
     }
-    let manifest =
-        Manifest::layout(stored.iter().map(|(_, t)| (t.name.clone(), held_dtype(t.dtype, dtype), t.shape.clone())));
+    let manifest = Manifest::layout_aligned(
+        stored.iter().map(|(_, t)| (t.name.clone(), held_dtype(t.dtype, dtype), t.shape.clone())),
+        alignment(device),
+    );
     Ok(Plan { manifest, stored })
 }
 
 /// Bytes read per `pread`, and how often progress moves.
-const READ_CHUNK: usize = 16 << 20;
+pub const READ_CHUNK: usize = 16 << 20;
 
-/// Carries out a plan: reads every tensor into a new sealed segment,
-/// adding the bytes of each chunk read to `progress` (for waiting clients).
-pub fn load_plan(name: &str, plan: Plan, progress: &AtomicU64) -> Result<Loaded, CheckpointError> {
+/// Where [`fill`] puts the bytes it reads: a buffer per chunk, filled then
+/// handed back.
+pub trait Sink {
+    /// A buffer for the `len` bytes at `offset` of the segment.
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String>;
+    /// The buffer last returned holds its bytes.
+    fn filled(&mut self) -> Result<(), String>;
+}
+
+/// A host segment being written: chunks are read straight into its mapping.
+struct HostSink<'a>(&'a mut [u8]);
+
+impl Sink for HostSink<'_> {
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
+        Ok(&mut self.0[offset as usize..offset as usize + len])
+    }
+    fn filled(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<S: crate::gpu::Upload + ?Sized> Sink for Box<S> {
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
+        (**self).buffer(offset, len)
+    }
+    fn filled(&mut self) -> Result<(), String> {
+        (**self).filled()
+    }
+}
+
+/// Where a load puts the model.
+pub enum Target<'a> {
+    Host,
+    Gpu(&'a dyn GpuMemory, mora_common::protocol::GpuUuid),
+}
+
+/// Carries out a plan: reads every tensor into new storage on `target`,
+/// adding the bytes of each chunk to `progress` (for waiting clients).
+pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU64) -> Result<Loaded, CheckpointError> {
     let start = Instant::now();
-    let Plan { manifest, stored } = plan;
-    let mut writer = SegmentWriter::create(&format!("mora:{name}"), manifest.segment_len)?;
-    let dst = writer.as_mut_slice();
+    let len = plan.manifest.segment_len;
+    let (storage, bytes_read) = match target {
+        Target::Host => {
+            let mut writer = SegmentWriter::create(&format!("mora:{name}"), len)?;
+            let bytes_read = fill(&plan, &mut HostSink(writer.as_mut_slice()), progress)?;
+            (Storage::Host(writer.seal()?), bytes_read)
+        }
+        Target::Gpu(gpus, uuid) => {
+            let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
+            let mut upload = buffer.upload().map_err(CheckpointError::Gpu)?;
+            let bytes_read = fill(&plan, &mut upload, progress)?;
+            upload.finish().map_err(CheckpointError::Gpu)?;
+            (Storage::Gpu(buffer), bytes_read)
+        }
+    };
+    Ok(Loaded { manifest: plan.manifest, storage, bytes_read, elapsed: start.elapsed() })
+}
+
+/// Reads every tensor of `plan` into `sink` in chunks of at most
+/// [`READ_CHUNK`] bytes, converting floats on the way; returns the bytes read.
+pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     let mut bytes_read = 0u64;
     let mut open: Option<(PathBuf, File)> = None;
     let mut scratch = Vec::new();
-    for ((path, t), entry) in stored.iter().zip(&manifest.tensors) {
+    for ((path, t), entry) in plan.stored.iter().zip(&plan.manifest.tensors) {
         if open.as_ref().map(|(p, _)| p != path).unwrap_or(true) {
             let f = File::open(path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
             open = Some((path.clone(), f));
         }
         let file = &open.as_ref().expect("opened above").1;
         let io_err = |source: io::Error| CheckpointError::Io { path: path.clone(), source };
-        let out = &mut dst[entry.offset as usize..(entry.offset + entry.len) as usize];
-        if t.dtype == entry.dtype {
-            for (i, chunk) in out.chunks_mut(READ_CHUNK).enumerate() {
-                file.read_exact_at(chunk, t.file_offset + (i * READ_CHUNK) as u64).map_err(io_err)?;
-                progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let (src_size, dst_size) = (t.dtype.size_in_bytes() as u64, entry.dtype.size_in_bytes() as u64);
+        let elems = entry.len / dst_size;
+        let per_chunk = READ_CHUNK as u64 / src_size.max(dst_size);
+        let mut done = 0u64;
+        while done < elems {
+            let n = per_chunk.min(elems - done);
+            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize).map_err(CheckpointError::Gpu)?;
+            let at = t.file_offset + done * src_size;
+            if t.dtype == entry.dtype {
+                file.read_exact_at(out, at).map_err(io_err)?;
+            } else {
+                scratch.resize((n * src_size) as usize, 0);
+                file.read_exact_at(&mut scratch, at).map_err(io_err)?;
+                convert(&scratch, t.dtype, out, entry.dtype);
             }
-        } else {
-            scratch.resize(t.len as usize, 0);
-            file.read_exact_at(&mut scratch, t.file_offset).map_err(io_err)?;
-            convert(&scratch, t.dtype, out, entry.dtype);
-            progress.fetch_add(entry.len, Ordering::Relaxed);
+            sink.filled().map_err(CheckpointError::Gpu)?;
+            progress.fetch_add(n * dst_size, Ordering::Relaxed);
+            done += n;
         }
         bytes_read += t.len;
     }
-    let segment = writer.seal()?;
-    Ok(Loaded { manifest, segment, bytes_read, elapsed: start.elapsed() })
+    Ok(bytes_read)
 }
 
 /// Converts little-endian floats between types, rounding as candle's
@@ -252,7 +358,7 @@ fn convert(src: &[u8], from: TensorDType, dst: &mut [u8], to: TensorDType) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
@@ -276,20 +382,76 @@ mod tests {
         }
     }
 
-    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    fn model_dir(tag: &str) -> PathBuf {
+    pub(crate) fn model_dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mora-ckpt-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     }
 
+    fn host(loaded: &Loaded) -> &Segment {
+        match &loaded.storage {
+            Storage::Host(s) => s,
+            Storage::Gpu(_) => panic!("loaded to a GPU, not the host"),
+        }
+    }
+
+    #[test]
+    fn a_gpu_load_uploads_the_same_bytes_at_device_alignment_in_chunks() {
+        use crate::gpu::fake::{Event, FakeGpus};
+        use mora_common::protocol::GpuUuid;
+        // Over one read chunk (16 MiB), so the upload takes several chunks
+        // and a conversion splits at element boundaries.
+        let n = READ_CHUNK / 4 + 1000;
+        let big: Vec<f32> = (0..n).map(|i| (i as f32 * 0.001).sin()).collect();
+        let d = model_dir("gpu");
+        write_safetensors(
+            &d.join("model.safetensors"),
+            &[
+                ("small", "F32", vec![3], f32_bytes(&[1.0, 2.0, 3.0])),
+                ("big", "F32", vec![n], f32_bytes(&big)),
+                ("ids", "I64", vec![2], [5i64, 6].iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ],
+        );
+        let model = resolved(&d);
+        let uuid = GpuUuid([3; 16]);
+        let gpus = FakeGpus::one(uuid, 1 << 30);
+        for dtype in [WeightDType::F32, WeightDType::F16] {
+            let on_host = load(&model, dtype).unwrap();
+            let p = plan(&model, dtype, Device::Cuda(uuid)).unwrap();
+            p.manifest.validate_aligned(DEVICE_TENSOR_ALIGN).unwrap();
+            let device_len = p.bytes();
+            let progress = AtomicU64::new(0);
+            let label = format!("gpu-{dtype}");
+            let loaded = load_plan(&label, p, Target::Gpu(&gpus, uuid), &progress).unwrap();
+            assert_eq!(progress.load(Ordering::Relaxed), loaded.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
+            assert!(matches!(loaded.storage.descriptor(), SegmentDescriptor::CudaIpc { gpu, len, .. } if gpu == uuid && len == loaded.manifest.segment_len));
+            let device_bytes = gpus.log.contents.lock().unwrap()[&label].clone();
+            let host_map = host(&on_host).map().unwrap();
+            for t in &loaded.manifest.tensors {
+                let h = on_host.manifest.get(&t.name).unwrap();
+                assert_eq!((t.dtype, t.len), (h.dtype, h.len));
+                assert_eq!(
+                    &device_bytes[t.offset as usize..(t.offset + t.len) as usize],
+                    &host_map.as_slice()[h.offset as usize..(h.offset + h.len) as usize],
+                    "{} in {dtype}",
+                    t.name
+                );
+            }
+            assert!(!gpus.freed(&label));
+            drop(loaded);
+            assert!(gpus.freed(&label));
+            assert!(gpus.events().contains(&Event::Allocated { label, len: device_len }));
+        }
+    }
+
     /// Plans and loads in one go, as the registry does in two steps.
     fn load(model: &ResolvedModel, dtype: WeightDType) -> Result<Loaded, CheckpointError> {
-        load_plan(&model.name, plan(model, dtype)?, &AtomicU64::new(0))
+        load_plan(&model.name, plan(model, dtype, Device::Cpu)?, Target::Host, &AtomicU64::new(0))
     }
 
     fn resolved(dir: &Path) -> ResolvedModel {
@@ -306,7 +468,7 @@ mod tests {
         );
         let loaded = load(&resolved(&d), WeightDType::F32).unwrap();
         loaded.manifest.validate().unwrap();
-        let map = loaded.segment.map().unwrap();
+        let map = host(&loaded).map().unwrap();
         let w = loaded.manifest.get("w").unwrap();
         assert_eq!(&map.as_slice()[w.offset as usize..][..16], &f32_bytes(&[1.0, 2.0, 3.0, 4.0])[..]);
         let i = loaded.manifest.get("ids").unwrap();
@@ -328,7 +490,7 @@ mod tests {
         assert_eq!(w.dtype, TensorDType::F16);
         assert_eq!(w.len, 6);
         assert_eq!(loaded.manifest.get("ids").unwrap().dtype, TensorDType::I64);
-        let map = loaded.segment.map().unwrap();
+        let map = host(&loaded).map().unwrap();
         let got: Vec<f16> = map.as_slice()[w.offset as usize..][..6]
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
@@ -349,7 +511,7 @@ mod tests {
         let model = mora_common::ModelSource::Dir { path: d.clone() }.resolve().unwrap();
         assert_eq!(model.weights.len(), 2);
         let loaded = load(&model, WeightDType::F32).unwrap();
-        let map = loaded.segment.map().unwrap();
+        let map = host(&loaded).map().unwrap();
         let b = loaded.manifest.get("b").unwrap();
         assert_eq!(&map.as_slice()[b.offset as usize..][..4], &3.0f32.to_le_bytes());
         assert_eq!(loaded.manifest.tensors.len(), 2);
@@ -361,7 +523,7 @@ mod tests {
         write_safetensors(&d.join("s1.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[1.0]))]);
         write_safetensors(&d.join("s2.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[2.0]))]);
         let model = ResolvedModel { name: "t".into(), dir: d.clone(), weights: vec![d.join("s1.safetensors"), d.join("s2.safetensors")] };
-        assert!(matches!(plan(&model, WeightDType::F32), Err(CheckpointError::DuplicateTensor { .. })));
+        assert!(matches!(plan(&model, WeightDType::F32, Device::Cpu), Err(CheckpointError::DuplicateTensor { .. })));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use mora_cache::registry::Limits;
 use mora_cache::{memory, server::Daemon, socket};
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
-use mora_common::protocol::Request;
+use mora_common::protocol::{DeviceSpec, Request};
 use mora_common::units::{human_bytes, parse_size, KeepAlive};
 
 /// The Mora cache daemon: keeps model weights resident and lends them to
@@ -47,6 +47,8 @@ enum Command {
         /// when its last lease ends. A workflow's `keep_alive` overrides it per model.
         #[arg(long, value_name = "DURATION", default_value = "30m", allow_hyphen_values = true, value_parser = KeepAlive::parse)]
         keep_alive: KeepAlive,
+        #[command(flatten)]
+        gpu: GpuArgs,
     },
     /// List resident models: names, size, leases, pin, loads, hits, last use, expiry.
     Ps {
@@ -61,6 +63,10 @@ enum Command {
         /// Hold the weights in this dtype.
         #[arg(long, default_value = "f32", value_parser = parse_dtype)]
         dtype: WeightDType,
+        /// Where: cpu, cuda:N (this process's numbering) or auto (the first GPU if
+        /// this build has CUDA and the machine a GPU, else cpu), as in a workflow.
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceSpec,
         /// Protect it from eviction until `unpin`.
         #[arg(long)]
         pin: bool,
@@ -80,7 +86,26 @@ enum Command {
     Stop,
 }
 
+/// GPU options of `serve`, in builds with CUDA.
+#[derive(Args)]
+struct GpuArgs {
+    /// GPU memory left out of each GPU's budget for the clients' CUDA contexts and
+    /// activations [default: 10% of the GPU, at least 2GiB].
+    #[cfg(feature = "cuda")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    gpu_reserve: Option<u64>,
+    /// Most GPU memory resident models may use on each GPU [default: the memory free
+    /// when the daemon starts, minus --gpu-reserve].
+    #[cfg(feature = "cuda")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_gpu_memory: Option<u64>,
+}
+
 fn parse_dtype(s: &str) -> Result<WeightDType, String> {
+    s.parse()
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse()
 }
 
@@ -98,7 +123,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
     match command {
-        Command::Serve { max_memory, keep_alive } => serve(socket, max_memory, keep_alive)?,
+        Command::Serve { max_memory, keep_alive, gpu } => serve(socket, max_memory, keep_alive, gpu)?,
         Command::Ps { json } => {
             let status = admin::status(&socket)?;
             if json {
@@ -107,8 +132,9 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                 print!("{}", admin::to_table(&status));
             }
         }
-        Command::Load { model, dtype, pin, keep_alive } => {
-            match admin::load(&socket, admin::model_source(&model), dtype, pin, keep_alive)? {
+        Command::Load { model, dtype, device, pin, keep_alive } => {
+            let device = mora_common::gpu::resolve(device).map_err(anyhow::Error::msg)?;
+            match admin::load(&socket, admin::model_source(&model), dtype, device, pin, keep_alive)? {
                 Some(m) => println!(
                     "{} ({}, {}) resident: {}{}; keep-alive {}",
                     m.name,
@@ -152,7 +178,7 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive) -> anyhow::Result<()> {
+fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, gpu: GpuArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")
@@ -166,7 +192,28 @@ fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive) -
     };
     let bound = socket::bind(&socket_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let daemon = Arc::new(Daemon::new(Limits { budget, default_keep_alive: keep_alive }));
+    let limits = Limits { budget, default_keep_alive: keep_alive };
+    let daemon = Arc::new(Daemon::with_gpus(limits, open_gpus(gpu)));
     runtime.block_on(daemon.serve(bound))?;
     Ok(())
+}
+
+/// The GPUs to hold weights on: every one this process sees, in a CUDA build
+/// on a machine with a usable driver; none otherwise (CPU requests only).
+fn open_gpus(args: GpuArgs) -> Option<Arc<dyn mora_cache::gpu::GpuMemory>> {
+    #[cfg(feature = "cuda")]
+    {
+        match mora_cache::cuda::CudaGpus::open(args.gpu_reserve, args.max_gpu_memory) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable GPU; serving CPU requests only");
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let GpuArgs {} = args;
+        None
+    }
 }

@@ -19,8 +19,11 @@
 //! evictions), the keep-alive reaper, the last lease ending under keep-alive 0,
 //! or an admin `evict`/`clear`.
 //!
-//! Invariants: bytes resident plus bytes reserved by loads in progress never
-//! exceed the budget; an entry with an open lease is never evicted. Leases
+//! Invariants: on each device (the host, each GPU), bytes resident plus bytes
+//! reserved by loads in progress never exceed that device's budget; an entry
+//! with an open lease is never evicted; a resident model's memory is freed
+//! only when it is evicted *and* its last lease has ended (each lease holds
+//! the model, so GPU memory a client maps is never freed under it). Leases
 //! are guards owned by the connection that took them, so a client that exits
 //! or crashes without releasing them releases them all when its connection
 //! closes. Every decision is taken under one mutex over all entries, because
@@ -37,14 +40,14 @@ use tokio::sync::watch;
 use mora_common::manifest::WeightDType;
 use mora_common::model::ResolveError;
 use mora_common::protocol::{
-    Device, ErrorKind, ErrorReply, LeaseId, ModelState, ModelStatus, Selector,
+    Device, ErrorKind, ErrorReply, GpuStatus, LeaseId, ModelState, ModelStatus, Selector,
 };
-use mora_common::segment::Segment;
 use mora_common::units::human_bytes;
 use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, ResolvedModel};
 
-use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::{self, CheckpointError, Storage, Target};
+use crate::gpu::GpuMemory;
 use crate::identity::{ContentId, IdentityMemo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,17 +57,19 @@ pub struct Key {
     pub device: Device,
 }
 
-/// A model whose weights are in a sealed segment.
+/// A model whose weights are in a sealed segment or on a GPU. Its storage
+/// is freed when the last `Arc` goes: the entry's and each lease's.
 pub struct Resident {
     pub manifest: Manifest,
-    pub segment: Segment,
+    pub storage: Storage,
     pub load_ms: u64,
 }
 
 /// How the cache is bounded.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Most bytes resident plus reserved, per device.
+    /// Most bytes resident plus reserved in host memory. Each GPU has its
+    /// own budget ([`crate::gpu::GpuDevice::budget`]).
     pub budget: u64,
     /// Keep-alive of an entry whose requests name none.
     pub default_keep_alive: KeepAlive,
@@ -197,6 +202,9 @@ pub struct Lease {
     id: LeaseId,
     key: Key,
     inner: Arc<Mutex<Inner>>,
+    /// The memory the client maps: freed only once no lease holds it, even
+    /// if the entry were gone (dropped after the lease is deregistered).
+    _resident: Arc<Resident>,
 }
 
 impl Lease {
@@ -238,7 +246,7 @@ fn resolve_error(e: ResolveError) -> ErrorReply {
 
 fn checkpoint_error(name: &str, e: CheckpointError) -> ErrorReply {
     let kind = match e {
-        CheckpointError::Segment(_) | CheckpointError::Io { .. } => ErrorKind::Internal,
+        CheckpointError::Segment(_) | CheckpointError::Io { .. } | CheckpointError::Gpu(_) => ErrorKind::Internal,
         _ => ErrorKind::InvalidModel,
     };
     ErrorReply { kind, message: format!("cannot load {name}: {e}") }
@@ -284,6 +292,7 @@ pub fn choose_victims<T: Clone>(candidates: &[(T, u64)], need: u64) -> Option<Ve
 pub struct Registry {
     inner: Arc<Mutex<Inner>>,
     limits: Limits,
+    gpus: Option<Arc<dyn GpuMemory>>,
     identity: IdentityMemo,
     next_lease: AtomicU64,
 }
@@ -296,13 +305,80 @@ pub struct Wants {
 }
 
 impl Registry {
+    /// A registry that holds weights in host memory only.
     pub fn new(limits: Limits) -> Self {
+        Self::with_gpus(limits, None)
+    }
+
+    /// A registry that also holds weights on the GPUs `gpus` offers.
+    pub fn with_gpus(limits: Limits, gpus: Option<Arc<dyn GpuMemory>>) -> Self {
         Registry {
             inner: Arc::new(Mutex::new(Inner { entries: HashMap::new() })),
             limits,
+            gpus,
             identity: IdentityMemo::new(),
             next_lease: AtomicU64::new(0),
         }
+    }
+
+    /// Most bytes held on `device` (zero for a GPU the daemon does not have).
+    pub fn budget(&self, device: Device) -> u64 {
+        match device {
+            Device::Cpu => self.limits.budget,
+            Device::Cuda(uuid) => self
+                .gpus
+                .as_ref()
+                .and_then(|g| g.devices().iter().find(|d| d.info.uuid == uuid))
+                .map_or(0, |d| d.budget),
+        }
+    }
+
+    /// Refuses a device this daemon cannot hold weights on, naming the ones it can.
+    fn check_device(&self, device: Device) -> Result<(), ErrorReply> {
+        let Device::Cuda(uuid) = device else { return Ok(()) };
+        let bad = |message: String| Err(ErrorReply { kind: ErrorKind::BadRequest, message });
+        let Some(gpus) = &self.gpus else {
+            return bad(if mora_common::gpu::CUDA_BUILD {
+                format!("cannot hold weights on GPU {uuid}: the daemon found no usable GPU when it started (see its log)")
+            } else {
+                format!(
+                    "cannot hold weights on GPU {uuid}: this mora-cache was built without CUDA \
+                     (stop it with `mora-cache stop` and start a CUDA build, or use device \"cpu\")"
+                )
+            });
+        };
+        if gpus.devices().iter().any(|d| d.info.uuid == uuid) {
+            return Ok(());
+        }
+        let seen: Vec<String> = gpus.devices().iter().map(|d| format!("{} (its cuda:{})", d.info.uuid, d.info.ordinal)).collect();
+        bad(format!(
+            "cannot hold weights on GPU {uuid}: the daemon does not see it (it sees {}); \
+             start the daemon with the same CUDA_VISIBLE_DEVICES as its clients",
+            if seen.is_empty() { "none".into() } else { seen.join(", ") }
+        ))
+    }
+
+    /// The GPUs on offer, with their budgets and use.
+    pub fn gpu_status(&self) -> Vec<GpuStatus> {
+        let Some(gpus) = &self.gpus else { return Vec::new() };
+        let inner = lock(&self.inner);
+        gpus.devices()
+            .iter()
+            .map(|d| GpuStatus {
+                uuid: d.info.uuid,
+                ordinal: d.info.ordinal,
+                name: d.info.name.clone(),
+                budget: d.budget,
+                used: inner.used(Device::Cuda(d.info.uuid)),
+            })
+            .collect()
+    }
+
+    /// Leases open now on models held on a GPU: memory that clients map and
+    /// that would vanish under them if the daemon exited.
+    pub fn gpu_leases(&self) -> usize {
+        let inner = lock(&self.inner);
+        inner.entries.iter().filter(|(k, _)| matches!(k.device, Device::Cuda(_))).map(|(_, e)| e.leases.len()).sum()
     }
 
     pub fn limits(&self) -> Limits {
@@ -321,6 +397,7 @@ impl Registry {
         pid: i32,
         progress: &ProgressSlot,
     ) -> Result<Grant, ErrorReply> {
+        self.check_device(device)?;
         let this = self.clone();
         let (resolved, key) = tokio::task::spawn_blocking(move || this.identify(source, dtype, device))
             .await
@@ -333,7 +410,7 @@ impl Registry {
                 let r = resolved.clone();
                 plan = Some(
                     tokio::task::spawn_blocking(move || {
-                        checkpoint::plan(&r, dtype).map_err(|e| checkpoint_error(&r.name, e))
+                        checkpoint::plan(&r, dtype, device).map_err(|e| checkpoint_error(&r.name, e))
                     })
                     .await
                     .map_err(|e| internal(format!("reading headers failed: {e}")))??,
@@ -385,6 +462,7 @@ impl Registry {
                             // `loading` whatever happens to this request.
                             tokio::spawn(Self::load(
                                 self.inner.clone(),
+                                self.gpus.clone(),
                                 key.clone(),
                                 resolved.name.clone(),
                                 p,
@@ -443,9 +521,10 @@ impl Registry {
         if wants.pin {
             e.pinned = true;
         }
+        let held = Arc::clone(&resident);
         Grant {
             resident,
-            lease: Lease { id, key: key.clone(), inner: self.inner.clone() },
+            lease: Lease { id, key: key.clone(), inner: self.inner.clone(), _resident: held },
             name: resolved.name.clone(),
             dir: resolved.dir.clone(),
             loaded_now,
@@ -467,7 +546,7 @@ impl Registry {
     /// Makes room for `need` bytes on `device`, evicting idle unpinned
     /// models if that is enough, or refuses with the figures.
     fn admit(&self, inner: &mut Inner, name: &str, device: Device, need: u64) -> Result<(), ErrorReply> {
-        let budget = self.limits.budget;
+        let budget = self.budget(device);
         let used = inner.used(device);
         if used + need <= budget {
             return Ok(());
@@ -501,9 +580,17 @@ impl Registry {
             return Err(ErrorReply {
                 kind: ErrorKind::NoRoom,
                 message: format!(
-                    "cannot load {name}: needs {}; budget {}{held_part} (raise --max-memory, or unpin or release models)",
+                    "cannot load {name}: needs {}; budget {}{}{held_part} ({}, or unpin or release models)",
                     human_bytes(need),
                     human_bytes(budget),
+                    match device {
+                        Device::Cpu => String::new(),
+                        Device::Cuda(uuid) => format!(" on GPU {uuid}"),
+                    },
+                    match device {
+                        Device::Cpu => "raise --max-memory",
+                        Device::Cuda(_) => "lower --gpu-reserve or raise --max-gpu-memory",
+                    },
                 ),
             });
         };
@@ -515,17 +602,23 @@ impl Registry {
 
     async fn load(
         inner: Arc<Mutex<Inner>>,
+        gpus: Option<Arc<dyn GpuMemory>>,
         key: Key,
         name: String,
         plan: checkpoint::Plan,
         progress: Arc<Progress>,
         tx: watch::Sender<LoadResult>,
     ) {
-        let dtype = key.dtype;
-        tracing::info!(model = %name, %dtype, bytes = plan.bytes(), "loading");
+        let (dtype, device) = (key.dtype, key.device);
+        tracing::info!(model = %name, %dtype, %device, bytes = plan.bytes(), "loading");
         let n = name.clone();
         let result = tokio::task::spawn_blocking(move || {
-            checkpoint::load_plan(&n, plan, &progress.done).map_err(|e| checkpoint_error(&n, e))
+            let target = match (device, &gpus) {
+                (Device::Cpu, _) => Target::Host,
+                (Device::Cuda(uuid), Some(g)) => Target::Gpu(g.as_ref(), uuid),
+                (Device::Cuda(uuid), None) => return Err(internal(format!("no GPU {uuid} to load {n} on"))),
+            };
+            checkpoint::load_plan(&n, plan, target, &progress.done).map_err(|e| checkpoint_error(&n, e))
         })
             .await
             .unwrap_or_else(|e| Err(internal(format!("loading {name} failed: {e}"))));
@@ -536,7 +629,8 @@ impl Registry {
                 tracing::info!(
                     model = %name,
                     tensors = loaded.manifest.tensors.len(),
-                    mib = format_args!("{:.1}", loaded.segment.len() as f64 / (1024.0 * 1024.0)),
+                    %device,
+                    mib = format_args!("{:.1}", loaded.storage.len() as f64 / (1024.0 * 1024.0)),
                     ms = loaded.elapsed.as_millis() as u64,
                     gb_per_s = format_args!("{:.2}", loaded.bytes_read as f64 / secs / 1e9),
                     "resident"
@@ -544,11 +638,11 @@ impl Registry {
                 let resident = Arc::new(Resident {
                     load_ms: loaded.elapsed.as_millis() as u64,
                     manifest: loaded.manifest,
-                    segment: loaded.segment,
+                    storage: loaded.storage,
                 });
                 match guard.entries.get_mut(&key) {
                     Some(e) => {
-                        e.bytes = resident.segment.len();
+                        e.bytes = resident.storage.len();
                         e.state = State::Resident(resident.clone());
                         e.loads += 1;
                         e.touch();
@@ -731,5 +825,116 @@ mod tests {
         assert_eq!(choose_victims(&[("a", 10)], 11), None);
         assert_eq!(choose_victims::<&str>(&[], 1), None);
         assert_eq!(choose_victims::<&str>(&[], 0), Some(vec![]));
+    }
+
+    mod on_a_gpu {
+        use super::super::*;
+        use crate::checkpoint::tests::{f32_bytes, model_dir, write_safetensors};
+        use crate::gpu::fake::FakeGpus;
+        use mora_common::protocol::{GpuUuid, SegmentDescriptor};
+
+        const GPU: GpuUuid = GpuUuid([0x42; 16]);
+
+        /// A model directory with one f32 tensor of `n` values, its content
+        /// unique to `tag` (equal contents would be one model to the cache).
+        fn model(tag: &str, n: usize) -> ModelSource {
+            let d = model_dir(&format!("reg-{tag}"));
+            let seed = (tag.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 1000) as f32;
+            let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
+            write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
+            ModelSource::Dir { path: d }
+        }
+
+        fn registry(gpu_budget: u64, keep_alive: KeepAlive) -> (Arc<Registry>, Arc<FakeGpus>) {
+            let gpus = Arc::new(FakeGpus::one(GPU, gpu_budget));
+            let limits = Limits { budget: 1 << 30, default_keep_alive: keep_alive };
+            (Arc::new(Registry::with_gpus(limits, Some(gpus.clone()))), gpus)
+        }
+
+        async fn acquire(r: &Arc<Registry>, m: &ModelSource, device: Device) -> Result<Grant, ErrorReply> {
+            r.acquire(m.clone(), WeightDType::F32, device, Wants::default(), 1, &ProgressSlot::default()).await
+        }
+
+        fn name(m: &ModelSource) -> Selector {
+            Selector { name: m.display_name(), dtype: None }
+        }
+
+        #[tokio::test]
+        async fn an_exported_allocation_is_not_freed_while_a_lease_is_open() {
+            let (r, gpus) = registry(1 << 20, KeepAlive::Forever);
+            let m = model("lease", 1000);
+            let label = m.clone().resolve().unwrap().name;
+            let grant = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
+            assert!(matches!(grant.resident.storage.descriptor(), SegmentDescriptor::CudaIpc { gpu: GPU, .. }));
+            assert_eq!(r.gpu_leases(), 1);
+            // Neither an admin evict, nor clear, nor a load that needs the
+            // room frees it.
+            assert_eq!(r.evict(&name(&m)).unwrap_err().kind, ErrorKind::Refused);
+            assert!(r.clear().0.is_empty());
+            let big = model("lease-big", 300_000);
+            assert_eq!(acquire(&r, &big, Device::Cuda(GPU)).await.err().unwrap().kind, ErrorKind::NoRoom);
+            assert!(!gpus.freed(&label));
+            drop(grant);
+            assert_eq!(r.gpu_leases(), 0);
+            assert!(!gpus.freed(&label), "an idle model stays resident under its keep-alive");
+            r.evict(&name(&m)).unwrap();
+            assert!(gpus.freed(&label));
+        }
+
+        #[tokio::test]
+        async fn the_memory_goes_only_with_the_last_lease() {
+            // Keep-alive 0: the entry is evicted when its last lease ends;
+            // the allocation must survive every earlier release.
+            let (r, gpus) = registry(1 << 20, KeepAlive::For(Duration::ZERO));
+            let m = model("two-leases", 1000);
+            let label = m.clone().resolve().unwrap().name;
+            let a = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
+            let b = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
+            assert!(!a.loaded_now || !b.loaded_now);
+            drop(a);
+            assert!(!gpus.freed(&label));
+            assert_eq!(r.gpu_leases(), 1);
+            drop(b);
+            assert!(gpus.freed(&label));
+            assert!(r.list().is_empty());
+        }
+
+        #[tokio::test]
+        async fn each_device_has_its_own_budget_and_evictions() {
+            // Room on the GPU for one 4000-byte model (plus alignment), not two.
+            let (r, _gpus) = registry(6000, KeepAlive::Forever);
+            let a = model("budget-a", 1000);
+            let b = model("budget-b", 1000);
+            drop(acquire(&r, &a, Device::Cpu).await.unwrap());
+            drop(acquire(&r, &a, Device::Cuda(GPU)).await.unwrap());
+            drop(acquire(&r, &b, Device::Cuda(GPU)).await.unwrap());
+            let held: Vec<(String, Device)> = r.list().into_iter().map(|m| (m.name, m.device)).collect();
+            assert_eq!(held.len(), 2, "{held:?}");
+            assert!(held.contains(&(a.display_name(), Device::Cpu)), "the host copy is not the GPU's to evict: {held:?}");
+            assert!(held.contains(&(b.display_name(), Device::Cuda(GPU))), "{held:?}");
+            assert_eq!(r.used(Device::Cuda(GPU)), 4096);
+            let status = r.gpu_status();
+            assert_eq!((status[0].uuid, status[0].used, status[0].budget), (GPU, 4096, 6000));
+            let too_big = model("budget-big", 2000);
+            let e = acquire(&r, &too_big, Device::Cuda(GPU)).await.err().unwrap();
+            assert_eq!(e.kind, ErrorKind::NoRoom);
+            assert!(e.message.contains(&format!("on GPU {GPU}")) && e.message.contains("--gpu-reserve"), "{}", e.message);
+        }
+
+        #[tokio::test]
+        async fn a_gpu_the_daemon_does_not_see_is_a_bad_request_naming_the_ones_it_does() {
+            let (r, gpus) = registry(1 << 20, KeepAlive::Forever);
+            let m = model("other-gpu", 10);
+            let other = GpuUuid([7; 16]);
+            let e = acquire(&r, &m, Device::Cuda(other)).await.err().unwrap();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(&other.to_string()) && e.message.contains(&format!("{GPU} (its cuda:0)")), "{}", e.message);
+            assert!(gpus.events().is_empty());
+            // A daemon without GPUs says why it has none.
+            let plain = Arc::new(Registry::new(Limits { budget: 1 << 30, default_keep_alive: KeepAlive::Forever }));
+            let e = acquire(&plain, &m, Device::Cuda(GPU)).await.err().unwrap();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.starts_with(&format!("cannot hold weights on GPU {GPU}")), "{}", e.message);
+        }
     }
 }

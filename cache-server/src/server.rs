@@ -17,9 +17,12 @@ use tokio::sync::watch;
 
 use mora_common::frame::{self, FrameError};
 use mora_common::protocol::{
-    Acquired, DaemonStatus, Device, ErrorKind, ErrorReply, Hello, HelloReply, Request, Response, SegmentDescriptor,
-    HELLO_MAGIC, PROTOCOL_VERSION,
+    Acquired, DaemonStatus, Device, ErrorKind, ErrorReply, Hello, HelloReply, Request, Response, HELLO_MAGIC,
+    PROTOCOL_VERSION,
 };
+
+use crate::checkpoint::Storage;
+use crate::gpu::GpuMemory;
 
 use crate::registry::{Grant, Lease, Limits, ProgressSlot, Registry, Wants};
 use crate::socket::BoundSocket;
@@ -34,7 +37,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(limits: Limits) -> Self {
-        Daemon { registry: Arc::new(Registry::new(limits)), shutdown: watch::channel(false).0 }
+        Self::with_gpus(limits, None)
+    }
+
+    /// A daemon that also holds weights on the GPUs `gpus` offers.
+    pub fn with_gpus(limits: Limits, gpus: Option<Arc<dyn GpuMemory>>) -> Self {
+        Daemon { registry: Arc::new(Registry::with_gpus(limits, gpus)), shutdown: watch::channel(false).0 }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -64,6 +72,9 @@ impl Daemon {
             keep_alive = %limits.default_keep_alive,
             "serving"
         );
+        for g in self.registry.gpu_status() {
+            tracing::info!(gpu = %g.uuid, ordinal = g.ordinal, name = %g.name, budget = %mora_common::units::human_bytes(g.budget), "serving GPU");
+        }
         let reaper = tokio::spawn(reap(self.registry.clone()));
         loop {
             tokio::select! {
@@ -86,6 +97,20 @@ impl Daemon {
         tracing::info!(socket = %socket.path().display(), "shutting down");
         reaper.abort();
         drop(socket);
+        // GPU memory vanishes with the process that allocated it: wait for
+        // the clients that map some to finish (a second signal stops at once).
+        let mut waited = false;
+        while self.registry.gpu_leases() > 0 {
+            if !waited {
+                tracing::info!(leases = self.registry.gpu_leases(), "waiting for clients that map GPU memory to finish");
+                waited = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = sigterm.recv() => { tracing::warn!("stopping with GPU memory still mapped by clients"); break }
+                _ = sigint.recv() => { tracing::warn!("stopping with GPU memory still mapped by clients"); break }
+            }
+        }
         Ok(())
     }
 
@@ -187,16 +212,19 @@ impl Daemon {
                             name: grant.name.clone(),
                             dir: grant.dir.clone(),
                             manifest: r.manifest.clone(),
-                            segment: SegmentDescriptor::Memfd { len: r.segment.len() },
+                            segment: r.storage.descriptor(),
                             loaded_now: grant.loaded_now,
                             load_ms: if grant.loaded_now { r.load_ms } else { 0 },
                         });
                         tracing::info!(pid, model = %name, lease = grant.lease.id(), warm = !grant.loaded_now, "lease granted");
-                        let segment_fd = r.segment.fd().try_clone_to_owned().map_err(FrameError::Io)?;
+                        let segment_fd = match &r.storage {
+                            Storage::Host(segment) => Some(segment.fd().try_clone_to_owned().map_err(FrameError::Io)?),
+                            Storage::Gpu(_) => None,
+                        };
                         // The lease is recorded before the reply goes out, so
                         // a client that dies while reading it still releases it.
                         leases.insert(grant.lease.id(), grant.lease);
-                        write_response(stream, &reply, Some(segment_fd.as_fd())).await
+                        write_response(stream, &reply, segment_fd.as_ref().map(|fd| fd.as_fd())).await
                     }
                     Err(e) => {
                         tracing::info!(pid, model = %name, error = %e.message, "acquire refused");
@@ -268,6 +296,7 @@ impl Daemon {
                     budget: limits.budget,
                     used: self.registry.used(Device::Cpu),
                     default_keep_alive: limits.default_keep_alive,
+                    gpus: self.registry.gpu_status(),
                     models: self.registry.list(),
                 };
                 write_response(stream, &Response::Status(status), None).await

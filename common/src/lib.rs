@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod frame;
+pub mod gpu;
 pub mod manifest;
 pub mod model;
 pub mod paths;

@@ -8,6 +8,12 @@ use std::fmt;
 /// loads never straddle a cache line at the start of a tensor.
 pub const TENSOR_ALIGN: u64 = 64;
 
+/// Every tensor in a GPU segment starts at a multiple of this many bytes:
+/// the alignment `cudaMalloc` gives each allocation, which candle's kernels
+/// and cuBLAS assume of a tensor they did not allocate (vector loads of up
+/// to 16 bytes, 128-byte transactions).
+pub const DEVICE_TENSOR_ALIGN: u64 = 256;
+
 /// Element type of one stored tensor (the safetensors dtypes Mora carries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TensorDType {
@@ -127,8 +133,8 @@ pub struct Manifest {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error("tensor `{name}` lies at offset {offset}, not a multiple of {TENSOR_ALIGN}")]
-    Misaligned { name: String, offset: u64 },
+    #[error("tensor `{name}` lies at offset {offset}, not a multiple of {align}")]
+    Misaligned { name: String, offset: u64, align: u64 },
     #[error("tensor `{name}` ends at byte {end}, past the segment's {segment_len} bytes")]
     OutOfBounds { name: String, end: u64, segment_len: u64 },
     #[error("tensor `{name}` claims {len} bytes but its shape {shape:?} of {dtype:?} needs {expected}")]
@@ -137,8 +143,8 @@ pub enum ManifestError {
     Duplicate { name: String },
 }
 
-fn align_up(x: u64) -> u64 {
-    x.div_ceil(TENSOR_ALIGN) * TENSOR_ALIGN
+fn align_up(x: u64, align: u64) -> u64 {
+    x.div_ceil(align) * align
 }
 
 /// Byte length of a tensor of `shape` and `dtype`, or `None` on overflow.
@@ -149,32 +155,44 @@ pub fn tensor_bytes(dtype: TensorDType, shape: &[usize]) -> Option<u64> {
 }
 
 impl Manifest {
-    /// Lays tensors out back to back, each at the next aligned offset, in the
-    /// order given. Panics only if a length overflows u64 (a header that large
-    /// is rejected long before reaching here).
+    /// Lays tensors out back to back, each at the next offset aligned to
+    /// [`TENSOR_ALIGN`], in the order given, for a host segment.
     pub fn layout(tensors: impl IntoIterator<Item = (String, TensorDType, Vec<usize>)>) -> Manifest {
+        Self::layout_aligned(tensors, TENSOR_ALIGN)
+    }
+
+    /// Lays tensors out back to back, each at the next multiple of `align`
+    /// (a power of two), in the order given. Panics only if a length
+    /// overflows u64 (a header that large is rejected long before here).
+    pub fn layout_aligned(tensors: impl IntoIterator<Item = (String, TensorDType, Vec<usize>)>, align: u64) -> Manifest {
+        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
         let mut offset = 0u64;
         let mut entries = Vec::new();
         for (name, dtype, shape) in tensors {
             let len = tensor_bytes(dtype, &shape).expect("tensor size overflows u64");
-            offset = align_up(offset);
+            offset = align_up(offset, align);
             entries.push(TensorEntry { name, dtype, shape, offset, len });
             offset += len;
         }
-        Manifest { tensors: entries, segment_len: align_up(offset).max(TENSOR_ALIGN) }
+        Manifest { tensors: entries, segment_len: align_up(offset, align).max(align) }
     }
 
-    /// Checks what a client must trust before viewing a mapping through this
-    /// manifest: every tensor aligned, inside the segment, of the length its
-    /// shape says, and named once.
+    /// [`Manifest::validate_aligned`] for a host segment.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        self.validate_aligned(TENSOR_ALIGN)
+    }
+
+    /// Checks what a client must trust before viewing a segment through this
+    /// manifest: every tensor at a multiple of `align`, inside the segment, of
+    /// the length its shape says, and named once.
+    pub fn validate_aligned(&self, align: u64) -> Result<(), ManifestError> {
         let mut seen = std::collections::HashSet::new();
         for t in &self.tensors {
             if !seen.insert(t.name.as_str()) {
                 return Err(ManifestError::Duplicate { name: t.name.clone() });
             }
-            if t.offset % TENSOR_ALIGN != 0 {
-                return Err(ManifestError::Misaligned { name: t.name.clone(), offset: t.offset });
+            if t.offset % align != 0 {
+                return Err(ManifestError::Misaligned { name: t.name.clone(), offset: t.offset, align });
             }
             let expected = tensor_bytes(t.dtype, &t.shape);
             if expected != Some(t.len) {
@@ -239,6 +257,32 @@ mod tests {
         let mut m = Manifest::layout(vec![("a".into(), TensorDType::F32, vec![4])]);
         m.tensors[0].len = 8;
         assert!(matches!(m.validate(), Err(ManifestError::LengthMismatch { .. })));
+    }
+
+    #[test]
+    fn device_layout_puts_every_tensor_on_a_256_byte_boundary() {
+        let m = Manifest::layout_aligned(
+            vec![
+                ("a".into(), TensorDType::F32, vec![3]),
+                ("b".into(), TensorDType::BF16, vec![300]),
+                ("c".into(), TensorDType::I64, vec![0]),
+                ("d".into(), TensorDType::F16, vec![1]),
+            ],
+            DEVICE_TENSOR_ALIGN,
+        );
+        let offsets: Vec<u64> = m.tensors.iter().map(|t| t.offset).collect();
+        // a: 12 bytes at 0; b: 600 bytes at 256, ends at 856; c: empty at 1024;
+        // d at 1024 too (c takes no room).
+        assert_eq!(offsets, vec![0, 256, 1024, 1024]);
+        assert_eq!(m.segment_len, 1280);
+        m.validate_aligned(DEVICE_TENSOR_ALIGN).unwrap();
+        // A host layout is not good enough for a device segment.
+        let host = Manifest::layout(vec![("a".into(), TensorDType::F32, vec![3]), ("b".into(), TensorDType::F32, vec![1])]);
+        assert_eq!(host.tensors[1].offset, 64);
+        assert_eq!(
+            host.validate_aligned(DEVICE_TENSOR_ALIGN),
+            Err(ManifestError::Misaligned { name: "b".into(), offset: 64, align: DEVICE_TENSOR_ALIGN })
+        );
     }
 
     #[test]

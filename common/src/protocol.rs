@@ -15,7 +15,7 @@ use crate::model::ModelSource;
 use crate::units::KeepAlive;
 
 /// Bumped whenever [`Request`] or [`Response`] change shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts (16 MiB). A manifest of a model with
 /// 100 000 tensors fits comfortably; a length above this is a corrupt or
@@ -60,27 +60,102 @@ impl HelloReply {
     }
 }
 
-/// Where a model's weights should live.
+/// A GPU's UUID as the CUDA driver reports it (`cuDeviceGetUuid`). GPUs are
+/// named by UUID on the wire, never by ordinal: an ordinal depends on each
+/// process's `CUDA_VISIBLE_DEVICES`, so daemon and client may number the
+/// same GPU differently.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GpuUuid(pub [u8; 16]);
+
+impl fmt::Display for GpuUuid {
+    /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as `nvidia-smi -L` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GPU-")?;
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for GpuUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for GpuUuid {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)");
+        let hex: String = s.strip_prefix("GPU-").unwrap_or(s).chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(GpuUuid(out))
+    }
+}
+
+/// Where a model's weights live, as the wire carries it: resolved by the
+/// requesting process (see [`DeviceSpec`]) before it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Device {
     /// Sealed shared memory, mapped read-only by clients.
     Cpu,
+    /// Memory of the GPU with this UUID, lent as a CUDA IPC handle.
+    Cuda(GpuUuid),
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(uuid) => write!(f, "cuda {uuid}"),
         }
     }
 }
 
-impl std::str::FromStr for Device {
+/// A device as a user names it: in a workflow's model table or on the
+/// command line. Resolved to a [`Device`] in the process that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    Cpu,
+    /// `cuda:N`: the Nth GPU this process sees (`cuda` alone is `cuda:0`).
+    Cuda(u32),
+    /// The first GPU when this build has CUDA and the machine a GPU, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "cpu" => Ok(Device::Cpu),
-            other => Err(format!("unknown device `{other}`: this build supports `cpu`")),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "auto" => Ok(DeviceSpec::Auto),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("unknown device `{other}`: expected cpu, cuda:N or auto")),
         }
     }
 }
@@ -167,11 +242,92 @@ pub struct Acquired {
     pub load_ms: u64,
 }
 
+/// The handle `cuIpcGetMemHandle` fills in: opaque bytes that let another
+/// process on the same machine map the allocation (`cuIpcOpenMemHandle`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IpcHandle(pub [u8; 64]);
+
+impl fmt::Debug for IpcHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IpcHandle(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+impl Serialize for IpcHandle {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpcHandle {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IpcHandle;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 bytes of CUDA IPC handle")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<IpcHandle, E> {
+                let bytes: [u8; 64] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(IpcHandle(bytes))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
 /// How the bytes described by a manifest reach the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SegmentDescriptor {
     /// A sealed memfd of `len` bytes travels with the response frame.
     Memfd { len: u64 },
+    /// One `cuMemAlloc` allocation of `len` bytes on the GPU `gpu`, exported
+    /// with `cuIpcGetMemHandle`. No descriptor travels with the frame.
+    CudaIpc { handle: IpcHandle, gpu: GpuUuid, len: u64 },
+}
+
+impl SegmentDescriptor {
+    pub fn len(&self) -> u64 {
+        match self {
+            SegmentDescriptor::Memfd { len } | SegmentDescriptor::CudaIpc { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device whose memory this segment is.
+    pub fn device(&self) -> Device {
+        match self {
+            SegmentDescriptor::Memfd { .. } => Device::Cpu,
+            SegmentDescriptor::CudaIpc { gpu, .. } => Device::Cuda(*gpu),
+        }
+    }
+
+    /// Checks that the daemon lent what was asked for: a client that asked
+    /// for `requested` must never view a segment of another device (a CUDA
+    /// handle as host memory, or the reverse, or another GPU's memory).
+    pub fn check_device(&self, requested: Device) -> Result<(), String> {
+        let lent = self.device();
+        if lent == requested {
+            return Ok(());
+        }
+        let what = |d: Device| match d {
+            Device::Cpu => "shared host memory".to_string(),
+            Device::Cuda(u) => format!("memory of GPU {u}"),
+        };
+        Err(format!(
+            "asked the daemon for weights in {} but it lent {}: the daemon and this client disagree on \
+             devices (restart the daemon with `mora-cache stop`)",
+            what(requested),
+            what(lent)
+        ))
+    }
 }
 
 /// The daemon as a whole, as `mora-cache ps` shows it.
@@ -183,7 +339,21 @@ pub struct DaemonStatus {
     /// Bytes resident or reserved for loads in progress now.
     pub used: u64,
     pub default_keep_alive: KeepAlive,
+    /// The GPUs this daemon can hold weights on (none in a build without CUDA).
+    pub gpus: Vec<GpuStatus>,
     pub models: Vec<ModelStatus>,
+}
+
+/// One GPU as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub uuid: GpuUuid,
+    /// Its ordinal in the daemon's own numbering (its `CUDA_VISIBLE_DEVICES`).
+    pub ordinal: u32,
+    pub name: String,
+    /// Most bytes of weights the daemon holds on it.
+    pub budget: u64,
+    pub used: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,7 +405,8 @@ pub enum ErrorKind {
     NotFound,
     /// The files exist but are not a loadable checkpoint.
     InvalidModel,
-    /// The request names something the daemon cannot do.
+    /// The request names something the daemon cannot do (a device it does
+    /// not have included).
     BadRequest,
     /// The daemon failed for a reason of its own (out of memory, I/O).
     Internal,
@@ -243,4 +414,100 @@ pub enum ErrorKind {
     NoRoom,
     /// The request is valid but the model's state forbids it (leased, pinned).
     Refused,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + for<'de> Deserialize<'de>>(v: &T) -> T {
+        postcard::from_bytes(&postcard::to_stdvec(v).unwrap()).unwrap()
+    }
+
+    const UUID: GpuUuid = GpuUuid([
+        0x8c, 0x1f, 0x0a, 0x55, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x02, 0x03, 0x04,
+    ]);
+
+    #[test]
+    fn segment_descriptors_round_trip_both_kinds() {
+        let mut handle = [0u8; 64];
+        for (i, b) in handle.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        for seg in [
+            SegmentDescriptor::Memfd { len: 90_868_736 },
+            SegmentDescriptor::CudaIpc { handle: IpcHandle(handle), gpu: UUID, len: 1 << 33 },
+        ] {
+            assert_eq!(round_trip(&seg), seg);
+            let resp = Response::Acquired(Acquired {
+                lease: 3,
+                name: "m".into(),
+                dir: "/m".into(),
+                manifest: Manifest::default(),
+                segment: seg.clone(),
+                loaded_now: false,
+                load_ms: 0,
+            });
+            assert_eq!(round_trip(&resp), resp);
+        }
+        for d in [Device::Cpu, Device::Cuda(UUID)] {
+            assert_eq!(round_trip(&d), d);
+        }
+    }
+
+    #[test]
+    fn a_handle_of_the_wrong_length_is_refused() {
+        // 63 bytes where 64 belong: a corrupt or foreign peer.
+        let short = postcard::to_stdvec(&serde_bytes_of(&[1u8; 63])).unwrap();
+        assert!(postcard::from_bytes::<IpcHandle>(&short).is_err());
+        let right = postcard::to_stdvec(&serde_bytes_of(&[1u8; 64])).unwrap();
+        assert_eq!(postcard::from_bytes::<IpcHandle>(&right).unwrap(), IpcHandle([1; 64]));
+    }
+
+    /// Serializes a byte string the way [`IpcHandle`] does.
+    fn serde_bytes_of(b: &[u8]) -> impl Serialize + '_ {
+        struct B<'a>(&'a [u8]);
+        impl Serialize for B<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        B(b)
+    }
+
+    #[test]
+    fn gpu_uuids_print_and_parse_as_nvidia_smi_does() {
+        let text = UUID.to_string();
+        assert_eq!(text, "GPU-8c1f0a55-1234-5678-9abc-def001020304");
+        assert_eq!(text.parse::<GpuUuid>(), Ok(UUID));
+        assert!("GPU-8c1f".parse::<GpuUuid>().is_err());
+        assert!("GPU-zz1f0a55-1234-5678-9abc-def001020304".parse::<GpuUuid>().is_err());
+    }
+
+    #[test]
+    fn device_specs_parse() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "CUDA:0"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(e.contains("expected cpu, cuda:N or auto"), "{e}");
+        }
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn a_segment_of_another_device_than_asked_is_an_error() {
+        let other = GpuUuid([9; 16]);
+        let host = SegmentDescriptor::Memfd { len: 64 };
+        let gpu = SegmentDescriptor::CudaIpc { handle: IpcHandle([0; 64]), gpu: UUID, len: 64 };
+        assert_eq!(host.check_device(Device::Cpu), Ok(()));
+        assert_eq!(gpu.check_device(Device::Cuda(UUID)), Ok(()));
+        let e = gpu.check_device(Device::Cpu).unwrap_err();
+        assert!(e.contains("shared host memory") && e.contains(&UUID.to_string()), "{e}");
+        let e = host.check_device(Device::Cuda(UUID)).unwrap_err();
+        assert!(e.starts_with(&format!("asked the daemon for weights in memory of GPU {UUID} but it lent shared host memory")), "{e}");
+        assert!(gpu.check_device(Device::Cuda(other)).is_err());
+    }
 }

@@ -25,6 +25,8 @@ pub struct SentenceEmbedder {
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
+    /// Where the weights are: inputs go there too.
+    device: Device,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +94,7 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
 impl SentenceEmbedder {
     /// Builds the encoder from `vb` and the small files in `dir`.
     pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
+        let device = vb.device().clone();
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_json(&config_path)?;
         let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
@@ -126,7 +129,7 @@ impl SentenceEmbedder {
             ..Default::default()
         }));
         let (pooling, normalize) = pooling_of(dir)?;
-        Ok(SentenceEmbedder { model, tokenizer, pooling, normalize })
+        Ok(SentenceEmbedder { model, tokenizer, pooling, normalize, device })
     }
 
     pub fn pooling(&self) -> (Pooling, bool) {
@@ -143,7 +146,7 @@ impl SentenceEmbedder {
     }
 
     fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error + Send + Sync>> {
-        let dev = Device::Cpu;
+        let dev = &self.device;
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true)?;
         let ids: Vec<Tensor> = encodings.iter().map(|e| Tensor::new(e.get_ids(), &dev)).collect::<Result<_, _>>()?;
         let masks: Vec<Tensor> =

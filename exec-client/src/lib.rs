@@ -4,14 +4,18 @@
 //! - [`workflow`] parses and checks workflow files;
 //! - [`daemon`] reaches the daemon, starting one if needed;
 //! - [`weights`] maps lent segments (or loads files) for candle;
+//! - `cuda` (feature `cuda`) views a daemon's GPU allocation as candle tensors;
 //! - [`embed`] runs BERT with sentence-transformers pooling;
 //! - [`run`] ties them together and writes outputs;
 //! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
 //!
 //! Architecture invariant: the client never frees or writes weights it did
-//! not allocate. A lent segment is sealed and mapped read-only; the lease
-//! that keeps it resident belongs to the connection and ends with it.
+//! not allocate. A lent segment is sealed and mapped read-only; lent GPU
+//! memory is viewed by tensors that are never dropped; the lease that keeps
+//! either resident belongs to the connection and ends with it.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod daemon;
 pub mod embed;
 pub mod run;

@@ -53,9 +53,11 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     for (step, texts) in workflow.steps.iter().zip(inputs) {
         if !weights.contains_key(step.model.as_str()) {
             let spec = &workflow.models[&step.model];
+            let device = mora_common::gpu::resolve(spec.device)
+                .map_err(|e| ExecError::Model(format!("model `{}`: {e}", step.model)))?;
             let w = match &conn {
-                Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, spec.keep_alive)?,
-                None => Weights::in_process(&spec.source, spec.dtype)?,
+                Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
+                None => Weights::in_process(&spec.source, spec.dtype, device)?,
             };
             weights.insert(step.model.as_str(), w);
         }
@@ -64,7 +66,8 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
             Task::Embed => {
                 let start = Instant::now();
                 // f32 whatever the weights are held in: candle's CPU BERT
-                // turns its attention mask into NaN in f16 (0 × -inf).
+                // turns its attention mask into NaN in f16 (0 × -inf), and
+                // f32 keeps GPU and CPU outputs within 1e-4 of each other.
                 let vb = w.var_builder(candle_core::DType::F32);
                 let embedder = SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
                 let build_ms = start.elapsed().as_millis() as u64;

@@ -1,9 +1,11 @@
 //! Model weights for candle: lent by the daemon (a sealed segment mapped
-//! read-only) or, with `--no-cache`, read in-process from the files.
+//! read-only, or GPU memory opened through a CUDA IPC handle) or, with
+//! `--no-cache`, read in-process from the files.
 //!
 //! candle's CPU tensors own a `Vec`, so building a model from a mapping
 //! copies each tensor out of it once; that copy is timed and reported, not
-//! hidden. The mapping itself is never written and never freed by candle.
+//! hidden. GPU tensors view the daemon's allocation in place (see
+//! [`crate::cuda`]). Lent memory is never written and never freed by candle.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use candle_nn::VarBuilder;
 
 use mora_common::connection::Connection;
 use mora_common::manifest::{TensorDType, WeightDType};
-use mora_common::protocol::{LeaseId, Request, Response, SegmentDescriptor};
+use mora_common::protocol::{self, LeaseId, Request, Response, SegmentDescriptor};
 use mora_common::segment::{Mapping, Segment};
 use mora_common::units::KeepAlive;
 use mora_common::{Manifest, ModelSource, TensorEntry};
@@ -39,12 +41,30 @@ pub struct Weights {
     pub dir: PathBuf,
     pub dtype: WeightDType,
     pub provenance: Provenance,
+    /// Where the weights are, and where a model built on them computes.
+    pub device: Device,
     store: Store,
 }
 
 enum Store {
     Mapped(MappedWeights),
     Loaded(HashMap<String, Tensor>),
+    /// Views into a daemon's GPU allocation; the mapping closes last.
+    #[cfg(feature = "cuda")]
+    Gpu(HashMap<String, Tensor>, crate::cuda::IpcMapping),
+}
+
+/// The candle device that holds weights lent on `device`.
+pub fn candle_device(device: protocol::Device) -> Result<Device, ExecError> {
+    match device {
+        protocol::Device::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        protocol::Device::Cuda(uuid) => crate::cuda::candle_device(uuid).map_err(ExecError::Model),
+        #[cfg(not(feature = "cuda"))]
+        protocol::Device::Cuda(uuid) => Err(ExecError::Model(format!(
+            "GPU {uuid}: this mora-exec was built without CUDA (build with scripts/build-cuda.sh)"
+        ))),
+    }
 }
 
 /// A [`SimpleBackend`] over a read-only mapping of a daemon segment.
@@ -121,17 +141,21 @@ impl SimpleBackend for MappedWeights {
 }
 
 impl Weights {
-    /// Asks the daemon for `source` in `dtype` and maps what it lends. The
-    /// lease lasts as long as `conn` stays open.
+    /// Asks the daemon for `source` in `dtype` on `device` and maps what it
+    /// lends. The lease lasts as long as `conn` stays open.
     pub fn from_daemon(
         conn: &Connection,
         source: ModelSource,
         dtype: WeightDType,
+        device: protocol::Device,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Weights, ExecError> {
         let name = source.display_name();
+        // Opened before asking, so a GPU this process cannot use fails here
+        // rather than after the daemon loaded gigabytes onto it.
+        let candle_dev = candle_device(device)?;
         let mut bar = mora_common::progress::LoadProgress::new("mora-exec");
-        let request = Request::Acquire { source, dtype, device: mora_common::protocol::Device::Cpu, keep_alive };
+        let request = Request::Acquire { source, dtype, device, keep_alive };
         let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
         bar.finish();
         let acquired = match response {
@@ -139,7 +163,36 @@ impl Weights {
             Response::Error(e) => return Err(ExecError::Daemon(e.message)),
             other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
         };
-        let SegmentDescriptor::Memfd { len } = acquired.segment;
+        acquired.segment.check_device(device).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+        let provenance = |bytes| Provenance::Daemon {
+            lease: acquired.lease,
+            loaded_now: acquired.loaded_now,
+            load_ms: acquired.load_ms,
+            bytes,
+        };
+        let len = match acquired.segment {
+            SegmentDescriptor::Memfd { len } => len,
+            #[cfg(feature = "cuda")]
+            SegmentDescriptor::CudaIpc { handle, len, .. } => {
+                if !fds.is_empty() {
+                    return Err(ExecError::Protocol(format!("{name}: a GPU segment came with a file descriptor")));
+                }
+                let (tensors, mapping) = crate::cuda::import(handle, len, &acquired.manifest, &candle_dev)
+                    .map_err(|e| ExecError::Model(format!("{name}: {e}")))?;
+                return Ok(Weights {
+                    name: acquired.name,
+                    dir: acquired.dir,
+                    dtype,
+                    provenance: provenance(len),
+                    device: candle_dev,
+                    store: Store::Gpu(tensors, mapping),
+                });
+            }
+            #[cfg(not(feature = "cuda"))]
+            SegmentDescriptor::CudaIpc { .. } => {
+                return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
+            }
+        };
         let fd = match (fds.pop(), fds.is_empty()) {
             (Some(fd), true) => fd,
             _ => return Err(ExecError::Protocol(format!("the daemon lent {name} without exactly one segment descriptor"))),
@@ -157,26 +210,23 @@ impl Weights {
             name: acquired.name,
             dir: acquired.dir,
             dtype,
-            provenance: Provenance::Daemon {
-                lease: acquired.lease,
-                loaded_now: acquired.loaded_now,
-                load_ms: acquired.load_ms,
-                bytes: len,
-            },
+            provenance: provenance(len),
+            device: candle_dev,
             store: Store::Mapped(MappedWeights::new(mapping, acquired.manifest)),
         })
     }
 
-    /// Reads `source` in-process with candle's own safetensors loader: the
-    /// baseline a run without Mora pays on every start.
-    pub fn in_process(source: &ModelSource, dtype: WeightDType) -> Result<Weights, ExecError> {
+    /// Reads `source` in-process onto `device` with candle's own safetensors
+    /// loader: the baseline a run without Mora pays on every start.
+    pub fn in_process(source: &ModelSource, dtype: WeightDType, device: protocol::Device) -> Result<Weights, ExecError> {
+        let dev = candle_device(device)?;
         let start = Instant::now();
         let resolved = source.resolve().map_err(|e| ExecError::Model(e.to_string()))?;
         let mut tensors = HashMap::new();
         let mut bytes = 0u64;
         for file in &resolved.weights {
             bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
+            let loaded = candle_core::safetensors::load(file, &dev)
                 .map_err(|e| ExecError::Model(format!("cannot load {}: {e}", file.display())))?;
             tensors.extend(loaded);
         }
@@ -193,16 +243,19 @@ impl Weights {
             dir: resolved.dir,
             dtype,
             provenance: Provenance::InProcess { load_ms: start.elapsed().as_millis() as u64, bytes },
+            device: dev,
             store: Store::Loaded(tensors),
         })
     }
 
-    /// A VarBuilder over these weights, on the CPU, handing out tensors in
-    /// `compute` (converted from the dtype the weights are held in).
+    /// A VarBuilder over these weights, on their device, handing out tensors
+    /// in `compute` (converted from the dtype the weights are held in).
     pub fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
         match &self.store {
-            Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, Device::Cpu),
-            Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), compute, &Device::Cpu),
+            Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, self.device.clone()),
+            Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), compute, &self.device),
+            #[cfg(feature = "cuda")]
+            Store::Gpu(t, _) => VarBuilder::from_tensors(t.clone(), compute, &self.device),
         }
     }
 }

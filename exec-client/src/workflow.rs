@@ -23,6 +23,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use mora_common::manifest::WeightDType;
+use mora_common::protocol::DeviceSpec;
 use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
@@ -54,6 +55,7 @@ struct ModelDecl {
     revision: Option<String>,
     path: Option<PathBuf>,
     dtype: Option<Spanned<String>>,
+    device: Option<Spanned<String>>,
     keep_alive: Option<Spanned<KeepAliveDecl>>,
 }
 
@@ -81,6 +83,9 @@ struct StepDecl {
 pub struct ModelSpec {
     pub source: ModelSource,
     pub dtype: WeightDType,
+    /// Where the weights are held and the model runs: `cpu`, `cuda:N`, or
+    /// `auto` (the default: the first GPU when there is one).
+    pub device: DeviceSpec,
     /// Asked of the daemon with every acquire; `None` keeps the daemon's.
     pub keep_alive: Option<KeepAlive>,
 }
@@ -170,6 +175,10 @@ impl Workflow {
                 Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
                 None => WeightDType::default(),
             };
+            let device = match &decl.device {
+                Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
+                None => DeviceSpec::default(),
+            };
             let keep_alive = match &decl.keep_alive {
                 None => None,
                 Some(k) => {
@@ -180,7 +189,7 @@ impl Workflow {
                     Some(KeepAlive::parse(&text).map_err(|e| at(Some(k.span()), format!("model `{key}`: keep_alive {e}")))?)
                 }
             };
-            models.insert(key.clone(), ModelSpec { source, dtype, keep_alive });
+            models.insert(key.clone(), ModelSpec { source, dtype, device, keep_alive });
         }
 
         if file.steps.is_empty() {
@@ -324,6 +333,13 @@ output = "embeddings.json"
         assert!(parse(&both).unwrap_err().to_string().contains("both `repo` and `path`"));
         let none = GOOD.replace("texts = [\"a\", \"b\"]\n", "");
         assert!(parse(&none).unwrap_err().to_string().contains("needs `texts = [...]`"));
+        let bad_device = GOOD.replace("[models.minilm]\n", "[models.minilm]\ndevice = \"gpu0\"\n");
+        let e = parse(&bad_device).unwrap_err().to_string();
+        assert!(e.starts_with("/w/flow.toml:4:") && e.contains("unknown device `gpu0`: expected cpu, cuda:N or auto"), "{e}");
+        let on = |d: &str| parse(&GOOD.replace("[models.minilm]\n", &format!("[models.minilm]\ndevice = \"{d}\"\n"))).unwrap();
+        assert_eq!(on("cuda:1").models["minilm"].device, DeviceSpec::Cuda(1));
+        assert_eq!(on("cpu").models["minilm"].device, DeviceSpec::Cpu);
+        assert_eq!(parse(GOOD).unwrap().models["minilm"].device, DeviceSpec::Auto);
         let bad_dtype = GOOD.replace("[models.minilm]\n", "[models.minilm]\ndtype = \"f8\"\n");
         assert!(parse(&bad_dtype).unwrap_err().to_string().contains("unknown dtype `f8`"));
         let bad_task = GOOD.replace("task = \"embed\"", "task = \"generate\"");
