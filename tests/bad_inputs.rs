@@ -101,3 +101,29 @@ fn missing_local_model_directory() {
     let line = one_line_failure(&env.exec(&wf, "out", &[]));
     assert!(line.contains("model directory") && line.contains("does not exist"), "{line}");
 }
+
+#[test]
+fn a_gpu_device_in_a_build_without_cuda_is_a_clear_error_with_and_without_the_cache() {
+    let env = Env::with_daemon("nocuda");
+    let wf = env.workflow(
+        "gpu.toml",
+        &embed_workflow(&["x"]).replace("[models.minilm]\n", "[models.minilm]\ndevice = \"cuda:0\"\n"),
+    );
+    for extra in [&[][..], &["--no-cache"][..]] {
+        let line = one_line_failure(&env.exec(&wf, "out", extra));
+        assert!(line.contains("device cuda:0 needs a CUDA build") && line.contains("scripts/build-cuda.sh"), "{line}");
+    }
+    let line = one_line_failure(&env.exec(
+        &env.workflow("typo.toml", &embed_workflow(&["x"]).replace("[models.minilm]\n", "[models.minilm]\ndevice = \"gpu\"\n")),
+        "out",
+        &[],
+    ));
+    assert!(line.contains("typo.toml:") && line.contains("unknown device `gpu`"), "{line}");
+    // `auto` is the CPU here, and the default: the same workflow runs.
+    let auto = env.workflow(
+        "auto.toml",
+        &embed_workflow(&["x"]).replace("[models.minilm]\n", "[models.minilm]\ndevice = \"auto\"\n"),
+    );
+    let out = env.exec(&auto, "out", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

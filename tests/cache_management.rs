@@ -20,7 +20,7 @@ fn segment_bytes(dir: &Path) -> u64 {
         dir: dir.to_path_buf(),
         weights: vec![dir.join("model.safetensors")],
     };
-    mora_cache::checkpoint::plan(&model, WeightDType::F32).expect("plan").bytes()
+    mora_cache::checkpoint::plan(&model, WeightDType::F32, Device::Cpu).expect("plan").bytes()
 }
 
 fn path(p: &Path) -> &str {
@@ -305,3 +305,32 @@ fn a_workflows_keep_alive_reaches_the_daemon() {
     assert_eq!(ps[0]["keep_alive"], "forever");
     assert!(ps[0]["expires"].is_null());
 }
+
+#[test]
+fn a_daemon_without_cuda_refuses_a_gpu_request_and_keeps_serving() {
+    use mora_common::protocol::{ErrorKind, GpuUuid};
+    let env = Env::with_daemon("gpu-refused");
+    let conn = Connection::connect(&env.socket, "test").expect("connect");
+    let uuid = GpuUuid([0x5a; 16]);
+    let (resp, fds) = conn
+        .call(&Request::Acquire {
+            source: ModelSource::Dir { path: test_model_dir() },
+            dtype: WeightDType::F32,
+            device: Device::Cuda(uuid),
+            keep_alive: None,
+        })
+        .expect("acquire");
+    assert!(fds.is_empty());
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(&uuid.to_string()) && e.message.contains("built without CUDA"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing was loaded, and the daemon still lends CPU weights.
+    assert!(env.resident_names().is_empty());
+    drop(hold_lease(&env, &test_model_dir()));
+    assert_eq!(env.resident_names().len(), 1);
+}
+

@@ -30,6 +30,9 @@ pub trait GpuMemory: Send + Sync {
 pub trait DeviceBuffer: Send + Sync {
     fn gpu(&self) -> GpuUuid;
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// What a client opens to map this allocation.
     fn ipc_handle(&self) -> IpcHandle;
     /// Starts filling the allocation from host memory.

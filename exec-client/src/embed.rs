@@ -148,9 +148,9 @@ impl SentenceEmbedder {
     fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error + Send + Sync>> {
         let dev = &self.device;
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true)?;
-        let ids: Vec<Tensor> = encodings.iter().map(|e| Tensor::new(e.get_ids(), &dev)).collect::<Result<_, _>>()?;
+        let ids: Vec<Tensor> = encodings.iter().map(|e| Tensor::new(e.get_ids(), dev)).collect::<Result<_, _>>()?;
         let masks: Vec<Tensor> =
-            encodings.iter().map(|e| Tensor::new(e.get_attention_mask(), &dev)).collect::<Result<_, _>>()?;
+            encodings.iter().map(|e| Tensor::new(e.get_attention_mask(), dev)).collect::<Result<_, _>>()?;
         let input_ids = Tensor::stack(&ids, 0)?;
         let mask = Tensor::stack(&masks, 0)?;
         let token_types = input_ids.zeros_like()?;
