@@ -185,6 +185,9 @@ fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, g
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: the log of a daemon started by
+        // mora-exec is a file, read by people and scripts.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let budget = match max_memory {
         Some(b) => b,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mora_common::connection::Connection;
 
@@ -31,6 +31,11 @@ pub struct StepReport {
     pub items: usize,
     pub output: PathBuf,
     pub weights: Provenance,
+    /// Where it ran ("cpu", "cuda:0").
+    pub device: String,
+    /// Opening that device (a GPU's CUDA context), and mapping lent weights.
+    pub device_open: Duration,
+    pub map: Duration,
     /// Building the candle model from the weights (for lent weights, this is
     /// the copy out of the shared mapping).
     pub build_ms: u64,
@@ -83,6 +88,9 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                     items: texts.len(),
                     output,
                     weights: w.provenance.clone(),
+                    device: device_name(&w.device),
+                    device_open: w.device_open,
+                    map: w.map,
                     build_ms,
                     run_ms,
                 });
@@ -106,6 +114,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     std::fs::rename(&tmp, path).map_err(fail)
 }
 
+fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// One line per step for the terminal.
 pub fn describe(r: &StepReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -120,11 +136,18 @@ pub fn describe(r: &StepReport) -> String {
             format!("no cache: read {:.1} MiB in-process in {load_ms} ms", mib(*bytes))
         }
     };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let opened = if r.device == "cpu" { String::new() } else { format!("device opened in {:.1} ms; ", ms(r.device_open)) };
+    let mapped = match r.weights {
+        Provenance::Daemon { .. } => format!("mapped in {:.2} ms; ", ms(r.map)),
+        Provenance::InProcess { .. } => String::new(),
+    };
     format!(
-        "{}: {} texts with {} -> {} (weights {weights}; model built in {} ms; ran in {} ms)",
+        "{}: {} texts with {} on {} -> {} (weights {weights}; {opened}{mapped}model built in {} ms; ran in {} ms)",
         r.step,
         r.items,
         r.model,
+        r.device,
         r.output.display(),
         r.build_ms,
         r.run_ms

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -43,6 +43,11 @@ pub struct Weights {
     pub provenance: Provenance,
     /// Where the weights are, and where a model built on them computes.
     pub device: Device,
+    /// Opening `device` (for a GPU: creating its CUDA context).
+    pub device_open: Duration,
+    /// Making lent weights usable once the daemon answered: mapping the
+    /// memfd, or opening the CUDA IPC handle and wrapping the tensors.
+    pub map: Duration,
     store: Store,
 }
 
@@ -153,11 +158,14 @@ impl Weights {
         let name = source.display_name();
         // Opened before asking, so a GPU this process cannot use fails here
         // rather than after the daemon loaded gigabytes onto it.
+        let opening = Instant::now();
         let candle_dev = candle_device(device)?;
+        let device_open = opening.elapsed();
         let mut bar = mora_common::progress::LoadProgress::new("mora-exec");
         let request = Request::Acquire { source, dtype, device, keep_alive };
         let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
         bar.finish();
+        let mapping_start = Instant::now();
         let acquired = match response {
             Response::Acquired(a) => a,
             Response::Error(e) => return Err(ExecError::Daemon(e.message)),
@@ -185,6 +193,8 @@ impl Weights {
                     dtype,
                     provenance: provenance(len),
                     device: candle_dev,
+                    device_open,
+                    map: mapping_start.elapsed(),
                     store: Store::Gpu(tensors, mapping),
                 });
             }
@@ -212,6 +222,8 @@ impl Weights {
             dtype,
             provenance: provenance(len),
             device: candle_dev,
+            device_open,
+            map: mapping_start.elapsed(),
             store: Store::Mapped(MappedWeights::new(mapping, acquired.manifest)),
         })
     }
@@ -219,7 +231,9 @@ impl Weights {
     /// Reads `source` in-process onto `device` with candle's own safetensors
     /// loader: the baseline a run without Mora pays on every start.
     pub fn in_process(source: &ModelSource, dtype: WeightDType, device: protocol::Device) -> Result<Weights, ExecError> {
+        let opening = Instant::now();
         let dev = candle_device(device)?;
+        let device_open = opening.elapsed();
         let start = Instant::now();
         let resolved = source.resolve().map_err(|e| ExecError::Model(e.to_string()))?;
         let mut tensors = HashMap::new();
@@ -244,6 +258,8 @@ impl Weights {
             dtype,
             provenance: Provenance::InProcess { load_ms: start.elapsed().as_millis() as u64, bytes },
             device: dev,
+            device_open,
+            map: Duration::ZERO,
             store: Store::Loaded(tensors),
         })
     }

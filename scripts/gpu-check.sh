@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Checks the CUDA path on a GPU machine and prints a report to paste into
+# docs/gpu-results.md: correctness against the CPU, sharing across clients,
+# and the figures (CUDA context, IPC open, time to first result, load GB/s).
+#
+# Usage: scripts/gpu-check.sh [BIN_DIR]    (default: target/cuda/dist, made
+#        by scripts/build-cuda.sh on any machine and carried over)
+# Environment:
+#   MORA_TEST_HF_CACHE  HF cache holding all-MiniLM-L6-v2 (default .mora-test/hf-hub,
+#                       made by scripts/fetch-test-model.sh)
+#   DEVICE              device under test (default cuda:0; `cpu` runs the script's own
+#                       logic on a machine without a GPU)
+#   RUNS                repeats per figure, medians reported (default 5)
+#   SYNTH_SIZES         synthetic bf16 BERT models to time too (default "1GB"; "" for none)
+#   TORCH_PYTHON        python whose nvidia-* packages hold cuBLAS, cuRAND, NVRTC 13
+#                       (default /opt/torch/.venv/bin/python3, else python3)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
+BIN="$(cd "${1:-$ROOT/target/cuda/dist}" && pwd)"
+DEVICE="${DEVICE:-cuda:0}"
+RUNS="${RUNS:-5}"
+SYNTH_SIZES="${SYNTH_SIZES-1GB}"
+export HF_HUB_CACHE="${MORA_TEST_HF_CACHE:-$ROOT/.mora-test/hf-hub}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/mora-gpu-check.XXXXXX")"
+export MORA_SOCKET="$WORK/cache.sock"
+log() { echo "gpu-check: $*" >&2; }
+die() { echo "gpu-check: error: $*" >&2; exit 1; }
+
+[[ -x "$BIN/mora-cache" && -x "$BIN/mora-exec" ]] || die "no mora-cache and mora-exec in $BIN (run scripts/build-cuda.sh)"
+[[ -d "$HF_HUB_CACHE/models--sentence-transformers--all-MiniLM-L6-v2" ]] \
+    || die "all-MiniLM-L6-v2 is not in $HF_HUB_CACHE (run scripts/fetch-test-model.sh, or set MORA_TEST_HF_CACHE)"
+GPU=0
+if [[ "$DEVICE" == cuda* ]]; then
+    GPU=1
+    command -v nvidia-smi >/dev/null || die "DEVICE=$DEVICE but nvidia-smi is missing: is this a GPU machine?"
+    PY="${TORCH_PYTHON:-/opt/torch/.venv/bin/python3}"
+    [[ -x "$PY" ]] || PY=python3
+    # cuBLAS, cuRAND and NVRTC 13 from the nvidia-* wheels PyTorch brings.
+    libs="$("$PY" - <<'PY' 2>/dev/null || true
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+dirs = {os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))
+PY
+)"
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+# -- helpers -----------------------------------------------------------------
+now_ms() { date +%s%3N; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# field LABEL FILE: the number after LABEL in a mora-exec report line.
+field() { sed -n "s/.*$1 \([0-9.]*\) ms.*/\1/p" "$2" | head -1; }
+# run_once WORKFLOW OUT_DIR [ARGS...]: runs mora-exec, prints "wall_ms|device_ms|map_ms"
+# (device_ms empty on the CPU, map_ms empty with --no-cache).
+run_once() {
+    local wf="$1" out="$2"; shift 2
+    local t0 t1
+    t0="$(now_ms)"
+    "$BIN/mora-exec" run "$wf" -o "$out" "$@" >"$out.log" 2>&1 || { cat "$out.log" >&2; die "mora-exec run $wf failed"; }
+    t1="$(now_ms)"
+    echo "$((t1 - t0))|$(field 'device opened in' "$out.log")|$(field 'mapped in' "$out.log")"
+}
+# timed NAME WORKFLOW [ARGS...]: RUNS runs; sets NAME_wall, NAME_dev, NAME_map (medians).
+timed() {
+    local name="$1" wf="$2"; shift 2
+    local rows="$WORK/$name.times"
+    : >"$rows"
+    for i in $(seq "$RUNS"); do run_once "$wf" "$WORK/out-$name-$i" "$@" >>"$rows"; done
+    printf -v "${name}_wall" '%s' "$(cut -d'|' -f1 "$rows" | median)"
+    printf -v "${name}_dev" '%s' "$(cut -d'|' -f2 "$rows" | grep . | median)"
+    printf -v "${name}_map" '%s' "$(cut -d'|' -f3 "$rows" | grep . | median)"
+}
+max_abs_diff() {
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+a, b = (json.load(open(p))["embeddings"] for p in sys.argv[1:3])
+assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "shapes differ"
+print(f"{max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)):.3g}")
+PY
+}
+workflow() {  # workflow FILE MODEL_LINE DEVICE TEXTS_LINE
+    cat >"$1" <<TOML
+name = "gpu-check"
+[models.m]
+$2
+device = "$3"
+[[steps]]
+name = "embed"
+task = "embed"
+model = "m"
+$4
+output = "embeddings.json"
+TOML
+}
+
+# -- the machine -------------------------------------------------------------
+echo "## GPU check, $(date -u +%Y-%m-%d)"
+echo
+if ((GPU)); then
+    echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader -i 0)"
+    echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader -i 0); CUDA (driver): $(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p')"
+fi
+echo "- binaries: $(for b in mora-cache mora-exec; do printf '%s %s MiB; ' "$b" "$(awk -v b="$(stat -c %s "$BIN/$b")" 'BEGIN { printf "%.1f", b / 1048576 }')"; done)device $DEVICE; $RUNS runs per figure, medians"
+echo "- command: DEVICE=$DEVICE RUNS=$RUNS SYNTH_SIZES=\"$SYNTH_SIZES\" scripts/gpu-check.sh"
+echo
+
+# -- the daemon ----------------------------------------------------------------
+"$BIN/mora-cache" serve --keep-alive -1 2>"$WORK/daemon.log" &
+DAEMON=$!
+trap '"$BIN/mora-cache" stop >/dev/null 2>&1 || kill $DAEMON 2>/dev/null; rm -rf "$WORK"' EXIT
+for _ in $(seq 600); do [[ -S "$MORA_SOCKET" ]] && break; kill -0 $DAEMON 2>/dev/null || break; sleep 0.1; done
+[[ -S "$MORA_SOCKET" ]] || { cat "$WORK/daemon.log" >&2; die "the daemon did not start"; }
+if ((GPU)) && ! grep -q "serving GPU" "$WORK/daemon.log"; then
+    cat "$WORK/daemon.log" >&2
+    die "the daemon found no usable GPU"
+fi
+
+TEXTS='texts = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awesome.", "A cheetah is running behind its prey.", "Two men pushed carts through the woods.", "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.", "Someone in a gorilla costume is playing a set of drums."]'
+MINILM='repo = "sentence-transformers/all-MiniLM-L6-v2"'
+workflow "$WORK/dev.toml" "$MINILM" "$DEVICE" "$TEXTS"
+workflow "$WORK/cpu.toml" "$MINILM" cpu "$TEXTS"
+
+# -- correctness ---------------------------------------------------------------
+log "MiniLM: cold run, CPU reference"
+IFS='|' read -r cold_wall cold_dev cold_map < <(run_once "$WORK/dev.toml" "$WORK/out-cold")
+run_once "$WORK/cpu.toml" "$WORK/out-cpu" --no-cache >/dev/null
+diff_cached="$(max_abs_diff "$WORK/out-cold/embeddings.json" "$WORK/out-cpu/embeddings.json")"
+run_once "$WORK/dev.toml" "$WORK/out-nc" --no-cache >/dev/null
+diff_nocache="$(max_abs_diff "$WORK/out-nc/embeddings.json" "$WORK/out-cpu/embeddings.json")"
+ok() { python3 -c "import sys; print('PASS' if float(sys.argv[1]) <= 1e-4 else 'FAIL')" "$1"; }
+echo "### Correctness"
+echo
+echo "- MiniLM on $DEVICE from the cache vs CPU: max |difference| per component $diff_cached: $(ok "$diff_cached") (limit 1e-4)"
+echo "- MiniLM on $DEVICE with --no-cache vs CPU: $diff_nocache: $(ok "$diff_nocache")"
+
+# -- sharing -----------------------------------------------------------------
+log "4 clients at once"
+python3 -c "
+import random
+random.seed(0)
+words = 'a man woman is eating food bread riding horse playing drums the new movie cheetah running prey'.split()
+for _ in range(4000): print(' '.join(random.choice(words) for _ in range(24)))" >"$WORK/many.txt"
+workflow "$WORK/many.toml" "$MINILM" "$DEVICE" "texts_file = \"many.txt\""
+smi_log="$WORK/smi.csv"
+: >"$smi_log"
+if ((GPU)); then
+    ( while :; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >>"$smi_log" 2>/dev/null; sleep 0.1; done ) &
+    SAMPLER=$!
+fi
+pids=()
+for i in 1 2 3 4; do
+    "$BIN/mora-exec" run "$WORK/many.toml" -o "$WORK/out-many-$i" >"$WORK/many-$i.log" 2>&1 &
+    pids+=($!)
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+((GPU)) && kill "$SAMPLER" 2>/dev/null
+same=yes
+for i in 2 3 4; do cmp -s "$WORK/out-many-1/embeddings.json" "$WORK/out-many-$i/embeddings.json" || same=no; done
+echo
+echo "### Sharing: 4 clients at once ($(wc -l <"$WORK/many.txt") texts each)"
+echo
+echo "- clients failed: $failed; outputs identical: $same"
+if ((GPU)); then
+    client_pids=" ${pids[*]} "
+    awk -F', *' -v d="$DAEMON" -v c="$client_pids" '
+        $1 == d { if ($2 > dm) dm = $2 }
+        index(c, " " $1 " ") { if ($2 > cm[$1]) cm[$1] = $2 }
+        END {
+            printf "- nvidia-smi, most memory seen per process: daemon %d MiB", dm
+            n = 0; for (p in cm) { printf "; client %s %d MiB", p, cm[p]; n++ }
+            printf " (%d of 4 clients seen)\n", n
+        }' "$smi_log"
+fi
+
+# -- figures -----------------------------------------------------------------
+log "MiniLM: $RUNS warm runs, $RUNS --no-cache runs"
+timed mw "$WORK/dev.toml"
+timed mn "$WORK/dev.toml" --no-cache
+rows=("| all-MiniLM-L6-v2 f32 (86.6 MiB) | ${mw_dev:-n/a} | ${mw_map:-n/a} | $mw_wall | $mn_wall | $(awk -v a="$mw_wall" -v b="$mn_wall" 'BEGIN { printf "%.2fx", a / b }') |")
+for size in $SYNTH_SIZES; do
+    log "synthetic bf16 BERT of $size"
+    dir="$WORK/synth-$size"
+    "$BIN/mora-exec" synth --arch bert --size "$size" --dtype bf16 -o "$dir" >/dev/null
+    workflow "$WORK/synth-$size.toml" "path = \"$dir\"
+dtype = \"bf16\"" "$DEVICE" "$TEXTS"
+    run_once "$WORK/synth-$size.toml" "$WORK/out-synth-$size-cold" >/dev/null
+    timed sw "$WORK/synth-$size.toml"
+    timed sn "$WORK/synth-$size.toml" --no-cache
+    rows+=("| synthetic BERT bf16 ($size) | ${sw_dev:-n/a} | ${sw_map:-n/a} | $sw_wall | $sn_wall | $(awk -v a="$sw_wall" -v b="$sn_wall" 'BEGIN { printf "%.2fx", a / b }') |")
+done
+echo
+echo "### Figures (ms, median of $RUNS; wall = process start to exit, results written)"
+echo
+echo "| model | device open (context) | IPC open + wrap | warm wall | --no-cache wall | warm / no-cache |"
+echo "| --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
+echo
+echo "MiniLM cold run (the daemon loads it): wall $cold_wall ms, device open ${cold_dev:-n/a} ms, map ${cold_map:-n/a} ms."
+echo
+echo "### Daemon loads"
+echo
+sed -nE 's/.* resident model=([^ ]*) .*device=(cpu|cuda GPU-[^ ]*) mib=([0-9.]*) ms=([0-9]*) gb_per_s=([0-9.]*).*/- \1 on \2: \3 MiB in \4 ms, \5 GB\/s (read, converted, copied to the device)/p' "$WORK/daemon.log"
