@@ -54,9 +54,10 @@ pub struct Weights {
 enum Store {
     Mapped(MappedWeights),
     Loaded(HashMap<String, Tensor>),
-    /// Views into a daemon's GPU allocation; the mapping closes last.
+    /// Views into a daemon's GPU allocation; the mapping (dropped after the
+    /// tensors, in field order) closes the IPC handle.
     #[cfg(feature = "cuda")]
-    Gpu(HashMap<String, Tensor>, crate::cuda::IpcMapping),
+    Gpu { tensors: HashMap<String, Tensor>, _mapping: crate::cuda::IpcMapping },
 }
 
 /// The candle device that holds weights lent on `device`.
@@ -195,7 +196,7 @@ impl Weights {
                     device: candle_dev,
                     device_open,
                     map: mapping_start.elapsed(),
-                    store: Store::Gpu(tensors, mapping),
+                    store: Store::Gpu { tensors, _mapping: mapping },
                 });
             }
             #[cfg(not(feature = "cuda"))]
@@ -271,7 +272,7 @@ impl Weights {
             Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, self.device.clone()),
             Store::Loaded(t) => VarBuilder::from_tensors(t.clone(), compute, &self.device),
             #[cfg(feature = "cuda")]
-            Store::Gpu(t, _) => VarBuilder::from_tensors(t.clone(), compute, &self.device),
+            Store::Gpu { tensors, .. } => VarBuilder::from_tensors(tensors.clone(), compute, &self.device),
         }
     }
 }
