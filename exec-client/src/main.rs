@@ -7,7 +7,7 @@ use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
 use mora_common::units::parse_size;
 use mora_exec::synth::{generate, Arch, SynthSpec};
-use mora_exec::run::{describe, run, RunOptions};
+use mora_exec::run::{check, describe, run, RunOptions};
 use mora_exec::workflow::Workflow;
 
 /// Runs ML workflows on model weights kept resident by the Mora cache daemon
@@ -39,6 +39,19 @@ enum Command {
         /// Directory for step outputs.
         #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
         output_dir: PathBuf,
+        /// Set a variable declared in the workflow's [variables] (repeatable); the
+        /// value converts to the type of its default.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Check a workflow without running it: syntax, keys, variables and references,
+    /// input files, and that every model resolves to files on disk.
+    Check {
+        /// The workflow (TOML).
+        workflow: PathBuf,
+        /// As for `run`.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        sets: Vec<String>,
     },
     /// Write a deterministic random-weight model (real config, safetensors and
     /// tokenizer) of about a given size, for tests and benchmarks.
@@ -69,9 +82,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (workflow, socket, no_cache, no_autostart, output_dir) = match Cli::parse().command {
-        Command::Run { workflow, socket, no_cache, no_autostart, output_dir } => {
-            (workflow, socket, no_cache, no_autostart, output_dir)
+    let (workflow, socket, no_cache, no_autostart, output_dir, sets) = match Cli::parse().command {
+        Command::Run { workflow, socket, no_cache, no_autostart, output_dir, sets } => {
+            (workflow, socket, no_cache, no_autostart, output_dir, sets)
+        }
+        Command::Check { workflow, sets } => {
+            return match Workflow::load_with(&workflow, &sets).map_err(Into::into).and_then(|wf| check(&wf)) {
+                Ok(summary) => {
+                    println!("{}: ok: {summary}", workflow.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mora-exec: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Synth { arch, size, dtype, seed, output_dir } => {
             return match generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir) {
@@ -93,7 +118,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let result = Workflow::load(&workflow).map_err(Into::into).and_then(|wf| {
+    let result = Workflow::load_with(&workflow, &sets).map_err(Into::into).and_then(|wf| {
         let opts = RunOptions {
             socket: socket_path(socket.as_deref()),
             no_cache,

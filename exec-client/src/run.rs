@@ -27,48 +27,72 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub struct StepReport {
     pub step: String,
-    pub model: String,
     pub items: usize,
     pub output: PathBuf,
-    pub weights: Provenance,
-    /// Where it ran ("cpu", "cuda:0").
-    pub device: String,
-    /// Opening that device (a GPU's CUDA context), and mapping lent weights.
-    pub device_open: Duration,
-    pub map: Duration,
-    /// Building the candle model from the weights (for lent weights, this is
-    /// the copy out of the shared mapping).
-    pub build_ms: u64,
     pub run_ms: u64,
+    pub what: StepKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    /// A step that ran a model.
+    Model {
+        model: String,
+        weights: Provenance,
+        /// Where it ran ("cpu", "cuda:0").
+        device: String,
+        /// Opening that device (a GPU's CUDA context), and mapping lent weights.
+        device_open: Duration,
+        map: Duration,
+        /// Building the candle model from the weights (for lent weights on
+        /// the CPU, this is the copy out of the shared mapping).
+        build_ms: u64,
+    },
+    /// A rank step: `items` queries against a corpus of `corpus` texts.
+    Rank { corpus: usize, top_k: usize },
+}
+
+/// The texts an embed step embedded and their embeddings, in order.
+struct Embedded {
+    texts: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
 }
 
 /// Runs every step of `workflow` and returns one report per step. Leases
 /// taken from the daemon are held until this returns.
 pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, ExecError> {
     // Read every input before taking any lease, so a bad input fails fast.
-    let mut inputs = Vec::new();
+    let mut inputs = BTreeMap::new();
     for step in &workflow.steps {
-        inputs.push(step.texts.load().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?);
+        if let Task::Embed { texts, .. } = &step.task {
+            let t = texts.load().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
+            inputs.insert(step.name.as_str(), t);
+        }
     }
 
     let conn: Option<Connection> =
         if opts.no_cache { None } else { Some(daemon::connect(&opts.socket, opts.autostart)?) };
+    // Declared after the connection, so dropped before it: GPU mappings
+    // close before the leases that keep their memory alive end.
     let mut weights: BTreeMap<&str, Weights> = BTreeMap::new();
+    let mut embedded: BTreeMap<&str, Embedded> = BTreeMap::new();
     let mut reports = Vec::new();
-    for (step, texts) in workflow.steps.iter().zip(inputs) {
-        if !weights.contains_key(step.model.as_str()) {
-            let spec = &workflow.models[&step.model];
-            let device = mora_common::gpu::resolve(spec.device)
-                .map_err(|e| ExecError::Model(format!("model `{}`: {e}", step.model)))?;
-            let w = match &conn {
-                Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
-                None => Weights::in_process(&spec.source, spec.dtype, device)?,
-            };
-            weights.insert(step.model.as_str(), w);
-        }
-        let w = &weights[step.model.as_str()];
-        match step.task {
-            Task::Embed => {
+    for step in &workflow.steps {
+        let output = opts.output_dir.join(&step.output);
+        match &step.task {
+            Task::Embed { model, .. } => {
+                if !weights.contains_key(model.as_str()) {
+                    let spec = &workflow.models[model];
+                    let device = mora_common::gpu::resolve(spec.device)
+                        .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
+                    let w = match &conn {
+                        Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
+                        None => Weights::in_process(&spec.source, spec.dtype, device)?,
+                    };
+                    weights.insert(model.as_str(), w);
+                }
+                let w = &weights[model.as_str()];
+                let texts = inputs.remove(step.name.as_str()).expect("read above");
                 let start = Instant::now();
                 // f32 whatever the weights are held in: candle's CPU BERT
                 // turns its attention mask into NaN in f16 (0 × -inf), and
@@ -79,25 +103,96 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 let start = Instant::now();
                 let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
                 let run_ms = start.elapsed().as_millis() as u64;
-                let output = opts.output_dir.join(&step.output);
                 let doc = serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings });
                 write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
                 reports.push(StepReport {
                     step: step.name.clone(),
-                    model: w.name.clone(),
                     items: texts.len(),
                     output,
-                    weights: w.provenance.clone(),
-                    device: device_name(&w.device),
-                    device_open: w.device_open,
-                    map: w.map,
-                    build_ms,
                     run_ms,
+                    what: StepKind::Model {
+                        model: w.name.clone(),
+                        weights: w.provenance.clone(),
+                        device: device_name(&w.device),
+                        device_open: w.device_open,
+                        map: w.map,
+                        build_ms,
+                    },
+                });
+                embedded.insert(step.name.as_str(), Embedded { texts, embeddings });
+            }
+            Task::Rank { query, corpus, top_k } => {
+                // The workflow was checked: both name earlier embed steps.
+                let (q, c) = (&embedded[query.as_str()], &embedded[corpus.as_str()]);
+                let start = Instant::now();
+                let results: Vec<serde_json::Value> = q
+                    .texts
+                    .iter()
+                    .zip(&q.embeddings)
+                    .map(|(text, e)| {
+                        let matches: Vec<serde_json::Value> = top_matches(e, &c.embeddings, *top_k)
+                            .into_iter()
+                            .map(|(i, score)| serde_json::json!({ "index": i, "text": c.texts[i], "score": score }))
+                            .collect();
+                        serde_json::json!({ "query": text, "matches": matches })
+                    })
+                    .collect();
+                let run_ms = start.elapsed().as_millis() as u64;
+                let doc = serde_json::json!({ "results": results });
+                write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
+                reports.push(StepReport {
+                    step: step.name.clone(),
+                    items: q.texts.len(),
+                    output,
+                    run_ms,
+                    what: StepKind::Rank { corpus: c.texts.len(), top_k: *top_k },
                 });
             }
         }
     }
     Ok(reports)
+}
+
+/// What `mora-exec check` verifies beyond parsing: every input file reads,
+/// every model resolves to files on disk (offline, as a run would). Returns
+/// a one-line summary.
+pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
+    for step in &workflow.steps {
+        if let Task::Embed { texts, .. } = &step.task {
+            texts.load().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
+        }
+    }
+    for (key, spec) in &workflow.models {
+        spec.source.resolve().map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
+    }
+    let steps: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
+    Ok(format!(
+        "{} model(s), {} step(s): {}",
+        workflow.models.len(),
+        steps.len(),
+        steps.join(", ")
+    ))
+}
+
+/// Cosine similarity of two vectors (0 when either is all zeros).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
+/// The `k` corpus entries most similar to `query`, best first, as (index,
+/// cosine); ties keep corpus order.
+pub fn top_matches(query: &[f32], corpus: &[Vec<f32>], k: usize) -> Vec<(usize, f32)> {
+    let mut scored: Vec<(usize, f32)> = corpus.iter().map(|c| cosine(query, c)).enumerate().collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    scored
 }
 
 /// Writes via a temporary file and a rename, so a reader never sees half a file.
@@ -125,31 +220,55 @@ fn device_name(d: &candle_core::Device) -> String {
 /// One line per step for the terminal.
 pub fn describe(r: &StepReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let weights = match &r.weights {
-        Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
-            format!("cold: the cache daemon loaded {:.1} MiB in {load_ms} ms", mib(*bytes))
-        }
-        Provenance::Daemon { loaded_now: false, bytes, .. } => {
-            format!("warm: {:.1} MiB from the cache daemon", mib(*bytes))
-        }
-        Provenance::InProcess { load_ms, bytes } => {
-            format!("no cache: read {:.1} MiB in-process in {load_ms} ms", mib(*bytes))
-        }
-    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let opened = if r.device == "cpu" { String::new() } else { format!("device opened in {:.1} ms; ", ms(r.device_open)) };
-    let mapped = match r.weights {
-        Provenance::Daemon { .. } => format!("mapped in {:.2} ms; ", ms(r.map)),
-        Provenance::InProcess { .. } => String::new(),
-    };
-    format!(
-        "{}: {} texts with {} on {} -> {} (weights {weights}; {opened}{mapped}model built in {} ms; ran in {} ms)",
-        r.step,
-        r.items,
-        r.model,
-        r.device,
-        r.output.display(),
-        r.build_ms,
-        r.run_ms
-    )
+    match &r.what {
+        StepKind::Model { model, weights, device, device_open, map, build_ms } => {
+            let source = match weights {
+                Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
+                    format!("cold: the cache daemon loaded {:.1} MiB in {load_ms} ms", mib(*bytes))
+                }
+                Provenance::Daemon { loaded_now: false, bytes, .. } => {
+                    format!("warm: {:.1} MiB from the cache daemon", mib(*bytes))
+                }
+                Provenance::InProcess { load_ms, bytes } => {
+                    format!("no cache: read {:.1} MiB in-process in {load_ms} ms", mib(*bytes))
+                }
+            };
+            let opened = if device == "cpu" { String::new() } else { format!("device opened in {:.1} ms; ", ms(*device_open)) };
+            let mapped = match weights {
+                Provenance::Daemon { .. } => format!("mapped in {:.2} ms; ", ms(*map)),
+                Provenance::InProcess { .. } => String::new(),
+            };
+            format!(
+                "{}: {} texts with {model} on {device} -> {} (weights {source}; {opened}{mapped}model built in {build_ms} ms; ran in {} ms)",
+                r.step,
+                r.items,
+                r.output.display(),
+                r.run_ms
+            )
+        }
+        StepKind::Rank { corpus, top_k } => format!(
+            "{}: ranked {} queries against {corpus} texts, top {top_k} -> {} (ran in {} ms)",
+            r.step,
+            r.items,
+            r.output.display(),
+            r.run_ms
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_matches_are_the_most_similar_best_first() {
+        let corpus = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.6, 0.8], vec![0.0, 0.0], vec![2.0, 0.0]];
+        let m = top_matches(&[1.0, 0.0], &corpus, 3);
+        // Scale does not matter (cosine), ties keep corpus order.
+        assert_eq!(m.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 4, 2]);
+        assert!((m[2].1 - 0.6).abs() < 1e-6);
+        assert_eq!(top_matches(&[1.0, 0.0], &corpus, 10).len(), 5);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
 }

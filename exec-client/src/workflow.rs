@@ -1,19 +1,33 @@
 //! Workflow files: what models a run needs and what steps it performs.
 //!
 //! ```toml
-//! name = "embed"
+//! name = "search"
+//! [variables]
+//! query = "A man is eating pasta."                  # --set query="..." overrides
 //! [models.minilm]
 //! repo = "sentence-transformers/all-MiniLM-L6-v2"   # or: path = "some/local/dir"
 //! [[steps]]
-//! name = "embed"
+//! name = "docs"
 //! task = "embed"
 //! model = "minilm"
-//! texts = ["A man is eating food."]                 # or: texts_file = "corpus.txt"
-//! output = "embeddings.json"                        # relative to -o DIR
+//! texts_file = "corpus.txt"                         # or: texts = ["...", ...]
+//! [[steps]]
+//! name = "q"
+//! task = "embed"
+//! model = "minilm"
+//! texts = ["{{ query }}"]
+//! [[steps]]
+//! name = "best"
+//! task = "rank"
+//! query = "{{ steps.q }}"
+//! corpus = "{{ steps.docs }}"
+//! top_k = 3
 //! ```
 //!
-//! Key sets are closed: a misspelt key is an error with its line and column,
-//! never silently ignored.
+//! Everything is checked here, before any model is loaded: key sets are
+//! closed (a misspelt key is an error with its line and column), variables
+//! are typed by their defaults, and every reference names a declared
+//! variable or an earlier step. docs/workflow.md describes every key.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
@@ -42,6 +56,9 @@ pub enum WorkflowError {
 #[serde(deny_unknown_fields)]
 struct WorkflowFile {
     name: String,
+    description: Option<String>,
+    #[serde(default)]
+    variables: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
     models: BTreeMap<String, Spanned<ModelDecl>>,
     #[serde(default)]
@@ -70,12 +87,68 @@ enum KeepAliveDecl {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StepDecl {
-    name: String,
+    name: Spanned<String>,
     task: Spanned<String>,
-    model: Spanned<String>,
+    model: Option<Spanned<String>>,
     texts: Option<Vec<String>>,
-    texts_file: Option<PathBuf>,
-    output: Option<PathBuf>,
+    texts_file: Option<String>,
+    query: Option<Spanned<String>>,
+    corpus: Option<Spanned<String>>,
+    top_k: Option<Spanned<IntDecl>>,
+    output: Option<String>,
+}
+
+/// An integer written as one, or as a string with `{{ variable }}`s.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IntDecl {
+    Int(i64),
+    Text(String),
+}
+
+/// A variable's value; its type is the type of its default.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Value {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Value::Str(_) => "a string",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a number",
+            Value::Bool(_) => "a boolean (true or false)",
+        }
+    }
+
+    /// `text` converted to this value's type.
+    fn with(&self, text: &str) -> Option<Value> {
+        Some(match self {
+            Value::Str(_) => Value::Str(text.to_string()),
+            Value::Int(_) => Value::Int(text.trim().parse().ok()?),
+            Value::Float(_) => Value::Float(text.trim().parse().ok().filter(|f: &f64| f.is_finite())?),
+            Value::Bool(_) => Value::Bool(match text.trim() {
+                "true" => true,
+                "false" => false,
+                _ => return None,
+            }),
+        })
+    }
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Str(s) => f.write_str(s),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Bool(b) => write!(f, "{b}"),
+        }
+    }
 }
 
 /// A model a workflow declares.
@@ -90,11 +163,25 @@ pub struct ModelSpec {
     pub keep_alive: Option<KeepAlive>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Task {
     /// Sentence embeddings: BERT, then the model's pooling and normalisation.
-    Embed,
+    Embed {
+        /// Key into [`Workflow::models`].
+        model: String,
+        texts: Texts,
+    },
+    /// Cosine top-k of each text of one embed step against another's.
+    Rank {
+        /// Names of earlier embed steps.
+        query: String,
+        corpus: String,
+        top_k: usize,
+    },
 }
+
+/// `top_k` of a rank step that gives none.
+pub const DEFAULT_TOP_K: usize = 5;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Texts {
@@ -107,19 +194,80 @@ pub enum Texts {
 pub struct Step {
     pub name: String,
     pub task: Task,
-    /// Key into [`Workflow::models`].
-    pub model: String,
-    pub texts: Texts,
     /// Relative to the run's output directory (unless absolute).
     pub output: PathBuf,
+}
+
+impl Step {
+    /// The model this step runs, if it runs one.
+    pub fn model(&self) -> Option<&str> {
+        match &self.task {
+            Task::Embed { model, .. } => Some(model),
+            Task::Rank { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workflow {
     pub name: String,
+    pub description: Option<String>,
     pub path: PathBuf,
+    /// Every declared variable, with `--set` applied.
+    pub variables: BTreeMap<String, Value>,
     pub models: BTreeMap<String, ModelSpec>,
     pub steps: Vec<Step>,
+}
+
+/// Expands every `{{ variable }}` in `text`. Step results are not text:
+/// `{{ steps.NAME }}` is an error here (see [`step_ref`]).
+fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
+        let name = after[..close].trim();
+        if name.starts_with("steps.") {
+            return Err(format!(
+                "`{{{{ {name} }}}}`: a step's results are not text; they can be used only as a whole `query` or `corpus` of a rank step"
+            ));
+        }
+        match vars.get(name) {
+            Some(v) => out.push_str(&v.to_string()),
+            None if vars.is_empty() => {
+                return Err(format!("unknown variable `{name}`: declare it in a [variables] table"))
+            }
+            None => {
+                let known: Vec<&str> = vars.keys().map(String::as_str).collect();
+                return Err(format!("unknown variable `{name}` (declared: {})", known.join(", ")));
+            }
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The step a `"{{ steps.NAME }}"` (or `"{{ steps.NAME.embeddings }}"`) names.
+fn step_ref(value: &str) -> Result<String, String> {
+    let inner = value
+        .trim()
+        .strip_prefix("{{")
+        .and_then(|v| v.strip_suffix("}}"))
+        .map(str::trim)
+        .and_then(|v| v.strip_prefix("steps."))
+        .ok_or_else(|| format!("`{value}` is not a step reference: write \"{{{{ steps.NAME }}}}\""))?;
+    match inner.split_once('.') {
+        None => Ok(inner.to_string()),
+        Some((name, "embeddings")) => Ok(name.to_string()),
+        Some((name, field)) => Err(format!("step `{name}` has no field `{field}` (an embed step gives `embeddings`)")),
+    }
+}
+
+fn valid_step_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
@@ -132,12 +280,23 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
 impl Workflow {
     /// Reads and checks a workflow file.
     pub fn load(path: &Path) -> Result<Workflow, WorkflowError> {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads and checks a workflow file, with `NAME=VALUE` settings of its
+    /// variables (`--set`).
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Workflow, WorkflowError> {
         let src = std::fs::read_to_string(path).map_err(|source| WorkflowError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&src, path)
+        Self::parse_with(&src, path, sets)
     }
 
     /// Parses `src` as if read from `path` (which anchors relative paths).
     pub fn parse(src: &str, path: &Path) -> Result<Workflow, WorkflowError> {
+        Self::parse_with(src, path, &[])
+    }
+
+    /// [`Workflow::parse`] with `--set NAME=VALUE` settings.
+    pub fn parse_with(src: &str, path: &Path, sets: &[String]) -> Result<Workflow, WorkflowError> {
         let at = |span: Option<Range<usize>>, message: String| match span {
             Some(span) => {
                 let (line, column) = line_col(src, span.start);
@@ -151,6 +310,39 @@ impl Workflow {
 
         if file.name.trim().is_empty() {
             return Err(at(None, "`name` must not be empty".into()));
+        }
+        let mut variables = BTreeMap::new();
+        for (key, v) in &file.variables {
+            let value = match v.get_ref() {
+                toml::Value::String(s) => Value::Str(s.clone()),
+                toml::Value::Integer(i) => Value::Int(*i),
+                toml::Value::Float(f) => Value::Float(*f),
+                toml::Value::Boolean(b) => Value::Bool(*b),
+                other => {
+                    return Err(at(
+                        Some(v.span()),
+                        format!("variable `{key}`: a default must be a string, integer, number or boolean, not {}", other.type_str()),
+                    ))
+                }
+            };
+            variables.insert(key.clone(), value);
+        }
+        for set in sets {
+            let bad = |message: String| WorkflowError::Invalid { path: path.to_path_buf(), message: format!("--set {set}: {message}") };
+            let (key, text) = set.split_once('=').ok_or_else(|| bad("expected NAME=VALUE".into()))?;
+            let key = key.trim();
+            let Some(default) = variables.get(key) else {
+                let known: Vec<&str> = variables.keys().map(String::as_str).collect();
+                return Err(bad(if known.is_empty() {
+                    "the workflow declares no variables".into()
+                } else {
+                    format!("no variable `{key}` (declared: {})", known.join(", "))
+                }));
+            };
+            let value = default.with(text).ok_or_else(|| {
+                bad(format!("`{key}` is {} (default {default}), and `{text}` is not one", default.type_name()))
+            })?;
+            variables.insert(key.to_string(), value);
         }
         let mut models = BTreeMap::new();
         for (key, decl) in &file.models {
@@ -195,45 +387,130 @@ impl Workflow {
         if file.steps.is_empty() {
             return Err(at(None, "no `[[steps]]`: nothing to run".into()));
         }
-        let mut names = HashSet::new();
+        // Step name -> whether it is an embed step, for the steps before the current one.
+        let mut earlier: BTreeMap<String, bool> = BTreeMap::new();
+        let all_names: HashSet<&str> = file.steps.iter().map(|s| s.get_ref().name.get_ref().as_str()).collect();
         let mut steps = Vec::new();
         for step in &file.steps {
             let span = Some(step.span());
             let s = step.get_ref();
-            if !names.insert(s.name.clone()) {
-                return Err(at(span, format!("step name `{}` is used twice", s.name)));
+            let name = s.name.get_ref();
+            if !valid_step_name(name) {
+                return Err(at(
+                    Some(s.name.span()),
+                    format!("step name `{name}`: use letters, digits, `_` and `-` (steps are referred to as `steps.NAME`)"),
+                ));
             }
+            if earlier.contains_key(name) {
+                return Err(at(span, format!("step name `{name}` is used twice")));
+            }
+            let step_err = |span: Option<Range<usize>>, m: String| at(span, format!("step `{name}`: {m}"));
             let task = match s.task.get_ref().as_str() {
-                "embed" => Task::Embed,
-                other => return Err(at(Some(s.task.span()), format!("unknown task `{other}`: expected `embed`"))),
+                "embed" => {
+                    for (key, given) in [("query", s.query.is_some()), ("corpus", s.corpus.is_some()), ("top_k", s.top_k.is_some())] {
+                        if given {
+                            return Err(step_err(span.clone(), format!("`{key}` belongs to rank steps, not embed")));
+                        }
+                    }
+                    let Some(model) = &s.model else {
+                        return Err(step_err(span, "an embed step needs `model = \"NAME\"`".into()));
+                    };
+                    if !models.contains_key(model.get_ref()) {
+                        let known: Vec<&str> = models.keys().map(String::as_str).collect();
+                        let hint = if known.is_empty() {
+                            "no models are declared: add a [models.NAME] table".to_string()
+                        } else {
+                            format!("declared: {}", known.join(", "))
+                        };
+                        return Err(at(
+                            Some(model.span()),
+                            format!("step `{name}` uses unknown model `{}` ({hint})", model.get_ref()),
+                        ));
+                    }
+                    let texts = match (&s.texts, &s.texts_file) {
+                        (Some(t), None) if t.is_empty() => return Err(step_err(span, "`texts` is empty".into())),
+                        (Some(t), None) => Texts::Inline(
+                            t.iter().map(|t| expand(t, &variables)).collect::<Result<_, _>>().map_err(|e| step_err(span.clone(), e))?,
+                        ),
+                        (None, Some(f)) => Texts::File(base.join(expand(f, &variables).map_err(|e| step_err(span.clone(), e))?)),
+                        (Some(_), Some(_)) => return Err(step_err(span, "gives both `texts` and `texts_file`: keep one".into())),
+                        (None, None) => {
+                            return Err(step_err(span, "needs `texts = [...]` or `texts_file = \"FILE\"`".into()))
+                        }
+                    };
+                    Task::Embed { model: model.get_ref().clone(), texts }
+                }
+                "rank" => {
+                    if let Some(m) = &s.model {
+                        return Err(step_err(Some(m.span()), "a rank step uses no model (it ranks the embeddings of earlier steps)".into()));
+                    }
+                    if s.texts.is_some() || s.texts_file.is_some() {
+                        return Err(step_err(span, "a rank step takes `query` and `corpus`, not texts".into()));
+                    }
+                    let mut refs = Vec::new();
+                    for (key, v) in [("query", &s.query), ("corpus", &s.corpus)] {
+                        let Some(v) = v else {
+                            return Err(step_err(span, format!("a rank step needs `{key} = \"{{{{ steps.NAME }}}}\"`")));
+                        };
+                        let target = step_ref(v.get_ref()).map_err(|e| step_err(Some(v.span()), format!("`{key}`: {e}")))?;
+                        match earlier.get(&target) {
+                            Some(true) => refs.push(target),
+                            Some(false) => {
+                                return Err(step_err(
+                                    Some(v.span()),
+                                    format!("`{key}` names step `{target}`, a rank step; it takes an embed step"),
+                                ))
+                            }
+                            None if target == *name || all_names.contains(target.as_str()) => {
+                                return Err(step_err(
+                                    Some(v.span()),
+                                    format!("`{key}` names step `{target}`, which does not come before it: a step can use only earlier steps' results"),
+                                ))
+                            }
+                            None => {
+                                let known: Vec<&str> = earlier.keys().map(String::as_str).collect();
+                                return Err(step_err(
+                                    Some(v.span()),
+                                    format!(
+                                        "`{key}` names no step `{target}` ({})",
+                                        if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    let top_k = match &s.top_k {
+                        None => DEFAULT_TOP_K,
+                        Some(k) => {
+                            let value = match k.get_ref() {
+                                IntDecl::Int(i) => Some(*i),
+                                IntDecl::Text(t) => {
+                                    let text = expand(t, &variables).map_err(|e| step_err(Some(k.span()), e))?;
+                                    text.trim().parse().ok()
+                                }
+                            };
+                            match value {
+                                Some(v) if v >= 1 => v as usize,
+                                _ => return Err(step_err(Some(k.span()), "`top_k` must be a whole number of at least 1".into())),
+                            }
+                        }
+                    };
+                    let corpus = refs.pop().expect("two references");
+                    let query = refs.pop().expect("two references");
+                    Task::Rank { query, corpus, top_k }
+                }
+                other => {
+                    return Err(at(Some(s.task.span()), format!("unknown task `{other}`: expected `embed` or `rank`")))
+                }
             };
-            let model = s.model.get_ref();
-            if !models.contains_key(model) {
-                let known: Vec<&str> = models.keys().map(String::as_str).collect();
-                let hint = if known.is_empty() {
-                    "no models are declared: add a [models.NAME] table".to_string()
-                } else {
-                    format!("declared: {}", known.join(", "))
-                };
-                return Err(at(Some(s.model.span()), format!("step `{}` uses unknown model `{model}` ({hint})", s.name)));
-            }
-            let texts = match (&s.texts, &s.texts_file) {
-                (Some(t), None) if t.is_empty() => {
-                    return Err(at(span, format!("step `{}`: `texts` is empty", s.name)))
-                }
-                (Some(t), None) => Texts::Inline(t.clone()),
-                (None, Some(f)) => Texts::File(base.join(f)),
-                (Some(_), Some(_)) => {
-                    return Err(at(span, format!("step `{}` gives both `texts` and `texts_file`: keep one", s.name)))
-                }
-                (None, None) => {
-                    return Err(at(span, format!("step `{}` needs `texts = [...]` or `texts_file = \"FILE\"`", s.name)))
-                }
+            let output = match &s.output {
+                Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| step_err(span.clone(), e))?),
+                None => PathBuf::from(format!("{name}.json")),
             };
-            let output = s.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.json", s.name)));
-            steps.push(Step { name: s.name.clone(), task, model: model.clone(), texts, output });
+            earlier.insert(name.clone(), matches!(task, Task::Embed { .. }));
+            steps.push(Step { name: name.clone(), task, output });
         }
-        Ok(Workflow { name: file.name, path: path.to_path_buf(), models, steps })
+        Ok(Workflow { name: file.name, description: file.description, path: path.to_path_buf(), variables, models, steps })
     }
 }
 
@@ -281,7 +558,7 @@ output = "embeddings.json"
         let m = &w.models["minilm"];
         assert_eq!(m.dtype, WeightDType::F32);
         assert!(matches!(&m.source, ModelSource::HfRepo { repo, revision, .. } if repo == "sentence-transformers/all-MiniLM-L6-v2" && revision == "main"));
-        assert_eq!(w.steps[0].texts, Texts::Inline(vec!["a".into(), "b".into()]));
+        assert_eq!(w.steps[0].task, Task::Embed { model: "minilm".into(), texts: Texts::Inline(vec!["a".into(), "b".into()]) });
         assert_eq!(w.steps[0].output, PathBuf::from("embeddings.json"));
     }
 
@@ -361,5 +638,119 @@ output = "embeddings.json"
         assert_eq!(Texts::File(f.clone()).load().unwrap(), vec!["one", " two ", "three"]);
         std::fs::write(&f, "\n\n").unwrap();
         assert!(Texts::File(f).load().unwrap_err().contains("holds no texts"));
+    }
+
+    const SEARCH: &str = r#"
+name = "search"
+description = "find the closest passage"
+[variables]
+query = "A man is eating pasta."
+k = 2
+file = "corpus"
+[models.minilm]
+repo = "sentence-transformers/all-MiniLM-L6-v2"
+[[steps]]
+name = "docs"
+task = "embed"
+model = "minilm"
+texts_file = "{{ file }}.txt"
+[[steps]]
+name = "q"
+task = "embed"
+model = "minilm"
+texts = ["{{query}}", "again: {{ query }}"]
+[[steps]]
+name = "best"
+task = "rank"
+query = "{{ steps.q }}"
+corpus = "{{ steps.docs.embeddings }}"
+top_k = "{{ k }}"
+output = "ranked-{{ k }}.json"
+"#;
+
+    fn with_sets(src: &str, sets: &[&str]) -> Result<Workflow, WorkflowError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Workflow::parse_with(src, Path::new("/w/flow.toml"), &sets)
+    }
+
+    #[test]
+    fn variables_expand_in_texts_files_and_outputs_and_rank_names_earlier_steps() {
+        let w = parse(SEARCH).unwrap();
+        assert_eq!(w.description.as_deref(), Some("find the closest passage"));
+        assert_eq!(w.steps[0].task, Task::Embed { model: "minilm".into(), texts: Texts::File("/w/corpus.txt".into()) });
+        assert_eq!(
+            w.steps[1].task,
+            Task::Embed {
+                model: "minilm".into(),
+                texts: Texts::Inline(vec!["A man is eating pasta.".into(), "again: A man is eating pasta.".into()])
+            }
+        );
+        assert_eq!(w.steps[2].task, Task::Rank { query: "q".into(), corpus: "docs".into(), top_k: 2 });
+        assert_eq!(w.steps[2].output, PathBuf::from("ranked-2.json"));
+        assert_eq!(w.steps[2].model(), None);
+        assert_eq!(w.steps[0].output, PathBuf::from("docs.json"));
+    }
+
+    #[test]
+    fn set_converts_to_the_defaults_type_or_says_why_not() {
+        let w = with_sets(SEARCH, &["k=4", "query=Who plays drums?"]).unwrap();
+        assert_eq!(w.variables["k"], Value::Int(4));
+        assert!(matches!(&w.steps[2].task, Task::Rank { top_k: 4, .. }));
+        assert!(matches!(&w.steps[1].task, Task::Embed { texts: Texts::Inline(t), .. } if t[0] == "Who plays drums?"));
+        let e = with_sets(SEARCH, &["k=many"]).unwrap_err().to_string();
+        assert_eq!(e, "/w/flow.toml: --set k=many: `k` is an integer (default 2), and `many` is not one");
+        let e = with_sets(SEARCH, &["qurey=x"]).unwrap_err().to_string();
+        assert!(e.contains("--set qurey=x: no variable `qurey` (declared: file, k, query)"), "{e}");
+        let e = with_sets(GOOD, &["x=1"]).unwrap_err().to_string();
+        assert!(e.contains("the workflow declares no variables"), "{e}");
+        let e = with_sets(SEARCH, &["k"]).unwrap_err().to_string();
+        assert!(e.contains("--set k: expected NAME=VALUE"), "{e}");
+        let flag = SEARCH.replace("k = 2\n", "k = 2\nverbose = false\nscale = 0.5\n");
+        assert_eq!(with_sets(&flag, &["verbose=true", "scale=2"]).unwrap().variables["scale"], Value::Float(2.0));
+        assert!(with_sets(&flag, &["verbose=yes"]).unwrap_err().to_string().contains("a boolean"));
+        let table = SEARCH.replace("k = 2\n", "k = [2]\n");
+        assert!(parse(&table).unwrap_err().to_string().contains("variable `k`: a default must be"));
+    }
+
+    #[test]
+    fn every_bad_reference_is_found_before_anything_runs() {
+        let e = parse(&SEARCH.replace("{{query}}", "{{ qeury }}")).unwrap_err().to_string();
+        assert!(e.contains("step `q`: unknown variable `qeury` (declared: file, k, query)"), "{e}");
+        let e = parse(&SEARCH.replace("{{query}}", "{{ query ")).unwrap_err().to_string();
+        assert!(e.contains("without a closing"), "{e}");
+        let e = parse(&SEARCH.replace("{{query}}", "{{ steps.docs }}")).unwrap_err().to_string();
+        assert!(e.contains("a step's results are not text"), "{e}");
+        // A later step, the step itself, an unknown one, a rank step, an unknown field.
+        let e = parse(&SEARCH.replace("query = \"{{ steps.q }}\"", "query = \"{{ steps.best }}\"")).unwrap_err().to_string();
+        assert!(e.contains("names step `best`, which does not come before it"), "{e}");
+        assert!(e.starts_with("/w/flow.toml:23:9:"), "{e}");
+        let later = SEARCH.replace("query = \"{{ steps.q }}\"", "query = \"{{ steps.last }}\"")
+            + "[[steps]]\nname = \"last\"\ntask = \"embed\"\nmodel = \"minilm\"\ntexts = [\"x\"]\n";
+        assert!(parse(&later).unwrap_err().to_string().contains("names step `last`, which does not come before it"));
+        let e = parse(&SEARCH.replace("{{ steps.q }}", "{{ steps.qq }}")).unwrap_err().to_string();
+        assert!(e.contains("names no step `qq` (earlier steps: docs, q)"), "{e}");
+        let twice = SEARCH.to_string()
+            + "[[steps]]\nname = \"again\"\ntask = \"rank\"\nquery = \"{{ steps.best }}\"\ncorpus = \"{{ steps.docs }}\"\n";
+        assert!(parse(&twice).unwrap_err().to_string().contains("names step `best`, a rank step; it takes an embed step"));
+        let e = parse(&SEARCH.replace("{{ steps.docs.embeddings }}", "{{ steps.docs.vectors }}")).unwrap_err().to_string();
+        assert!(e.contains("step `docs` has no field `vectors`"), "{e}");
+        let e = parse(&SEARCH.replace("\"{{ steps.q }}\"", "\"q\"")).unwrap_err().to_string();
+        assert!(e.contains("`query`: `q` is not a step reference"), "{e}");
+    }
+
+    #[test]
+    fn rank_and_embed_keys_do_not_mix() {
+        let e = parse(&SEARCH.replace("top_k = \"{{ k }}\"", "top_k = 0")).unwrap_err().to_string();
+        assert!(e.contains("`top_k` must be a whole number of at least 1"), "{e}");
+        let e = parse(&SEARCH.replace("task = \"rank\"\n", "task = \"rank\"\nmodel = \"minilm\"\n")).unwrap_err().to_string();
+        assert!(e.contains("a rank step uses no model"), "{e}");
+        let e = parse(&SEARCH.replace("corpus = \"{{ steps.docs.embeddings }}\"\n", "")).unwrap_err().to_string();
+        assert!(e.contains("a rank step needs `corpus = \"{{ steps.NAME }}\"`"), "{e}");
+        let e = parse(&GOOD.replace("output =", "top_k = 3\noutput =")).unwrap_err().to_string();
+        assert!(e.contains("`top_k` belongs to rank steps"), "{e}");
+        let e = parse(&GOOD.replace("name = \"embed\"\ntask", "name = \"two words\"\ntask")).unwrap_err().to_string();
+        assert!(e.contains("step name `two words`: use letters"), "{e}");
+        let no_top_k = SEARCH.replace("top_k = \"{{ k }}\"\n", "");
+        assert!(matches!(parse(&no_top_k).unwrap().steps[2].task, Task::Rank { top_k: DEFAULT_TOP_K, .. }));
     }
 }
