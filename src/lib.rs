@@ -53,6 +53,28 @@ pub fn test_model_dir() -> PathBuf {
     repo.join("snapshots").join(commit.trim())
 }
 
+/// The synthetic llama the generate examples use (`examples/generate.toml`,
+/// `examples/pipeline.toml`): `.mora-test/tiny-llama`, written with
+/// `mora-exec synth` the first time it is needed. Written aside and renamed
+/// into place, so tests racing to make it all see a whole model.
+pub fn tiny_llama() -> PathBuf {
+    let dir = root().join(".mora-test").join("tiny-llama");
+    if !dir.join("model.safetensors").is_file() {
+        let tmp = root().join(".mora-test").join(format!("tiny-llama.tmp.{}", std::process::id()));
+        let out = Command::new(bin("mora-exec"))
+            .args(["synth", "--arch", "llama", "--size", "16MiB", "--seed", "1", "-o"])
+            .arg(&tmp)
+            .output()
+            .expect("run mora-exec synth");
+        assert!(out.status.success(), "synth failed: {}", String::from_utf8_lossy(&out.stderr));
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another test got there first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    dir
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch {
     pub path: PathBuf,

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use mora::{one_line_failure, Env};
+use std::time::Duration;
+
+use mora::{embed_workflow, one_line_failure, read_embeddings, tiny_llama, wait_until, Env};
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)
@@ -27,6 +29,7 @@ fn read_json(p: &Path) -> serde_json::Value {
 
 #[test]
 fn every_example_passes_check_and_runs() {
+    tiny_llama();
     let env = Env::with_daemon("examples");
     for wf in examples() {
         let out = env.command("mora-exec").arg("check").arg(&wf).output().unwrap();
@@ -87,4 +90,82 @@ fn bad_settings_and_references_fail_before_any_model_is_loaded() {
     let line = one_line_failure(&env.command("mora-exec").arg("check").arg(&missing).output().unwrap());
     assert!(line.contains("cannot read texts_file") && line.contains("corpus.txt"), "{line}");
     assert!(env.resident_names().is_empty(), "nothing was loaded");
+}
+
+#[test]
+fn generation_is_deterministic_streams_and_matches_no_cache() {
+    tiny_llama();
+    let env = Env::with_daemon("generate");
+    let wf = example("generate.toml");
+    let text = |out: &str| read_json(&env.scratch.join(out).join("generate.json"))["text"].as_str().unwrap().to_string();
+    for (tag, extra) in [("greedy", &[][..]), ("sampled", &["--set", "temperature=0.9", "--set", "seed=5"][..])] {
+        let cached = env.exec(&wf, &format!("{tag}-cached"), extra);
+        assert!(cached.status.success(), "{}", String::from_utf8_lossy(&cached.stderr));
+        let again = env.exec(&wf, &format!("{tag}-again"), extra);
+        let mut args = extra.to_vec();
+        args.push("--no-cache");
+        let baseline = env.exec(&wf, &format!("{tag}-baseline"), &args);
+        assert!(again.status.success() && baseline.status.success());
+        let t = text(&format!("{tag}-cached"));
+        assert!(!t.is_empty(), "{tag}: nothing generated");
+        assert_eq!(t, text(&format!("{tag}-again")), "{tag}: same seed, same text");
+        assert_eq!(t, text(&format!("{tag}-baseline")), "{tag}: the cache changes nothing");
+        // The text streamed to stdout as it came, before the step's report.
+        let stdout = String::from_utf8_lossy(&cached.stdout);
+        assert!(stdout.starts_with(&t), "{tag}: {stdout}");
+        assert!(stdout.contains("complete: ") && stdout.contains(" tokens with "), "{stdout}");
+    }
+    let greedy = text("greedy-cached");
+    assert_ne!(greedy, text("sampled-cached"), "sampling at temperature 0.9 picked the greedy tokens every time");
+    let doc = read_json(&env.scratch.join("greedy-cached/generate.json"));
+    assert_eq!(doc["prompt"], "the man is eating");
+    assert!(doc["tokens"].as_u64().unwrap() >= 1 && doc["tokens_per_s"].as_f64().unwrap() > 0.0, "{doc}");
+}
+
+#[test]
+fn the_pipeline_generates_from_the_retrieved_passage() {
+    tiny_llama();
+    let env = Env::with_daemon("pipeline");
+    let out = env.exec(&example("pipeline.toml"), "p", &["--set", "question=Who is playing drums?"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = read_json(&env.scratch.join("p/answer.json"));
+    assert_eq!(answer["prompt"], "Context: A monkey is playing drums. Question: Who is playing drums? Answer:");
+    // Two models, each acquired once in the run.
+    let ps = env.ps();
+    assert_eq!(ps.len(), 2, "{ps:?}");
+}
+
+#[test]
+fn watch_reruns_in_a_fresh_process_after_a_change_and_stops_on_sigint() {
+    let env = Env::with_daemon("watch");
+    let wf = env.workflow("w.toml", &embed_workflow(&["first"]));
+    let log = env.scratch.join("watch.log");
+    let mut child = env
+        .command("mora-exec")
+        .arg("watch")
+        .arg(&wf)
+        .arg("-o")
+        .arg(env.scratch.join("out"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start watch");
+    let said = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().contains(what);
+    let out = env.scratch.join("out/embeddings.json");
+    assert!(wait_until(Duration::from_secs(60), || said("run 1 finished")), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(read_embeddings(&out).len(), 1);
+    // A different size as well as a new mtime, whatever the file system's clock.
+    std::fs::write(&wf, embed_workflow(&["second", "third"])).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || said("run 2 finished")), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(read_embeddings(&out).len(), 2);
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::INT).unwrap();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("run 1 finished") && text.contains("models loaded by the cache daemon (cold)"), "{text}");
+    assert!(text.contains("run 2 finished") && text.contains("(models warm from the cache)"), "{text}");
+    assert!(text.contains("stopped after 2 run(s)"), "{text}");
+    // Each run was its own process: the daemon saw two leases come and go.
+    assert_eq!(env.ps()[0]["hits"], 2);
+    assert_eq!(env.ps()[0]["leases"], 0);
 }

@@ -6,7 +6,9 @@
 //! - [`weights`] maps lent segments (or loads files) for candle;
 //! - `cuda` (feature `cuda`) views a daemon's GPU allocation as candle tensors;
 //! - [`embed`] runs BERT with sentence-transformers pooling;
+//! - [`generate`] runs llama-family and qwen2 decoders, greedy or sampled;
 //! - [`run`] ties them together and writes outputs;
+//! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
 //! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
 //!
 //! Architecture invariant: the client never frees or writes weights it did
@@ -18,8 +20,10 @@
 pub mod cuda;
 pub mod daemon;
 pub mod embed;
+pub mod generate;
 pub mod run;
 pub mod synth;
+pub mod watch;
 pub mod weights;
 pub mod workflow;
 

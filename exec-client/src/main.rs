@@ -44,6 +44,28 @@ enum Command {
         #[arg(long = "set", value_name = "NAME=VALUE")]
         sets: Vec<String>,
     },
+    /// Run a workflow, then run it again, each time in a fresh process, whenever the
+    /// workflow file or an input file it names is saved; models stay warm in the
+    /// daemon between runs. Ctrl-C stops.
+    Watch {
+        /// The workflow (TOML).
+        workflow: PathBuf,
+        /// As for `run`.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// As for `run`.
+        #[arg(long)]
+        no_cache: bool,
+        /// As for `run`.
+        #[arg(long)]
+        no_autostart: bool,
+        /// As for `run`.
+        #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
+        output_dir: PathBuf,
+        /// As for `run`.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        sets: Vec<String>,
+    },
     /// Check a workflow without running it: syntax, keys, variables and references,
     /// input files, and that every model resolves to files on disk.
     Check {
@@ -56,7 +78,7 @@ enum Command {
     /// Write a deterministic random-weight model (real config, safetensors and
     /// tokenizer) of about a given size, for tests and benchmarks.
     Synth {
-        /// bert (runs the embed task) or llama.
+        /// bert (runs the embed task), llama or qwen2 (run the generate task).
         #[arg(long, default_value = "bert")]
         arch: Arch,
         /// Target size of model.safetensors: 1MiB .. several GiB.
@@ -85,6 +107,29 @@ fn main() -> ExitCode {
     let (workflow, socket, no_cache, no_autostart, output_dir, sets) = match Cli::parse().command {
         Command::Run { workflow, socket, no_cache, no_autostart, output_dir, sets } => {
             (workflow, socket, no_cache, no_autostart, output_dir, sets)
+        }
+        Command::Watch { workflow, socket, no_cache, no_autostart, output_dir, sets } => {
+            let mut run_args = vec!["-o".to_string(), output_dir.display().to_string()];
+            if let Some(s) = socket {
+                run_args.extend(["--socket".to_string(), s.display().to_string()]);
+            }
+            if no_cache {
+                run_args.push("--no-cache".into());
+            }
+            if no_autostart {
+                run_args.push("--no-autostart".into());
+            }
+            for s in &sets {
+                run_args.extend(["--set".to_string(), s.clone()]);
+            }
+            let opts = mora_exec::watch::WatchOptions { workflow, run_args, sets };
+            return match mora_exec::watch::watch(&opts) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mora-exec: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Check { workflow, sets } => {
             return match Workflow::load_with(&workflow, &sets).map_err(Into::into).and_then(|wf| check(&wf)) {

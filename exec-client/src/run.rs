@@ -10,7 +10,8 @@ use mora_common::connection::Connection;
 
 use crate::embed::SentenceEmbedder;
 use crate::weights::{Provenance, Weights};
-use crate::workflow::{Task, Workflow};
+use crate::generate::{SamplingSpec, TextGenerator};
+use crate::workflow::{Piece, Task, Workflow};
 use crate::{daemon, ExecError};
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct RunOptions {
 pub struct StepReport {
     pub step: String,
     pub items: usize,
+    /// What `items` counts: "texts", "tokens", "queries".
+    pub unit: &'static str,
     pub output: PathBuf,
     pub run_ms: u64,
     pub what: StepKind,
@@ -51,6 +54,7 @@ pub enum StepKind {
     /// A rank step: `items` queries against a corpus of `corpus` texts.
     Rank { corpus: usize, top_k: usize },
 }
+
 
 /// The texts an embed step embedded and their embeddings, in order.
 struct Embedded {
@@ -76,21 +80,25 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     // close before the leases that keep their memory alive end.
     let mut weights: BTreeMap<&str, Weights> = BTreeMap::new();
     let mut embedded: BTreeMap<&str, Embedded> = BTreeMap::new();
+    // Text results (a rank step's best match, a generate step's text), for prompts.
+    let mut texts_of: BTreeMap<&str, String> = BTreeMap::new();
     let mut reports = Vec::new();
     for step in &workflow.steps {
         let output = opts.output_dir.join(&step.output);
+        if let Some(model) = step.model() {
+            if !weights.contains_key(model) {
+                let spec = &workflow.models[model];
+                let device =
+                    mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
+                let w = match &conn {
+                    Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
+                    None => Weights::in_process(&spec.source, spec.dtype, device)?,
+                };
+                weights.insert(model, w);
+            }
+        }
         match &step.task {
             Task::Embed { model, .. } => {
-                if !weights.contains_key(model.as_str()) {
-                    let spec = &workflow.models[model];
-                    let device = mora_common::gpu::resolve(spec.device)
-                        .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
-                    let w = match &conn {
-                        Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
-                        None => Weights::in_process(&spec.source, spec.dtype, device)?,
-                    };
-                    weights.insert(model.as_str(), w);
-                }
                 let w = &weights[model.as_str()];
                 let texts = inputs.remove(step.name.as_str()).expect("read above");
                 let start = Instant::now();
@@ -108,6 +116,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 reports.push(StepReport {
                     step: step.name.clone(),
                     items: texts.len(),
+                    unit: "texts",
                     output,
                     run_ms,
                     what: StepKind::Model {
@@ -140,12 +149,63 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 let run_ms = start.elapsed().as_millis() as u64;
                 let doc = serde_json::json!({ "results": results });
                 write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
+                if let Some(best) = results.first().and_then(|r| r["matches"][0]["text"].as_str()) {
+                    texts_of.insert(step.name.as_str(), best.to_string());
+                }
                 reports.push(StepReport {
                     step: step.name.clone(),
                     items: q.texts.len(),
+                    unit: "queries",
                     output,
                     run_ms,
                     what: StepKind::Rank { corpus: c.texts.len(), top_k: *top_k },
+                });
+            }
+            Task::Generate { model, prompt, max_tokens, temperature, top_p, seed } => {
+                let w = &weights[model.as_str()];
+                let prompt: String = prompt
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Text(t) => Ok(t.clone()),
+                        Piece::StepText(s) => texts_of.get(s.as_str()).cloned().ok_or_else(|| {
+                            ExecError::Model(format!("step `{}`: step `{s}` produced no text (a rank step with no matches?)", step.name))
+                        }),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let start = Instant::now();
+                // f32 on the CPU (candle's CPU kernels are f32 first); on a
+                // GPU, the dtype the weights are held in.
+                let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
+                let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute)).map_err(ExecError::Model)?;
+                let build_ms = start.elapsed().as_millis() as u64;
+                let start = Instant::now();
+                let sampling = SamplingSpec { temperature: *temperature, top_p: *top_p, seed: *seed };
+                let g = generator.generate(&prompt, *max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
+                println!();
+                let run_ms = start.elapsed().as_millis() as u64;
+                let doc = serde_json::json!({
+                    "model": w.name,
+                    "prompt": prompt,
+                    "text": g.text,
+                    "tokens": g.tokens,
+                    "tokens_per_s": g.tokens_per_s,
+                });
+                write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
+                texts_of.insert(step.name.as_str(), g.text);
+                reports.push(StepReport {
+                    step: step.name.clone(),
+                    items: g.tokens,
+                    unit: "tokens",
+                    output,
+                    run_ms,
+                    what: StepKind::Model {
+                        model: w.name.clone(),
+                        weights: w.provenance.clone(),
+                        device: device_name(&w.device),
+                        device_open: w.device_open,
+                        map: w.map,
+                        build_ms,
+                    },
                 });
             }
         }
@@ -240,9 +300,10 @@ pub fn describe(r: &StepReport) -> String {
                 Provenance::InProcess { .. } => String::new(),
             };
             format!(
-                "{}: {} texts with {model} on {device} -> {} (weights {source}; {opened}{mapped}model built in {build_ms} ms; ran in {} ms)",
+                "{}: {} {} with {model} on {device} -> {} (weights {source}; {opened}{mapped}model built in {build_ms} ms; ran in {} ms)",
                 r.step,
                 r.items,
+                r.unit,
                 r.output.display(),
                 r.run_ms
             )

@@ -21,6 +21,8 @@ use mora_common::manifest::WeightDType;
 pub enum Arch {
     Bert,
     Llama,
+    /// Qwen2: llama's layout plus biases on the q, k and v projections.
+    Qwen2,
 }
 
 impl std::str::FromStr for Arch {
@@ -29,7 +31,8 @@ impl std::str::FromStr for Arch {
         match s {
             "bert" => Ok(Arch::Bert),
             "llama" => Ok(Arch::Llama),
-            other => Err(format!("unknown architecture `{other}`: expected bert or llama")),
+            "qwen2" => Ok(Arch::Qwen2),
+            other => Err(format!("unknown architecture `{other}`: expected bert, llama or qwen2")),
         }
     }
 }
@@ -97,12 +100,15 @@ fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
                 t.push((format!("{p}.output.LayerNorm.bias"), vec![h], Init::Zeros));
             }
         }
-        Arch::Llama => {
+        Arch::Llama | Arch::Qwen2 => {
             t.push(("model.embed_tokens.weight".into(), vec![v, h], Init::Random));
             for l in 0..d.layers {
                 let p = format!("model.layers.{l}");
                 for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
                     t.push((format!("{p}.self_attn.{m}.weight"), vec![h, h], Init::Random));
+                    if arch == Arch::Qwen2 && m != "o_proj" {
+                        t.push((format!("{p}.self_attn.{m}.bias"), vec![h], Init::Zeros));
+                    }
                 }
                 t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Random));
                 t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Random));
@@ -129,7 +135,7 @@ fn dims(arch: Arch, vocab: usize, hidden: usize, layers: usize) -> Dims {
     let intermediate = match arch {
         Arch::Bert => 4 * hidden,
         // Llama's 8/3·h, rounded up to a multiple of 32.
-        Arch::Llama => (8 * hidden / 3).div_ceil(32) * 32,
+        Arch::Llama | Arch::Qwen2 => (8 * hidden / 3).div_ceil(32) * 32,
     };
     Dims { vocab, hidden, layers, heads, intermediate }
 }
@@ -207,7 +213,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let (vocab_tokens, tokenizer) = match spec.arch {
         Arch::Bert => bert_tokenizer(),
-        Arch::Llama => llama_tokenizer(),
+        Arch::Llama | Arch::Qwen2 => llama_tokenizer(),
     };
     let vocab = vocab_tokens;
     let elem = spec.dtype.tensor_dtype().size_in_bytes() as u64;
@@ -298,6 +304,27 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             "hidden_act": "silu",
             "max_position_embeddings": MAX_POSITIONS,
             "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": false,
+            "torch_dtype": torch_dtype,
+        }),
+        Arch::Qwen2 => json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": d.vocab,
+            "hidden_size": d.hidden,
+            "intermediate_size": d.intermediate,
+            "num_hidden_layers": d.layers,
+            "num_attention_heads": d.heads,
+            "num_key_value_heads": d.heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": MAX_POSITIONS,
+            "sliding_window": MAX_POSITIONS,
+            "max_window_layers": d.layers,
+            "use_sliding_window": false,
+            "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
             "bos_token_id": 1,
             "eos_token_id": 2,

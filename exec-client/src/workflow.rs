@@ -57,6 +57,7 @@ pub enum WorkflowError {
 struct WorkflowFile {
     name: String,
     description: Option<String>,
+    seed: Option<Spanned<IntDecl>>,
     #[serde(default)]
     variables: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -95,7 +96,21 @@ struct StepDecl {
     query: Option<Spanned<String>>,
     corpus: Option<Spanned<String>>,
     top_k: Option<Spanned<IntDecl>>,
+    prompt: Option<Spanned<String>>,
+    max_tokens: Option<Spanned<IntDecl>>,
+    temperature: Option<Spanned<FloatDecl>>,
+    top_p: Option<Spanned<FloatDecl>>,
+    seed: Option<Spanned<IntDecl>>,
     output: Option<String>,
+}
+
+/// A number written as one, or as a string with `{{ variable }}`s.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FloatDecl {
+    Float(f64),
+    Int(i64),
+    Text(String),
 }
 
 /// An integer written as one, or as a string with `{{ variable }}`s.
@@ -178,7 +193,30 @@ pub enum Task {
         corpus: String,
         top_k: usize,
     },
+    /// Text generation with a decoder-only language model.
+    Generate {
+        model: String,
+        /// Filled in at run time: earlier steps' text results are known only then.
+        prompt: Vec<Piece>,
+        max_tokens: usize,
+        /// 0: greedy.
+        temperature: f64,
+        top_p: Option<f64>,
+        /// The step's `seed`, else the workflow's, else 0.
+        seed: u64,
+    },
 }
+
+/// Part of a prompt: text, or the text result of an earlier step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    /// A rank step's best match (of its first query), or a generate step's text.
+    StepText(String),
+}
+
+/// `max_tokens` of a generate step that gives none.
+pub const DEFAULT_MAX_TOKENS: usize = 64;
 
 /// `top_k` of a rank step that gives none.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -202,7 +240,7 @@ impl Step {
     /// The model this step runs, if it runs one.
     pub fn model(&self) -> Option<&str> {
         match &self.task {
-            Task::Embed { model, .. } => Some(model),
+            Task::Embed { model, .. } | Task::Generate { model, .. } => Some(model),
             Task::Rank { .. } => None,
         }
     }
@@ -266,6 +304,74 @@ fn step_ref(value: &str) -> Result<String, String> {
     }
 }
 
+/// A prompt: `{{ variable }}`s expanded now, `{{ steps.NAME }}` (or
+/// `.top` of a rank step, `.text` of a generate step) kept for run time.
+/// `earlier` maps each earlier step to its task.
+fn prompt_pieces(text: &str, vars: &BTreeMap<String, Value>, earlier: &BTreeMap<String, &str>) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        literal.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
+        let inner = after[..close].trim();
+        match inner.strip_prefix("steps.") {
+            None => literal.push_str(&expand(&format!("{{{{{inner}}}}}"), vars)?),
+            Some(path) => {
+                let (name, field) = path.split_once('.').map_or((path, None), |(n, f)| (n, Some(f)));
+                let task = earlier.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = earlier.keys().map(String::as_str).collect();
+                    format!(
+                        "`{{{{ {inner} }}}}`: no earlier step `{name}` ({})",
+                        if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
+                    )
+                })?;
+                let ok = match (*task, field) {
+                    ("rank", None | Some("top")) | ("generate", None | Some("text")) => true,
+                    ("embed", _) => {
+                        return Err(format!("`{{{{ {inner} }}}}`: step `{name}` is an embed step; its embeddings are not text"))
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!(
+                        "`{{{{ {inner} }}}}`: step `{name}` has no field `{}` (a rank step gives `top`, a generate step `text`)",
+                        field.unwrap_or_default()
+                    ));
+                }
+                if !literal.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut literal)));
+                }
+                pieces.push(Piece::StepText(name.to_string()));
+            }
+        }
+        rest = &after[close + 2..];
+    }
+    literal.push_str(rest);
+    if !literal.is_empty() {
+        pieces.push(Piece::Text(literal));
+    }
+    Ok(pieces)
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system (the path may not
+/// exist yet), so that names in reports and `ps` read as people wrote them.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 fn valid_step_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -275,6 +381,24 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, column)
+}
+
+/// An integer key: written as one, or as a `{{ variable }}` string.
+fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>, String> {
+    Ok(match d {
+        IntDecl::Int(i) => Some(*i),
+        IntDecl::Text(t) => expand(t, vars)?.trim().parse().ok(),
+    })
+}
+
+/// A number key: written as one, or as a `{{ variable }}` string.
+fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>, String> {
+    Ok(match d {
+        FloatDecl::Float(f) => Some(*f),
+        FloatDecl::Int(i) => Some(*i as f64),
+        FloatDecl::Text(t) => expand(t, vars)?.trim().parse().ok(),
+    }
+    .filter(|f: &f64| f.is_finite()))
 }
 
 impl Workflow {
@@ -354,7 +478,7 @@ impl Workflow {
                     if decl.revision.is_some() {
                         return Err(at(span, format!("model `{key}`: `revision` applies to `repo`, not to `path`")));
                     }
-                    ModelSource::Dir { path: base.join(p) }
+                    ModelSource::Dir { path: normalize(&base.join(p)) }
                 }
                 (Some(_), Some(_)) => {
                     return Err(at(span, format!("model `{key}` gives both `repo` and `path`: keep one")))
@@ -387,8 +511,15 @@ impl Workflow {
         if file.steps.is_empty() {
             return Err(at(None, "no `[[steps]]`: nothing to run".into()));
         }
-        // Step name -> whether it is an embed step, for the steps before the current one.
-        let mut earlier: BTreeMap<String, bool> = BTreeMap::new();
+        let seed = match &file.seed {
+            None => 0,
+            Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
+                Some(v) if v >= 0 => v as u64,
+                _ => return Err(at(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
+            },
+        };
+        // Step name -> its task, for the steps before the current one.
+        let mut earlier: BTreeMap<String, &str> = BTreeMap::new();
         let all_names: HashSet<&str> = file.steps.iter().map(|s| s.get_ref().name.get_ref().as_str()).collect();
         let mut steps = Vec::new();
         for step in &file.steps {
@@ -405,47 +536,62 @@ impl Workflow {
                 return Err(at(span, format!("step name `{name}` is used twice")));
             }
             let step_err = |span: Option<Range<usize>>, m: String| at(span, format!("step `{name}`: {m}"));
-            let task = match s.task.get_ref().as_str() {
-                "embed" => {
-                    for (key, given) in [("query", s.query.is_some()), ("corpus", s.corpus.is_some()), ("top_k", s.top_k.is_some())] {
-                        if given {
-                            return Err(step_err(span.clone(), format!("`{key}` belongs to rank steps, not embed")));
-                        }
-                    }
-                    let Some(model) = &s.model else {
-                        return Err(step_err(span, "an embed step needs `model = \"NAME\"`".into()));
+            let check_model = |model: Option<&Spanned<String>>| -> Result<String, WorkflowError> {
+                let Some(model) = model else {
+                    return Err(step_err(span.clone(), format!("a {} step needs `model = \"NAME\"`", s.task.get_ref())));
+                };
+                if !models.contains_key(model.get_ref()) {
+                    let known: Vec<&str> = models.keys().map(String::as_str).collect();
+                    let hint = if known.is_empty() {
+                        "no models are declared: add a [models.NAME] table".to_string()
+                    } else {
+                        format!("declared: {}", known.join(", "))
                     };
-                    if !models.contains_key(model.get_ref()) {
-                        let known: Vec<&str> = models.keys().map(String::as_str).collect();
-                        let hint = if known.is_empty() {
-                            "no models are declared: add a [models.NAME] table".to_string()
-                        } else {
-                            format!("declared: {}", known.join(", "))
-                        };
-                        return Err(at(
-                            Some(model.span()),
-                            format!("step `{name}` uses unknown model `{}` ({hint})", model.get_ref()),
-                        ));
+                    return Err(at(Some(model.span()), format!("step `{name}` uses unknown model `{}` ({hint})", model.get_ref())));
+                }
+                Ok(model.get_ref().clone())
+            };
+            let task_name = s.task.get_ref().as_str();
+            // Which keys belong to which task: a key of another task is an error.
+            let owners: [(&str, bool, &str); 8] = [
+                ("texts", s.texts.is_some(), "embed"),
+                ("texts_file", s.texts_file.is_some(), "embed"),
+                ("query", s.query.is_some(), "rank"),
+                ("corpus", s.corpus.is_some(), "rank"),
+                ("top_k", s.top_k.is_some(), "rank"),
+                ("prompt", s.prompt.is_some(), "generate"),
+                ("max_tokens", s.max_tokens.is_some(), "generate"),
+                ("temperature", s.temperature.is_some() || s.top_p.is_some() || s.seed.is_some(), "generate"),
+            ];
+            if matches!(task_name, "embed" | "rank" | "generate") {
+                for (key, given, owner) in owners {
+                    if given && owner != task_name {
+                        let what = if key == "temperature" { "`temperature`, `top_p` and `seed` belong".into() } else { format!("`{key}` belongs") };
+                        return Err(step_err(span.clone(), format!("{what} to {owner} steps, not {task_name}")));
                     }
+                }
+            }
+            let task = match task_name {
+                "embed" => {
+                    let model = check_model(s.model.as_ref())?;
                     let texts = match (&s.texts, &s.texts_file) {
                         (Some(t), None) if t.is_empty() => return Err(step_err(span, "`texts` is empty".into())),
                         (Some(t), None) => Texts::Inline(
                             t.iter().map(|t| expand(t, &variables)).collect::<Result<_, _>>().map_err(|e| step_err(span.clone(), e))?,
                         ),
-                        (None, Some(f)) => Texts::File(base.join(expand(f, &variables).map_err(|e| step_err(span.clone(), e))?)),
+                        (None, Some(f)) => {
+                            Texts::File(normalize(&base.join(expand(f, &variables).map_err(|e| step_err(span.clone(), e))?)))
+                        }
                         (Some(_), Some(_)) => return Err(step_err(span, "gives both `texts` and `texts_file`: keep one".into())),
                         (None, None) => {
                             return Err(step_err(span, "needs `texts = [...]` or `texts_file = \"FILE\"`".into()))
                         }
                     };
-                    Task::Embed { model: model.get_ref().clone(), texts }
+                    Task::Embed { model, texts }
                 }
                 "rank" => {
                     if let Some(m) = &s.model {
                         return Err(step_err(Some(m.span()), "a rank step uses no model (it ranks the embeddings of earlier steps)".into()));
-                    }
-                    if s.texts.is_some() || s.texts_file.is_some() {
-                        return Err(step_err(span, "a rank step takes `query` and `corpus`, not texts".into()));
                     }
                     let mut refs = Vec::new();
                     for (key, v) in [("query", &s.query), ("corpus", &s.corpus)] {
@@ -454,11 +600,11 @@ impl Workflow {
                         };
                         let target = step_ref(v.get_ref()).map_err(|e| step_err(Some(v.span()), format!("`{key}`: {e}")))?;
                         match earlier.get(&target) {
-                            Some(true) => refs.push(target),
-                            Some(false) => {
+                            Some(&"embed") => refs.push(target),
+                            Some(other) => {
                                 return Err(step_err(
                                     Some(v.span()),
-                                    format!("`{key}` names step `{target}`, a rank step; it takes an embed step"),
+                                    format!("`{key}` names step `{target}`, a {other} step; it takes an embed step"),
                                 ))
                             }
                             None if target == *name || all_names.contains(target.as_str()) => {
@@ -482,14 +628,7 @@ impl Workflow {
                     let top_k = match &s.top_k {
                         None => DEFAULT_TOP_K,
                         Some(k) => {
-                            let value = match k.get_ref() {
-                                IntDecl::Int(i) => Some(*i),
-                                IntDecl::Text(t) => {
-                                    let text = expand(t, &variables).map_err(|e| step_err(Some(k.span()), e))?;
-                                    text.trim().parse().ok()
-                                }
-                            };
-                            match value {
+                            match int_of(k.get_ref(), &variables).map_err(|e| step_err(Some(k.span()), e))? {
                                 Some(v) if v >= 1 => v as usize,
                                 _ => return Err(step_err(Some(k.span()), "`top_k` must be a whole number of at least 1".into())),
                             }
@@ -499,15 +638,65 @@ impl Workflow {
                     let query = refs.pop().expect("two references");
                     Task::Rank { query, corpus, top_k }
                 }
+                "generate" => {
+                    let model = check_model(s.model.as_ref())?;
+                    let Some(prompt) = &s.prompt else {
+                        return Err(step_err(span, "a generate step needs `prompt = \"...\"`".into()));
+                    };
+                    let prompt_span = Some(prompt.span());
+                    let prompt = prompt_pieces(prompt.get_ref(), &variables, &earlier).map_err(|e| step_err(prompt_span.clone(), e))?;
+                    if prompt.is_empty() {
+                        return Err(step_err(prompt_span, "`prompt` is empty".into()));
+                    }
+                    let max_tokens = match &s.max_tokens {
+                        None => DEFAULT_MAX_TOKENS,
+                        Some(k) => match int_of(k.get_ref(), &variables).map_err(|e| step_err(Some(k.span()), e))? {
+                            Some(v) if v >= 1 => v as usize,
+                            _ => return Err(step_err(Some(k.span()), "`max_tokens` must be a whole number of at least 1".into())),
+                        },
+                    };
+                    let temperature = match &s.temperature {
+                        None => 0.0,
+                        Some(t) => match float_of(t.get_ref(), &variables).map_err(|e| step_err(Some(t.span()), e))? {
+                            Some(v) if v >= 0.0 => v,
+                            _ => return Err(step_err(Some(t.span()), "`temperature` must be a number of at least 0 (0 is greedy)".into())),
+                        },
+                    };
+                    let top_p = match &s.top_p {
+                        None => None,
+                        Some(t) => match float_of(t.get_ref(), &variables).map_err(|e| step_err(Some(t.span()), e))? {
+                            Some(v) if v > 0.0 && v <= 1.0 => Some(v),
+                            _ => return Err(step_err(Some(t.span()), "`top_p` must be a number above 0 and at most 1".into())),
+                        },
+                    };
+                    let seed = match &s.seed {
+                        None => seed,
+                        Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| step_err(Some(sd.span()), e))? {
+                            Some(v) if v >= 0 => v as u64,
+                            _ => return Err(step_err(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
+                        },
+                    };
+                    Task::Generate { model, prompt, max_tokens, temperature, top_p, seed }
+                }
                 other => {
-                    return Err(at(Some(s.task.span()), format!("unknown task `{other}`: expected `embed` or `rank`")))
+                    return Err(at(
+                        Some(s.task.span()),
+                        format!("unknown task `{other}`: expected `embed`, `rank` or `generate`"),
+                    ))
                 }
             };
             let output = match &s.output {
                 Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| step_err(span.clone(), e))?),
                 None => PathBuf::from(format!("{name}.json")),
             };
-            earlier.insert(name.clone(), matches!(task, Task::Embed { .. }));
+            earlier.insert(
+                name.clone(),
+                match task {
+                    Task::Embed { .. } => "embed",
+                    Task::Rank { .. } => "rank",
+                    Task::Generate { .. } => "generate",
+                },
+            );
             steps.push(Step { name: name.clone(), task, output });
         }
         Ok(Workflow { name: file.name, description: file.description, path: path.to_path_buf(), variables, models, steps })
@@ -590,6 +779,8 @@ output = "embeddings.json"
         let src = GOOD.replace("repo = \"sentence-transformers/all-MiniLM-L6-v2\"", "path = \"models/mini\"\ndtype = \"f16\"");
         let w = parse(&src).unwrap();
         assert_eq!(w.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/w/models/mini") });
+        let up = parse(&src.replace("models/mini", "./../shared/./mini")).unwrap();
+        assert_eq!(up.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/shared/mini") });
         assert_eq!(w.models["minilm"].dtype, WeightDType::F16);
     }
 
@@ -619,8 +810,8 @@ output = "embeddings.json"
         assert_eq!(parse(GOOD).unwrap().models["minilm"].device, DeviceSpec::Auto);
         let bad_dtype = GOOD.replace("[models.minilm]\n", "[models.minilm]\ndtype = \"f8\"\n");
         assert!(parse(&bad_dtype).unwrap_err().to_string().contains("unknown dtype `f8`"));
-        let bad_task = GOOD.replace("task = \"embed\"", "task = \"generate\"");
-        assert!(parse(&bad_task).unwrap_err().to_string().contains("unknown task `generate`"));
+        let bad_task = GOOD.replace("task = \"embed\"", "task = \"summarize\"");
+        assert!(parse(&bad_task).unwrap_err().to_string().contains("unknown task `summarize`: expected `embed`, `rank` or `generate`"));
     }
 
     #[test]
@@ -752,5 +943,94 @@ output = "ranked-{{ k }}.json"
         assert!(e.contains("step name `two words`: use letters"), "{e}");
         let no_top_k = SEARCH.replace("top_k = \"{{ k }}\"\n", "");
         assert!(matches!(parse(&no_top_k).unwrap().steps[2].task, Task::Rank { top_k: DEFAULT_TOP_K, .. }));
+    }
+
+    const PIPELINE: &str = r#"
+name = "pipeline"
+seed = 7
+[variables]
+query = "pasta"
+tokens = 8
+[models.minilm]
+repo = "sentence-transformers/all-MiniLM-L6-v2"
+[models.llm]
+path = "llm"
+[[steps]]
+name = "docs"
+task = "embed"
+model = "minilm"
+texts = ["a", "b"]
+[[steps]]
+name = "q"
+task = "embed"
+model = "minilm"
+texts = ["{{ query }}"]
+[[steps]]
+name = "best"
+task = "rank"
+query = "{{ steps.q }}"
+corpus = "{{ steps.docs }}"
+[[steps]]
+name = "answer"
+task = "generate"
+model = "llm"
+prompt = "Context: {{ steps.best.top }}. Question about {{ query }}:"
+max_tokens = "{{ tokens }}"
+[[steps]]
+name = "again"
+task = "generate"
+model = "llm"
+prompt = "{{ steps.answer }}"
+temperature = 0.7
+top_p = 0.9
+seed = 3
+"#;
+
+    #[test]
+    fn generate_prompts_keep_step_results_for_run_time_and_seeds_go_most_specific_first() {
+        let w = parse(PIPELINE).unwrap();
+        assert_eq!(
+            w.steps[3].task,
+            Task::Generate {
+                model: "llm".into(),
+                prompt: vec![
+                    Piece::Text("Context: ".into()),
+                    Piece::StepText("best".into()),
+                    Piece::Text(". Question about pasta:".into())
+                ],
+                max_tokens: 8,
+                temperature: 0.0,
+                top_p: None,
+                seed: 7,
+            }
+        );
+        assert!(matches!(&w.steps[4].task, Task::Generate { seed: 3, top_p: Some(p), temperature, max_tokens: DEFAULT_MAX_TOKENS, .. } if *p == 0.9 && *temperature == 0.7));
+        let no_seed = PIPELINE.replace("seed = 7\n", "");
+        assert!(matches!(parse(&no_seed).unwrap().steps[3].task, Task::Generate { seed: 0, .. }));
+    }
+
+    #[test]
+    fn generate_errors_name_the_key_and_the_reason() {
+        let e = parse(&PIPELINE.replace("{{ steps.best.top }}", "{{ steps.docs }}")).unwrap_err().to_string();
+        assert!(e.contains("step `docs` is an embed step; its embeddings are not text"), "{e}");
+        let e = parse(&PIPELINE.replace("{{ steps.best.top }}", "{{ steps.best.score }}")).unwrap_err().to_string();
+        assert!(e.contains("step `best` has no field `score`"), "{e}");
+        let e = parse(&PIPELINE.replace("prompt = \"{{ steps.answer }}\"", "prompt = \"{{ steps.again }}\"")).unwrap_err().to_string();
+        assert!(e.contains("no earlier step `again` (earlier steps: answer, best, docs, q)"), "{e}");
+        let e = parse(&PIPELINE.replace("temperature = 0.7", "temperature = -1")).unwrap_err().to_string();
+        assert!(e.contains("`temperature` must be a number of at least 0"), "{e}");
+        let e = parse(&PIPELINE.replace("top_p = 0.9", "top_p = 1.5")).unwrap_err().to_string();
+        assert!(e.contains("`top_p` must be a number above 0 and at most 1"), "{e}");
+        let e = parse(&PIPELINE.replace("max_tokens = \"{{ tokens }}\"", "max_tokens = 0")).unwrap_err().to_string();
+        assert!(e.contains("`max_tokens` must be a whole number of at least 1"), "{e}");
+        let e = parse(&PIPELINE.replace("texts = [\"a\", \"b\"]", "texts = [\"a\"]\nseed = 1")).unwrap_err().to_string();
+        assert!(e.contains("`temperature`, `top_p` and `seed` belong to generate steps, not embed"), "{e}");
+        let e = parse(&PIPELINE.replace("max_tokens = \"{{ tokens }}\"\n", "")
+            .replace("prompt = \"Context", "texts = [\"x\"]\nprompt = \"Context")).unwrap_err().to_string();
+        assert!(e.contains("`texts` belongs to embed steps, not generate"), "{e}");
+        let e = parse(&PIPELINE.replace("prompt = \"{{ steps.answer }}\"\n", "")).unwrap_err().to_string();
+        assert!(e.contains("a generate step needs `prompt"), "{e}");
+        let e = parse(&PIPELINE.replace("seed = 7", "seed = -2")).unwrap_err().to_string();
+        assert!(e.contains("`seed` must be a whole number of at least 0"), "{e}");
     }
 }
