@@ -50,6 +50,8 @@ pub enum StepKind {
         /// Building the candle model from the weights (for lent weights on
         /// the CPU, this is the copy out of the shared mapping).
         build_ms: u64,
+        /// The weights were acquired by an earlier step of the same run.
+        reused: bool,
     },
     /// A rank step: `items` queries against a corpus of `corpus` texts.
     Rank { corpus: usize, top_k: usize },
@@ -85,8 +87,11 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     let mut reports = Vec::new();
     for step in &workflow.steps {
         let output = opts.output_dir.join(&step.output);
+        // Whether this step's model was acquired by an earlier step of this run.
+        let mut reused = false;
         if let Some(model) = step.model() {
-            if !weights.contains_key(model) {
+            reused = weights.contains_key(model);
+            if !reused {
                 let spec = &workflow.models[model];
                 let device =
                     mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
@@ -126,6 +131,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                         device_open: w.device_open,
                         map: w.map,
                         build_ms,
+                        reused,
                     },
                 });
                 embedded.insert(step.name.as_str(), Embedded { texts, embeddings });
@@ -205,6 +211,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                         device_open: w.device_open,
                         map: w.map,
                         build_ms,
+                        reused,
                     },
                 });
             }
@@ -282,8 +289,9 @@ pub fn describe(r: &StepReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     match &r.what {
-        StepKind::Model { model, weights, device, device_open, map, build_ms } => {
+        StepKind::Model { model, weights, device, device_open, map, build_ms, reused } => {
             let source = match weights {
+                _ if *reused => "already held by this run".to_string(),
                 Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
                     format!("cold: the cache daemon loaded {:.1} MiB in {load_ms} ms", mib(*bytes))
                 }
@@ -294,8 +302,9 @@ pub fn describe(r: &StepReport) -> String {
                     format!("no cache: read {:.1} MiB in-process in {load_ms} ms", mib(*bytes))
                 }
             };
-            let opened = if device == "cpu" { String::new() } else { format!("device opened in {:.1} ms; ", ms(*device_open)) };
+            let opened = if device == "cpu" || *reused { String::new() } else { format!("device opened in {:.1} ms; ", ms(*device_open)) };
             let mapped = match weights {
+                _ if *reused => String::new(),
                 Provenance::Daemon { .. } => format!("mapped in {:.2} ms; ", ms(*map)),
                 Provenance::InProcess { .. } => String::new(),
             };
