@@ -90,6 +90,8 @@ impl Scratch {
         ));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create scratch dir");
+        // Private whatever the umask: daemons refuse world-writable socket directories.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod scratch dir");
         Scratch { path }
     }
 

@@ -127,3 +127,71 @@ fn a_gpu_device_in_a_build_without_cuda_is_a_clear_error_with_and_without_the_ca
     let out = env.exec(&auto, "out", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn outputs_stay_inside_the_output_directory_unless_allowed() {
+    let env = Env::with_daemon("escape");
+    let outside = env.scratch.join("outside.json");
+    let with_output = |o: &str| embed_workflow(&["x"]).replace("output = \"embeddings.json\"", &format!("output = {o:?}"));
+    let abs = env.workflow("abs.toml", &with_output(&outside.display().to_string()));
+    let line = one_line_failure(&env.exec(&abs, "out", &[]));
+    assert!(line.contains("is an absolute path") && line.contains("--allow-outside-output"), "{line}");
+    let up = env.workflow("up.toml", &with_output("../outside.json"));
+    let line = one_line_failure(&env.exec(&up, "out", &[]));
+    assert!(line.contains("climbs out of the output directory"), "{line}");
+    // A symlink inside the output directory that leads out of it.
+    std::fs::create_dir_all(env.scratch.join("out")).unwrap();
+    std::os::unix::fs::symlink(env.scratch.join("elsewhere"), env.scratch.join("out/link")).unwrap();
+    std::fs::create_dir_all(env.scratch.join("elsewhere")).unwrap();
+    let link = env.workflow("link.toml", &with_output("link/e.json"));
+    let line = one_line_failure(&env.exec(&link, "out", &[]));
+    assert!(line.contains("through a symlink"), "{line}");
+    assert!(!outside.exists() && !env.scratch.join("elsewhere/e.json").exists(), "nothing written outside");
+    assert!(env.resident_names().is_empty(), "refused before any model was loaded");
+    // The explicit flag allows it.
+    let out = env.exec(&abs, "out", &["--allow-outside-output"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(outside.is_file());
+}
+
+/// Rewrites a safetensors file without the tensor `drop` (the others keep
+/// their bytes and offsets).
+fn without_tensor(path: &Path, drop: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(header.remove(drop).is_some(), "no tensor {drop}");
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while !(8 + h.len()).is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn a_model_missing_a_tensor_or_with_an_absurd_config_is_one_line_and_the_daemon_lives() {
+    let env = Env::with_daemon("hostile-model");
+    let missing = env.synth("missing", "bert", "1MiB", 3);
+    without_tensor(&missing.join("model.safetensors"), "encoder.layer.0.attention.self.query.weight");
+    let absurd = env.synth("absurd", "bert", "1MiB", 4);
+    let config_path = absurd.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["hidden_size"] = serde_json::json!(1u64 << 40);
+    config["intermediate_size"] = serde_json::json!(1u64 << 42);
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    // Without the cache, candle's own loader already refuses the gap the
+    // missing tensor leaves; with it, building the model names the tensor.
+    for (dir, expected) in [(&missing, "encoder.layer.0.attention.self.query"), (&absurd, "shape mismatch")] {
+        let wf = env.workflow("m.toml", &local_workflow(dir));
+        for extra in [&[][..], &["--no-cache"][..]] {
+            let line = one_line_failure(&env.exec(&wf, "out", extra));
+            assert!(line.contains(expected) && !line.contains("panicked"), "{extra:?}: {line}");
+        }
+    }
+    // The daemon still serves.
+    let ok = env.exec(&env.workflow("ok.toml", &embed_workflow(&["fine"])), "ok", &[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

@@ -24,9 +24,9 @@ use mora_common::ResolvedModel;
 
 use crate::gpu::{DeviceBuffer, GpuMemory};
 
-/// Safetensors headers above this size are refused (the format's own
-/// reference implementation uses the same limit).
-pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+/// Safetensors headers above this size are refused before they are read:
+/// a header of a model with 100 000 tensors is about 10 MiB (docs/decisions.md).
+pub const MAX_HEADER_BYTES: u64 = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -123,6 +123,21 @@ pub fn read_header(path: &Path) -> Result<Vec<StoredTensor>, CheckpointError> {
         tensors.push(StoredTensor { name: name.clone(), dtype, shape, file_offset: data_start + begin, len: expected });
     }
     tensors.sort_by_key(|t| t.file_offset);
+    // Each tensor owns its bytes: two views of the same bytes are a corrupt
+    // or crafted file, not a checkpoint.
+    for pair in tensors.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if b.file_offset < a.file_offset + a.len {
+            let range = |t: &StoredTensor| format!("{}..{}", t.file_offset - data_start, t.file_offset - data_start + t.len);
+            return Err(invalid(format!(
+                "tensors `{}` (bytes {}) and `{}` (bytes {}) overlap",
+                a.name,
+                range(a),
+                b.name,
+                range(b)
+            )));
+        }
+    }
     Ok(tensors)
 }
 
@@ -524,6 +539,43 @@ pub(crate) mod tests {
         write_safetensors(&d.join("s2.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[2.0]))]);
         let model = ResolvedModel { name: "t".into(), dir: d.clone(), weights: vec![d.join("s1.safetensors"), d.join("s2.safetensors")] };
         assert!(matches!(plan(&model, WeightDType::F32, Device::Cpu), Err(CheckpointError::DuplicateTensor { .. })));
+    }
+
+    /// A safetensors file with a header written by hand.
+    fn raw_safetensors(path: &Path, header: &[u8], data: &[u8]) {
+        let mut f = std::fs::File::create(path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header).unwrap();
+        f.write_all(data).unwrap();
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_naming_the_file_and_the_problem() {
+        let d = model_dir("hostile");
+        let p = d.join("model.safetensors");
+        let cases: [(&[u8], &str); 6] = [
+            (br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#, "tensors `a` (bytes 0..16) and `b` (bytes 8..24) overlap"),
+            (br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}}"#, "run backwards"),
+            (br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,4096]}}"#, "truncated"),
+            (br#"{"a":{"dtype":"Q4","shape":[4],"data_offsets":[0,16]}}"#, "unsupported dtype Q4"),
+            (br#"{"a":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#, "needs 20 bytes but data_offsets span 16"),
+            (b"{\"a\xff\xfe\": 1}", "header is not JSON"),
+        ];
+        for (header, expected) in cases {
+            raw_safetensors(&p, header, &[0u8; 32]);
+            let err = read_header(&p).unwrap_err().to_string();
+            assert!(err.contains(expected) && err.contains(&p.display().to_string()), "{expected}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        // Zero-length tensors may share an offset: that is not an overlap.
+        raw_safetensors(&p, br#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0u8; 16]);
+        assert_eq!(read_header(&p).unwrap().len(), 2);
+        // A header length beyond the limit is refused before anything is read.
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&(MAX_HEADER_BYTES + 1).to_le_bytes()).unwrap();
+        f.set_len(MAX_HEADER_BYTES + 9).unwrap();
+        let err = read_header(&p).unwrap_err().to_string();
+        assert!(err.contains("above the 33554432-byte limit"), "{err}");
     }
 
     #[test]

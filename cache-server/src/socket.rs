@@ -23,6 +23,12 @@ pub enum BindError {
     NotASocket(PathBuf),
     #[error("socket directory {} belongs to uid {owner}, not to you (uid {uid}): choose another --socket", dir.display())]
     ForeignDir { dir: PathBuf, owner: u32, uid: u32 },
+    #[error(
+        "socket directory {} is writable by every user (mode {mode:o}): another user could replace the socket; \
+         use a private directory (the default is $XDG_RUNTIME_DIR/mora, else /tmp/mora-$UID) or chmod o-w it",
+        dir.display()
+    )]
+    SharedDir { dir: PathBuf, mode: u32 },
     #[error("cannot set up the socket at {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }
@@ -57,9 +63,14 @@ pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
     }
-    let owner = fs::metadata(dir).map_err(io_err)?.uid();
-    if owner != uid && uid != 0 {
-        return Err(BindError::ForeignDir { dir: dir.to_path_buf(), owner, uid });
+    let meta = fs::metadata(dir).map_err(io_err)?;
+    if meta.uid() != uid && uid != 0 {
+        return Err(BindError::ForeignDir { dir: dir.to_path_buf(), owner: meta.uid(), uid });
+    }
+    // Even with the sticky bit (/tmp), a world-writable directory lets
+    // another user plant a socket or lock file at our path before we start.
+    if meta.mode() & 0o002 != 0 {
+        return Err(BindError::SharedDir { dir: dir.to_path_buf(), mode: meta.mode() & 0o7777 });
     }
 
     let lock_file = lock_path(path);
@@ -121,6 +132,18 @@ mod tests {
         assert_eq!(fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
         drop(bound);
         assert!(!sock.exists(), "socket file is removed on drop");
+    }
+
+    #[test]
+    fn a_world_writable_directory_is_refused() {
+        let d = dir("shared");
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = bind(&d.join("cache.sock")).err().expect("refused").to_string();
+        assert!(err.contains("is writable by every user (mode 1777)") && err.contains(&d.display().to_string()), "{err}");
+        assert!(!d.join("cache.sock").exists() && !d.join("cache.sock.lock").exists(), "nothing created");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(bind(&d.join("cache.sock")).is_ok());
     }
 
     #[test]

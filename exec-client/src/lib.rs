@@ -46,4 +46,38 @@ pub enum ExecError {
     Model(String),
     #[error("{0}")]
     Output(String),
+    #[error("internal error: {0} (a bug in mora-exec or a library it uses; the daemon and its models are unaffected)")]
+    Panic(String),
+}
+
+/// Runs `f`, turning a panic (candle's model code asserts on some malformed
+/// inputs) into an error, so that a user sees one line, not a backtrace.
+/// `main` installs a panic hook that stays silent; the message comes back here.
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, ExecError>) -> Result<T, ExecError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(ExecError::Panic(msg.replace('\n', " ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_one_line_error() {
+        let e = guarded::<()>(|| panic!("index out of bounds:\nthe len is 3")).unwrap_err().to_string();
+        assert!(e.starts_with("internal error: index out of bounds: the len is 3 ("), "{e}");
+        assert!(!e.contains('\n'));
+        assert_eq!(guarded(|| Ok(7)).unwrap(), 7);
+        let e = guarded::<()>(|| Err(ExecError::Input("bad".into()))).unwrap_err().to_string();
+        assert_eq!(e, "bad");
+    }
 }

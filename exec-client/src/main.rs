@@ -43,6 +43,10 @@ enum Command {
         /// value converts to the type of its default.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         sets: Vec<String>,
+        /// Let a step's `output` be an absolute path, climb out of the output
+        /// directory with `..`, or follow a symlink out of it.
+        #[arg(long)]
+        allow_outside_output: bool,
     },
     /// Run a workflow, then run it again, each time in a fresh process, whenever the
     /// workflow file or an input file it names is saved; models stay warm in the
@@ -65,6 +69,9 @@ enum Command {
         /// As for `run`.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         sets: Vec<String>,
+        /// As for `run`.
+        #[arg(long)]
+        allow_outside_output: bool,
     },
     /// Check a workflow without running it: syntax, keys, variables and references,
     /// input files, and that every model resolves to files on disk.
@@ -104,11 +111,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (workflow, socket, no_cache, no_autostart, output_dir, sets) = match Cli::parse().command {
-        Command::Run { workflow, socket, no_cache, no_autostart, output_dir, sets } => {
-            (workflow, socket, no_cache, no_autostart, output_dir, sets)
+    let (workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output) = match Cli::parse().command {
+        Command::Run { workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output } => {
+            (workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output)
         }
-        Command::Watch { workflow, socket, no_cache, no_autostart, output_dir, sets } => {
+        Command::Watch { workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output } => {
             let mut run_args = vec!["-o".to_string(), output_dir.display().to_string()];
             if let Some(s) = socket {
                 run_args.extend(["--socket".to_string(), s.display().to_string()]);
@@ -119,6 +126,9 @@ fn main() -> ExitCode {
             if no_autostart {
                 run_args.push("--no-autostart".into());
             }
+            if allow_outside_output {
+                run_args.push("--allow-outside-output".into());
+            }
             for s in &sets {
                 run_args.extend(["--set".to_string(), s.clone()]);
             }
@@ -126,7 +136,7 @@ fn main() -> ExitCode {
             return match mora_exec::watch::watch(&opts) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("mora-exec: error: {e}");
+                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -138,7 +148,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("mora-exec: error: {e}");
+                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -157,20 +167,27 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("mora-exec: error: {e}");
+                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
         }
     };
-    let result = Workflow::load_with(&workflow, &sets).map_err(Into::into).and_then(|wf| {
+    // Panics are caught and reported as one line by `guarded`; with
+    // MORA_LOG=debug the usual message and backtrace show too.
+    let debug = std::env::var("MORA_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace"));
+    if !debug {
+        std::panic::set_hook(Box::new(|_| {}));
+    }
+    let result = mora_exec::guarded(|| Workflow::load_with(&workflow, &sets).map_err(Into::into)).and_then(|wf| {
         let opts = RunOptions {
             socket: socket_path(socket.as_deref()),
             no_cache,
             autostart: !no_autostart,
             output_dir,
+            allow_outside_output,
         };
-        run(&wf, &opts)
+        mora_exec::guarded(|| run(&wf, &opts))
     });
     match result {
         Ok(reports) => {
@@ -180,8 +197,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("mora-exec: error: {e}");
+            eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first line of an error: candle appends a backtrace to its errors when
+/// RUST_BACKTRACE is set, and a user gets one line whatever the environment.
+fn one_line(message: &str) -> &str {
+    message.lines().next().unwrap_or(message).trim_end()
 }

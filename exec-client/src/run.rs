@@ -22,6 +22,48 @@ pub struct RunOptions {
     /// Start a daemon when none answers.
     pub autostart: bool,
     pub output_dir: PathBuf,
+    /// Let a step's `output` be absolute or climb out of `output_dir`.
+    pub allow_outside_output: bool,
+}
+
+/// Where a step's output goes: inside `dir`, unless `allow_outside`. An
+/// absolute path or a `..` is refused here, before anything runs; a symlink
+/// that leads out of `dir` is refused when the file is written.
+pub fn output_path(dir: &Path, output: &Path, allow_outside: bool) -> Result<PathBuf, String> {
+    use std::path::Component;
+    if !allow_outside {
+        if output.is_absolute() {
+            return Err(format!(
+                "output {} is an absolute path: outputs go inside the output directory (-o), unless --allow-outside-output",
+                output.display()
+            ));
+        }
+        if output.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!(
+                "output {} climbs out of the output directory with `..` (allowed only with --allow-outside-output)",
+                output.display()
+            ));
+        }
+    }
+    Ok(dir.join(output))
+}
+
+/// Refuses a write whose directory, once symlinks are resolved, lies
+/// outside `dir`.
+fn check_inside(dir: &Path, path: &Path) -> Result<(), ExecError> {
+    let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(fail)?;
+    let (root, real) = (std::fs::canonicalize(dir).map_err(fail)?, std::fs::canonicalize(parent).map_err(fail)?);
+    let leaf_escapes = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !real.starts_with(&root) || leaf_escapes {
+        return Err(ExecError::Output(format!(
+            "output {} leads outside the output directory {} through a symlink (allowed only with --allow-outside-output)",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// What a step produced.
@@ -67,7 +109,14 @@ struct Embedded {
 /// Runs every step of `workflow` and returns one report per step. Leases
 /// taken from the daemon are held until this returns.
 pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, ExecError> {
-    // Read every input before taking any lease, so a bad input fails fast.
+    // Check every output path and read every input before taking any
+    // lease, so a bad one fails fast.
+    let mut outputs = BTreeMap::new();
+    for step in &workflow.steps {
+        let p = output_path(&opts.output_dir, &step.output, opts.allow_outside_output)
+            .map_err(|e| ExecError::Output(format!("step `{}`: {e}", step.name)))?;
+        outputs.insert(step.name.as_str(), p);
+    }
     let mut inputs = BTreeMap::new();
     for step in &workflow.steps {
         if let Task::Embed { texts, .. } = &step.task {
@@ -86,7 +135,10 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     let mut texts_of: BTreeMap<&str, String> = BTreeMap::new();
     let mut reports = Vec::new();
     for step in &workflow.steps {
-        let output = opts.output_dir.join(&step.output);
+        let output = outputs.remove(step.name.as_str()).expect("checked above");
+        if !opts.allow_outside_output {
+            check_inside(&opts.output_dir, &output)?;
+        }
         // Whether this step's model was acquired by an earlier step of this run.
         let mut reused = false;
         if let Some(model) = step.model() {
