@@ -164,7 +164,17 @@ impl Weights {
         let device_open = opening.elapsed();
         let mut bar = mora_common::progress::LoadProgress::new("mora-exec");
         let request = Request::Acquire { source, dtype, device, keep_alive };
-        let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
+        let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total)).map_err(|e| {
+            use mora_common::connection::CallError;
+            use mora_common::frame::FrameError;
+            match e {
+                CallError::Frame(FrameError::Closed | FrameError::Io(_)) => ExecError::Daemon(format!(
+                    "the cache daemon exited during the load of {name} (see its log beside the socket); \
+                     run again to start a new one, or use --no-cache"
+                )),
+                other => other.into(),
+            }
+        })?;
         bar.finish();
         let mapping_start = Instant::now();
         let acquired = match response {

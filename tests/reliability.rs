@@ -1,0 +1,137 @@
+//! Faults and time: clients killed at random moments, a daemon killed in the
+//! middle of a load, and a soak of sequential runs. The daemon must stay up,
+//! leak no lease and no descriptor, and a client must say what happened in
+//! one line. docs/reliability.md records these runs.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mora::{embed_workflow, one_line_failure, wait_until, Env};
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// splitmix64, for delays that differ from run to run but not between test runs.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn clients_killed_at_random_moments_leak_no_lease_and_no_descriptor() {
+    let env = Env::with_daemon("sigkill");
+    let pid = env.daemon_pid().unwrap();
+    let wf = env.workflow("w.toml", &embed_workflow(&["a man is eating food", "a monkey plays drums"]));
+    // Warm up (the model resident), then take the baseline.
+    let out = env.exec(&wf, "warm", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let baseline = fds(pid);
+    let mut rng = 0x5eed_u64;
+    let (mut killed, mut finished) = (0, 0);
+    const RUNS: usize = 200;
+    for i in 0..RUNS {
+        // Every tenth run finds the model evicted, so some kills land while
+        // the client waits for a load.
+        if i % 10 == 0 {
+            let _ = env.admin(&["evict", "sentence-transformers/all-MiniLM-L6-v2"]);
+        }
+        let mut child = env
+            .command("mora-exec")
+            .arg("run")
+            .arg(&wf)
+            .arg("-o")
+            .arg(env.scratch.join("out"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // 0 to 400 ms: connecting, acquiring, mapping, inference, writing.
+        std::thread::sleep(Duration::from_micros(next(&mut rng) % 400_000));
+        match child.try_wait().unwrap() {
+            Some(_) => finished += 1,
+            None => {
+                child.kill().unwrap();
+                killed += 1;
+            }
+        }
+        child.wait().unwrap();
+    }
+    eprintln!("{RUNS} clients: {killed} killed with SIGKILL, {finished} finished first");
+    assert!(killed >= RUNS / 4, "too few kills landed ({killed}) to test anything");
+    // Connections of killed clients close; the daemon notices each one.
+    assert!(wait_until(Duration::from_secs(10), || env.total_leases() == 0), "leases leaked: {:?}", env.ps());
+    assert!(
+        wait_until(Duration::from_secs(10), || fds(pid) <= baseline),
+        "daemon descriptors grew from {baseline} to {}",
+        fds(pid)
+    );
+    // Still serving, with the model resident once.
+    let out = env.exec(&wf, "after", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.resident_names().len() <= 1);
+}
+
+#[test]
+fn a_daemon_killed_mid_load_is_reported_and_the_next_run_starts_a_new_one() {
+    let mut env = Env::with_daemon("daemon-kill");
+    let big = env.synth("big", "bert", "384MiB", 9);
+    let wf = env.workflow(
+        "big.toml",
+        &embed_workflow(&["x"]).replace(
+            "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
+            &format!("path = {:?}", big.display().to_string()),
+        ),
+    );
+    let pid = env.daemon_pid().unwrap();
+    let client = env
+        .command("mora-exec")
+        .arg("run")
+        .arg(&wf)
+        .arg("-o")
+        .arg(env.scratch.join("out"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the daemon once the load has begun.
+    let loading = wait_until(Duration::from_secs(30), || env.ps().iter().any(|m| m["state"] == "loading"));
+    assert!(loading, "never saw the load in progress");
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !env.daemon_alive()));
+    let out = client.wait_with_output().unwrap();
+    let line = one_line_failure(&out);
+    assert!(line.contains("the cache daemon exited during the load of") && line.contains("run again"), "{line}");
+    // The next run starts a daemon of its own (the stale socket is replaced) and succeeds.
+    let start = Instant::now();
+    let out = env.exec(&wf, "again", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let _ = env.admin(&["stop"]);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("started one"), "{stderr}");
+    eprintln!("recovered in {} ms (daemon start and a cold load of 384 MiB)", start.elapsed().as_millis());
+}
+
+#[test]
+fn a_soak_of_sequential_runs_grows_neither_descriptors_nor_leases() {
+    let env = Env::with_daemon("soak");
+    let pid = env.daemon_pid().unwrap();
+    let wf = env.workflow("w.toml", &embed_workflow(&["soak"]));
+    let out = env.exec(&wf, "warm", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (fd0, (rss0, _)) = (fds(pid), mora::process_memory(pid));
+    const RUNS: usize = 100;
+    for i in 0..RUNS {
+        let out = env.exec(&wf, "out", &[]);
+        assert!(out.status.success(), "run {i}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(wait_until(Duration::from_secs(5), || env.total_leases() == 0));
+    let (fd1, (rss1, _)) = (fds(pid), mora::process_memory(pid));
+    eprintln!("{RUNS} runs: daemon fds {fd0} -> {fd1}, RSS {} -> {} KiB", rss0 / 1024, rss1 / 1024);
+    assert!(fd1 <= fd0, "descriptors grew from {fd0} to {fd1}");
+    assert_eq!(env.ps()[0]["hits"], RUNS as u64 + 1);
+    assert_eq!(env.ps()[0]["loads"], 1);
+}
