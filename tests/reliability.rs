@@ -135,3 +135,78 @@ fn a_soak_of_sequential_runs_grows_neither_descriptors_nor_leases() {
     assert_eq!(env.ps()[0]["hits"], RUNS as u64 + 1);
     assert_eq!(env.ps()[0]["loads"], 1);
 }
+
+#[test]
+fn sixty_four_clients_cycling_leases_under_a_tight_budget_all_succeed_or_are_refused_clearly() {
+    use mora_common::connection::Connection;
+    use mora_common::manifest::WeightDType;
+    use mora_common::protocol::{Device, ErrorKind, Request, Response};
+    use mora_common::ModelSource;
+    // Three 1 MiB models, room for two.
+    let env = Env::with_daemon_args("load", &["--max-memory", "2560KiB"]);
+    let models: Vec<_> = (0..3).map(|i| env.synth(&format!("m{i}"), "bert", "1MiB", 100 + i)).collect();
+    const CLIENTS: usize = 64;
+    const CYCLES: usize = 2000;
+    let socket = env.socket.clone();
+    let results: Vec<(Vec<u128>, usize, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (socket, models) = (&socket, &models);
+                s.spawn(move || {
+                    let conn = Connection::connect(socket, "load-test").expect("connect");
+                    let (mut warm_us, mut refused, mut cold) = (Vec::new(), 0, 0);
+                    let mut rng = c as u64;
+                    for _ in 0..CYCLES / CLIENTS + usize::from(c < CYCLES % CLIENTS) {
+                        let dir = &models[(next(&mut rng) % 3) as usize];
+                        let start = Instant::now();
+                        let (resp, _fds) = conn
+                            .call(&Request::Acquire {
+                                source: ModelSource::Dir { path: dir.clone() },
+                                dtype: WeightDType::F32,
+                                device: Device::Cpu,
+                                keep_alive: None,
+                            })
+                            .expect("the daemon answers");
+                        let took = start.elapsed().as_micros();
+                        match resp {
+                            Response::Acquired(a) => {
+                                if a.loaded_now {
+                                    cold += 1;
+                                } else {
+                                    warm_us.push(took);
+                                }
+                                match conn.call(&Request::Release { lease: a.lease }).expect("release").0 {
+                                    Response::Released { .. } => {}
+                                    other => panic!("release answered {other:?}"),
+                                }
+                            }
+                            Response::Error(e) => {
+                                assert_eq!(e.kind, ErrorKind::NoRoom, "{}", e.message);
+                                assert!(e.message.contains("held by pinned, leased or loading models"), "{}", e.message);
+                                refused += 1;
+                            }
+                            other => panic!("acquire answered {other:?}"),
+                        }
+                    }
+                    (warm_us, refused, cold)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut warm: Vec<u128> = results.iter().flat_map(|r| r.0.iter().copied()).collect();
+    let refused: usize = results.iter().map(|r| r.1).sum();
+    let cold: usize = results.iter().map(|r| r.2).sum();
+    assert_eq!(warm.len() + refused + cold, CYCLES);
+    warm.sort_unstable();
+    let pct = |p: f64| warm.get(((warm.len() as f64 * p) as usize).min(warm.len().saturating_sub(1))).copied().unwrap_or(0);
+    eprintln!(
+        "{CYCLES} acquire/release cycles from {CLIENTS} clients over 3 models, room for 2: {} warm hits (p50 {} us, p99 {} us), {cold} loads, {refused} refused for room",
+        warm.len(),
+        pct(0.50),
+        pct(0.99)
+    );
+    assert!(!warm.is_empty());
+    assert!(wait_until(Duration::from_secs(5), || env.total_leases() == 0));
+    assert!(env.resident_names().len() <= 2, "the budget held: {:?}", env.resident_names());
+}
