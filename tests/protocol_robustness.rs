@@ -150,3 +150,39 @@ fn a_silent_connection_does_not_hold_up_other_clients() {
     drop(silent);
     assert_still_serving(&mut env);
 }
+
+#[test]
+fn a_client_of_another_uid_is_refused() {
+    // Needs root (to become another user) and setpriv (util-linux).
+    if !rustix::process::getuid().is_root() {
+        eprintln!("skipped: tests do not run as root, so no client of another uid can be made");
+        return;
+    }
+    if std::process::Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::with_daemon("other-uid");
+    // Let uid 65534 reach the socket and run our binary, so that what refuses
+    // it is the daemon's peer check, not file permissions.
+    let bin_dir = env.scratch.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let ps = bin_dir.join("mora-cache");
+    std::fs::copy(mora::bin("mora-cache"), &ps).unwrap();
+    for (p, mode) in [(&env.scratch.path, 0o711), (&bin_dir, 0o755), (&ps, 0o755), (&env.socket.parent().unwrap().to_path_buf(), 0o711), (&env.socket, 0o666)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&ps)
+        .arg("--socket")
+        .arg(&env.socket)
+        .arg("ps")
+        .output()
+        .unwrap();
+    let line = mora::one_line_failure(&out);
+    assert!(line.contains("refused this client") && line.contains("serves uid 0 only, and you are uid 65534"), "{line}");
+    // The owner is still served.
+    assert!(env.ps().is_empty());
+}

@@ -210,3 +210,41 @@ fn sixty_four_clients_cycling_leases_under_a_tight_budget_all_succeed_or_are_ref
     assert!(wait_until(Duration::from_secs(5), || env.total_leases() == 0));
     assert!(env.resident_names().len() <= 2, "the budget held: {:?}", env.resident_names());
 }
+
+#[test]
+fn sigterm_stops_accepting_answers_the_load_in_progress_and_exits() {
+    let mut env = Env::with_daemon("sigterm");
+    let big = env.synth("big", "bert", "384MiB", 11);
+    let wf = env.workflow(
+        "big.toml",
+        &embed_workflow(&["x"]).replace(
+            "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
+            &format!("path = {:?}", big.display().to_string()),
+        ),
+    );
+    let pid = env.daemon_pid().unwrap();
+    let client = env
+        .command("mora-exec")
+        .args(["run", "--no-autostart"])
+        .arg(&wf)
+        .arg("-o")
+        .arg(env.scratch.join("out"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || env.ps().iter().any(|m| m["state"] == "loading")));
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    // No new clients: the socket goes at once.
+    assert!(wait_until(Duration::from_secs(5), || !env.socket.exists()), "the socket is still there");
+    // The client that was waiting for the load gets its weights and finishes its run.
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.scratch.join("out/embeddings.json").is_file());
+    assert!(
+        wait_until(mora_cache::server::DRAIN_TIMEOUT + Duration::from_secs(10), || !env.daemon_alive()),
+        "the daemon did not exit"
+    );
+    let log = std::fs::read_to_string(env.scratch.join("daemon.log")).unwrap();
+    assert!(log.contains("answering the requests in progress before exiting"), "{log}");
+}

@@ -211,6 +211,11 @@ impl Lease {
     pub fn id(&self) -> LeaseId {
         self.id
     }
+
+    /// Where the leased model is held.
+    pub fn device(&self) -> Device {
+        self.key.device
+    }
 }
 
 impl Drop for Lease {

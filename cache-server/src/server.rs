@@ -30,9 +30,31 @@ use crate::socket::BoundSocket;
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping daemon waits for requests in progress (a load a
+/// client waits on, say) to be answered.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Daemon {
     registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
+    /// Requests being handled now.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a request as in progress while it lives.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(counter: &Arc<std::sync::atomic::AtomicUsize>) -> Busy {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(counter.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Daemon {
@@ -42,7 +64,11 @@ impl Daemon {
 
     /// A daemon that also holds weights on the GPUs `gpus` offers.
     pub fn with_gpus(limits: Limits, gpus: Option<Arc<dyn GpuMemory>>) -> Self {
-        Daemon { registry: Arc::new(Registry::with_gpus(limits, gpus)), shutdown: watch::channel(false).0 }
+        Daemon {
+            registry: Arc::new(Registry::with_gpus(limits, gpus)),
+            shutdown: watch::channel(false).0,
+            busy: Arc::default(),
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -95,8 +121,25 @@ impl Daemon {
             }
         }
         tracing::info!(socket = %socket.path().display(), "shutting down");
-        reaper.abort();
+        self.request_shutdown();
+        drop(listener);
         drop(socket);
+        // Requests in progress are answered (idle connections close at
+        // once); a second signal, or the drain timeout, cuts this short.
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let busy = || self.busy.load(std::sync::atomic::Ordering::SeqCst);
+        if busy() > 0 {
+            tracing::info!(requests = busy(), "answering the requests in progress before exiting");
+        }
+        while busy() > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(deadline) => { tracing::warn!(requests = busy(), "drain timeout: exiting with requests unanswered"); break }
+                _ = sigterm.recv() => { tracing::warn!(requests = busy(), "second signal: exiting with requests unanswered"); break }
+                _ = sigint.recv() => { tracing::warn!(requests = busy(), "second signal: exiting with requests unanswered"); break }
+            }
+        }
+        reaper.abort();
         // GPU memory vanishes with the process that allocated it: wait for
         // the clients that map some to finish (a second signal stops at once).
         let mut waited = false;
@@ -125,6 +168,18 @@ impl Daemon {
         let pid = peer.pid().unwrap_or(0);
         if peer.uid() != uid {
             tracing::warn!(peer_uid = peer.uid(), pid, "refusing a peer of another uid");
+            // Say why, if the peer says hello in time; then close.
+            let refuse = async {
+                read_frame(&mut stream).await.ok()?;
+                let reply = HelloReply {
+                    version: PROTOCOL_VERSION,
+                    accepted: false,
+                    message: format!("this daemon serves uid {uid} only, and you are uid {}", peer.uid()),
+                    daemon_pid: std::process::id(),
+                };
+                write_response(&mut stream, &reply, None).await.ok()
+            };
+            let _ = tokio::time::timeout(HELLO_TIMEOUT, refuse).await;
             return;
         }
         match tokio::time::timeout(HELLO_TIMEOUT, self.handshake(&mut stream)).await {
@@ -139,15 +194,24 @@ impl Daemon {
             }
         }
         let mut leases: HashMap<u64, Lease> = HashMap::new();
+        let mut shutdown = self.shutdown.subscribe();
         loop {
-            let payload = match read_frame(&mut stream).await {
-                Ok(p) => p,
-                Err(FrameError::Closed) => break,
-                Err(e) => {
-                    tracing::warn!(pid, error = %e, "unreadable frame; closing");
-                    break;
-                }
+            // Idle, a connection closes as soon as the daemon stops, unless
+            // it holds GPU memory (which the daemon must keep until the
+            // client lets go); a request that has begun is answered first.
+            let holds_gpu = leases.values().any(|l| matches!(l.device(), Device::Cuda(_)));
+            let payload = tokio::select! {
+                frame = read_frame(&mut stream) => match frame {
+                    Ok(p) => p,
+                    Err(FrameError::Closed) => break,
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "unreadable frame; closing");
+                        break;
+                    }
+                },
+                _ = shutdown.wait_for(|stop| *stop), if !holds_gpu => break,
             };
+            let _busy = Busy::new(&self.busy);
             let request: Request = match frame::decode(&payload) {
                 Ok(r) => r,
                 Err(e) => {
