@@ -613,4 +613,61 @@ pub(crate) mod tests {
         let err = read_header(&p).unwrap_err().to_string();
         assert!(err.contains("needs 12 bytes"), "{err}");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn file_of(header: &[u8], data_len: usize) -> PathBuf {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let d = model_dir(&format!("prop-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8));
+            let p = d.join("model.safetensors");
+            raw_safetensors(&p, header, &vec![0u8; data_len]);
+            p
+        }
+
+        fn tensor() -> impl Strategy<Value = (String, &'static str, Vec<usize>, u64, u64)> {
+            (
+                "[a-c]{1,2}",
+                prop::sample::select(vec!["F32", "F16", "BF16", "I64", "U8", "BOOL", "Q4", "f32"]),
+                prop::collection::vec(0usize..6, 0..3),
+                0u64..96,
+                0u64..96,
+            )
+        }
+
+        proptest! {
+            /// Random bytes where a header belongs: an error, never a panic.
+            #[test]
+            fn arbitrary_header_bytes_never_panic(header in prop::collection::vec(any::<u8>(), 0..256), data in 0usize..64) {
+                let _ = read_header(&file_of(&header, data));
+            }
+
+            /// Plausible but random headers: either refused, or every tensor
+            /// it returns is one a loader can trust.
+            #[test]
+            fn accepted_headers_describe_disjoint_in_bounds_tensors(
+                tensors in prop::collection::vec(tensor(), 0..5),
+                data in 0usize..128,
+            ) {
+                let mut header = serde_json::Map::new();
+                for (name, dtype, shape, begin, end) in &tensors {
+                    header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}));
+                }
+                let bytes = serde_json::to_vec(&header).unwrap();
+                let path = file_of(&bytes, data);
+                if let Ok(read) = read_header(&path) {
+                    let start = 8 + bytes.len() as u64;
+                    let mut last_end = start;
+                    for t in &read {
+                        prop_assert!(t.file_offset >= last_end, "overlap at {}", t.name);
+                        prop_assert_eq!(Some(t.len), tensor_bytes(t.dtype, &t.shape));
+                        last_end = t.file_offset + t.len;
+                        prop_assert!(last_end <= start + data as u64);
+                    }
+                }
+            }
+        }
+    }
 }
+

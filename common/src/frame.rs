@@ -223,4 +223,42 @@ mod tests {
         let mut fds = Vec::new();
         assert!(matches!(read_frame(&b, &mut fds), Err(FrameError::Closed)));
     }
+
+    mod properties {
+        use super::super::*;
+        use crate::protocol::{Hello, HelloReply, Request, Response};
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever bytes a peer sends, decoding answers Ok or Err: it never
+            /// panics and never allocates past the frame.
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode::<Request>(&bytes);
+                let _ = decode::<Response>(&bytes);
+                let _ = decode::<Hello>(&bytes);
+                let _ = decode::<HelloReply>(&bytes);
+            }
+
+            #[test]
+            fn a_length_prefix_is_accepted_exactly_up_to_the_limit(prefix in any::<[u8; 4]>()) {
+                let len = u32::from_le_bytes(prefix) as usize;
+                prop_assert_eq!(payload_len(prefix).is_ok(), len <= MAX_FRAME_BYTES);
+            }
+
+            #[test]
+            fn requests_survive_the_wire(lease in any::<u64>(), name in ".{0,64}") {
+                for r in [
+                    Request::Release { lease },
+                    Request::Evict { target: crate::protocol::Selector { name: name.clone(), dtype: None } },
+                ] {
+                    let frame = encode(&r).unwrap();
+                    let len = payload_len(frame[..4].try_into().unwrap()).unwrap();
+                    prop_assert_eq!(len, frame.len() - 4);
+                    prop_assert_eq!(decode::<Request>(&frame[4..]).unwrap(), r);
+                }
+            }
+        }
+    }
 }
+

@@ -1033,4 +1033,50 @@ seed = 3
         let e = parse(&PIPELINE.replace("seed = 7", "seed = -2")).unwrap_err().to_string();
         assert!(e.contains("`seed` must be a whole number of at least 0"), "{e}");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines a workflow is made of: real keys and typos, every value type,
+        /// references good and bad, in any order.
+        fn line() -> impl Strategy<Value = String> {
+            prop::sample::select(vec![
+                "name = \"w\"", "description = 3", "seed = -1", "seed = \"{{ s }}\"", "[variables]", "s = 4", "t = \"x\"",
+                "u = [1]", "[models.m]", "repo = \"a/b\"", "path = \"p\"", "dtype = \"f16\"", "device = \"cuda:x\"",
+                "keep_alive = 0", "keep_alive = \"soon\"", "[[steps]]", "name = \"e\"", "name = \"r\"", "name = \"a b\"",
+                "task = \"embed\"", "task = \"rank\"", "task = \"generate\"", "model = \"m\"", "model = \"zz\"",
+                "texts = [\"{{ t }}\"]", "texts = []", "texts_file = \"{{ nope }}\"", "query = \"{{ steps.e }}\"",
+                "corpus = \"{{ steps.r.top }}\"", "top_k = \"{{ s }}\"", "top_k = 0", "prompt = \"{{ steps.e.text }} {{ t\"",
+                "prompt = \"{{ steps.r }}\"", "max_tokens = 2", "temperature = \"hot\"", "top_p = 1.5", "output = \"../x\"",
+                "outptu = 1", "[models]", "= =", "\u{0}",
+            ])
+            .prop_map(str::to_string)
+        }
+
+        proptest! {
+            /// Any text at all: parsed or refused, never a panic; a refusal is
+            /// one line that names the file.
+            #[test]
+            fn arbitrary_text_never_panics(src in ".{0,200}") {
+                if let Err(e) = Workflow::parse(&src, Path::new("/w/flow.toml")) {
+                    let e = e.to_string();
+                    prop_assert!(e.starts_with("/w/flow.toml") && !e.contains('\n'), "{}", e);
+                }
+            }
+
+            #[test]
+            fn workflow_shaped_text_never_panics_and_errors_are_one_line(
+                lines in prop::collection::vec(line(), 0..24),
+                sets in prop::collection::vec(prop::sample::select(vec!["s=5", "s=x", "t=y", "v=1", "bad"]), 0..3),
+            ) {
+                let sets: Vec<String> = sets.into_iter().map(str::to_string).collect();
+                if let Err(e) = Workflow::parse_with(&lines.join("\n"), Path::new("/w/flow.toml"), &sets) {
+                    let e = e.to_string();
+                    prop_assert!(e.starts_with("/w/flow.toml") && !e.contains('\n'), "{}", e);
+                }
+            }
+        }
+    }
 }
+
