@@ -99,7 +99,6 @@ pub enum StepKind {
     Rank { corpus: usize, top_k: usize },
 }
 
-
 /// The texts an embed step embedded and their embeddings, in order.
 struct Embedded {
     texts: Vec<String>,
