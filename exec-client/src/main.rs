@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
@@ -19,60 +19,66 @@ struct Cli {
     command: Command,
 }
 
+/// What `run` takes, and `watch` passes on to each run.
+#[derive(Args)]
+struct RunArgs {
+    /// The workflow (TOML).
+    workflow: PathBuf,
+    /// Daemon socket [default: $MORA_SOCKET, else $XDG_RUNTIME_DIR/mora/cache.sock,
+    /// else /tmp/mora-$UID/cache.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Load the weights in this process instead of borrowing them from the
+    /// daemon: the baseline, and a way to run with no daemon at all.
+    #[arg(long)]
+    no_cache: bool,
+    /// Fail instead of starting a daemon when none is listening.
+    #[arg(long)]
+    no_autostart: bool,
+    /// Directory for step outputs.
+    #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
+    output_dir: PathBuf,
+    /// Set a variable declared in the workflow's [variables] (repeatable); the
+    /// value converts to the type of its default.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    sets: Vec<String>,
+    /// Let a step's `output` be an absolute path, climb out of the output
+    /// directory with `..`, or follow a symlink out of it.
+    #[arg(long)]
+    allow_outside_output: bool,
+}
+
+impl RunArgs {
+    /// These options as `mora-exec run` arguments after the workflow.
+    fn to_run_args(&self) -> Vec<String> {
+        let mut args = vec!["-o".to_string(), self.output_dir.display().to_string()];
+        if let Some(s) = &self.socket {
+            args.extend(["--socket".to_string(), s.display().to_string()]);
+        }
+        for (flag, on) in [
+            ("--no-cache", self.no_cache),
+            ("--no-autostart", self.no_autostart),
+            ("--allow-outside-output", self.allow_outside_output),
+        ] {
+            if on {
+                args.push(flag.into());
+            }
+        }
+        for s in &self.sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a workflow file: acquire its models, run its steps, write outputs.
-    Run {
-        /// The workflow (TOML).
-        workflow: PathBuf,
-        /// Daemon socket [default: $MORA_SOCKET, else $XDG_RUNTIME_DIR/mora/cache.sock,
-        /// else /tmp/mora-$UID/cache.sock]
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// Load the weights in this process instead of borrowing them from the
-        /// daemon: the baseline, and a way to run with no daemon at all.
-        #[arg(long)]
-        no_cache: bool,
-        /// Fail instead of starting a daemon when none is listening.
-        #[arg(long)]
-        no_autostart: bool,
-        /// Directory for step outputs.
-        #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
-        output_dir: PathBuf,
-        /// Set a variable declared in the workflow's [variables] (repeatable); the
-        /// value converts to the type of its default.
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        sets: Vec<String>,
-        /// Let a step's `output` be an absolute path, climb out of the output
-        /// directory with `..`, or follow a symlink out of it.
-        #[arg(long)]
-        allow_outside_output: bool,
-    },
+    Run(RunArgs),
     /// Run a workflow, then run it again, each time in a fresh process, whenever the
     /// workflow file or an input file it names is saved; models stay warm in the
-    /// daemon between runs. Ctrl-C stops.
-    Watch {
-        /// The workflow (TOML).
-        workflow: PathBuf,
-        /// As for `run`.
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// As for `run`.
-        #[arg(long)]
-        no_cache: bool,
-        /// As for `run`.
-        #[arg(long)]
-        no_autostart: bool,
-        /// As for `run`.
-        #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
-        output_dir: PathBuf,
-        /// As for `run`.
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        sets: Vec<String>,
-        /// As for `run`.
-        #[arg(long)]
-        allow_outside_output: bool,
-    },
+    /// daemon between runs. Ctrl-C stops. Takes the options of `run`.
+    Watch(RunArgs),
     /// Check a workflow without running it: syntax, keys, variables and references,
     /// input files, and that every model resolves to files on disk.
     Check {
@@ -111,96 +117,61 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output) = match Cli::parse().command {
-        Command::Run { workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output } => {
-            (workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output)
-        }
-        Command::Watch { workflow, socket, no_cache, no_autostart, output_dir, sets, allow_outside_output } => {
-            let mut run_args = vec!["-o".to_string(), output_dir.display().to_string()];
-            if let Some(s) = socket {
-                run_args.extend(["--socket".to_string(), s.display().to_string()]);
-            }
-            if no_cache {
-                run_args.push("--no-cache".into());
-            }
-            if no_autostart {
-                run_args.push("--no-autostart".into());
-            }
-            if allow_outside_output {
-                run_args.push("--allow-outside-output".into());
-            }
-            for s in &sets {
-                run_args.extend(["--set".to_string(), s.clone()]);
-            }
-            let opts = mora_exec::watch::WatchOptions { workflow, run_args, sets };
-            return match mora_exec::watch::watch(&opts) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Check { workflow, sets } => {
-            return match Workflow::load_with(&workflow, &sets).map_err(Into::into).and_then(|wf| check(&wf)) {
-                Ok(summary) => {
-                    println!("{}: ok: {summary}", workflow.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Synth { arch, size, dtype, seed, output_dir } => {
-            return match generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir) {
-                Ok(r) => {
-                    println!(
-                        "wrote {}: {} bytes of {dtype} weights ({} tensors, hidden {}, {} layers)",
-                        r.dir.display(),
-                        r.weights_bytes,
-                        r.tensors,
-                        r.hidden_size,
-                        r.layers
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
-                    ExitCode::FAILURE
-                }
-            };
-        }
-    };
-    // Panics are caught and reported as one line by `guarded`; with
-    // MORA_LOG=debug the usual message and backtrace show too.
-    let debug = std::env::var("MORA_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace"));
-    if !debug {
-        std::panic::set_hook(Box::new(|_| {}));
-    }
-    let result = mora_exec::guarded(|| Workflow::load_with(&workflow, &sets).map_err(Into::into)).and_then(|wf| {
-        let opts = RunOptions {
-            socket: socket_path(socket.as_deref()),
-            no_cache,
-            autostart: !no_autostart,
-            output_dir,
-            allow_outside_output,
-        };
-        mora_exec::guarded(|| run(&wf, &opts))
-    });
-    match result {
-        Ok(reports) => {
-            for r in &reports {
-                println!("{}", describe(r));
-            }
-            ExitCode::SUCCESS
-        }
+    match command(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mora-exec: error: {}", one_line(&e.to_string()));
+            eprintln!("mora-exec: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn command(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run(args) => {
+            // Panics are caught and reported as one line by `guarded`; with
+            // MORA_LOG=debug the usual message and backtrace show too.
+            let debug = std::env::var("MORA_LOG").is_ok_and(|v| v.contains("debug") || v.contains("trace"));
+            if !debug {
+                std::panic::set_hook(Box::new(|_| {}));
+            }
+            let wf = mora_exec::guarded(|| Workflow::load_with(&args.workflow, &args.sets).map_err(Into::into))
+                .map_err(|e| e.to_string())?;
+            let opts = RunOptions {
+                socket: socket_path(args.socket.as_deref()),
+                no_cache: args.no_cache,
+                autostart: !args.no_autostart,
+                output_dir: args.output_dir,
+                allow_outside_output: args.allow_outside_output,
+            };
+            let reports = mora_exec::guarded(|| run(&wf, &opts)).map_err(|e| e.to_string())?;
+            for r in &reports {
+                println!("{}", describe(r));
+            }
+        }
+        Command::Watch(args) => {
+            let run_args = args.to_run_args();
+            let opts = mora_exec::watch::WatchOptions { workflow: args.workflow, run_args, sets: args.sets };
+            mora_exec::watch::watch(&opts)?;
+        }
+        Command::Check { workflow, sets } => {
+            let wf = Workflow::load_with(&workflow, &sets).map_err(|e| e.to_string())?;
+            let summary = check(&wf).map_err(|e| e.to_string())?;
+            println!("{}: ok: {summary}", workflow.display());
+        }
+        Command::Synth { arch, size, dtype, seed, output_dir } => {
+            let r = generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir)?;
+            println!(
+                "wrote {}: {} bytes of {dtype} weights ({} tensors, hidden {}, {} layers)",
+                r.dir.display(),
+                r.weights_bytes,
+                r.tensors,
+                r.hidden_size,
+                r.layers
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The first line of an error: candle appends a backtrace to its errors when
