@@ -99,6 +99,21 @@ pub enum StepKind {
     Rank { corpus: usize, top_k: usize },
 }
 
+impl StepKind {
+    /// A step that ran a model on `w`.
+    fn model(w: &Weights, build_ms: u64, reused: bool) -> StepKind {
+        StepKind::Model {
+            model: w.name.clone(),
+            weights: w.provenance.clone(),
+            device: device_name(&w.device),
+            device_open: w.device_open,
+            map: w.map,
+            build_ms,
+            reused,
+        }
+    }
+}
+
 /// The texts an embed step embedded and their embeddings, in order.
 struct Embedded {
     texts: Vec<String>,
@@ -175,15 +190,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                     unit: "texts",
                     output,
                     run_ms,
-                    what: StepKind::Model {
-                        model: w.name.clone(),
-                        weights: w.provenance.clone(),
-                        device: device_name(&w.device),
-                        device_open: w.device_open,
-                        map: w.map,
-                        build_ms,
-                        reused,
-                    },
+                    what: StepKind::model(w, build_ms, reused),
                 });
                 embedded.insert(step.name.as_str(), Embedded { texts, embeddings });
             }
@@ -255,15 +262,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                     unit: "tokens",
                     output,
                     run_ms,
-                    what: StepKind::Model {
-                        model: w.name.clone(),
-                        weights: w.provenance.clone(),
-                        device: device_name(&w.device),
-                        device_open: w.device_open,
-                        map: w.map,
-                        build_ms,
-                        reused,
-                    },
+                    what: StepKind::model(w, build_ms, reused),
                 });
             }
         }

@@ -183,59 +183,56 @@ impl Weights {
             other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
         };
         acquired.segment.check_device(device).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
-        let provenance = |bytes| Provenance::Daemon {
-            lease: acquired.lease,
-            loaded_now: acquired.loaded_now,
-            load_ms: acquired.load_ms,
-            bytes,
-        };
-        let len = match acquired.segment {
-            SegmentDescriptor::Memfd { len } => len,
+        let len = acquired.segment.len();
+        let store = match acquired.segment {
+            SegmentDescriptor::Memfd { .. } => {
+                let fd = match (fds.pop(), fds.is_empty()) {
+                    (Some(fd), true) => fd,
+                    _ => {
+                        return Err(ExecError::Protocol(format!(
+                            "the daemon lent {name} without exactly one segment descriptor"
+                        )))
+                    }
+                };
+                let segment = Segment::from_received(fd, len).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+                if acquired.manifest.segment_len != len {
+                    return Err(ExecError::Protocol(format!(
+                        "{name}: manifest describes {} bytes, segment has {len}",
+                        acquired.manifest.segment_len
+                    )));
+                }
+                acquired.manifest.validate().map_err(|e| ExecError::Protocol(format!("{name}: bad manifest: {e}")))?;
+                let mapping = segment.map().map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+                Store::Mapped(MappedWeights::new(mapping, acquired.manifest))
+            }
             #[cfg(feature = "cuda")]
-            SegmentDescriptor::CudaIpc { handle, len, .. } => {
+            SegmentDescriptor::CudaIpc { handle, .. } => {
                 if !fds.is_empty() {
                     return Err(ExecError::Protocol(format!("{name}: a GPU segment came with a file descriptor")));
                 }
                 let (tensors, mapping) = crate::cuda::import(handle, len, &acquired.manifest, &candle_dev)
                     .map_err(|e| ExecError::Model(format!("{name}: {e}")))?;
-                return Ok(Weights {
-                    name: acquired.name,
-                    dir: acquired.dir,
-                    dtype,
-                    provenance: provenance(len),
-                    device: candle_dev,
-                    device_open,
-                    map: mapping_start.elapsed(),
-                    store: Store::Gpu { tensors, _mapping: mapping },
-                });
+                Store::Gpu { tensors, _mapping: mapping }
             }
             #[cfg(not(feature = "cuda"))]
             SegmentDescriptor::CudaIpc { .. } => {
                 return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
             }
         };
-        let fd = match (fds.pop(), fds.is_empty()) {
-            (Some(fd), true) => fd,
-            _ => return Err(ExecError::Protocol(format!("the daemon lent {name} without exactly one segment descriptor"))),
-        };
-        let segment = Segment::from_received(fd, len).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
-        if acquired.manifest.segment_len != len {
-            return Err(ExecError::Protocol(format!(
-                "{name}: manifest describes {} bytes, segment has {len}",
-                acquired.manifest.segment_len
-            )));
-        }
-        acquired.manifest.validate().map_err(|e| ExecError::Protocol(format!("{name}: bad manifest: {e}")))?;
-        let mapping = segment.map().map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
         Ok(Weights {
             name: acquired.name,
             dir: acquired.dir,
             dtype,
-            provenance: provenance(len),
+            provenance: Provenance::Daemon {
+                lease: acquired.lease,
+                loaded_now: acquired.loaded_now,
+                load_ms: acquired.load_ms,
+                bytes: len,
+            },
             device: candle_dev,
             device_open,
             map: mapping_start.elapsed(),
-            store: Store::Mapped(MappedWeights::new(mapping, acquired.manifest)),
+            store,
         })
     }
 
