@@ -208,16 +208,16 @@ impl Env {
         p
     }
 
+    /// `mora-exec run WORKFLOW -o OUT`, to add to, spawn or run.
+    pub fn exec_command(&self, workflow: &Path, out: &str) -> Command {
+        let mut c = self.command("mora-exec");
+        c.arg("run").arg(workflow).arg("-o").arg(self.scratch.join(out));
+        c
+    }
+
     /// `mora-exec run WORKFLOW -o OUT [extra...]`, waited for.
     pub fn exec(&self, workflow: &Path, out: &str, extra: &[&str]) -> Output {
-        self.command("mora-exec")
-            .arg("run")
-            .arg(workflow)
-            .arg("-o")
-            .arg(self.scratch.join(out))
-            .args(extra)
-            .output()
-            .expect("run mora-exec")
+        self.exec_command(workflow, out).args(extra).output().expect("run mora-exec")
     }
 
     /// `mora-cache ps --json`, parsed.
@@ -288,6 +288,14 @@ pub fn embed_workflow(texts: &[&str]) -> String {
     format!(
         "name = \"embed\"\n[models.minilm]\nrepo = \"sentence-transformers/all-MiniLM-L6-v2\"\n\
          [[steps]]\nname = \"embed\"\ntask = \"embed\"\nmodel = \"minilm\"\ntexts = {texts}\noutput = \"embeddings.json\"\n"
+    )
+}
+
+/// [`embed_workflow`] of one text on the model in `dir` instead of the test model.
+pub fn local_embed_workflow(dir: &Path) -> String {
+    embed_workflow(&["x"]).replace(
+        "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
+        &format!("path = {:?}", dir.display().to_string()),
     )
 }
 

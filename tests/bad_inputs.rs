@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mora::{embed_workflow, one_line_failure, test_model_dir, Env};
+use mora::{embed_workflow, local_embed_workflow, one_line_failure, test_model_dir, Env};
 
 fn local_model(env: &Env, name: &str, weights: &[u8]) -> PathBuf {
     let dir = env.scratch.join(name);
@@ -14,13 +14,6 @@ fn local_model(env: &Env, name: &str, weights: &[u8]) -> PathBuf {
     }
     std::fs::write(dir.join("model.safetensors"), weights).unwrap();
     dir
-}
-
-fn local_workflow(dir: &Path) -> String {
-    embed_workflow(&["x"]).replace(
-        "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
-        &format!("path = {:?}", dir.display().to_string()),
-    )
 }
 
 #[test]
@@ -71,7 +64,7 @@ fn truncated_safetensors_is_refused_and_the_daemon_keeps_running() {
     let mut env = Env::with_daemon("truncated");
     let full = std::fs::read(test_model_dir().join("model.safetensors")).unwrap();
     let dir = local_model(&env, "truncated-model", &full[..full.len() / 2]);
-    let wf = env.workflow("t.toml", &local_workflow(&dir));
+    let wf = env.workflow("t.toml", &local_embed_workflow(&dir));
     let line = one_line_failure(&env.exec(&wf, "out", &[]));
     assert!(line.contains("not a valid safetensors file") && line.contains("truncated"), "{line}");
     assert!(env.daemon_alive(), "daemon died on a truncated file");
@@ -88,7 +81,7 @@ fn corrupt_safetensors_header_is_refused() {
     bytes.extend_from_slice(b"{\"w\": {\"dtype\": \"F32\", \"shape\": [2]}}    ");
     bytes.extend_from_slice(&[0u8; 8]);
     let dir = local_model(&env, "corrupt-model", &bytes);
-    let wf = env.workflow("c.toml", &local_workflow(&dir));
+    let wf = env.workflow("c.toml", &local_embed_workflow(&dir));
     let line = one_line_failure(&env.exec(&wf, "out", &[]));
     assert!(line.contains("not a valid safetensors file") && line.contains("data_offsets"), "{line}");
     assert!(env.daemon_alive());
@@ -97,7 +90,7 @@ fn corrupt_safetensors_header_is_refused() {
 #[test]
 fn missing_local_model_directory() {
     let env = Env::with_daemon("nodir");
-    let wf = env.workflow("d.toml", &local_workflow(&env.scratch.join("absent")));
+    let wf = env.workflow("d.toml", &local_embed_workflow(&env.scratch.join("absent")));
     let line = one_line_failure(&env.exec(&wf, "out", &[]));
     assert!(line.contains("model directory") && line.contains("does not exist"), "{line}");
 }
@@ -185,7 +178,7 @@ fn a_model_missing_a_tensor_or_with_an_absurd_config_is_one_line_and_the_daemon_
     // Without the cache, candle's own loader already refuses the gap the
     // missing tensor leaves; with it, building the model names the tensor.
     for (dir, expected) in [(&missing, "encoder.layer.0.attention.self.query"), (&absurd, "shape mismatch")] {
-        let wf = env.workflow("m.toml", &local_workflow(dir));
+        let wf = env.workflow("m.toml", &local_embed_workflow(dir));
         for extra in [&[][..], &["--no-cache"][..]] {
             let line = one_line_failure(&env.exec(&wf, "out", extra));
             assert!(line.contains(expected) && !line.contains("panicked"), "{extra:?}: {line}");

@@ -249,11 +249,7 @@ fn thirty_two_clients_over_three_models_within_a_budget_of_two() {
         .collect();
     let children: Vec<_> = (0..32)
         .map(|i| {
-            env.command("mora-exec")
-                .arg("run")
-                .arg(&workflows[i % 3])
-                .arg("-o")
-                .arg(env.scratch.join(format!("out{i}")))
+            env.exec_command(&workflows[i % 3], &format!("out{i}"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()

@@ -81,11 +81,7 @@ fn two_clients_at_once_both_succeed_with_one_load() {
     let env = Env::with_daemon("concurrent");
     let wf = env.workflow("embed.toml", &embed_workflow(&PAIR));
     let spawn = |out: &str| {
-        env.command("mora-exec")
-            .arg("run")
-            .arg(&wf)
-            .arg("-o")
-            .arg(env.scratch.join(out))
+        env.exec_command(&wf, out)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -120,11 +116,7 @@ fn sigkilled_client_releases_its_lease_and_the_daemon_stays_up() {
     );
     assert!(std::fs::read_to_string(&wf).unwrap().contains("texts_file"));
     let mut child = env
-        .command("mora-exec")
-        .arg("run")
-        .arg(&wf)
-        .arg("-o")
-        .arg(env.scratch.join("out"))
+        .exec_command(&wf, "out")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

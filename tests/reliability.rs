@@ -6,10 +6,14 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mora::{embed_workflow, one_line_failure, wait_until, Env};
+use mora::{embed_workflow, local_embed_workflow, one_line_failure, wait_until, Env};
 
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
 }
 
 /// splitmix64, for delays that differ from run to run but not between test runs.
@@ -40,11 +44,7 @@ fn clients_killed_at_random_moments_leak_no_lease_and_no_descriptor() {
             let _ = env.admin(&["evict", "sentence-transformers/all-MiniLM-L6-v2"]);
         }
         let mut child = env
-            .command("mora-exec")
-            .arg("run")
-            .arg(&wf)
-            .arg("-o")
-            .arg(env.scratch.join("out"))
+            .exec_command(&wf, "out")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -79,20 +79,10 @@ fn clients_killed_at_random_moments_leak_no_lease_and_no_descriptor() {
 fn a_daemon_killed_mid_load_is_reported_and_the_next_run_starts_a_new_one() {
     let mut env = Env::with_daemon("daemon-kill");
     let big = env.synth("big", "bert", "384MiB", 9);
-    let wf = env.workflow(
-        "big.toml",
-        &embed_workflow(&["x"]).replace(
-            "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
-            &format!("path = {:?}", big.display().to_string()),
-        ),
-    );
+    let wf = env.workflow("big.toml", &local_embed_workflow(&big));
     let pid = env.daemon_pid().unwrap();
     let client = env
-        .command("mora-exec")
-        .arg("run")
-        .arg(&wf)
-        .arg("-o")
-        .arg(env.scratch.join("out"))
+        .exec_command(&wf, "out")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -100,7 +90,7 @@ fn a_daemon_killed_mid_load_is_reported_and_the_next_run_starts_a_new_one() {
     // Kill the daemon once the load has begun.
     let loading = wait_until(Duration::from_secs(30), || env.ps().iter().any(|m| m["state"] == "loading"));
     assert!(loading, "never saw the load in progress");
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL).unwrap();
+    signal(pid, rustix::process::Signal::KILL);
     assert!(wait_until(Duration::from_secs(10), || !env.daemon_alive()));
     let out = client.wait_with_output().unwrap();
     let line = one_line_failure(&out);
@@ -215,26 +205,17 @@ fn sixty_four_clients_cycling_leases_under_a_tight_budget_all_succeed_or_are_ref
 fn sigterm_stops_accepting_answers_the_load_in_progress_and_exits() {
     let mut env = Env::with_daemon("sigterm");
     let big = env.synth("big", "bert", "384MiB", 11);
-    let wf = env.workflow(
-        "big.toml",
-        &embed_workflow(&["x"]).replace(
-            "repo = \"sentence-transformers/all-MiniLM-L6-v2\"",
-            &format!("path = {:?}", big.display().to_string()),
-        ),
-    );
+    let wf = env.workflow("big.toml", &local_embed_workflow(&big));
     let pid = env.daemon_pid().unwrap();
     let client = env
-        .command("mora-exec")
-        .args(["run", "--no-autostart"])
-        .arg(&wf)
-        .arg("-o")
-        .arg(env.scratch.join("out"))
+        .exec_command(&wf, "out")
+        .arg("--no-autostart")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     assert!(wait_until(Duration::from_secs(30), || env.ps().iter().any(|m| m["state"] == "loading")));
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::TERM).unwrap();
+    signal(pid, rustix::process::Signal::TERM);
     // No new clients: the socket goes at once.
     assert!(wait_until(Duration::from_secs(5), || !env.socket.exists()), "the socket is still there");
     // The client that was waiting for the load gets its weights and finishes its run.
