@@ -292,45 +292,41 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             "position_embedding_type": "absolute",
             "torch_dtype": torch_dtype,
         }),
-        Arch::Llama => json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": d.vocab,
-            "hidden_size": d.hidden,
-            "intermediate_size": d.intermediate,
-            "num_hidden_layers": d.layers,
-            "num_attention_heads": d.heads,
-            "num_key_value_heads": d.heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": MAX_POSITIONS,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "tie_word_embeddings": false,
-            "torch_dtype": torch_dtype,
-        }),
-        Arch::Qwen2 => json!({
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "vocab_size": d.vocab,
-            "hidden_size": d.hidden,
-            "intermediate_size": d.intermediate,
-            "num_hidden_layers": d.layers,
-            "num_attention_heads": d.heads,
-            "num_key_value_heads": d.heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": MAX_POSITIONS,
-            "sliding_window": MAX_POSITIONS,
-            "max_window_layers": d.layers,
-            "use_sliding_window": false,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "tie_word_embeddings": false,
-            "torch_dtype": torch_dtype,
-        }),
+        Arch::Llama | Arch::Qwen2 => {
+            let mut c = json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": d.vocab,
+                "hidden_size": d.hidden,
+                "intermediate_size": d.intermediate,
+                "num_hidden_layers": d.layers,
+                "num_attention_heads": d.heads,
+                "num_key_value_heads": d.heads,
+                "hidden_act": "silu",
+                "max_position_embeddings": MAX_POSITIONS,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "tie_word_embeddings": false,
+                "torch_dtype": torch_dtype,
+            });
+            if spec.arch == Arch::Qwen2 {
+                // Qwen2's config: llama's keys, its own names, and the
+                // sliding-window keys candle's qwen2 requires.
+                for (k, v) in [
+                    ("architectures", json!(["Qwen2ForCausalLM"])),
+                    ("model_type", json!("qwen2")),
+                    ("rms_norm_eps", json!(1e-6)),
+                    ("sliding_window", json!(MAX_POSITIONS)),
+                    ("max_window_layers", json!(d.layers)),
+                    ("use_sliding_window", json!(false)),
+                ] {
+                    c[k] = v;
+                }
+            }
+            c
+        }
     };
     let write_json = |name: &str, v: &serde_json::Value| {
         let p = dir.join(name);

@@ -272,20 +272,23 @@ fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> 
                 "`{{{{ {name} }}}}`: a step's results are not text; they can be used only as a whole `query` or `corpus` of a rank step"
             ));
         }
-        match vars.get(name) {
-            Some(v) => out.push_str(&v.to_string()),
-            None if vars.is_empty() => {
-                return Err(format!("unknown variable `{name}`: declare it in a [variables] table"))
-            }
-            None => {
-                let known: Vec<&str> = vars.keys().map(String::as_str).collect();
-                return Err(format!("unknown variable `{name}` (declared: {})", known.join(", ")));
-            }
-        }
+        out.push_str(&variable(name, vars)?);
         rest = &after[close + 2..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// The value of the variable `name`, as text.
+fn variable(name: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+    match vars.get(name) {
+        Some(v) => Ok(v.to_string()),
+        None if vars.is_empty() => Err(format!("unknown variable `{name}`: declare it in a [variables] table")),
+        None => {
+            let known: Vec<&str> = vars.keys().map(String::as_str).collect();
+            Err(format!("unknown variable `{name}` (declared: {})", known.join(", ")))
+        }
+    }
 }
 
 /// The step a `"{{ steps.NAME }}"` (or `"{{ steps.NAME.embeddings }}"`) names.
@@ -317,7 +320,7 @@ fn prompt_pieces(text: &str, vars: &BTreeMap<String, Value>, earlier: &BTreeMap<
         let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
         let inner = after[..close].trim();
         match inner.strip_prefix("steps.") {
-            None => literal.push_str(&expand(&format!("{{{{{inner}}}}}"), vars)?),
+            None => literal.push_str(&variable(inner, vars)?),
             Some(path) => {
                 let (name, field) = path.split_once('.').map_or((path, None), |(n, f)| (n, Some(f)));
                 let task = earlier.get(name).ok_or_else(|| {
