@@ -4,6 +4,10 @@
 //!
 //! The test model (all-MiniLM-L6-v2) comes from `scripts/fetch-test-model.sh`;
 //! a test that needs it fails loudly when it is missing, it never skips.
+//!
+//! [`bench`] is the benchmark harness built on the same support.
+
+pub mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,77 @@
+//! The benchmark harness: `scripts/bench.sh [OPTIONS]` builds the release
+//! binaries and runs `cargo bench --bench mora -- [OPTIONS]`. See
+//! `docs/benchmarks.md` for the figures and `--help` for the options.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use mora::bench::{self, Config};
+
+/// Times Mora against the baselines users have today and writes docs/benchmarks.md and its chart.
+///
+/// Scenarios: 1 repeat one workflow (warm daemon, --no-cache, a Python process
+/// per run, a persistent Python worker); 2 model size (time to first token,
+/// cold load against raw read bandwidth); 3 cross-workflow reuse; 4
+/// concurrency and memory; 5 soak. The Python peer is optional
+/// (scripts/bench-python.sh installs it).
+#[derive(Parser)]
+#[command(name = "mora-bench")]
+struct Args {
+    /// Scenarios to run, e.g. 1,3 [default: all]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=5))]
+    scenarios: Vec<u32>,
+    /// Repeats of each measurement (scenario 1 uses --runs)
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    repeats: u64,
+    /// Scenario 1: runs of the workflow per contender
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Scenario 2: synthetic bf16 llama sizes; the first is scenario 3's llama too
+    #[arg(long, value_delimiter = ',', default_value = "100MiB,1GiB,4GiB")]
+    sizes: Vec<String>,
+    /// Scenario 4: numbers of concurrent clients
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    clients: Vec<usize>,
+    /// Scenario 5: sequential runs
+    #[arg(long, default_value_t = 500)]
+    soak_runs: usize,
+    /// A configuration that runs every scenario in a minute on tiny models (what CI runs); writes under --report's directory
+    #[arg(long)]
+    smoke: bool,
+    /// The report to write; the chart goes beside it as .png [default: docs/benchmarks.md]
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Ignored: cargo bench passes it to every bench target
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = Config::full();
+    if args.smoke {
+        let dir = args.report.as_ref().and_then(|r| r.parent().map(PathBuf::from)).unwrap_or_else(|| mora::root().join("target").join("bench-smoke"));
+        config = Config::smoke(&dir);
+    } else {
+        config.repeats = args.repeats as usize;
+        config.runs = args.runs as usize;
+        config.model_sizes = args.sizes;
+        config.clients = args.clients;
+        config.soak_runs = args.soak_runs;
+    }
+    if !args.scenarios.is_empty() {
+        config.scenarios = args.scenarios;
+    }
+    if let Some(r) = args.report {
+        config.report = r;
+    }
+    config.command = std::iter::once("scripts/bench.sh".to_string()).chain(std::env::args().skip(1).filter(|a| a != "--bench")).collect::<Vec<_>>().join(" ");
+    match bench::run(&config) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mora-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

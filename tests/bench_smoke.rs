@@ -1,0 +1,63 @@
+//! The benchmark harness in its smoke configuration (tiny models, two
+//! repeats): every scenario runs end to end and writes its report and chart.
+//! Nothing here asserts a time; the figures come from `scripts/bench.sh`.
+
+use mora::bench::{self, Config, KEPT};
+use mora::Scratch;
+
+#[test]
+fn every_scenario_runs_and_writes_a_report_and_a_chart() {
+    let dir = Scratch::new("bench-smoke");
+    let config = Config::smoke(&dir.path);
+    let report = bench::run(&config).expect("the harness runs");
+
+    let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak"]
+    );
+    let md = std::fs::read_to_string(&config.report).expect("report written");
+    for t in &titles {
+        assert!(md.contains(&format!("## {t}")), "report lacks {t}");
+    }
+    assert!(md.contains("| (a) mora-exec run, warm daemon |"), "{md}");
+    assert!(md.ends_with(KEPT), "a new report ends with the marker of the hand-written part");
+    let png = std::fs::read(config.chart_path()).expect("chart written");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(md.contains("![Headline comparisons"), "the report shows the chart");
+
+    // Scenario 1: the Python peers ran, or the report says why not.
+    let s1 = &report.sections[0];
+    let rows = s1.tables[0].rows.len();
+    assert!(
+        rows == 4 || (rows == 2 && s1.notes.iter().any(|n| n.starts_with("skipped: python peer"))),
+        "{rows} contenders, notes {:?}",
+        s1.notes
+    );
+    // Scenario 2: one row per contender and size, and a target per size.
+    let s2 = &report.sections[1];
+    assert_eq!(s2.tables[0].rows.len(), 2 * config.model_sizes.len());
+    assert_eq!(s2.tables[1].rows.len(), 4 * config.model_sizes.len());
+    // Scenario 3: each of the two models loaded once per sequence and lent to
+    // its 6 runs (A and B use MiniLM, B and C the llama).
+    let ps = &report.sections[2].tables[2];
+    assert_eq!(ps.rows.len(), 2, "{:?}", ps.rows);
+    for r in &ps.rows {
+        assert_eq!((r[1].as_str(), r[2].as_str()), ("1", "6"), "loads and hits of {}", r[0]);
+    }
+    // Scenario 4: wall and memory rows for every client count; clients map the daemon's segment.
+    let s4 = &report.sections[3];
+    assert_eq!(s4.tables[0].rows.len(), 2 * config.clients.len());
+    assert_eq!(s4.tables[1].rows.len(), 2 * config.clients.len());
+    // Scenario 5: no lease outlives its run, the model loaded once.
+    let s5 = &report.sections[4];
+    assert!(s5.notes[0].contains("0 open leases, 1 loads, 4 leases granted"), "{:?}", s5.notes);
+    assert_eq!(s5.targets.len(), 2);
+
+    // A rerun keeps what was written by hand after the marker.
+    std::fs::write(&config.report, format!("old figures\n{KEPT}\n## Analysis\nby hand\n")).unwrap();
+    let again = Config { scenarios: vec![5], ..config.clone() };
+    bench::run(&again).expect("the harness runs again");
+    let md = std::fs::read_to_string(&config.report).unwrap();
+    assert!(md.ends_with("## Analysis\nby hand\n") && !md.contains("old figures") && md.contains("## 5. Soak"), "{md}");
+}
