@@ -63,6 +63,8 @@ fn second_run_is_served_from_the_cache() {
     let second = env.exec(&wf, "two", &[]);
     assert_ok(&second);
     assert!(stdout(&second).contains("warm"), "{}", stdout(&second));
+    // mora-exec lends the segment to candle rather than copying it.
+    assert!(stdout(&second).contains(", in place;"), "{}", stdout(&second));
     let ps = env.ps();
     assert_eq!(ps.len(), 1, "{ps:?}");
     let m = &ps[0];

@@ -66,8 +66,9 @@ unsafe impl Send for RawMapping {}
 unsafe impl Sync for RawMapping {}
 
 impl RawMapping {
-    /// `populate` pre-faults every page in the `mmap` call itself.
-    fn new(fd: BorrowedFd<'_>, len: u64, prot: ProtFlags, populate: bool) -> Result<Self, SegmentError> {
+    /// `flags`: MAP_SHARED or MAP_PRIVATE, with MAP_POPULATE to pre-fault
+    /// every page in the `mmap` call itself.
+    fn new(fd: BorrowedFd<'_>, len: u64, prot: ProtFlags, flags: MapFlags) -> Result<Self, SegmentError> {
         let size = usize::try_from(len).map_err(|_| SegmentError::Map {
             len,
             source: io::Error::other("larger than the address space"),
@@ -77,7 +78,6 @@ impl RawMapping {
         // `len` bytes (created or checked by the caller), and MAP_SHARED of a
         // sealed or private-to-us memfd cannot be truncated underneath us
         // (SEAL_SHRINK on received segments; we own unsealed ones).
-        let flags = if populate { MapFlags::SHARED | MapFlags::POPULATE } else { MapFlags::SHARED };
         let ptr = unsafe { mmap(std::ptr::null_mut(), size, prot, flags, fd, 0) }
             .map_err(|e| SegmentError::Map { len, source: e.into() })?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SegmentError::Map {
@@ -107,7 +107,7 @@ impl SegmentWriter {
         ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
         // Allocating every page up front is one system call instead of a
         // fault per page as the load writes (docs/decisions.md).
-        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, true)?;
+        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED | MapFlags::POPULATE)?;
         Ok(SegmentWriter { fd, map })
     }
 
@@ -159,11 +159,26 @@ impl Segment {
 
     /// Maps the whole segment read-only.
     pub fn map(&self) -> Result<Mapping, SegmentError> {
-        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ, false)? })
+        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ, MapFlags::SHARED)? })
+    }
+
+    /// Maps the whole segment copy-on-write (`MAP_PRIVATE`, readable and
+    /// writable): reads see the segment's own pages, and a write copies the
+    /// page it touches into this process alone. The seals forbid shared
+    /// writable mappings, not private ones.
+    pub fn map_copy_on_write(&self) -> Result<Mapping, SegmentError> {
+        Ok(Mapping { map: RawMapping::new(self.fd.as_fd(), self.len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)? })
     }
 }
 
 impl Mapping {
+    /// Gives up the mapping without unmapping it: it stays mapped until the
+    /// process exits. Returns its address and length.
+    pub fn leak(self) -> (*mut u8, usize) {
+        let m = std::mem::ManuallyDrop::new(self);
+        (m.map.ptr.as_ptr(), m.map.len)
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `len` readable bytes of a segment sealed
         // against writes and shrinking (checked in `from_received`, or set by

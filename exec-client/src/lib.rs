@@ -21,6 +21,7 @@ pub mod cuda;
 pub mod daemon;
 pub mod embed;
 pub mod generate;
+pub mod lent;
 pub mod run;
 pub mod synth;
 pub mod watch;

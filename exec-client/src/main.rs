@@ -109,6 +109,10 @@ enum Command {
     },
 }
 
+/// Lets CPU tensors view the daemon's segment in place (see `mora_exec::lent`).
+#[global_allocator]
+static ALLOCATOR: mora_exec::lent::LentAware = mora_exec::lent::LentAware;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -89,8 +89,11 @@ pub enum StepKind {
         /// Opening that device (a GPU's CUDA context), and mapping lent weights.
         device_open: Duration,
         map: Duration,
+        /// Lent weights viewed in place (no copy into this process).
+        in_place: bool,
         /// Building the candle model from the weights (for lent weights on
-        /// the CPU, this is the copy out of the shared mapping).
+        /// the CPU that could not be viewed in place, this includes the copy
+        /// out of the shared mapping).
         build_ms: u64,
         /// The weights were acquired by an earlier step of the same run.
         reused: bool,
@@ -108,6 +111,7 @@ impl StepKind {
             device: device_name(&w.device),
             device_open: w.device_open,
             map: w.map,
+            in_place: w.in_place(),
             build_ms,
             reused,
         }
@@ -339,7 +343,7 @@ pub fn describe(r: &StepReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     match &r.what {
-        StepKind::Model { model, weights, device, device_open, map, build_ms, reused } => {
+        StepKind::Model { model, weights, device, device_open, map, in_place, build_ms, reused } => {
             let source = match weights {
                 _ if *reused => "already held by this run".to_string(),
                 Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
@@ -355,7 +359,9 @@ pub fn describe(r: &StepReport) -> String {
             let opened = if device == "cpu" || *reused { String::new() } else { format!("device opened in {:.1} ms; ", ms(*device_open)) };
             let mapped = match weights {
                 _ if *reused => String::new(),
-                Provenance::Daemon { .. } => format!("mapped in {:.2} ms; ", ms(*map)),
+                Provenance::Daemon { .. } => {
+                    format!("mapped in {:.2} ms, {}; ", ms(*map), if *in_place { "in place" } else { "copied" })
+                }
                 Provenance::InProcess { .. } => String::new(),
             };
             format!(

@@ -2,14 +2,15 @@
 //! read-only, or GPU memory opened through a CUDA IPC handle) or, with
 //! `--no-cache`, read in-process from the files.
 //!
-//! candle's CPU tensors own a `Vec`, so building a model from a mapping
-//! copies each tensor out of it once; that copy is timed and reported, not
-//! hidden. GPU tensors view the daemon's allocation in place (see
-//! [`crate::cuda`]). Lent memory is never written and never freed by candle.
+//! CPU tensors view the daemon's segment in place through a copy-on-write
+//! mapping ([`crate::lent`]), or, where that is not possible, are copied out
+//! of a read-only mapping once (timed and reported as "model built"). GPU
+//! tensors view the daemon's allocation in place (see [`crate::cuda`]). Lent
+//! memory is never written and never freed by candle.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -73,12 +74,22 @@ pub fn candle_device(device: protocol::Device) -> Result<Device, ExecError> {
     }
 }
 
-/// A [`SimpleBackend`] over a read-only mapping of a daemon segment.
-/// Cloning shares the mapping.
+/// A [`SimpleBackend`] over a daemon segment. Cloning shares it.
 #[derive(Clone)]
 pub struct MappedWeights {
-    mapping: Arc<Mapping>,
+    bytes: Bytes,
     index: Arc<HashMap<String, TensorEntry>>,
+}
+
+#[derive(Clone)]
+enum Bytes {
+    /// CPU tensors view the segment in place ([`crate::lent`]): the address
+    /// of a copy-on-write mapping kept until exit, and the tensors made so
+    /// far, since each tensor's bytes are lent once and shared after.
+    Lent { base: usize, made: Arc<Mutex<HashMap<String, Tensor>>> },
+    /// A read-only mapping that tensors are copied out of (where the global
+    /// allocator is not [`crate::lent::LentAware`]).
+    Copied(Arc<Mapping>),
 }
 
 pub fn candle_dtype(d: TensorDType) -> Option<DType> {
@@ -105,10 +116,22 @@ pub fn weight_dtype(d: WeightDType) -> DType {
 }
 
 impl MappedWeights {
-    /// Indexes a mapping by a manifest the caller has validated against it.
-    pub fn new(mapping: Mapping, manifest: Manifest) -> Self {
-        let index = manifest.tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-        MappedWeights { mapping: Arc::new(mapping), index: Arc::new(index) }
+    /// Maps `segment`, whose manifest the caller has validated against it:
+    /// in place where this process can lend it to candle, else to copy from.
+    pub fn map(segment: &Segment, manifest: Manifest) -> Result<Self, mora_common::segment::SegmentError> {
+        let index = Arc::new(manifest.tensors.into_iter().map(|t| (t.name.clone(), t)).collect());
+        if crate::lent::available() {
+            let (base, len) = segment.map_copy_on_write()?.leak();
+            if crate::lent::register(base, len) {
+                return Ok(MappedWeights { bytes: Bytes::Lent { base: base as usize, made: Arc::default() }, index });
+            }
+        }
+        Ok(MappedWeights { bytes: Bytes::Copied(Arc::new(segment.map()?)), index })
+    }
+
+    /// True when tensors view the segment in place rather than copy it.
+    pub fn in_place(&self) -> bool {
+        matches!(self.bytes, Bytes::Lent { .. })
     }
 
     fn tensor(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
@@ -118,8 +141,41 @@ impl MappedWeights {
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let dtype = candle_dtype(t.dtype)
             .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is {:?}, which candle cannot hold", t.dtype)))?;
-        let bytes = &self.mapping.as_slice()[t.offset as usize..(t.offset + t.len) as usize];
-        Tensor::from_raw_buffer(bytes, dtype, &t.shape, dev)
+        match &self.bytes {
+            Bytes::Copied(mapping) => {
+                let bytes = &mapping.as_slice()[t.offset as usize..(t.offset + t.len) as usize];
+                Tensor::from_raw_buffer(bytes, dtype, &t.shape, dev)
+            }
+            Bytes::Lent { base, made } => {
+                let mut made = made.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(done) = made.get(name) {
+                    return Ok(done.clone());
+                }
+                let ptr = (*base + t.offset as usize) as *mut u8;
+                let len = t.len as usize;
+                // SAFETY: the manifest was validated against the segment, so
+                // the range lies inside the registered mapping; every bit
+                // pattern is a valid f32, f16, bf16 or integer; `made` keeps
+                // the tensor so this range is lent once, and every later
+                // request shares that tensor's storage.
+                let lent = unsafe {
+                    match dtype {
+                        DType::F32 => crate::lent::lend::<f32>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
+                        DType::F16 => crate::lent::lend::<half::f16>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
+                        DType::BF16 => crate::lent::lend::<half::bf16>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
+                        _ => None,
+                    }
+                };
+                let tensor = match lent {
+                    Some(t) => t?,
+                    // Misaligned or a dtype lent as bytes: copy this one.
+                    // SAFETY: as above; the slice is only read, and no Vec of it exists.
+                    None => Tensor::from_raw_buffer(unsafe { std::slice::from_raw_parts(ptr, len) }, dtype, &t.shape, &Device::Cpu)?,
+                };
+                made.insert(name.to_string(), tensor.clone());
+                Ok(tensor)
+            }
+        }
     }
 }
 
@@ -202,8 +258,9 @@ impl Weights {
                     )));
                 }
                 acquired.manifest.validate().map_err(|e| ExecError::Protocol(format!("{name}: bad manifest: {e}")))?;
-                let mapping = segment.map().map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
-                Store::Mapped(MappedWeights::new(mapping, acquired.manifest))
+                Store::Mapped(
+                    MappedWeights::map(&segment, acquired.manifest).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?,
+                )
             }
             #[cfg(feature = "cuda")]
             SegmentDescriptor::CudaIpc { handle, .. } => {
@@ -274,6 +331,17 @@ impl Weights {
 
     /// A VarBuilder over these weights, on their device, handing out tensors
     /// in `compute` (converted from the dtype the weights are held in).
+    /// True when lent weights are used where they lie: a CPU segment viewed
+    /// through a copy-on-write mapping, or GPU memory opened by IPC.
+    pub fn in_place(&self) -> bool {
+        match &self.store {
+            Store::Mapped(m) => m.in_place(),
+            Store::Loaded(_) => false,
+            #[cfg(feature = "cuda")]
+            Store::Gpu { .. } => true,
+        }
+    }
+
     pub fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
         match &self.store {
             Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, self.device.clone()),
