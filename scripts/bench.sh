@@ -10,6 +10,7 @@
 # The Python peer of scenario 1 is optional: scripts/bench-python.sh installs it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/system-packages.sh
 MORA_TEST_HF_CACHE="$(scripts/fetch-test-model.sh)"
 export MORA_TEST_HF_CACHE
 cargo build --locked --release --workspace --bins

