@@ -343,12 +343,15 @@ fn convert(src: &[u8], from: TensorDType, dst: &mut [u8], to: TensorDType) {
     // f32 sources round straight from f32 (not through f64) for f16/bf16,
     // which is what `half::f16::from_f32` and candle do.
     match (from, to) {
-        // Widening to f32 is exact: bf16 is the top half of an f32, and every
-        // f16 is an f32. Tight loops the compiler vectorises; these are the
-        // common loads (bf16 and f16 checkpoints held as f32 for the CPU).
+        // Widening to f32 is exact: bf16 is the top half of an f32 (NaNs are
+        // quietened, as `half` and so candle do), and every f16 is an f32.
+        // Tight loops the compiler vectorises; these are the common loads
+        // (bf16 and f16 checkpoints held as f32 for the CPU).
         (BF16, F32) => {
             for (c, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                o.copy_from_slice(&(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16).to_le_bytes());
+                let b = u16::from_le_bytes([c[0], c[1]]);
+                let bits = if b & 0x7fff > 0x7f80 { bf16::from_bits(b).to_f32().to_bits() } else { u32::from(b) << 16 };
+                o.copy_from_slice(&bits.to_le_bytes());
             }
         }
         (F16, F32) => {

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
 use rustix::fs::{fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use rustix::mm::{madvise, mmap, munmap, Advice, MapFlags, ProtFlags};
 
 /// The seals every segment carries once filled.
 pub const REQUIRED_SEALS: SealFlags = SealFlags::WRITE.union(SealFlags::SHRINK).union(SealFlags::GROW);
@@ -105,9 +105,18 @@ impl SegmentWriter {
         let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(|e| SegmentError::Create { len, source: e.into() })?;
         ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
-        // Allocating every page up front is one system call instead of a
-        // fault per page as the load writes (docs/decisions.md).
-        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED | MapFlags::POPULATE)?;
+        let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED)?;
+        // Ask for transparent huge pages (taken where the machine allows them
+        // for shared memory: `shmem_enabled` set to `advise` or more), then
+        // allocate every page up front: one system call instead of a fault
+        // per page as the load writes (docs/decisions.md). Both are hints;
+        // a kernel without MADV_POPULATE_WRITE (before 5.14) faults instead.
+        // SAFETY: the range is exactly the mapping just made, which nothing
+        // else uses yet; neither advice changes its contents (zeroes).
+        unsafe {
+            let _ = madvise(map.ptr.as_ptr().cast(), map.len, Advice::LinuxHugepage);
+            let _ = madvise(map.ptr.as_ptr().cast(), map.len, Advice::LinuxPopulateWrite);
+        }
         Ok(SegmentWriter { fd, map })
     }
 

@@ -430,8 +430,14 @@ pub fn machine() -> String {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // The setting in brackets, e.g. "always within_size advise [never] deny force".
+    let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .ok()
+        .and_then(|s| s.split('[').nth(1).and_then(|r| r.split(']').next()).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
     format!(
-        "{cpu}, {cores} cores available, {} memory, Linux {}, no GPU used (CPU path)",
+        "{cpu}, {cores} cores available, {} memory, Linux {}, transparent huge pages for shared memory: `{shmem_thp}` \
+         (docs/benchmarks.md, analysis), no GPU used (CPU path)",
         mora_bytes(mem_kib * 1024),
         kernel.trim()
     )
