@@ -45,10 +45,18 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     for r in &ps.rows {
         assert_eq!((r[1].as_str(), r[2].as_str()), ("1", "6"), "loads and hits of {}", r[0]);
     }
-    // Scenario 4: wall and memory rows for every client count; clients map the daemon's segment.
+    // Scenario 4: wall and memory rows for every client count. A warm client
+    // maps the daemon's segment instead of copying the model into its heap.
     let s4 = &report.sections[3];
     assert_eq!(s4.tables[0].rows.len(), 2 * config.clients.len());
-    assert_eq!(s4.tables[1].rows.len(), 2 * config.clients.len());
+    let mem = &s4.tables[1];
+    assert_eq!(mem.rows.len(), 2 * config.clients.len());
+    for pair in mem.rows.chunks(2) {
+        let (no_cache, warm) = (&pair[0], &pair[1]);
+        assert_eq!((no_cache[1].as_str(), warm[1].as_str()), ("--no-cache", "warm daemon"));
+        assert!(mib(&warm[6]) > 10.0, "a warm client maps the segment: {warm:?}");
+        assert!(mib(&no_cache[5]) > 80.0 && mib(&warm[5]) < mib(&no_cache[5]) / 2.0, "copies: {no_cache:?} {warm:?}");
+    }
     // Scenario 5: no lease outlives its run, the model loaded once.
     let s5 = &report.sections[4];
     assert!(s5.notes[0].contains("0 open leases, 1 loads, 4 leases granted"), "{:?}", s5.notes);
@@ -60,4 +68,17 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     bench::run(&again).expect("the harness runs again");
     let md = std::fs::read_to_string(&config.report).unwrap();
     assert!(md.ends_with("## Analysis\nby hand\n") && !md.contains("old figures") && md.contains("## 5. Soak"), "{md}");
+}
+
+/// "86.6 MiB" (as the report prints sizes) in MiB.
+fn mib(cell: &str) -> f64 {
+    let (v, unit) = cell.split_once(' ').unwrap_or_else(|| panic!("not a size: {cell}"));
+    let v: f64 = v.parse().unwrap_or_else(|_| panic!("not a size: {cell}"));
+    v * match unit {
+        "B" => 1.0 / (1024.0 * 1024.0),
+        "KiB" => 1.0 / 1024.0,
+        "MiB" => 1.0,
+        "GiB" => 1024.0,
+        other => panic!("unit {other} in {cell}"),
+    }
 }

@@ -111,7 +111,7 @@ pub fn register(base: *mut u8, len: usize) -> bool {
 /// other `Vec` or reference to it exists while the returned one lives.
 pub unsafe fn lend<T>(ptr: *mut u8, len: usize) -> Option<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if size == 0 || len % size != 0 || (ptr as usize) % std::mem::align_of::<T>() != 0 || !is_lent(ptr) {
+    if size == 0 || !len.is_multiple_of(size) || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) || !is_lent(ptr) {
         return None;
     }
     if len == 0 {

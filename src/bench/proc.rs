@@ -6,27 +6,30 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A process's memory, in bytes, from `/proc/PID/smaps_rollup`.
+/// A process's memory, in bytes, from `/proc/PID/smaps_rollup` and
+/// `/proc/PID/status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Smaps {
     /// Resident set: every page mapped and in memory.
     pub rss: u64,
-    /// Proportional set: each shared page divided among the processes mapping it.
-    pub pss: u64,
-    /// Resident pages other processes map too.
-    pub shared: u64,
-    /// Resident pages only this process maps: what it holds of its own.
-    pub private: u64,
+    /// Anonymous pages: the process's own heap, weight copies included.
+    pub anon: u64,
+    /// Shared-memory pages mapped (a lent segment, as far as it was touched).
+    pub shmem: u64,
+    /// Proportional set of anonymous and file pages: what the process costs
+    /// beyond the shared memory it maps, each shared page divided among its
+    /// mappers.
+    pub own_pss: u64,
 }
 
 impl Smaps {
     /// The larger of each field (a peak over samples).
     pub fn max(self, o: Smaps) -> Smaps {
-        Smaps { rss: self.rss.max(o.rss), pss: self.pss.max(o.pss), shared: self.shared.max(o.shared), private: self.private.max(o.private) }
+        Smaps { rss: self.rss.max(o.rss), anon: self.anon.max(o.anon), shmem: self.shmem.max(o.shmem), own_pss: self.own_pss.max(o.own_pss) }
     }
 }
 
-/// Parses the text of `smaps_rollup` (kB fields).
+/// Parses the text of `smaps_rollup` followed by `status` (kB fields).
 pub fn parse_smaps(text: &str) -> Smaps {
     let mut s = Smaps::default();
     for line in text.lines() {
@@ -36,9 +39,9 @@ pub fn parse_smaps(text: &str) -> Smaps {
         let b = kb * 1024;
         match key {
             "Rss:" => s.rss = b,
-            "Pss:" => s.pss = b,
-            "Shared_Clean:" | "Shared_Dirty:" => s.shared += b,
-            "Private_Clean:" | "Private_Dirty:" => s.private += b,
+            "Anonymous:" => s.anon = b,
+            "RssShmem:" => s.shmem = b,
+            "Pss_Anon:" | "Pss_File:" => s.own_pss += b,
             _ => {}
         }
     }
@@ -47,9 +50,16 @@ pub fn parse_smaps(text: &str) -> Smaps {
 
 /// The memory of process `pid`; `None` once it has exited (a zombie maps nothing).
 pub fn smaps(pid: u32) -> Option<Smaps> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let mut text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.push_str(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?);
     let s = parse_smaps(&text);
     (s.rss > 0).then_some(s)
+}
+
+/// Bytes of the memfd segments process `pid` holds open (the daemon's
+/// models), resident whether or not anything maps them.
+pub fn segment_bytes(pid: u32) -> u64 {
+    crate::process_memory(pid).1
 }
 
 /// Descriptors process `pid` has open.
@@ -86,17 +96,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn smaps_rollup_fields_add_up() {
+    fn smaps_rollup_and_status_fields_add_up() {
         let text = "00400000-7ffd [rollup]\nRss:                1000 kB\nPss:                 600 kB\n\
-                    Pss_Anon:            100 kB\nShared_Clean:        700 kB\nShared_Dirty:        100 kB\n\
-                    Private_Clean:        50 kB\nPrivate_Dirty:       150 kB\nReferenced:         1000 kB\n";
-        assert_eq!(parse_smaps(text), Smaps { rss: 1000 << 10, pss: 600 << 10, shared: 800 << 10, private: 200 << 10 });
+                    Pss_Anon:            100 kB\nPss_File:            200 kB\nPss_Shmem:           300 kB\n\
+                    Anonymous:           150 kB\nReferenced:         1000 kB\n\
+                    Name:\tmora-exec\nVmRSS:\t    1000 kB\nRssAnon:\t     150 kB\nRssFile:\t     350 kB\nRssShmem:\t     500 kB\n";
+        assert_eq!(parse_smaps(text), Smaps { rss: 1000 << 10, anon: 150 << 10, shmem: 500 << 10, own_pss: 300 << 10 });
     }
 
     #[test]
     fn this_process_has_memory_and_descriptors() {
         let me = smaps(std::process::id()).expect("smaps of self");
-        assert!(me.rss > 0 && me.pss > 0 && me.rss >= me.private);
+        assert!(me.rss > 0 && me.own_pss > 0 && me.rss >= me.anon);
         assert!(open_fds(std::process::id()) >= 3);
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::proc::{drop_cached, open_fds, read_whole, smaps, Smaps};
+use super::proc::{drop_cached, open_fds, read_whole, segment_bytes, smaps, Smaps};
 use super::python::Python;
 use super::{fmt_bytes, fmt_ms, fmt_ratio, interleave, Config, Contender, Headline, Section, Stats, Table, Target};
 use crate::{bin, embed_workflow, read_embeddings, root, Env};
@@ -324,8 +324,11 @@ pub fn cross_workflow(config: &Config) -> Result<Section, String> {
 #[derive(Clone, Debug, Default)]
 struct Batch {
     daemon: Smaps,
+    /// The daemon's segments (its models), held by descriptor.
+    segments: u64,
     clients: Vec<Smaps>,
-    total_pss: u64,
+    /// The peak, at one instant, of the segments plus every process's own PSS.
+    total: u64,
 }
 
 fn median_of(xs: impl Iterator<Item = u64>) -> f64 {
@@ -354,10 +357,16 @@ fn run_clients(env: &Env, wf: &Path, n: usize, no_cache: bool, daemon: u32, batc
     let mut running = n;
     let mut failed = None;
     while running > 0 {
-        let mut total = 0;
+        // Without the cache the daemon has no part in the batch: its memory
+        // is shown, not counted.
+        let segments = segment_bytes(daemon);
+        b.segments = b.segments.max(segments);
+        let mut total = if no_cache { 0 } else { segments };
         if let Some(s) = smaps(daemon) {
             b.daemon = b.daemon.max(s);
-            total += s.pss;
+            if !no_cache {
+                total += s.own_pss;
+            }
         }
         running = 0;
         for (i, c) in children.iter_mut().enumerate() {
@@ -371,12 +380,12 @@ fn run_clients(env: &Env, wf: &Path, n: usize, no_cache: bool, daemon: u32, batc
                     running += 1;
                     if let Some(s) = smaps(c.id()) {
                         b.clients[i] = b.clients[i].max(s);
-                        total += s.pss;
+                        total += s.own_pss;
                     }
                 }
             }
         }
-        b.total_pss = b.total_pss.max(total);
+        b.total = b.total.max(total);
         if running > 0 {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -400,11 +409,13 @@ pub fn concurrency(config: &Config) -> Result<Section, String> {
         &["clients", "contender", "median", "min", "max", "vs --no-cache"],
     );
     let mut mem = Table::new(
-        "Peak memory over each client's life (sampled every 2 ms from `/proc/PID/smaps_rollup`; last repeat; medians over \
-         clients). Shared: resident pages other processes map too (the daemon's segment); private: what the client holds \
-         alone. Total PSS: the peak, at one instant, of the proportional set sizes of the daemon and every client, \
-         the memory the batch really costs.",
-        &["clients", "contender", "daemon RSS", "client RSS", "client shared", "client private", "client PSS", "total PSS"],
+        "Peak memory over each client's life, sampled every 2 ms from `/proc/PID/smaps_rollup` and `status` \
+         (last repeat; client figures are medians over clients). The daemon holds its models as segments by \
+         descriptor, outside its RSS. Client anon: the client's own heap, weight copies included; client segment: \
+         pages of the daemon's segment it maps (only those it touched). Total: the peak, at one instant, of the \
+         segments plus every process's proportional set of anonymous and file pages, what the batch really costs \
+         (the daemon counted only where the clients use it).",
+        &["clients", "contender", "daemon RSS", "daemon segments", "client RSS", "client anon", "client segment", "total"],
     );
     let mut notes = Vec::new();
     for &n in &config.clients {
@@ -424,16 +435,21 @@ pub fn concurrency(config: &Config) -> Result<Section, String> {
                 n.to_string(),
                 m.names[i].clone(),
                 fmt_bytes(b.daemon.rss as f64),
+                fmt_bytes(b.segments as f64),
                 c(|s| s.rss),
-                c(|s| s.shared),
-                c(|s| s.private),
-                c(|s| s.pss),
-                fmt_bytes(b.total_pss as f64),
+                c(|s| s.anon),
+                c(|s| s.shmem),
+                fmt_bytes(b.total as f64),
             ]);
         }
         if n == *config.clients.iter().max().unwrap_or(&n) {
-            let (nc, wd) = (batches[0].borrow().total_pss as f64, batches[1].borrow().total_pss as f64);
-            notes.push(format!("With {n} clients the batch's peak memory (total PSS) is {} with the daemon, {} without: {}.", fmt_bytes(wd), fmt_bytes(nc), fmt_ratio(wd / nc)));
+            let (nc, wd) = (batches[0].borrow().total as f64, batches[1].borrow().total as f64);
+            notes.push(format!(
+                "With {n} clients the batch's peak memory is {} with the daemon (its segment counted once), {} without: {}.",
+                fmt_bytes(wd),
+                fmt_bytes(nc),
+                fmt_ratio(wd / nc)
+            ));
         }
     }
     Ok(Section {
