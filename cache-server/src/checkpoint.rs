@@ -233,6 +233,9 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType, device: Device) -> Result
 /// Bytes read per `pread`, and how often progress moves.
 pub const READ_CHUNK: usize = 16 << 20;
 
+/// Bytes past the current chunk that the kernel is asked to read ahead.
+const READ_AHEAD: u64 = 2 * READ_CHUNK as u64;
+
 /// Where [`fill`] puts the bytes it reads: a buffer per chunk, filled then
 /// handed back.
 pub trait Sink {
@@ -310,8 +313,14 @@ pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u6
         let mut done = 0u64;
         while done < elems {
             let n = per_chunk.min(elems - done);
-            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize).map_err(CheckpointError::Gpu)?;
             let at = t.file_offset + done * src_size;
+            // Start reading the next chunks from disk in the background while
+            // this one is converted and written: a cold load then takes the
+            // longer of the two, not their sum (docs/benchmarks.md, analysis).
+            if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD) {
+                let _ = rustix::fs::fadvise(file, at + n * src_size, Some(ahead), rustix::fs::Advice::WillNeed);
+            }
+            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize).map_err(CheckpointError::Gpu)?;
             if t.dtype == entry.dtype {
                 file.read_exact_at(out, at).map_err(io_err)?;
             } else {

@@ -47,7 +47,11 @@ pub fn draw(h: &Headline, path: &Path) -> Result<bool, String> {
     if panels.is_empty() {
         return Ok(false);
     }
-    let err = |e: &dyn std::fmt::Display| format!("chart {}: {e} (text needs a system font: install fonts-dejavu-core)", path.display());
+    let err = |e: &dyn std::fmt::Display| {
+        let e = e.to_string();
+        let hint = if e.contains("Font") || e.contains("font") { " (text needs a system font: scripts/system-packages.sh installs one)" } else { "" };
+        format!("chart {}: {e}{hint}", path.display())
+    };
     let width = 640 * panels.len() as u32;
     let root = BitMapBackend::new(path, (width, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;

@@ -345,6 +345,9 @@ pub fn run(config: &Config) -> Result<Report, String> {
         t0.elapsed().as_secs_f64()
     );
     let _ = writeln!(md, "Machine: {}\n", machine());
+    if let Some(dir) = config.report.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
     let chart = config.chart_path();
     if chart::draw(&report.headline, &chart)? {
         let name = chart.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -352,9 +355,6 @@ pub fn run(config: &Config) -> Result<Report, String> {
     }
     for s in &report.sections {
         s.markdown(&mut md);
-    }
-    if let Some(dir) = config.report.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
     let kept = std::fs::read_to_string(&config.report).ok().and_then(|old| old.find(KEPT).map(|i| old[i..].to_string()));
     md.push_str(kept.as_deref().unwrap_or(KEPT));
@@ -437,7 +437,7 @@ pub fn machine() -> String {
         .unwrap_or_else(|| "unknown".into());
     format!(
         "{cpu}, {cores} cores available, {} memory, Linux {}, transparent huge pages for shared memory: `{shmem_thp}` \
-         (docs/benchmarks.md, analysis), no GPU used (CPU path)",
+         (see the analysis), no GPU used (CPU path)",
         mora_bytes(mem_kib * 1024),
         kernel.trim()
     )
