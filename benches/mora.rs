@@ -16,7 +16,7 @@ use mora::bench::{self, Config};
 /// concurrency and memory; 5 soak. The Python peer is optional
 /// (scripts/bench-python.sh installs it).
 #[derive(Parser)]
-#[command(name = "mora-bench")]
+#[command(name = "mora-bench", bin_name = "scripts/bench.sh")]
 struct Args {
     /// Scenarios to run, e.g. 1,3 [default: all]
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=5))]
