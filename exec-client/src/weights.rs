@@ -173,7 +173,10 @@ impl MappedWeights {
                     None => Tensor::from_raw_buffer(unsafe { std::slice::from_raw_parts(ptr, len) }, dtype, &t.shape, &Device::Cpu)?,
                 };
                 made.insert(name.to_string(), tensor.clone());
-                Ok(tensor)
+                match dev {
+                    Device::Cpu => Ok(tensor),
+                    other => tensor.to_device(other),
+                }
             }
         }
     }
