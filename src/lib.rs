@@ -323,17 +323,21 @@ pub fn one_line_failure(out: &Output) -> String {
     lines[0].to_string()
 }
 
+/// The number after `key` (e.g. `VmRSS:`) in a `/proc` file of `key value kB`
+/// lines; 0 when absent.
+pub fn kib_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Memory a process holds: resident set size, and the bytes allocated to the
 /// Mora segments (memfds) it has open. A daemon that has dropped a segment's
 /// descriptor no longer pays for it, whatever its RSS says.
 pub fn process_memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rss_kib = kib_field(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:");
     let mut memfd = 0u64;
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {

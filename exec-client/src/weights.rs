@@ -158,11 +158,14 @@ impl MappedWeights {
                 // pattern is a valid f32, f16, bf16 or integer; `made` keeps
                 // the tensor so this range is lent once, and every later
                 // request shares that tensor's storage.
+                unsafe fn lend<T: candle_core::WithDType>(ptr: *mut u8, len: usize, shape: &[usize]) -> Option<candle_core::Result<Tensor>> {
+                    crate::lent::lend::<T>(ptr, len).map(|v| Tensor::from_vec(v, shape, &Device::Cpu))
+                }
                 let lent = unsafe {
                     match dtype {
-                        DType::F32 => crate::lent::lend::<f32>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
-                        DType::F16 => crate::lent::lend::<half::f16>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
-                        DType::BF16 => crate::lent::lend::<half::bf16>(ptr, len).map(|v| Tensor::from_vec(v, t.shape.as_slice(), &Device::Cpu)),
+                        DType::F32 => lend::<f32>(ptr, len, &t.shape),
+                        DType::F16 => lend::<half::f16>(ptr, len, &t.shape),
+                        DType::BF16 => lend::<half::bf16>(ptr, len, &t.shape),
                         _ => None,
                     }
                 };

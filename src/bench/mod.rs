@@ -18,8 +18,6 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use proc::{smaps, Smaps};
-
 /// What to run and where to write.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -168,6 +166,11 @@ impl Target {
     /// `actual <= goal` (a ratio or a drift).
     pub fn at_most(what: &str, actual: f64, goal: f64) -> Target {
         Target { what: what.into(), goal: format!("≤ {}", fmt_ratio(goal)), actual: fmt_ratio(actual), met: actual <= goal }
+    }
+
+    /// A goal that is not a ratio ("unchanged"), judged by the caller.
+    pub fn judged(what: &str, goal: &str, actual: String, met: bool) -> Target {
+        Target { what: what.into(), goal: goal.into(), actual, met }
     }
 
     /// `actual >= goal`.
@@ -363,6 +366,12 @@ pub fn run(config: &Config) -> Result<Report, String> {
     Ok(report)
 }
 
+/// The last line a process printed on stderr, for a one-line error.
+fn last_line(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr);
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed with no message").trim().to_string()
+}
+
 /// Everything from this line on in an existing report is written by hand and
 /// kept when the harness rewrites the figures above it.
 pub const KEPT: &str = "<!-- Written by hand below this line: the harness keeps it when it rewrites the figures above. -->\n";
@@ -391,24 +400,9 @@ pub fn fmt_ratio(r: f64) -> String {
     }
 }
 
-/// `86.6 MiB`.
+/// `86.6 MiB`, as the rest of Mora prints sizes.
 pub fn fmt_bytes(b: f64) -> String {
-    mora_bytes(b.max(0.0) as u64)
-}
-
-fn mora_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    mora_common::units::human_bytes(b.max(0.0) as u64)
 }
 
 /// CPU model, cores, memory and kernel, from /proc.
@@ -422,13 +416,7 @@ pub fn machine() -> String {
         .unwrap_or("unknown CPU")
         .to_string();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let mem_kib = crate::kib_field(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "MemTotal:");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     // The setting in brackets, e.g. "always within_size advise [never] deny force".
     let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -438,7 +426,7 @@ pub fn machine() -> String {
     format!(
         "{cpu}, {cores} cores available, {} memory, Linux {}, transparent huge pages for shared memory: `{shmem_thp}` \
          (see the analysis), no GPU used (CPU path)",
-        mora_bytes(mem_kib * 1024),
+        fmt_bytes((mem_kib * 1024) as f64),
         kernel.trim()
     )
 }

@@ -42,7 +42,7 @@ impl Python {
             .output()
             .map_err(|e| format!("run {}: {e}", self.python.display()))?;
         if !o.status.success() {
-            return Err(last_line(&o.stderr));
+            return Err(super::last_line(&o.stderr));
         }
         Ok(())
     }
@@ -100,9 +100,4 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn last_line(stderr: &[u8]) -> String {
-    let s = String::from_utf8_lossy(stderr);
-    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed with no message").trim().to_string()
 }

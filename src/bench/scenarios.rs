@@ -18,8 +18,7 @@ fn run_ok(cmd: &mut Command) -> Result<(), String> {
     if o.status.success() {
         return Ok(());
     }
-    let err = String::from_utf8_lossy(&o.stderr);
-    Err(err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed with no message").trim().to_string())
+    Err(super::last_line(&o.stderr))
 }
 
 fn toml_str(p: &Path) -> String {
@@ -487,13 +486,8 @@ pub fn soak(config: &Config) -> Result<Section, String> {
     table.row(vec!["daemon RSS".into(), fmt_bytes(rss0 as f64), fmt_bytes(rss1 as f64)]);
     table.row(vec!["daemon open descriptors".into(), fds0.to_string(), fds1.to_string()]);
     let drift = (rss1 as f64 - rss0 as f64) / rss0 as f64;
-    let mut fd_target = Target::at_most("daemon descriptors after / before", fds1 as f64 / fds0 as f64, 1.0);
-    fd_target.goal = "unchanged".into();
-    fd_target.actual = format!("{fds0} → {fds1}");
-    fd_target.met = fds0 == fds1;
-    let mut rss_target = Target::at_most("daemon RSS drift", drift.abs(), 0.02);
-    rss_target.goal = "≤ 2%".into();
-    rss_target.actual = format!("{:+.2}%", drift * 100.0);
+    let fd_target = Target::judged("daemon descriptors after / before", "unchanged", format!("{fds0} → {fds1}"), fds0 == fds1);
+    let rss_target = Target::judged("daemon RSS drift", "≤ 2%", format!("{:+.2}%", drift * 100.0), drift.abs() <= 0.02);
     Ok(Section {
         title: "5. Soak".into(),
         about: format!(
