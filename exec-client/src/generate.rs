@@ -1,15 +1,18 @@
-//! The `generate` task: decoder-only language models from candle-transformers
-//! (llama family, qwen2), greedy or sampled, streaming text as it comes.
+//! The `generate` task: decoder-only language models ([`crate::decoder`]:
+//! llama, mistral, qwen2, gpt2), greedy or sampled, streaming text as it
+//! comes. The network is whatever [`crate::lm_config`] reads from the
+//! model's own config files.
 
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{llama, qwen2};
 use tokenizers::Tokenizer;
+
+use crate::decoder::Decoder;
+use crate::lm_config;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,75 +32,45 @@ pub struct Generated {
     pub text: String,
     /// Tokens generated (the end-of-sequence token not counted).
     pub tokens: usize,
+    /// The ids generated, in order, ending with the end-of-sequence id when
+    /// one stopped the generation (as transformers' `generate` returns them).
+    pub token_ids: Vec<u32>,
+    /// Why it stopped: an end-of-sequence token, or `max_tokens`.
+    pub finish: Finish,
     pub tokens_per_s: f64,
 }
 
-enum Lm {
-    Llama(llama::Llama, llama::Cache),
-    Qwen2(qwen2::ModelForCausalLM),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    EndOfSequence,
+    MaxTokens,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::EndOfSequence => "eos",
+            Finish::MaxTokens => "max_tokens",
+        }
+    }
 }
 
 pub struct TextGenerator {
-    lm: Lm,
+    decoder: Decoder,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
-    device: Device,
     max_positions: usize,
-}
-
-/// The end-of-sequence ids `config.json` declares (a number or a list).
-fn eos_ids(config: &serde_json::Value) -> Vec<u32> {
-    match config.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
-        _ => Vec::new(),
-    }
 }
 
 impl TextGenerator {
     /// Builds the model `dir/config.json` declares from `vb`.
     pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
-        let config_path = dir.join("config.json");
-        let raw: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&config_path).map_err(|e| format!("cannot read {}: {e}", config_path.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", config_path.display()))?;
-        let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        let device = vb.device().clone();
-        let bad = |e: &dyn std::fmt::Display| format!("{}: {e}", config_path.display());
-        let build = |e: candle_core::Error| format!("cannot build {model_type} from {}: {e}", dir.display());
-        let (lm, max_positions) = match model_type {
-            "llama" | "mistral" => {
-                let cfg: llama::LlamaConfig = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
-                let cfg = cfg.into_config(false);
-                let cache = llama::Cache::new(true, vb.dtype(), &cfg, &device).map_err(build)?;
-                let max = cfg.max_position_embeddings;
-                (Lm::Llama(llama::Llama::load(vb, &cfg).map_err(build)?, cache), max)
-            }
-            "qwen2" => {
-                let cfg: qwen2::Config = serde_json::from_value(raw.clone()).map_err(|e| bad(&e))?;
-                let max = cfg.max_position_embeddings;
-                (Lm::Qwen2(qwen2::ModelForCausalLM::new(&cfg, vb).map_err(build)?), max)
-            }
-            other => {
-                return Err(format!(
-                    "{} declares model_type `{other}`; the generate task runs llama and qwen2 models",
-                    config_path.display()
-                ))
-            }
-        };
+        let cfg = lm_config::read(dir).map_err(|e| e.to_string())?;
+        let decoder = Decoder::load(&cfg, vb)
+            .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("cannot load {}: {e}", tokenizer_path.display()))?;
-        Ok(TextGenerator { lm, tokenizer, eos: eos_ids(&raw), device, max_positions })
-    }
-
-    fn logits(&mut self, input: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let logits = match &mut self.lm {
-            Lm::Llama(m, cache) => m.forward(input, pos, cache)?,
-            Lm::Qwen2(m) => m.forward(input, pos)?,
-        };
-        // [1, vocab] or [1, 1, vocab] -> [vocab], in f32 for the sampler.
-        logits.flatten_all()?.to_dtype(DType::F32)
+        Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions })
     }
 
     /// Generates up to `max_tokens` after `prompt`, stopping at an
@@ -132,12 +105,15 @@ impl TextGenerator {
         let start = Instant::now();
         let mut shown = 0usize;
         let mut text = String::new();
+        let mut finish = Finish::MaxTokens;
+        let mut eos = None;
+        self.decoder.clear();
         for i in 0..max_tokens {
             let (context, pos) = if i == 0 { (&tokens[..], 0) } else { (&tokens[tokens.len() - 1..], tokens.len() - 1) };
-            let input = Tensor::new(context, &self.device).and_then(|t| t.unsqueeze(0)).map_err(|e| fail(&e))?;
-            let logits = self.logits(&input, pos).map_err(|e| fail(&e))?;
+            let logits = self.decoder.forward(context, pos).map_err(|e| fail(&e))?;
             let next = processor.sample(&logits).map_err(|e| fail(&e))?;
             if self.eos.contains(&next) {
+                (finish, eos) = (Finish::EndOfSequence, Some(next));
                 break;
             }
             tokens.push(next);
@@ -154,7 +130,8 @@ impl TextGenerator {
         }
         let generated = tokens.len() - prompt_len;
         let secs = start.elapsed().as_secs_f64().max(1e-9);
-        Ok(Generated { text, tokens: generated, tokens_per_s: generated as f64 / secs })
+        let token_ids = tokens[prompt_len..].iter().copied().chain(eos).collect();
+        Ok(Generated { text, tokens: generated, token_ids, finish, tokens_per_s: generated as f64 / secs })
     }
 }
 
@@ -168,6 +145,7 @@ pub fn to_stdout(piece: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
     use crate::synth::{generate, Arch, SynthSpec};
     use mora_common::manifest::WeightDType;
 
@@ -181,7 +159,7 @@ mod tests {
 
     #[test]
     fn greedy_is_deterministic_and_the_streamed_pieces_make_the_text() {
-        for arch in [Arch::Llama, Arch::Qwen2] {
+        for arch in [Arch::Llama, Arch::Qwen2, Arch::Gpt2] {
             let (dir, vb) = model(arch, &format!("{arch:?}"));
             let greedy = SamplingSpec { temperature: 0.0, top_p: None, seed: 0 };
             let mut pieces = String::new();
@@ -208,6 +186,6 @@ mod tests {
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
         let (bert, vb) = model(Arch::Bert, "bert");
         let e = TextGenerator::load(&bert, vb).err().unwrap();
-        assert!(e.contains("model_type `bert`; the generate task runs llama and qwen2"), "{e}");
+        assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, gpt2"), "{e}");
     }
 }

@@ -6,7 +6,9 @@
 //! - [`weights`] maps lent segments (or loads files) for candle;
 //! - `cuda` (feature `cuda`) views a daemon's GPU allocation as candle tensors;
 //! - [`embed`] runs BERT with sentence-transformers pooling;
-//! - [`generate`] runs llama-family and qwen2 decoders, greedy or sampled;
+//! - [`lm_config`] reads a decoder's config files (transformers 4 and 5 forms);
+//! - [`decoder`] is the llama-family and GPT-2 networks on candle-nn;
+//! - [`generate`] runs those decoders, greedy or sampled;
 //! - [`run`] ties them together and writes outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
 //! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
@@ -19,9 +21,11 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod daemon;
+pub mod decoder;
 pub mod embed;
 pub mod generate;
 pub mod lent;
+pub mod lm_config;
 pub mod run;
 pub mod synth;
 pub mod watch;

@@ -143,6 +143,8 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         }
     }
 
+    check_decoder_configs(workflow)?;
+
     let conn: Option<Connection> =
         if opts.no_cache { None } else { Some(daemon::connect(&opts.socket, opts.autostart)?) };
     // Declared after the connection, so dropped before it: GPU mappings
@@ -256,6 +258,8 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                     "prompt": prompt,
                     "text": g.text,
                     "tokens": g.tokens,
+                    "token_ids": g.token_ids,
+                    "finish_reason": g.finish.as_str(),
                     "tokens_per_s": g.tokens_per_s,
                 });
                 write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
@@ -286,6 +290,7 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
     for (key, spec) in &workflow.models {
         spec.source.resolve().map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
     }
+    check_decoder_configs(workflow)?;
     let steps: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
     Ok(format!(
         "{} model(s), {} step(s): {}",
@@ -293,6 +298,20 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
         steps.len(),
         steps.join(", ")
     ))
+}
+
+/// A generate step's model must be a network Mora runs as its config
+/// describes it: refused before any weight is read, by `check` and `run`.
+fn check_decoder_configs(workflow: &Workflow) -> Result<(), ExecError> {
+    for (key, spec) in &workflow.models {
+        if workflow.steps.iter().any(|s| matches!(&s.task, Task::Generate { model, .. } if model == key)) {
+            // A model that does not resolve is reported where it is acquired.
+            if let Ok(resolved) = spec.source.resolve() {
+                crate::lm_config::read(&resolved.dir).map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Cosine similarity of two vectors (0 when either is all zeros).

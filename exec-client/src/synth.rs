@@ -23,6 +23,9 @@ pub enum Arch {
     Llama,
     /// Qwen2: llama's layout plus biases on the q, k and v projections.
     Qwen2,
+    /// GPT-2 as OpenAI's checkpoints name it (no `transformer.` prefix,
+    /// Conv1D weights stored `[in, out]`, the head tied to the embeddings).
+    Gpt2,
 }
 
 impl std::str::FromStr for Arch {
@@ -32,7 +35,8 @@ impl std::str::FromStr for Arch {
             "bert" => Ok(Arch::Bert),
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
-            other => Err(format!("unknown architecture `{other}`: expected bert, llama or qwen2")),
+            "gpt2" => Ok(Arch::Gpt2),
+            other => Err(format!("unknown architecture `{other}`: expected bert, llama, qwen2 or gpt2")),
         }
     }
 }
@@ -119,6 +123,23 @@ fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
             t.push(("model.norm.weight".into(), vec![h], Init::Ones));
             t.push(("lm_head.weight".into(), vec![v, h], Init::Random));
         }
+        Arch::Gpt2 => {
+            t.push(("wte.weight".into(), vec![v, h], Init::Random));
+            t.push(("wpe.weight".into(), vec![MAX_POSITIONS, h], Init::Random));
+            for l in 0..d.layers {
+                let p = format!("h.{l}");
+                for (m, shape) in [("attn.c_attn", [h, 3 * h]), ("attn.c_proj", [h, h]), ("mlp.c_fc", [h, i]), ("mlp.c_proj", [i, h])] {
+                    t.push((format!("{p}.{m}.weight"), shape.to_vec(), Init::Random));
+                    t.push((format!("{p}.{m}.bias"), vec![shape[1]], Init::Zeros));
+                }
+                for n in ["ln_1", "ln_2"] {
+                    t.push((format!("{p}.{n}.weight"), vec![h], Init::Ones));
+                    t.push((format!("{p}.{n}.bias"), vec![h], Init::Zeros));
+                }
+            }
+            t.push(("ln_f.weight".into(), vec![h], Init::Ones));
+            t.push(("ln_f.bias".into(), vec![h], Init::Zeros));
+        }
     }
     t
 }
@@ -133,7 +154,7 @@ enum Init {
 fn dims(arch: Arch, vocab: usize, hidden: usize, layers: usize) -> Dims {
     let heads = (hidden / 32).max(1);
     let intermediate = match arch {
-        Arch::Bert => 4 * hidden,
+        Arch::Bert | Arch::Gpt2 => 4 * hidden,
         // Llama's 8/3·h, rounded up to a multiple of 32.
         Arch::Llama | Arch::Qwen2 => (8 * hidden / 3).div_ceil(32) * 32,
     };
@@ -213,7 +234,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let (vocab_tokens, tokenizer) = match spec.arch {
         Arch::Bert => bert_tokenizer(),
-        Arch::Llama | Arch::Qwen2 => llama_tokenizer(),
+        Arch::Llama | Arch::Qwen2 | Arch::Gpt2 => llama_tokenizer(),
     };
     let vocab = vocab_tokens;
     let elem = spec.dtype.tensor_dtype().size_in_bytes() as u64;
@@ -327,6 +348,27 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             }
             c
         }
+        Arch::Gpt2 => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": d.vocab,
+            "n_embd": d.hidden,
+            "n_layer": d.layers,
+            "n_head": d.heads,
+            "n_inner": null,
+            "n_positions": MAX_POSITIONS,
+            "n_ctx": MAX_POSITIONS,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.1,
+            "embd_pdrop": 0.1,
+            "attn_pdrop": 0.1,
+            "initializer_range": 0.02,
+            "scale_attn_weights": true,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": torch_dtype,
+        }),
     };
     let write_json = |name: &str, v: &serde_json::Value| {
         let p = dir.join(name);

@@ -1,0 +1,543 @@
+//! What a decoder's `config.json` and `generation_config.json` say about its
+//! network, read once, in both forms transformers writes them.
+//!
+//! transformers 4 wrote `rope_theta`, `rope_scaling` and `torch_dtype`;
+//! transformers 5 writes `rope_parameters` (the theta inside it), `dtype`,
+//! `null` for unset values and per-layer `layer_types`. Both forms give the
+//! same [`DecoderConfig`]. Every key that changes the network is read; a key
+//! this module does not know, or a value Mora cannot run (another
+//! `rope_type`, an unknown activation, a window on a family that has none),
+//! is an error naming the file and the key, never a silent default: a model
+//! that runs and answers wrong is worse than one that is refused.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// The decoder families the generate task runs, by `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Gpt2,
+}
+
+/// What `check` and errors list as supported.
+pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2";
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Gpt2 => "gpt2",
+        }
+    }
+}
+
+/// The activation of the feed-forward block (`hidden_act`, or GPT-2's
+/// `activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// The exact (erf) GELU: transformers' `gelu`.
+    Gelu,
+    /// The tanh approximation: `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`.
+    GeluTanh,
+    Relu,
+}
+
+/// How rotary position frequencies are scaled (`rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's wavelength-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// YaRN: interpolation blended with extrapolation, and an attention factor.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        attention_factor: Option<f64>,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        truncate: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Everything a decoder network is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub norm_eps: f64,
+    pub activation: Activation,
+    /// None for learned positions (GPT-2).
+    pub rope: Option<Rope>,
+    pub max_positions: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k, v projections.
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection.
+    pub o_bias: bool,
+    /// Biases on the feed-forward projections.
+    pub mlp_bias: bool,
+    /// Per layer: the attention window in tokens, or None for full attention.
+    pub windows: Vec<Option<usize>>,
+    /// GPT-2: attention scores also divided by the layer's index + 1.
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// GPT-2: attention scores divided by sqrt(head_dim) (`scale_attn_weights`).
+    pub scale_attn_weights: bool,
+    /// Every end-of-sequence id of `config.json` and `generation_config.json`.
+    pub eos: Vec<u32>,
+}
+
+/// A config Mora cannot run, or cannot read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+/// Keys every `PretrainedConfig` may carry that do not change the network a
+/// decoder computes (bookkeeping, training, generation defaults, labels).
+const NEUTRAL: &[&str] = &[
+    "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "architectures",
+    "transformers_version", "model_type", "torch_dtype", "dtype", "use_cache", "initializer_range",
+    "attention_dropout", "hidden_dropout", "bos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "eos_token_id", "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16",
+    "tf_legacy_loss", "chunk_size_feed_forward", "tie_encoder_decoder", "is_decoder", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
+    "label2id", "num_labels", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
+    "cross_attention_hidden_size", "pretraining_tp", "output_router_logits",
+];
+
+/// Reads `config.json` (and `generation_config.json` when present) in `dir`.
+pub fn read(dir: &Path) -> Result<DecoderConfig, ConfigError> {
+    let path = dir.join("config.json");
+    let raw = read_json(&path)?;
+    let mut cfg = from_json(&raw, &path.display().to_string())?;
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.exists() {
+        let gen = read_json(&gen_path)?;
+        for id in eos_ids(&gen, &gen_path.display().to_string())? {
+            if !cfg.eos.contains(&id) {
+                cfg.eos.push(id);
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+fn read_json(path: &PathBuf) -> Result<Map<String, Value>, ConfigError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| ConfigError { file: file.clone(), message: format!("cannot read it: {e}") })?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ConfigError { file, message: "not a JSON object".into() }),
+        Err(e) => Err(ConfigError { file, message: format!("not valid JSON: {e}") }),
+    }
+}
+
+/// The `eos_token_id` of a config: a number, a list, or null/absent.
+fn eos_ids(m: &Map<String, Value>, file: &str) -> Result<Vec<u32>, ConfigError> {
+    let bad = || ConfigError { file: file.into(), message: "`eos_token_id` must be a token id or a list of them".into() };
+    match m.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Number(n)) => Ok(vec![n.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?]),
+        Some(Value::Array(a)) => {
+            a.iter().map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)).collect()
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Reads one config object; `file` names it in errors.
+pub fn from_json(raw: &Map<String, Value>, file: &str) -> Result<DecoderConfig, ConfigError> {
+    let r = Reader::new(raw, file, "");
+    let model_type = r.str_or("model_type", "")?;
+    let family = match model_type.as_str() {
+        "llama" => Family::Llama,
+        "mistral" => Family::Mistral,
+        "qwen2" => Family::Qwen2,
+        "gpt2" => Family::Gpt2,
+        "" => return Err(r.err("no `model_type`: cannot tell which network this is".into())),
+        other => {
+            return Err(r.err(format!("`model_type` is `{other}`; the generate task runs {SUPPORTED}")));
+        }
+    };
+    // Keys that change the network, accepted only when they leave it as is.
+    for (key, ok) in [
+        ("pruned_heads", |v: &Value| v.as_object().is_some_and(|o| o.is_empty())),
+        ("add_cross_attention", |v: &Value| v == &Value::Bool(false)),
+        ("is_encoder_decoder", |v: &Value| v == &Value::Bool(false)),
+        ("tie_encoder_decoder", |v: &Value| v == &Value::Bool(false)),
+        ("use_mrope", |v: &Value| v == &Value::Bool(false)),
+    ] as [(&str, fn(&Value) -> bool); 5]
+    {
+        if let Some(v) = r.take(key) {
+            if !v.is_null() && !ok(v) {
+                return Err(r.err(format!("`{key}` = {v} changes the network and Mora does not run it")));
+            }
+        }
+    }
+    if let Some(q) = r.take("quantization_config") {
+        if !q.is_null() {
+            return Err(r.err("`quantization_config`: quantized checkpoints are not supported; use unquantized weights".into()));
+        }
+    }
+    let mut cfg = match family {
+        Family::Gpt2 => gpt2(&r)?,
+        _ => llama_like(&r, family)?,
+    };
+    cfg.eos = eos_ids(raw, file)?;
+    r.used.borrow_mut().insert("eos_token_id".into());
+    // Whatever is left must be a key known not to change the network.
+    let used = r.used.borrow();
+    if let Some(k) = raw.keys().find(|k| !used.contains(*k) && !NEUTRAL.contains(&k.as_str())) {
+        return Err(r.err(format!(
+            "key `{k}` is not one Mora knows for {} models; it may change the network, so the model is refused",
+            family.name()
+        )));
+    }
+    Ok(cfg)
+}
+
+fn llama_like(r: &Reader, family: Family) -> Result<DecoderConfig, ConfigError> {
+    let hidden_size = r.usize("hidden_size")?;
+    let num_heads = r.usize("num_attention_heads")?;
+    let num_layers = r.usize("num_hidden_layers")?;
+    let num_kv_heads = r.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(r.err(format!(
+            "`num_attention_heads` ({num_heads}) must be a positive multiple of `num_key_value_heads` ({num_kv_heads})"
+        )));
+    }
+    let head_dim = match r.opt_usize("head_dim")? {
+        Some(d) => d,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => return Err(r.err(format!("`hidden_size` ({hidden_size}) is not a multiple of `num_attention_heads` ({num_heads})"))),
+    };
+    let max_positions = r.usize("max_position_embeddings")?;
+    let activation = activation(r, "hidden_act", "silu")?;
+    let (qkv_bias, o_bias, mlp_bias) = match family {
+        Family::Llama => {
+            let a = r.bool_or("attention_bias", false)?;
+            (a, a, r.bool_or("mlp_bias", false)?)
+        }
+        // Qwen2 always has q, k and v biases and none elsewhere.
+        Family::Qwen2 => (true, false, false),
+        _ => (false, false, false),
+    };
+    let windows = windows(r, family, num_layers)?;
+    let rope = rope(r, max_positions)?;
+    Ok(DecoderConfig {
+        family,
+        vocab_size: r.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: r.usize("intermediate_size")?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        norm_eps: r.f64("rms_norm_eps")?,
+        activation,
+        rope: Some(rope),
+        max_positions,
+        tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        windows,
+        scale_attn_by_inverse_layer_idx: false,
+        scale_attn_weights: true,
+        eos: Vec::new(),
+    })
+}
+
+/// Which layers attend through a sliding window, and how wide.
+fn windows(r: &Reader, family: Family, layers: usize) -> Result<Vec<Option<usize>>, ConfigError> {
+    if family == Family::Llama {
+        // Llama has no window; a `sliding_window` key is left unread, so it
+        // is refused as an unknown key.
+        return Ok(vec![None; layers]);
+    }
+    let window = r.opt_usize("sliding_window")?;
+    let layer_types = match r.take("layer_types") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(a.clone()),
+        Some(_) => return Err(r.err("`layer_types` must be a list".into())),
+    };
+    let use_sliding = match family {
+        Family::Qwen2 => r.bool_or("use_sliding_window", false)?,
+        _ => true,
+    };
+    let max_window_layers = match family {
+        Family::Qwen2 => r.opt_usize("max_window_layers")?,
+        _ => None,
+    };
+    if let Some(types) = layer_types {
+        // transformers 5: the kind of every layer, spelled out.
+        if types.len() != layers {
+            return Err(r.err(format!("`layer_types` lists {} layers but `num_hidden_layers` is {layers}", types.len())));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => match window {
+                    Some(w) if w > 0 => Ok(Some(w)),
+                    _ => Err(r.err(format!("`layer_types`[{i}] is sliding_attention but `sliding_window` is not a positive number"))),
+                },
+                other => Err(r.err(format!(
+                    "`layer_types`[{i}] is {}; Mora runs full_attention and sliding_attention layers",
+                    other.map(|s| format!("`{s}`")).unwrap_or_else(|| t.to_string())
+                ))),
+            })
+            .collect();
+    }
+    // transformers 4: qwen2 slides from layer `max_window_layers` on, and
+    // only with `use_sliding_window`; mistral slides everywhere.
+    Ok((0..layers)
+        .map(|i| match (family, window) {
+            (_, None) | (_, Some(0)) => None,
+            (Family::Qwen2, Some(w)) => (use_sliding && i >= max_window_layers.unwrap_or(0)).then_some(w),
+            (_, Some(w)) => Some(w),
+        })
+        .collect())
+}
+
+/// The rotary embedding: `rope_parameters` (transformers 5) or `rope_theta`
+/// + `rope_scaling` (transformers 4).
+fn rope(r: &Reader, max_positions: usize) -> Result<Rope, ConfigError> {
+    let top_theta = r.opt_f64("rope_theta")?;
+    let (params, key) = match (r.take("rope_parameters"), r.take("rope_scaling")) {
+        (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
+            return Err(r.err("both `rope_parameters` and `rope_scaling` are set, and they differ".into()));
+        }
+        (Some(p), _) if !p.is_null() => (Some(p), "rope_parameters"),
+        (_, Some(s)) if !s.is_null() => (Some(s), "rope_scaling"),
+        _ => (None, "rope_scaling"),
+    };
+    let Some(params) = params else {
+        return Ok(Rope { theta: top_theta.unwrap_or(10_000.0), scaling: RopeScaling::Default });
+    };
+    let Some(p) = params.as_object() else {
+        return Err(r.err(format!("`{key}` must be an object")));
+    };
+    let sub = Reader::new(p, r.file, &format!("{key}."));
+    let name = |k: &str| format!("{key}.{k}");
+    // transformers 4 wrote `type` before it wrote `rope_type`; neither
+    // means `default`, as transformers reads it.
+    let rope_type = match (sub.take("rope_type"), sub.take("type")) {
+        (Some(Value::String(t)), _) | (None | Some(Value::Null), Some(Value::String(t))) => t.clone(),
+        (None | Some(Value::Null), None | Some(Value::Null)) => "default".to_string(),
+        _ => return Err(r.err(format!("`{}` must be a string", name("rope_type")))),
+    };
+    let theta = match (sub.opt_f64("rope_theta")?, top_theta) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(r.err(format!("`{}` ({a}) and `rope_theta` ({b}) differ", name("rope_theta"))));
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => 10_000.0,
+    };
+    let factor = |default: Option<f64>| -> Result<f64, ConfigError> {
+        match sub.opt_f64("factor")?.or(default) {
+            Some(f) if f >= 1.0 => Ok(f),
+            Some(f) => Err(r.err(format!("`{}` is {f}; it must be at least 1", name("factor")))),
+            None => Err(r.err(format!("`{key}` of rope_type `{rope_type}` needs `factor`"))),
+        }
+    };
+    // As transformers reads it: the model's own length when not given.
+    let orig = sub.opt_usize("original_max_position_embeddings")?.unwrap_or(max_positions);
+    let scaling = match rope_type.as_str() {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: factor(None)? },
+        "llama3" => {
+            let s = RopeScaling::Llama3 {
+                factor: factor(None)?,
+                low_freq_factor: sub.f64("low_freq_factor")?,
+                high_freq_factor: sub.f64("high_freq_factor")?,
+                original_max_position_embeddings: orig,
+            };
+            if let RopeScaling::Llama3 { low_freq_factor: l, high_freq_factor: h, .. } = s {
+                if h <= l {
+                    return Err(r.err(format!("`{}` must exceed `{}`", name("high_freq_factor"), name("low_freq_factor"))));
+                }
+            }
+            s
+        }
+        "yarn" => RopeScaling::Yarn {
+            // transformers 5: no factor means the ratio of the lengths.
+            factor: factor(Some(max_positions as f64 / orig as f64))?,
+            original_max_position_embeddings: orig,
+            attention_factor: sub.opt_f64("attention_factor")?,
+            beta_fast: sub.opt_f64("beta_fast")?.unwrap_or(32.0),
+            beta_slow: sub.opt_f64("beta_slow")?.unwrap_or(1.0),
+            mscale: sub.opt_f64("mscale")?,
+            mscale_all_dim: sub.opt_f64("mscale_all_dim")?,
+            truncate: sub.bool_or("truncate", true)?,
+        },
+        other => {
+            return Err(r.err(format!(
+                "`{}` is `{other}`; Mora runs the rope types default, linear, llama3 and yarn",
+                name("rope_type")
+            )))
+        }
+    };
+    let used = sub.used.borrow();
+    if let Some(k) = p.keys().find(|k| !used.contains(*k)) {
+        return Err(r.err(format!("`{}` is not a parameter Mora knows for rope_type `{rope_type}`", name(k))));
+    }
+    Ok(Rope { theta, scaling })
+}
+
+fn gpt2(r: &Reader) -> Result<DecoderConfig, ConfigError> {
+    let hidden_size = r.usize("n_embd")?;
+    let num_heads = r.usize("n_head")?;
+    if num_heads == 0 || hidden_size % num_heads != 0 {
+        return Err(r.err(format!("`n_embd` ({hidden_size}) is not a multiple of `n_head` ({num_heads})")));
+    }
+    let num_layers = r.usize("n_layer")?;
+    // Neutral for inference: dropouts, the old name of n_positions, the
+    // sequence-summary head of other tasks, the order of an upcast.
+    for k in [
+        "resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx", "summary_type", "summary_use_proj", "summary_activation",
+        "summary_proj_to_labels", "summary_first_dropout", "reorder_and_upcast_attn", "gradient_checkpointing",
+    ] {
+        r.take(k);
+    }
+    Ok(DecoderConfig {
+        family: Family::Gpt2,
+        vocab_size: r.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: r.opt_usize("n_inner")?.unwrap_or(4 * hidden_size),
+        num_layers,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim: hidden_size / num_heads,
+        norm_eps: r.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5),
+        activation: activation(r, "activation_function", "gelu_new")?,
+        rope: None,
+        max_positions: r.usize("n_positions")?,
+        tie_word_embeddings: r.bool_or("tie_word_embeddings", true)?,
+        qkv_bias: true,
+        o_bias: true,
+        mlp_bias: true,
+        windows: vec![None; num_layers],
+        scale_attn_by_inverse_layer_idx: r.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+        scale_attn_weights: r.bool_or("scale_attn_weights", true)?,
+        eos: Vec::new(),
+    })
+}
+
+fn activation(r: &Reader, key: &str, default: &str) -> Result<Activation, ConfigError> {
+    match r.str_or(key, default)?.as_str() {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "relu" => Ok(Activation::Relu),
+        other => Err(r.err(format!(
+            "`{key}` is `{other}`; Mora runs silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast and relu"
+        ))),
+    }
+}
+
+/// Reads typed keys and remembers which were read. `null` counts as absent
+/// (transformers 5 writes unset values as `null`).
+struct Reader<'a> {
+    m: &'a Map<String, Value>,
+    file: &'a str,
+    /// Put before key names in errors (`rope_parameters.`).
+    prefix: String,
+    used: std::cell::RefCell<BTreeSet<String>>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(m: &'a Map<String, Value>, file: &'a str, prefix: &str) -> Self {
+        Reader { m, file, prefix: prefix.to_string(), used: Default::default() }
+    }
+
+    fn err(&self, message: String) -> ConfigError {
+        ConfigError { file: self.file.to_string(), message }
+    }
+
+    fn take(&self, key: &str) -> Option<&Value> {
+        self.used.borrow_mut().insert(key.to_string());
+        self.m.get(key)
+    }
+
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.take(key).filter(|v| !v.is_null())
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{}{key}` must be a whole number, not {v}", self.prefix))),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, ConfigError> {
+        match self.opt_usize(key)? {
+            Some(0) => Err(self.err(format!("`{}{key}` must be at least 1", self.prefix))),
+            Some(n) => Ok(n),
+            None => Err(self.err(format!("`{}{key}` is missing", self.prefix))),
+        }
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(format!("`{}{key}` must be a number, not {v}", self.prefix))),
+        }
+    }
+
+    fn f64(&self, key: &str) -> Result<f64, ConfigError> {
+        self.opt_f64(key)?.ok_or_else(|| self.err(format!("`{}{key}` is missing", self.prefix)))
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.err(format!("`{}{key}` must be true or false, not {v}", self.prefix))),
+        }
+    }
+
+    fn str_or(&self, key: &str, default: &str) -> Result<String, ConfigError> {
+        match self.present(key) {
+            None => Ok(default.to_string()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(self.err(format!("`{}{key}` must be a string, not {v}", self.prefix))),
+        }
+    }
+}
