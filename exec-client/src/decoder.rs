@@ -349,3 +349,44 @@ impl Decoder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 2e-6 * w.abs().max(1e-3), "{got:?} != {want:?}");
+        }
+    }
+
+    /// Reference values from transformers 5.24's `ROPE_INIT_FUNCTIONS`
+    /// (head_dim 16, max_position_embeddings 128).
+    #[test]
+    fn rope_frequencies_match_transformers() {
+        let rope = |theta: f64, scaling| Rope { theta, scaling };
+        let (f, a) = rope_frequencies(&rope(500.0, RopeScaling::Linear { factor: 4.0 }), 16);
+        close(&f, &[0.25, 0.1149658, 0.05286856, 0.02431231, 0.01118034, 0.005141428, 0.002364354, 0.00108728]);
+        assert_eq!(a, 1.0);
+        let llama3 = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 };
+        let (f, _) = rope_frequencies(&rope(500.0, llama3), 16);
+        close(&f, &[0.5760564, 0.08042291, 0.02643428, 0.01215616, 0.00559017, 0.002570714, 0.001182177, 0.0005436398]);
+        let yarn = |beta_fast, mscale, mscale_all_dim, truncate| RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 32,
+            attention_factor: None,
+            beta_fast,
+            beta_slow: 1.0,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        };
+        let (f, a) = rope_frequencies(&rope(500.0, yarn(32.0, None, None, true)), 16);
+        close(&f, &[1.0, 0.3448974, 0.1057371, 0.02431231, 0.01118034, 0.005141428, 0.002364354, 0.00108728]);
+        assert!((a - 1.138_629_4).abs() < 1e-6, "{a}");
+        let (f, a) = rope_frequencies(&rope(10000.0, yarn(16.0, Some(1.0), Some(0.5), false)), 16);
+        close(&f, &[1.0, 0.1484903, 0.025, 0.007905695, 0.0025, 0.0007905695, 0.00025, 7.905695e-05]);
+        assert!((a - 1.064_821_6).abs() < 1e-6, "{a}");
+    }
+}

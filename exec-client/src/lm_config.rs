@@ -541,3 +541,114 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<DecoderConfig, ConfigError> {
+        from_json(v.as_object().unwrap(), "config.json")
+    }
+
+    fn llama(extra: Value) -> Value {
+        let mut c = json!({
+            "model_type": "llama", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "eos_token_id": 2,
+        });
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    }
+
+    #[test]
+    fn both_config_forms_give_the_same_network() {
+        let old = parse(llama(json!({"rope_theta": 500.0, "torch_dtype": "float32",
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})))
+        .unwrap();
+        let new = parse(llama(json!({"dtype": "float32", "head_dim": null,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})))
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(new.rope.as_ref().unwrap().theta, 500.0);
+        assert_eq!((new.head_dim, new.num_kv_heads), (8, 2));
+        // The legacy `type` key, and no scaling at all.
+        let legacy = parse(llama(json!({"rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
+        assert_eq!(legacy.rope.unwrap().scaling, RopeScaling::Linear { factor: 2.0 });
+        let plain = parse(llama(json!({"rope_scaling": null}))).unwrap();
+        assert_eq!(plain.rope.unwrap(), Rope { theta: 10_000.0, scaling: RopeScaling::Default });
+    }
+
+    #[test]
+    fn what_cannot_run_is_refused_naming_the_key() {
+        let cases = [
+            (json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1.0}}), "`rope_parameters.rope_type` is `dynamic`"),
+            (json!({"rope_scaling": {"rope_type": "linear"}}), "needs `factor`"),
+            (json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}), "`rope_scaling.partial_rotary_factor` is not a parameter"),
+            (json!({"rope_theta": 10.0, "rope_parameters": {"rope_theta": 20.0}}), "differ"),
+            (json!({"hidden_act": "gelu_10"}), "`hidden_act` is `gelu_10`"),
+            (json!({"sliding_window": 4}), "key `sliding_window` is not one Mora knows"),
+            (json!({"quantization_config": {"bits": 4}}), "quantized checkpoints are not supported"),
+            (json!({"num_key_value_heads": 3}), "must be a positive multiple"),
+            (json!({"max_position_embeddings": null}), "`max_position_embeddings` is missing"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(llama(extra.clone())).unwrap_err().to_string();
+            assert!(e.starts_with("config.json: ") && e.contains(want), "{extra}: {e}");
+        }
+        let e = parse(json!({"model_type": "t5"})).unwrap_err().to_string();
+        assert!(e.contains("`model_type` is `t5`; the generate task runs llama, mistral, qwen2, gpt2"), "{e}");
+    }
+
+    #[test]
+    fn sliding_windows_follow_layer_types_or_the_old_keys() {
+        let qwen = |extra: Value| {
+            let mut c = llama(extra);
+            c["model_type"] = "qwen2".into();
+            parse(c)
+        };
+        // transformers 5: null window, every layer full.
+        let c = qwen(json!({"sliding_window": null, "use_sliding_window": false, "max_window_layers": 28,
+                            "layer_types": ["full_attention", "full_attention"]}))
+        .unwrap();
+        assert_eq!(c.windows, vec![None, None]);
+        assert!(c.qkv_bias && !c.o_bias);
+        let c = qwen(json!({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]})).unwrap();
+        assert_eq!(c.windows, vec![None, Some(8)]);
+        // transformers 4: from layer max_window_layers on, only when used.
+        let c = qwen(json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1})).unwrap();
+        assert_eq!(c.windows, vec![None, Some(8)]);
+        let c = qwen(json!({"sliding_window": 8, "use_sliding_window": false, "max_window_layers": 1})).unwrap();
+        assert_eq!(c.windows, vec![None, None]);
+        let e = qwen(json!({"sliding_window": null, "layer_types": ["sliding_attention", "full_attention"]})).unwrap_err();
+        assert!(e.message.contains("`layer_types`[0] is sliding_attention but `sliding_window`"), "{e}");
+        let mut m = llama(json!({"sliding_window": 4}));
+        m["model_type"] = "mistral".into();
+        assert_eq!(parse(m).unwrap().windows, vec![Some(4), Some(4)]);
+    }
+
+    #[test]
+    fn end_of_sequence_ids_come_from_both_files() {
+        let dir = std::env::temp_dir().join(format!("mora-lmcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), llama(json!({})).to_string()).unwrap();
+        std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": [2, 7, 9]}).to_string()).unwrap();
+        assert_eq!(read(&dir).unwrap().eos, vec![2, 7, 9]);
+        std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": "x"}).to_string()).unwrap();
+        let e = read(&dir).unwrap_err();
+        assert!(e.file.ends_with("generation_config.json") && e.message.contains("`eos_token_id`"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gpt2_reads_its_own_key_names() {
+        let c = parse(json!({"model_type": "gpt2", "vocab_size": 300, "n_embd": 32, "n_layer": 2, "n_head": 4,
+                             "n_positions": 64, "n_inner": null, "activation_function": "gelu_new",
+                             "resid_pdrop": 0.1, "summary_type": "cls_index", "eos_token_id": 2}))
+        .unwrap();
+        assert_eq!((c.family, c.intermediate_size, c.activation, c.rope.is_none()), (Family::Gpt2, 128, Activation::GeluTanh, true));
+        assert!(c.tie_word_embeddings && c.scale_attn_weights && !c.scale_attn_by_inverse_layer_idx);
+    }
+}
