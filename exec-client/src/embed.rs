@@ -37,21 +37,59 @@ struct Module {
     kind: String,
 }
 
+/// `1_Pooling/config.json` in both forms sentence-transformers writes: one
+/// boolean per mode (up to 4.x, `pooling_mode_mean_tokens`...), or a
+/// `pooling_mode` name or list (5.x and later).
 #[derive(Deserialize)]
 struct PoolingConfig {
-    #[serde(default)]
-    pooling_mode_cls_token: bool,
-    #[serde(default)]
-    pooling_mode_mean_tokens: bool,
-    #[serde(default)]
-    pooling_mode_max_tokens: bool,
-    #[serde(default)]
-    pooling_mode_mean_sqrt_len_tokens: bool,
+    pooling_mode: Option<serde_json::Value>,
+    #[serde(flatten)]
+    legacy: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl PoolingConfig {
+    /// The one pooling mode it names, or why it cannot run.
+    fn mode(&self) -> Result<Pooling, String> {
+        let modes: Vec<String> = match &self.pooling_mode {
+            Some(serde_json::Value::String(m)) => vec![m.clone()],
+            Some(serde_json::Value::Array(a)) => a.iter().map(|m| m.as_str().unwrap_or("?").to_string()).collect(),
+            Some(other) => return Err(format!("`pooling_mode` must be a name or a list of names, not {other}")),
+            None => {
+                let on: Vec<String> = self
+                    .legacy
+                    .iter()
+                    .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                // No mode set: sentence-transformers pools by the mean.
+                if on.is_empty() { vec!["mean".into()] } else { on }
+            }
+        };
+        match modes.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["mean" | "pooling_mode_mean_tokens"] => Ok(Pooling::Mean),
+            ["cls" | "pooling_mode_cls_token"] => Ok(Pooling::Cls),
+            ["max" | "pooling_mode_max_tokens"] => Ok(Pooling::Max),
+            [one] => Err(format!("pooling `{one}` is not supported; Mora pools by mean, cls or max")),
+            many => Err(format!("pooling by {} at once is not supported; Mora pools by one of mean, cls or max", many.join(" + "))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct SentenceBertConfig {
     max_seq_length: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    model_max_length: Option<f64>,
+}
+
+impl TokenizerConfig {
+    /// transformers writes 1e30 for "no limit".
+    fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length.filter(|n| *n >= 1.0 && *n < 1e12).map(|n| n as usize)
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
@@ -72,18 +110,9 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
     let mut normalize = false;
     for m in &modules {
         if m.kind.ends_with(".Pooling") {
-            let cfg: PoolingConfig = read_json(&dir.join(&m.path).join("config.json"))?;
-            pooling = match (cfg.pooling_mode_mean_tokens, cfg.pooling_mode_cls_token, cfg.pooling_mode_max_tokens) {
-                (true, false, false) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Mean,
-                (false, true, false) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Cls,
-                (false, false, true) if !cfg.pooling_mode_mean_sqrt_len_tokens => Pooling::Max,
-                _ => {
-                    return Err(format!(
-                        "{}: only one of mean, cls or max pooling is supported",
-                        dir.join(&m.path).join("config.json").display()
-                    ))
-                }
-            };
+            let path = dir.join(&m.path).join("config.json");
+            let cfg: PoolingConfig = read_json(&path)?;
+            pooling = cfg.mode().map_err(|e| format!("{}: {e}", path.display()))?;
         } else if m.kind.ends_with(".Normalize") {
             normalize = true;
         }
@@ -110,12 +139,16 @@ impl SentenceEmbedder {
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| format!("cannot load {}: {e}", tok_path.display()))?;
+        // sentence-transformers' max_seq_length: in sentence_bert_config.json
+        // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");
+        let tc_path = dir.join("tokenizer_config.json");
         let max_len = if st_path.is_file() {
             read_json::<SentenceBertConfig>(&st_path)?.max_seq_length
         } else {
             None
         }
+        .or(if tc_path.is_file() { read_json::<TokenizerConfig>(&tc_path)?.model_max_length() } else { None })
         .unwrap_or(config.max_position_embeddings)
         .min(config.max_position_embeddings);
         tokenizer
@@ -171,5 +204,33 @@ impl SentenceEmbedder {
             pooled
         };
         Ok(pooled.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(json: &str) -> Result<Pooling, String> {
+        serde_json::from_str::<PoolingConfig>(json).unwrap().mode()
+    }
+
+    #[test]
+    fn pooling_is_read_in_both_sentence_transformers_forms() {
+        // Up to sentence-transformers 4.x, as all-MiniLM-L6-v2 ships it.
+        let old = r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": false,
+                      "pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": false}"#;
+        assert_eq!(mode(old), Ok(Pooling::Mean));
+        assert_eq!(mode(r#"{"pooling_mode_cls_token": true}"#), Ok(Pooling::Cls));
+        assert_eq!(mode(r#"{"word_embedding_dimension": 8}"#), Ok(Pooling::Mean));
+        // 5.x and later.
+        assert_eq!(mode(r#"{"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": true}"#), Ok(Pooling::Mean));
+        assert_eq!(mode(r#"{"pooling_mode": ["max"]}"#), Ok(Pooling::Max));
+        let e = mode(r#"{"pooling_mode": "lasttoken"}"#).unwrap_err();
+        assert!(e.contains("pooling `lasttoken` is not supported"), "{e}");
+        let e = mode(r#"{"pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": true}"#).unwrap_err();
+        assert!(e.contains("at once is not supported"), "{e}");
+        let e = mode(r#"{"pooling_mode_weightedmean_tokens": true}"#).unwrap_err();
+        assert!(e.contains("`pooling_mode_weightedmean_tokens` is not supported"), "{e}");
     }
 }

@@ -582,7 +582,7 @@ mod tests {
     }
 
     #[test]
-    fn synthetic_llama_loads_in_candle_and_its_tokenizer_round_trips() {
+    fn synthetic_llama_loads_in_candle_and_mora_s_decoder_agrees_with_it() {
         use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
         let dir = tmp("llama");
         generate(&spec(Arch::Llama, 1 << 20, WeightDType::F32), &dir).unwrap();
@@ -599,5 +599,12 @@ mod tests {
         let input = Tensor::new(enc.get_ids(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let logits = model.forward(&input, 0, &mut cache).unwrap();
         assert_eq!(logits.dims(), &[1, cfg.vocab_size]);
+        // Mora's own llama computes what candle-transformers' does.
+        let ours = crate::lm_config::read(&dir).unwrap();
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut decoder = crate::decoder::Decoder::load(&ours, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+        let mine = decoder.forward(enc.get_ids(), 0).unwrap();
+        let diff = (mine - logits.flatten_all().unwrap()).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "max abs difference {diff}");
     }
 }
