@@ -132,7 +132,7 @@ const NEUTRAL: &[&str] = &[
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
     "label2id", "num_labels", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
-    "cross_attention_hidden_size", "pretraining_tp", "output_router_logits",
+    "cross_attention_hidden_size", "pretraining_tp", "output_router_logits", "_num_labels", "is_llama_config",
 ];
 
 /// Reads `config.json` (and `generation_config.json` when present) in `dir`.
@@ -196,7 +196,8 @@ pub fn from_json(raw: &Map<String, Value>, file: &str) -> Result<DecoderConfig, 
         ("is_encoder_decoder", |v: &Value| v == &Value::Bool(false)),
         ("tie_encoder_decoder", |v: &Value| v == &Value::Bool(false)),
         ("use_mrope", |v: &Value| v == &Value::Bool(false)),
-    ] as [(&str, fn(&Value) -> bool); 5]
+        ("rope_interleaved", |v: &Value| v == &Value::Bool(false)),
+    ] as [(&str, fn(&Value) -> bool); 6]
     {
         if let Some(v) = r.take(key) {
             if !v.is_null() && !ok(v) {
@@ -575,6 +576,8 @@ mod tests {
         assert_eq!(new.rope.as_ref().unwrap().theta, 500.0);
         assert_eq!((new.head_dim, new.num_kv_heads), (8, 2));
         // The legacy `type` key, and no scaling at all.
+        // SmolLM2's extra keys leave the network as llama's.
+        assert!(parse(llama(json!({"is_llama_config": true, "rope_interleaved": false, "pad_token_id": null}))).is_ok());
         let legacy = parse(llama(json!({"rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
         assert_eq!(legacy.rope.unwrap().scaling, RopeScaling::Linear { factor: 2.0 });
         let plain = parse(llama(json!({"rope_scaling": null}))).unwrap();
@@ -591,6 +594,7 @@ mod tests {
             (json!({"hidden_act": "gelu_10"}), "`hidden_act` is `gelu_10`"),
             (json!({"sliding_window": 4}), "key `sliding_window` is not one Mora knows"),
             (json!({"quantization_config": {"bits": 4}}), "quantized checkpoints are not supported"),
+            (json!({"rope_interleaved": true}), "`rope_interleaved` = true changes the network"),
             (json!({"num_key_value_heads": 3}), "must be a positive multiple"),
             (json!({"max_position_embeddings": null}), "`max_position_embeddings` is missing"),
         ];
