@@ -141,7 +141,8 @@ fn edited(env: &Env, fixture: &str, edit: impl FnOnce(&mut serde_json::Value)) -
 #[test]
 fn a_config_mora_cannot_honour_fails_in_check_and_run_with_one_line_naming_the_key() {
     let env = Env::new("golden-refused");
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("llama-tf5", Box::new(|c| c["rope_parameters"]["rope_type"] = "dynamic".into()), "`rope_parameters.rope_type` is `dynamic`"),
         ("llama-tf4", Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "longrope", "factor": 2.0})), "`rope_scaling.rope_type` is `longrope`"),
         ("llama-tf5", Box::new(|c| c["hidden_act"] = "gelu_10".into()), "`hidden_act` is `gelu_10`"),
