@@ -9,7 +9,8 @@
 //! - [`lm_config`] reads a decoder's config files (transformers 4 and 5 forms);
 //! - [`decoder`] is the llama-family and GPT-2 networks on candle-nn;
 //! - [`generate`] runs those decoders, greedy or sampled;
-//! - [`run`] ties them together and writes outputs;
+//! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
+//! - [`run`] ties them together: the order of steps, the leases, the outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
 //! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
 //!
@@ -28,6 +29,7 @@ pub mod lent;
 pub mod lm_config;
 pub mod run;
 pub mod synth;
+pub mod tasks;
 pub mod watch;
 pub mod weights;
 pub mod workflow;

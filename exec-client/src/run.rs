@@ -2,16 +2,14 @@
 //! output, report what happened.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mora_common::connection::Connection;
 
-use crate::embed::SentenceEmbedder;
+use crate::tasks::{Results, StepRun, Task};
 use crate::weights::{Provenance, Weights};
-use crate::generate::{SamplingSpec, TextGenerator};
-use crate::workflow::{Piece, Task, Workflow};
+use crate::workflow::Workflow;
 use crate::{daemon, ExecError};
 
 #[derive(Debug, Clone)]
@@ -104,7 +102,7 @@ pub enum StepKind {
 
 impl StepKind {
     /// A step that ran a model on `w`.
-    fn model(w: &Weights, build_ms: u64, reused: bool) -> StepKind {
+    pub fn model(w: &Weights, build_ms: u64, reused: bool) -> StepKind {
         StepKind::Model {
             model: w.name.clone(),
             weights: w.provenance.clone(),
@@ -116,12 +114,6 @@ impl StepKind {
             reused,
         }
     }
-}
-
-/// The texts an embed step embedded and their embeddings, in order.
-struct Embedded {
-    texts: Vec<String>,
-    embeddings: Vec<Vec<f32>>,
 }
 
 /// Runs every step of `workflow` and returns one report per step. Leases
@@ -137,10 +129,8 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     }
     let mut inputs = BTreeMap::new();
     for step in &workflow.steps {
-        if let Task::Embed { texts, .. } = &step.task {
-            let t = texts.load().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
-            inputs.insert(step.name.as_str(), t);
-        }
+        let read = step.task.read_inputs().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
+        inputs.insert(step.name.as_str(), read);
     }
 
     check_decoder_configs(workflow)?;
@@ -150,9 +140,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     // Declared after the connection, so dropped before it: GPU mappings
     // close before the leases that keep their memory alive end.
     let mut weights: BTreeMap<&str, Weights> = BTreeMap::new();
-    let mut embedded: BTreeMap<&str, Embedded> = BTreeMap::new();
-    // Text results (a rank step's best match, a generate step's text), for prompts.
-    let mut texts_of: BTreeMap<&str, String> = BTreeMap::new();
+    let mut results = Results::default();
     let mut reports = Vec::new();
     for step in &workflow.steps {
         let output = outputs.remove(step.name.as_str()).expect("checked above");
@@ -174,106 +162,10 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 weights.insert(model, w);
             }
         }
-        match &step.task {
-            Task::Embed { model, .. } => {
-                let w = &weights[model.as_str()];
-                let texts = inputs.remove(step.name.as_str()).expect("read above");
-                let start = Instant::now();
-                // f32 whatever the weights are held in: candle's CPU BERT
-                // turns its attention mask into NaN in f16 (0 × -inf), and
-                // f32 keeps GPU and CPU outputs within 1e-4 of each other.
-                let vb = w.var_builder(candle_core::DType::F32);
-                let embedder = SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
-                let build_ms = start.elapsed().as_millis() as u64;
-                let start = Instant::now();
-                let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
-                let run_ms = start.elapsed().as_millis() as u64;
-                let doc = serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings });
-                write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
-                reports.push(StepReport {
-                    step: step.name.clone(),
-                    items: texts.len(),
-                    unit: "texts",
-                    output,
-                    run_ms,
-                    what: StepKind::model(w, build_ms, reused),
-                });
-                embedded.insert(step.name.as_str(), Embedded { texts, embeddings });
-            }
-            Task::Rank { query, corpus, top_k } => {
-                // The workflow was checked: both name earlier embed steps.
-                let (q, c) = (&embedded[query.as_str()], &embedded[corpus.as_str()]);
-                let start = Instant::now();
-                let results: Vec<serde_json::Value> = q
-                    .texts
-                    .iter()
-                    .zip(&q.embeddings)
-                    .map(|(text, e)| {
-                        let matches: Vec<serde_json::Value> = top_matches(e, &c.embeddings, *top_k)
-                            .into_iter()
-                            .map(|(i, score)| serde_json::json!({ "index": i, "text": c.texts[i], "score": score }))
-                            .collect();
-                        serde_json::json!({ "query": text, "matches": matches })
-                    })
-                    .collect();
-                let run_ms = start.elapsed().as_millis() as u64;
-                let doc = serde_json::json!({ "results": results });
-                write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
-                if let Some(best) = results.first().and_then(|r| r["matches"][0]["text"].as_str()) {
-                    texts_of.insert(step.name.as_str(), best.to_string());
-                }
-                reports.push(StepReport {
-                    step: step.name.clone(),
-                    items: q.texts.len(),
-                    unit: "queries",
-                    output,
-                    run_ms,
-                    what: StepKind::Rank { corpus: c.texts.len(), top_k: *top_k },
-                });
-            }
-            Task::Generate { model, prompt, max_tokens, temperature, top_p, seed } => {
-                let w = &weights[model.as_str()];
-                let prompt: String = prompt
-                    .iter()
-                    .map(|p| match p {
-                        Piece::Text(t) => Ok(t.clone()),
-                        Piece::StepText(s) => texts_of.get(s.as_str()).cloned().ok_or_else(|| {
-                            ExecError::Model(format!("step `{}`: step `{s}` produced no text (a rank step with no matches?)", step.name))
-                        }),
-                    })
-                    .collect::<Result<_, _>>()?;
-                let start = Instant::now();
-                // f32 on the CPU (candle's CPU kernels are f32 first); on a
-                // GPU, the dtype the weights are held in.
-                let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
-                let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute)).map_err(ExecError::Model)?;
-                let build_ms = start.elapsed().as_millis() as u64;
-                let start = Instant::now();
-                let sampling = SamplingSpec { temperature: *temperature, top_p: *top_p, seed: *seed };
-                let g = generator.generate(&prompt, *max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
-                println!();
-                let run_ms = start.elapsed().as_millis() as u64;
-                let doc = serde_json::json!({
-                    "model": w.name,
-                    "prompt": prompt,
-                    "text": g.text,
-                    "tokens": g.tokens,
-                    "token_ids": g.token_ids,
-                    "finish_reason": g.finish.as_str(),
-                    "tokens_per_s": g.tokens_per_s,
-                });
-                write_atomically(&output, serde_json::to_string(&doc).expect("JSON of plain values").as_bytes())?;
-                texts_of.insert(step.name.as_str(), g.text);
-                reports.push(StepReport {
-                    step: step.name.clone(),
-                    items: g.tokens,
-                    unit: "tokens",
-                    output,
-                    run_ms,
-                    what: StepKind::model(w, build_ms, reused),
-                });
-            }
-        }
+        let model = step.model().map(|m| (&weights[m], reused));
+        let inputs = inputs.remove(step.name.as_str()).expect("read above");
+        let run = StepRun { name: &step.name, output: &output };
+        reports.push(step.task.run(&run, model, inputs, &mut results)?);
     }
     Ok(reports)
 }
@@ -283,9 +175,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
 /// a one-line summary.
 pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
     for step in &workflow.steps {
-        if let Task::Embed { texts, .. } = &step.task {
-            texts.load().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
-        }
+        step.task.read_inputs().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
     }
     for (key, spec) in &workflow.models {
         spec.source.resolve().map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
@@ -304,7 +194,7 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
 /// describes it: refused before any weight is read, by `check` and `run`.
 fn check_decoder_configs(workflow: &Workflow) -> Result<(), ExecError> {
     for (key, spec) in &workflow.models {
-        if workflow.steps.iter().any(|s| matches!(&s.task, Task::Generate { model, .. } if model == key)) {
+        if workflow.steps.iter().any(|s| matches!(&s.task, Task::Generate(g) if &g.model == key)) {
             // A model that does not resolve is reported where it is acquired.
             if let Ok(resolved) = spec.source.resolve() {
                 crate::lm_config::read(&resolved.dir).map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
@@ -312,41 +202,6 @@ fn check_decoder_configs(workflow: &Workflow) -> Result<(), ExecError> {
         }
     }
     Ok(())
-}
-
-/// Cosine similarity of two vectors (0 when either is all zeros).
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// The `k` corpus entries most similar to `query`, best first, as (index,
-/// cosine); ties keep corpus order.
-pub fn top_matches(query: &[f32], corpus: &[Vec<f32>], k: usize) -> Vec<(usize, f32)> {
-    let mut scored: Vec<(usize, f32)> = corpus.iter().map(|c| cosine(query, c)).enumerate().collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.truncate(k);
-    scored
-}
-
-/// Writes via a temporary file and a rename, so a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
-    let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-    f.write_all(bytes).map_err(fail)?;
-    f.write_all(b"\n").map_err(fail)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(fail)
 }
 
 fn device_name(d: &candle_core::Device) -> String {
@@ -399,21 +254,5 @@ pub fn describe(r: &StepReport) -> String {
             r.output.display(),
             r.run_ms
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_matches_are_the_most_similar_best_first() {
-        let corpus = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.6, 0.8], vec![0.0, 0.0], vec![2.0, 0.0]];
-        let m = top_matches(&[1.0, 0.0], &corpus, 3);
-        // Scale does not matter (cosine), ties keep corpus order.
-        assert_eq!(m.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 4, 2]);
-        assert!((m[2].1 - 0.6).abs() < 1e-6);
-        assert_eq!(top_matches(&[1.0, 0.0], &corpus, 10).len(), 5);
-        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::workflow::{Task, Texts, Workflow};
+use crate::workflow::Workflow;
 
 const POLL: Duration = Duration::from_millis(200);
 
@@ -33,9 +33,7 @@ fn watched(opts: &WatchOptions) -> Vec<PathBuf> {
     let mut files = vec![opts.workflow.clone()];
     if let Ok(wf) = Workflow::load_with(&opts.workflow, &opts.sets) {
         for step in &wf.steps {
-            if let Task::Embed { texts: Texts::File(f), .. } = &step.task {
-                files.push(f.clone());
-            }
+            files.extend(step.task.input_files());
         }
     }
     files

@@ -41,6 +41,9 @@ use mora_common::protocol::DeviceSpec;
 use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
+use crate::tasks::{self, IntDecl, Kind, StepContext};
+pub use crate::tasks::Task;
+
 /// A workflow error, located in its file where it can be.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkflowError {
@@ -62,9 +65,19 @@ struct WorkflowFile {
     variables: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
     models: BTreeMap<String, Spanned<ModelDecl>>,
-    #[serde(default)]
-    steps: Vec<Spanned<StepDecl>>,
 }
+
+/// What every step has, whatever its task; the task's own keys are read
+/// by its module in [`crate::tasks`].
+#[derive(Debug, Deserialize)]
+struct StepHead {
+    name: Spanned<String>,
+    task: Spanned<String>,
+    model: Option<Spanned<String>>,
+    output: Option<String>,
+}
+
+const COMMON_KEYS: [&str; 4] = ["name", "task", "model", "output"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,42 +94,6 @@ struct ModelDecl {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum KeepAliveDecl {
-    Int(i64),
-    Text(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StepDecl {
-    name: Spanned<String>,
-    task: Spanned<String>,
-    model: Option<Spanned<String>>,
-    texts: Option<Vec<String>>,
-    texts_file: Option<String>,
-    query: Option<Spanned<String>>,
-    corpus: Option<Spanned<String>>,
-    top_k: Option<Spanned<IntDecl>>,
-    prompt: Option<Spanned<String>>,
-    max_tokens: Option<Spanned<IntDecl>>,
-    temperature: Option<Spanned<FloatDecl>>,
-    top_p: Option<Spanned<FloatDecl>>,
-    seed: Option<Spanned<IntDecl>>,
-    output: Option<String>,
-}
-
-/// A number written as one, or as a string with `{{ variable }}`s.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum FloatDecl {
-    Float(f64),
-    Int(i64),
-    Text(String),
-}
-
-/// An integer written as one, or as a string with `{{ variable }}`s.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum IntDecl {
     Int(i64),
     Text(String),
 }
@@ -178,54 +155,12 @@ pub struct ModelSpec {
     pub keep_alive: Option<KeepAlive>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Task {
-    /// Sentence embeddings: BERT, then the model's pooling and normalisation.
-    Embed {
-        /// Key into [`Workflow::models`].
-        model: String,
-        texts: Texts,
-    },
-    /// Cosine top-k of each text of one embed step against another's.
-    Rank {
-        /// Names of earlier embed steps.
-        query: String,
-        corpus: String,
-        top_k: usize,
-    },
-    /// Text generation with a decoder-only language model.
-    Generate {
-        model: String,
-        /// Filled in at run time: earlier steps' text results are known only then.
-        prompt: Vec<Piece>,
-        max_tokens: usize,
-        /// 0: greedy.
-        temperature: f64,
-        top_p: Option<f64>,
-        /// The step's `seed`, else the workflow's, else 0.
-        seed: u64,
-    },
-}
-
 /// Part of a prompt: text, or the text result of an earlier step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     Text(String),
     /// A rank step's best match (of its first query), or a generate step's text.
     StepText(String),
-}
-
-/// `max_tokens` of a generate step that gives none.
-pub const DEFAULT_MAX_TOKENS: usize = 64;
-
-/// `top_k` of a rank step that gives none.
-pub const DEFAULT_TOP_K: usize = 5;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Texts {
-    Inline(Vec<String>),
-    /// One text per line; resolved against the workflow's directory.
-    File(PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -239,10 +174,7 @@ pub struct Step {
 impl Step {
     /// The model this step runs, if it runs one.
     pub fn model(&self) -> Option<&str> {
-        match &self.task {
-            Task::Embed { model, .. } | Task::Generate { model, .. } => Some(model),
-            Task::Rank { .. } => None,
-        }
+        self.task.model()
     }
 }
 
@@ -259,7 +191,7 @@ pub struct Workflow {
 
 /// Expands every `{{ variable }}` in `text`. Step results are not text:
 /// `{{ steps.NAME }}` is an error here (see [`step_ref`]).
-fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+pub(crate) fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(open) = rest.find("{{") {
@@ -291,26 +223,14 @@ fn variable(name: &str, vars: &BTreeMap<String, Value>) -> Result<String, String
     }
 }
 
-/// The step a `"{{ steps.NAME }}"` (or `"{{ steps.NAME.embeddings }}"`) names.
-fn step_ref(value: &str) -> Result<String, String> {
-    let inner = value
-        .trim()
-        .strip_prefix("{{")
-        .and_then(|v| v.strip_suffix("}}"))
-        .map(str::trim)
-        .and_then(|v| v.strip_prefix("steps."))
-        .ok_or_else(|| format!("`{value}` is not a step reference: write \"{{{{ steps.NAME }}}}\""))?;
-    match inner.split_once('.') {
-        None => Ok(inner.to_string()),
-        Some((name, "embeddings")) => Ok(name.to_string()),
-        Some((name, field)) => Err(format!("step `{name}` has no field `{field}` (an embed step gives `embeddings`)")),
-    }
-}
-
 /// A prompt: `{{ variable }}`s expanded now, `{{ steps.NAME }}` (or
 /// `.top` of a rank step, `.text` of a generate step) kept for run time.
 /// `earlier` maps each earlier step to its task.
-fn prompt_pieces(text: &str, vars: &BTreeMap<String, Value>, earlier: &BTreeMap<String, &str>) -> Result<Vec<Piece>, String> {
+pub(crate) fn prompt_pieces(
+    text: &str,
+    vars: &BTreeMap<String, Value>,
+    earlier: &BTreeMap<String, &'static Kind>,
+) -> Result<Vec<Piece>, String> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
@@ -330,17 +250,23 @@ fn prompt_pieces(text: &str, vars: &BTreeMap<String, Value>, earlier: &BTreeMap<
                         if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
                     )
                 })?;
-                let ok = match (*task, field) {
-                    ("rank", None | Some("top")) | ("generate", None | Some("text")) => true,
-                    ("embed", _) => {
-                        return Err(format!("`{{{{ {inner} }}}}`: step `{name}` is an embed step; its embeddings are not text"))
-                    }
-                    _ => false,
-                };
-                if !ok {
+                if task.text_fields.is_empty() {
                     return Err(format!(
-                        "`{{{{ {inner} }}}}`: step `{name}` has no field `{}` (a rank step gives `top`, a generate step `text`)",
-                        field.unwrap_or_default()
+                        "`{{{{ {inner} }}}}`: step `{name}` is an {} step; its {} are not text",
+                        task.name, task.results
+                    ));
+                }
+                if !field.is_none_or(|f| task.text_fields.contains(&f)) {
+                    let givers: Vec<String> = tasks::KINDS
+                        .iter()
+                        .filter_map(|k| k.text_fields.first().map(|f| (k.name, f)))
+                        .enumerate()
+                        .map(|(i, (k, f))| format!("{} {k} step {}`{f}`", article(k), if i == 0 { "gives " } else { "" }))
+                        .collect();
+                    return Err(format!(
+                        "`{{{{ {inner} }}}}`: step `{name}` has no field `{}` ({})",
+                        field.unwrap_or_default(),
+                        givers.join(", ")
                     ));
                 }
                 if !literal.is_empty() {
@@ -358,9 +284,18 @@ fn prompt_pieces(text: &str, vars: &BTreeMap<String, Value>, earlier: &BTreeMap<
     Ok(pieces)
 }
 
+/// "a" or "an", for a task's name in an error.
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// `a/b/../c` as `a/c`, without touching the file system (the path may not
 /// exist yet), so that names in reports and `ps` read as people wrote them.
-fn normalize(p: &Path) -> PathBuf {
+pub(crate) fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -384,24 +319,6 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, column)
-}
-
-/// An integer key: written as one, or as a `{{ variable }}` string.
-fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>, String> {
-    Ok(match d {
-        IntDecl::Int(i) => Some(*i),
-        IntDecl::Text(t) => expand(t, vars)?.trim().parse().ok(),
-    })
-}
-
-/// A number key: written as one, or as a `{{ variable }}` string.
-fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>, String> {
-    Ok(match d {
-        FloatDecl::Float(f) => Some(*f),
-        FloatDecl::Int(i) => Some(*i as f64),
-        FloatDecl::Text(t) => expand(t, vars)?.trim().parse().ok(),
-    }
-    .filter(|f: &f64| f.is_finite()))
 }
 
 impl Workflow {
@@ -431,7 +348,24 @@ impl Workflow {
             }
             None => WorkflowError::Invalid { path: path.to_path_buf(), message },
         };
-        let file: WorkflowFile = toml::from_str(src).map_err(|e| at(e.span(), e.message().trim().replace('\n', " ")))?;
+        let toml_err = |e: toml::de::Error| at(e.span(), e.message().trim().replace('\n', " "));
+        let mut root = toml::de::DeTable::parse(src).map_err(toml_err)?;
+        // Steps are read one by one below, each task reading its own keys.
+        let steps_value = root.get_mut().remove("steps");
+        let file = {
+            use serde::de::IntoDeserializer;
+            WorkflowFile::deserialize(root.into_deserializer()).map_err(toml_err)?
+        };
+        let step_values = match steps_value {
+            None => Vec::new(),
+            Some(v) => {
+                let span = v.span();
+                match v.into_inner() {
+                    toml::de::DeValue::Array(items) => items.into_iter().collect::<Vec<_>>(),
+                    _ => return Err(at(Some(span), "`steps` must be a list of tables: write each step as [[steps]]".into())),
+                }
+            }
+        };
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
 
@@ -511,221 +445,111 @@ impl Workflow {
             models.insert(key.clone(), ModelSpec { source, dtype, device, keep_alive });
         }
 
-        if file.steps.is_empty() {
+        if step_values.is_empty() {
             return Err(at(None, "no `[[steps]]`: nothing to run".into()));
         }
         let seed = match &file.seed {
             None => 0,
-            Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
+            Some(sd) => match tasks::int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
                 Some(v) if v >= 0 => v as u64,
                 _ => return Err(at(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
             },
         };
+        // The common keys of every step first, so that names are known.
+        let mut heads = Vec::new();
+        for value in step_values {
+            let span = value.span();
+            let toml::de::DeValue::Table(table) = value.get_ref() else {
+                return Err(at(Some(span), "a step must be a table: write each step as [[steps]]".into()));
+            };
+            let (mut head, mut own) = (toml::de::DeTable::new(), toml::de::DeTable::new());
+            for (k, v) in table.iter() {
+                let side = if COMMON_KEYS.contains(&k.get_ref().as_ref()) { &mut head } else { &mut own };
+                side.insert(k.clone(), v.clone());
+            }
+            let decoded = {
+                use serde::de::IntoDeserializer;
+                StepHead::deserialize(Spanned::new(span.clone(), toml::de::DeValue::Table(head)).into_deserializer())
+                    .map_err(toml_err)?
+            };
+            heads.push((span.clone(), decoded, Spanned::new(span, toml::de::DeValue::Table(own))));
+        }
         // Step name -> its task, for the steps before the current one.
-        let mut earlier: BTreeMap<String, &str> = BTreeMap::new();
-        let all_names: HashSet<&str> = file.steps.iter().map(|s| s.get_ref().name.get_ref().as_str()).collect();
+        let mut earlier: BTreeMap<String, &'static Kind> = BTreeMap::new();
+        let all_names: HashSet<&str> = heads.iter().map(|(_, h, _)| h.name.get_ref().as_str()).collect();
         let mut steps = Vec::new();
-        for step in &file.steps {
-            let span = Some(step.span());
-            let s = step.get_ref();
-            let name = s.name.get_ref();
+        for (span, head, own) in &heads {
+            let name = head.name.get_ref();
             if !valid_step_name(name) {
                 return Err(at(
-                    Some(s.name.span()),
+                    Some(head.name.span()),
                     format!("step name `{name}`: use letters, digits, `_` and `-` (steps are referred to as `steps.NAME`)"),
                 ));
             }
             if earlier.contains_key(name) {
-                return Err(at(span, format!("step name `{name}` is used twice")));
+                return Err(at(Some(span.clone()), format!("step name `{name}` is used twice")));
             }
-            let step_err = |span: Option<Range<usize>>, m: String| at(span, format!("step `{name}`: {m}"));
-            let check_model = |model: Option<&Spanned<String>>| -> Result<String, WorkflowError> {
-                let Some(model) = model else {
-                    return Err(step_err(span.clone(), format!("a {} step needs `model = \"NAME\"`", s.task.get_ref())));
-                };
-                if !models.contains_key(model.get_ref()) {
-                    let known: Vec<&str> = models.keys().map(String::as_str).collect();
-                    let hint = if known.is_empty() {
-                        "no models are declared: add a [models.NAME] table".to_string()
-                    } else {
-                        format!("declared: {}", known.join(", "))
-                    };
-                    return Err(at(Some(model.span()), format!("step `{name}` uses unknown model `{}` ({hint})", model.get_ref())));
-                }
-                Ok(model.get_ref().clone())
+            let task_name = head.task.get_ref().as_str();
+            let Some(kind) = tasks::kind(task_name) else {
+                let names: Vec<String> = tasks::KINDS.iter().map(|k| format!("`{}`", k.name)).collect();
+                let (last, rest) = names.split_last().expect("tasks");
+                return Err(at(
+                    Some(head.task.span()),
+                    format!("unknown task `{task_name}`: expected {} or {last}", rest.join(", ")),
+                ));
             };
-            let task_name = s.task.get_ref().as_str();
-            // Which keys belong to which task: a key of another task is an error.
-            let owners: [(&str, bool, &str); 8] = [
-                ("texts", s.texts.is_some(), "embed"),
-                ("texts_file", s.texts_file.is_some(), "embed"),
-                ("query", s.query.is_some(), "rank"),
-                ("corpus", s.corpus.is_some(), "rank"),
-                ("top_k", s.top_k.is_some(), "rank"),
-                ("prompt", s.prompt.is_some(), "generate"),
-                ("max_tokens", s.max_tokens.is_some(), "generate"),
-                ("temperature", s.temperature.is_some() || s.top_p.is_some() || s.seed.is_some(), "generate"),
-            ];
-            if matches!(task_name, "embed" | "rank" | "generate") {
-                for (key, given, owner) in owners {
-                    if given && owner != task_name {
-                        let what = if key == "temperature" { "`temperature`, `top_p` and `seed` belong".into() } else { format!("`{key}` belongs") };
-                        return Err(step_err(span.clone(), format!("{what} to {owner} steps, not {task_name}")));
-                    }
-                }
-            }
-            let task = match task_name {
-                "embed" => {
-                    let model = check_model(s.model.as_ref())?;
-                    let texts = match (&s.texts, &s.texts_file) {
-                        (Some(t), None) if t.is_empty() => return Err(step_err(span, "`texts` is empty".into())),
-                        (Some(t), None) => Texts::Inline(
-                            t.iter().map(|t| expand(t, &variables)).collect::<Result<_, _>>().map_err(|e| step_err(span.clone(), e))?,
-                        ),
-                        (None, Some(f)) => {
-                            Texts::File(normalize(&base.join(expand(f, &variables).map_err(|e| step_err(span.clone(), e))?)))
-                        }
-                        (Some(_), Some(_)) => return Err(step_err(span, "gives both `texts` and `texts_file`: keep one".into())),
-                        (None, None) => {
-                            return Err(step_err(span, "needs `texts = [...]` or `texts_file = \"FILE\"`".into()))
-                        }
-                    };
-                    Task::Embed { model, texts }
-                }
-                "rank" => {
-                    if let Some(m) = &s.model {
-                        return Err(step_err(Some(m.span()), "a rank step uses no model (it ranks the embeddings of earlier steps)".into()));
-                    }
-                    let mut refs = Vec::new();
-                    for (key, v) in [("query", &s.query), ("corpus", &s.corpus)] {
-                        let Some(v) = v else {
-                            return Err(step_err(span, format!("a rank step needs `{key} = \"{{{{ steps.NAME }}}}\"`")));
+            // A key of another task is an error that says whose it is.
+            if let toml::de::DeValue::Table(keys) = own.get_ref() {
+                for key in keys.keys() {
+                    let key = key.get_ref().as_ref();
+                    let owner = tasks::KINDS
+                        .iter()
+                        .filter(|k| k.name != kind.name)
+                        .find_map(|k| k.keys.iter().find(|group| group.contains(&key)).map(|group| (k.name, group)));
+                    if let Some((owner, group)) = owner {
+                        let what = match group {
+                            [one] => format!("`{one}` belongs"),
+                            many => {
+                                let quoted: Vec<String> = many.iter().map(|k| format!("`{k}`")).collect();
+                                let (last, rest) = quoted.split_last().expect("a group");
+                                format!("{} and {last} belong", rest.join(", "))
+                            }
                         };
-                        let target = step_ref(v.get_ref()).map_err(|e| step_err(Some(v.span()), format!("`{key}`: {e}")))?;
-                        match earlier.get(&target) {
-                            Some(&"embed") => refs.push(target),
-                            Some(other) => {
-                                return Err(step_err(
-                                    Some(v.span()),
-                                    format!("`{key}` names step `{target}`, a {other} step; it takes an embed step"),
-                                ))
-                            }
-                            None if target == *name || all_names.contains(target.as_str()) => {
-                                return Err(step_err(
-                                    Some(v.span()),
-                                    format!("`{key}` names step `{target}`, which does not come before it: a step can use only earlier steps' results"),
-                                ))
-                            }
-                            None => {
-                                let known: Vec<&str> = earlier.keys().map(String::as_str).collect();
-                                return Err(step_err(
-                                    Some(v.span()),
-                                    format!(
-                                        "`{key}` names no step `{target}` ({})",
-                                        if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
-                                    ),
-                                ));
-                            }
-                        }
+                        return Err(at(Some(span.clone()), format!("step `{name}`: {what} to {owner} steps, not {task_name}")));
                     }
-                    let top_k = match &s.top_k {
-                        None => DEFAULT_TOP_K,
-                        Some(k) => {
-                            match int_of(k.get_ref(), &variables).map_err(|e| step_err(Some(k.span()), e))? {
-                                Some(v) if v >= 1 => v as usize,
-                                _ => return Err(step_err(Some(k.span()), "`top_k` must be a whole number of at least 1".into())),
-                            }
-                        }
-                    };
-                    let corpus = refs.pop().expect("two references");
-                    let query = refs.pop().expect("two references");
-                    Task::Rank { query, corpus, top_k }
                 }
-                "generate" => {
-                    let model = check_model(s.model.as_ref())?;
-                    let Some(prompt) = &s.prompt else {
-                        return Err(step_err(span, "a generate step needs `prompt = \"...\"`".into()));
-                    };
-                    let prompt_span = Some(prompt.span());
-                    let prompt = prompt_pieces(prompt.get_ref(), &variables, &earlier).map_err(|e| step_err(prompt_span.clone(), e))?;
-                    if prompt.is_empty() {
-                        return Err(step_err(prompt_span, "`prompt` is empty".into()));
-                    }
-                    let max_tokens = match &s.max_tokens {
-                        None => DEFAULT_MAX_TOKENS,
-                        Some(k) => match int_of(k.get_ref(), &variables).map_err(|e| step_err(Some(k.span()), e))? {
-                            Some(v) if v >= 1 => v as usize,
-                            _ => return Err(step_err(Some(k.span()), "`max_tokens` must be a whole number of at least 1".into())),
-                        },
-                    };
-                    let temperature = match &s.temperature {
-                        None => 0.0,
-                        Some(t) => match float_of(t.get_ref(), &variables).map_err(|e| step_err(Some(t.span()), e))? {
-                            Some(v) if v >= 0.0 => v,
-                            _ => return Err(step_err(Some(t.span()), "`temperature` must be a number of at least 0 (0 is greedy)".into())),
-                        },
-                    };
-                    let top_p = match &s.top_p {
-                        None => None,
-                        Some(t) => match float_of(t.get_ref(), &variables).map_err(|e| step_err(Some(t.span()), e))? {
-                            Some(v) if v > 0.0 && v <= 1.0 => Some(v),
-                            _ => return Err(step_err(Some(t.span()), "`top_p` must be a number above 0 and at most 1".into())),
-                        },
-                    };
-                    let seed = match &s.seed {
-                        None => seed,
-                        Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| step_err(Some(sd.span()), e))? {
-                            Some(v) if v >= 0 => v as u64,
-                            _ => return Err(step_err(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
-                        },
-                    };
-                    Task::Generate { model, prompt, max_tokens, temperature, top_p, seed }
-                }
-                other => {
-                    return Err(at(
-                        Some(s.task.span()),
-                        format!("unknown task `{other}`: expected `embed`, `rank` or `generate`"),
-                    ))
-                }
+            }
+            let cx = StepContext {
+                name,
+                span: span.clone(),
+                task: task_name,
+                model: head.model.as_ref(),
+                variables: &variables,
+                models: &models,
+                earlier: &earlier,
+                all_names: &all_names,
+                base: &base,
+                seed,
+                at: &at,
             };
-            let output = match &s.output {
-                Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| step_err(span.clone(), e))?),
+            let task = (kind.parse)(&cx, own.clone())?;
+            let output = match &head.output {
+                Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| cx.err(None, e))?),
                 None => PathBuf::from(format!("{name}.json")),
             };
-            earlier.insert(
-                name.clone(),
-                match task {
-                    Task::Embed { .. } => "embed",
-                    Task::Rank { .. } => "rank",
-                    Task::Generate { .. } => "generate",
-                },
-            );
+            earlier.insert(name.clone(), kind);
             steps.push(Step { name: name.clone(), task, output });
         }
         Ok(Workflow { name: file.name, description: file.description, path: path.to_path_buf(), variables, models, steps })
     }
 }
 
-impl Texts {
-    /// The texts themselves: inline, or the non-empty lines of the file.
-    pub fn load(&self) -> Result<Vec<String>, String> {
-        match self {
-            Texts::Inline(t) => Ok(t.clone()),
-            Texts::File(p) => {
-                let body = std::fs::read_to_string(p).map_err(|e| format!("cannot read texts_file {}: {e}", p.display()))?;
-                let texts: Vec<String> = body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
-                if texts.is_empty() {
-                    return Err(format!("texts_file {} holds no texts", p.display()));
-                }
-                Ok(texts)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::embed::{EmbedStep, Texts};
+    use crate::tasks::generate::{GenerateStep, DEFAULT_MAX_TOKENS};
+    use crate::tasks::rank::{RankStep, DEFAULT_TOP_K};
 
     const GOOD: &str = r#"
 name = "embed"
@@ -750,7 +574,7 @@ output = "embeddings.json"
         let m = &w.models["minilm"];
         assert_eq!(m.dtype, WeightDType::F32);
         assert!(matches!(&m.source, ModelSource::HfRepo { repo, revision, .. } if repo == "sentence-transformers/all-MiniLM-L6-v2" && revision == "main"));
-        assert_eq!(w.steps[0].task, Task::Embed { model: "minilm".into(), texts: Texts::Inline(vec!["a".into(), "b".into()]) });
+        assert_eq!(w.steps[0].task, Task::Embed(EmbedStep { model: "minilm".into(), texts: Texts::Inline(vec!["a".into(), "b".into()]) }));
         assert_eq!(w.steps[0].output, PathBuf::from("embeddings.json"));
     }
 
@@ -871,15 +695,15 @@ output = "ranked-{{ k }}.json"
     fn variables_expand_in_texts_files_and_outputs_and_rank_names_earlier_steps() {
         let w = parse(SEARCH).unwrap();
         assert_eq!(w.description.as_deref(), Some("find the closest passage"));
-        assert_eq!(w.steps[0].task, Task::Embed { model: "minilm".into(), texts: Texts::File("/w/corpus.txt".into()) });
+        assert_eq!(w.steps[0].task, Task::Embed(EmbedStep { model: "minilm".into(), texts: Texts::File("/w/corpus.txt".into()) }));
         assert_eq!(
             w.steps[1].task,
-            Task::Embed {
+            Task::Embed(EmbedStep {
                 model: "minilm".into(),
                 texts: Texts::Inline(vec!["A man is eating pasta.".into(), "again: A man is eating pasta.".into()])
-            }
+            })
         );
-        assert_eq!(w.steps[2].task, Task::Rank { query: "q".into(), corpus: "docs".into(), top_k: 2 });
+        assert_eq!(w.steps[2].task, Task::Rank(RankStep { query: "q".into(), corpus: "docs".into(), top_k: 2 }));
         assert_eq!(w.steps[2].output, PathBuf::from("ranked-2.json"));
         assert_eq!(w.steps[2].model(), None);
         assert_eq!(w.steps[0].output, PathBuf::from("docs.json"));
@@ -889,8 +713,8 @@ output = "ranked-{{ k }}.json"
     fn set_converts_to_the_defaults_type_or_says_why_not() {
         let w = with_sets(SEARCH, &["k=4", "query=Who plays drums?"]).unwrap();
         assert_eq!(w.variables["k"], Value::Int(4));
-        assert!(matches!(&w.steps[2].task, Task::Rank { top_k: 4, .. }));
-        assert!(matches!(&w.steps[1].task, Task::Embed { texts: Texts::Inline(t), .. } if t[0] == "Who plays drums?"));
+        assert!(matches!(&w.steps[2].task, Task::Rank(RankStep { top_k: 4, .. })));
+        assert!(matches!(&w.steps[1].task, Task::Embed(EmbedStep { texts: Texts::Inline(t), .. }) if t[0] == "Who plays drums?"));
         let e = with_sets(SEARCH, &["k=many"]).unwrap_err().to_string();
         assert_eq!(e, "/w/flow.toml: --set k=many: `k` is an integer (default 2), and `many` is not one");
         let e = with_sets(SEARCH, &["qurey=x"]).unwrap_err().to_string();
@@ -945,7 +769,7 @@ output = "ranked-{{ k }}.json"
         let e = parse(&GOOD.replace("name = \"embed\"\ntask", "name = \"two words\"\ntask")).unwrap_err().to_string();
         assert!(e.contains("step name `two words`: use letters"), "{e}");
         let no_top_k = SEARCH.replace("top_k = \"{{ k }}\"\n", "");
-        assert!(matches!(parse(&no_top_k).unwrap().steps[2].task, Task::Rank { top_k: DEFAULT_TOP_K, .. }));
+        assert!(matches!(parse(&no_top_k).unwrap().steps[2].task, Task::Rank(RankStep { top_k: DEFAULT_TOP_K, .. })));
     }
 
     const PIPELINE: &str = r#"
@@ -994,7 +818,7 @@ seed = 3
         let w = parse(PIPELINE).unwrap();
         assert_eq!(
             w.steps[3].task,
-            Task::Generate {
+            Task::Generate(GenerateStep {
                 model: "llm".into(),
                 prompt: vec![
                     Piece::Text("Context: ".into()),
@@ -1005,11 +829,11 @@ seed = 3
                 temperature: 0.0,
                 top_p: None,
                 seed: 7,
-            }
+            })
         );
-        assert!(matches!(&w.steps[4].task, Task::Generate { seed: 3, top_p: Some(p), temperature, max_tokens: DEFAULT_MAX_TOKENS, .. } if *p == 0.9 && *temperature == 0.7));
+        assert!(matches!(&w.steps[4].task, Task::Generate(GenerateStep { seed: 3, top_p: Some(p), temperature, max_tokens: DEFAULT_MAX_TOKENS, .. }) if *p == 0.9 && *temperature == 0.7));
         let no_seed = PIPELINE.replace("seed = 7\n", "");
-        assert!(matches!(parse(&no_seed).unwrap().steps[3].task, Task::Generate { seed: 0, .. }));
+        assert!(matches!(parse(&no_seed).unwrap().steps[3].task, Task::Generate(GenerateStep { seed: 0, .. })));
     }
 
     #[test]

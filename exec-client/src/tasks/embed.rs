@@ -1,0 +1,101 @@
+//! `task = "embed"`: sentence embeddings of texts, with the model's own
+//! pooling and normalisation ([`crate::embed`]).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Inputs, Kind, Results, StepContext, StepRun, Task};
+use crate::run::{StepKind, StepReport};
+use crate::weights::Weights;
+use crate::workflow::{expand, normalize, WorkflowError};
+use crate::ExecError;
+
+pub const KIND: Kind = Kind { name: "embed", keys: &[&["texts"], &["texts_file"]], text_fields: &[], results: "embeddings", parse };
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedStep {
+    /// Key into [`crate::workflow::Workflow::models`].
+    pub model: String,
+    pub texts: Texts,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Texts {
+    Inline(Vec<String>),
+    /// One text per line; resolved against the workflow's directory.
+    File(PathBuf),
+}
+
+impl Texts {
+    /// The texts themselves: inline, or the non-empty lines of the file.
+    pub fn load(&self) -> Result<Vec<String>, String> {
+        match self {
+            Texts::Inline(t) => Ok(t.clone()),
+            Texts::File(p) => {
+                let body = std::fs::read_to_string(p).map_err(|e| format!("cannot read texts_file {}: {e}", p.display()))?;
+                let texts: Vec<String> = body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+                if texts.is_empty() {
+                    return Err(format!("texts_file {} holds no texts", p.display()));
+                }
+                Ok(texts)
+            }
+        }
+    }
+
+    pub fn file(&self) -> Option<PathBuf> {
+        match self {
+            Texts::File(f) => Some(f.clone()),
+            Texts::Inline(_) => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decl {
+    texts: Option<Vec<String>>,
+    texts_file: Option<String>,
+}
+
+fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+    let model = cx.model()?;
+    let d: Decl = cx.decode(keys)?;
+    let texts = match (d.texts, d.texts_file) {
+        (Some(t), None) if t.is_empty() => return Err(cx.err(None, "`texts` is empty".into())),
+        (Some(t), None) => {
+            Texts::Inline(t.iter().map(|t| expand(t, cx.variables)).collect::<Result<_, _>>().map_err(|e| cx.err(None, e))?)
+        }
+        (None, Some(f)) => Texts::File(normalize(&cx.base.join(expand(&f, cx.variables).map_err(|e| cx.err(None, e))?))),
+        (Some(_), Some(_)) => return Err(cx.err(None, "gives both `texts` and `texts_file`: keep one".into())),
+        (None, None) => return Err(cx.err(None, "needs `texts = [...]` or `texts_file = \"FILE\"`".into())),
+    };
+    Ok(Task::Embed(EmbedStep { model, texts }))
+}
+
+pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs: Inputs, results: &mut Results) -> Result<StepReport, ExecError> {
+    let Inputs::Texts(texts) = inputs else { unreachable!("an embed step's inputs are its texts") };
+    let start = Instant::now();
+    // f32 whatever the weights are held in: candle's CPU BERT turns its
+    // attention mask into NaN in f16 (0 × -inf), and f32 keeps GPU and CPU
+    // outputs within 1e-4 of each other.
+    let vb = w.var_builder(candle_core::DType::F32);
+    let embedder = crate::embed::SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
+    let build_ms = start.elapsed().as_millis() as u64;
+    let start = Instant::now();
+    let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
+    let run_ms = start.elapsed().as_millis() as u64;
+    super::write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;
+    let report = StepReport {
+        step: step.name.to_string(),
+        items: texts.len(),
+        unit: "texts",
+        output: step.output.to_path_buf(),
+        run_ms,
+        what: StepKind::model(w, build_ms, reused),
+    };
+    results.embedded.insert(step.name.to_string(), (texts, embeddings));
+    Ok(report)
+}

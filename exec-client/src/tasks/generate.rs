@@ -1,0 +1,123 @@
+//! `task = "generate"`: text from a decoder-only language model
+//! ([`crate::generate`]), with earlier steps' text results in its prompt.
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{FloatDecl, IntDecl, Kind, Results, StepContext, StepRun, Task};
+use crate::generate::{SamplingSpec, TextGenerator};
+use crate::run::{StepKind, StepReport};
+use crate::weights::Weights;
+use crate::workflow::{prompt_pieces, Piece, WorkflowError};
+use crate::ExecError;
+
+pub const KIND: Kind = Kind {
+    name: "generate",
+    keys: &[&["prompt"], &["max_tokens"], &["temperature", "top_p", "seed"]],
+    text_fields: &["text"],
+    results: "text",
+    parse,
+};
+
+/// `max_tokens` of a generate step that gives none.
+pub const DEFAULT_MAX_TOKENS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateStep {
+    pub model: String,
+    /// Filled in at run time: earlier steps' text results are known only then.
+    pub prompt: Vec<Piece>,
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    /// The step's `seed`, else the workflow's, else 0.
+    pub seed: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decl {
+    prompt: Option<Spanned<String>>,
+    max_tokens: Option<Spanned<IntDecl>>,
+    temperature: Option<Spanned<FloatDecl>>,
+    top_p: Option<Spanned<FloatDecl>>,
+    seed: Option<Spanned<IntDecl>>,
+}
+
+fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+    let model = cx.model()?;
+    let d: Decl = cx.decode(keys)?;
+    let Some(prompt) = &d.prompt else {
+        return Err(cx.err(None, "a generate step needs `prompt = \"...\"`".into()));
+    };
+    let prompt_span = Some(prompt.span());
+    let prompt = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier).map_err(|e| cx.err(prompt_span.clone(), e))?;
+    if prompt.is_empty() {
+        return Err(cx.err(prompt_span, "`prompt` is empty".into()));
+    }
+    let max_tokens = match &d.max_tokens {
+        None => DEFAULT_MAX_TOKENS,
+        Some(k) => cx.int("max_tokens", k, 1, "a whole number of at least 1")? as usize,
+    };
+    let temperature = match &d.temperature {
+        None => 0.0,
+        Some(t) => cx.float("temperature", t, |v| v >= 0.0, "a number of at least 0 (0 is greedy)")?,
+    };
+    let top_p = match &d.top_p {
+        None => None,
+        Some(t) => Some(cx.float("top_p", t, |v| v > 0.0 && v <= 1.0, "a number above 0 and at most 1")?),
+    };
+    let seed = match &d.seed {
+        None => cx.seed,
+        Some(sd) => cx.int("seed", sd, 0, "a whole number of at least 0")? as u64,
+    };
+    Ok(Task::Generate(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed }))
+}
+
+pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), results: &mut Results) -> Result<StepReport, ExecError> {
+    let prompt: String = s
+        .prompt
+        .iter()
+        .map(|p| match p {
+            Piece::Text(t) => Ok(t.clone()),
+            Piece::StepText(from) => results.texts.get(from).cloned().ok_or_else(|| {
+                ExecError::Model(format!("step `{}`: step `{from}` produced no text (a rank step with no matches?)", step.name))
+            }),
+        })
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    // f32 on the CPU (candle's CPU kernels are f32 first); on a GPU, the
+    // dtype the weights are held in.
+    let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
+    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute)).map_err(ExecError::Model)?;
+    let build_ms = start.elapsed().as_millis() as u64;
+    let start = Instant::now();
+    let sampling = SamplingSpec { temperature: s.temperature, top_p: s.top_p, seed: s.seed };
+    let g = generator.generate(&prompt, s.max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
+    println!();
+    let run_ms = start.elapsed().as_millis() as u64;
+    super::write_json(
+        step.output,
+        &serde_json::json!({
+            "model": w.name,
+            "prompt": prompt,
+            "text": g.text,
+            "tokens": g.tokens,
+            "token_ids": g.token_ids,
+            "finish_reason": g.finish.as_str(),
+            "tokens_per_s": g.tokens_per_s,
+        }),
+    )?;
+    results.texts.insert(step.name.to_string(), g.text);
+    Ok(StepReport {
+        step: step.name.to_string(),
+        items: g.tokens,
+        unit: "tokens",
+        output: step.output.to_path_buf(),
+        run_ms,
+        what: StepKind::model(w, build_ms, reused),
+    })
+}

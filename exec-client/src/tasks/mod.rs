@@ -1,0 +1,250 @@
+//! The tasks a workflow step can perform. Each task is a module that owns its
+//! keys (their parsing and validation, with the line and column of a bad one)
+//! and its run; `workflow` keeps what every task shares (variables, `{{ }}`,
+//! step references, error positions) and `run` the order of steps and the
+//! leases on models.
+//!
+//! A new task is a new module here: its `KIND` (name, keys, which text
+//! results it gives), its step type as a variant of [`Task`], and its arms
+//! in the dispatching `match`es below.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::weights::Weights;
+use crate::workflow::{ModelSpec, Value, WorkflowError};
+use crate::run::StepReport;
+use crate::ExecError;
+
+pub mod embed;
+pub mod generate;
+pub mod rank;
+
+/// What a task is, before any step of it is parsed.
+pub struct Kind {
+    /// `task = "..."`.
+    pub name: &'static str,
+    /// Its own keys (beyond `name`, `task`, `model` and `output`), in groups
+    /// that an error about a misplaced key names together.
+    pub keys: &'static [&'static [&'static str]],
+    /// Fields of its text results that a prompt may name: the first is what
+    /// `{{ steps.NAME }}` alone means. Empty for a task whose results are not text.
+    pub text_fields: &'static [&'static str],
+    /// What its results are called, for errors ("embeddings").
+    pub results: &'static str,
+    /// Parses a step of this task from its own keys.
+    pub parse: fn(&StepContext, Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError>,
+}
+
+/// Every task, in the order errors list them.
+pub const KINDS: &[&Kind] = &[&embed::KIND, &rank::KIND, &generate::KIND];
+
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().copied().find(|k| k.name == name)
+}
+
+/// A parsed step's task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Embed(embed::EmbedStep),
+    Rank(rank::RankStep),
+    Generate(generate::GenerateStep),
+}
+
+impl Task {
+    pub fn kind(&self) -> &'static Kind {
+        match self {
+            Task::Embed(_) => &embed::KIND,
+            Task::Rank(_) => &rank::KIND,
+            Task::Generate(_) => &generate::KIND,
+        }
+    }
+
+    /// The `[models.NAME]` this step runs, if it runs one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Task::Embed(s) => Some(&s.model),
+            Task::Generate(s) => Some(&s.model),
+            Task::Rank(_) => None,
+        }
+    }
+
+    /// Files this step reads besides models (what `watch` watches).
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        match self {
+            Task::Embed(s) => s.texts.file().into_iter().collect(),
+            Task::Rank(_) | Task::Generate(_) => Vec::new(),
+        }
+    }
+
+    /// Reads this step's inputs: done for every step before any model is
+    /// acquired, so that a bad input fails fast (and in `check`).
+    pub fn read_inputs(&self) -> Result<Inputs, String> {
+        match self {
+            Task::Embed(s) => Ok(Inputs::Texts(s.texts.load()?)),
+            Task::Rank(_) | Task::Generate(_) => Ok(Inputs::None),
+        }
+    }
+
+    /// Runs the step. `model` is the step's model's weights and whether an
+    /// earlier step of this run acquired them; `results` holds earlier steps'.
+    pub fn run(&self, step: &StepRun, model: Option<(&Weights, bool)>, inputs: Inputs, results: &mut Results) -> Result<StepReport, ExecError> {
+        match self {
+            Task::Embed(s) => embed::run(s, step, model.expect("an embed step has a model"), inputs, results),
+            Task::Rank(s) => rank::run(s, step, results),
+            Task::Generate(s) => generate::run(s, step, model.expect("a generate step has a model"), results),
+        }
+    }
+}
+
+/// What a step read before the run began.
+pub enum Inputs {
+    None,
+    Texts(Vec<String>),
+}
+
+/// The step being run: its name and where its output goes.
+pub struct StepRun<'a> {
+    pub name: &'a str,
+    pub output: &'a Path,
+}
+
+/// Earlier steps' results, by step name.
+#[derive(Default)]
+pub struct Results {
+    /// An embed step's texts and their embeddings, in order.
+    pub embedded: BTreeMap<String, (Vec<String>, Vec<Vec<f32>>)>,
+    /// Text results (a rank step's best match, a generate step's text), for prompts.
+    pub texts: BTreeMap<String, String>,
+}
+
+/// What a task's parser may use: the step's name and common keys, the
+/// workflow's variables, models and earlier steps, and error positions.
+pub struct StepContext<'a> {
+    pub name: &'a str,
+    /// The whole step, for errors about a missing key.
+    pub span: Range<usize>,
+    pub task: &'a str,
+    pub model: Option<&'a Spanned<String>>,
+    pub variables: &'a BTreeMap<String, Value>,
+    pub models: &'a BTreeMap<String, ModelSpec>,
+    /// Steps before this one, by name, with their kinds.
+    pub earlier: &'a BTreeMap<String, &'static Kind>,
+    /// Every step's name, earlier or not.
+    pub all_names: &'a std::collections::HashSet<&'a str>,
+    /// The workflow file's directory, which anchors relative paths.
+    pub base: &'a Path,
+    /// The workflow's `seed` (0 when it gives none).
+    pub seed: u64,
+    pub(crate) at: &'a dyn Fn(Option<Range<usize>>, String) -> WorkflowError,
+}
+
+impl StepContext<'_> {
+    /// An error about this step at `span` (the step itself when None).
+    pub fn err(&self, span: Option<Range<usize>>, message: String) -> WorkflowError {
+        (self.at)(Some(span.unwrap_or_else(|| self.span.clone())), format!("step `{}`: {message}", self.name))
+    }
+
+    /// An error at `span` that names the step itself.
+    pub fn at(&self, span: Range<usize>, message: String) -> WorkflowError {
+        (self.at)(Some(span), message)
+    }
+
+    /// The task's own keys, typed; an unknown key is an error at that key.
+    pub fn decode<'de, T: Deserialize<'de>>(&self, keys: Spanned<toml::de::DeValue<'de>>) -> Result<T, WorkflowError> {
+        use serde::de::IntoDeserializer;
+        T::deserialize(keys.into_deserializer()).map_err(|e| (self.at)(e.span(), e.message().trim().replace('\n', " ")))
+    }
+
+    /// The declared model this step names with `model = "NAME"`.
+    pub fn model(&self) -> Result<String, WorkflowError> {
+        let Some(model) = self.model else {
+            return Err(self.err(None, format!("a {} step needs `model = \"NAME\"`", self.task)));
+        };
+        if !self.models.contains_key(model.get_ref()) {
+            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            let hint = if known.is_empty() {
+                "no models are declared: add a [models.NAME] table".to_string()
+            } else {
+                format!("declared: {}", known.join(", "))
+            };
+            return Err(self.at(model.span(), format!("step `{}` uses unknown model `{}` ({hint})", self.name, model.get_ref())));
+        }
+        Ok(model.get_ref().clone())
+    }
+
+    /// A whole-number key of at least `min`, written as one or as `{{ variable }}`s.
+    pub fn int(&self, key: &str, decl: &Spanned<IntDecl>, min: i64, what: &str) -> Result<i64, WorkflowError> {
+        match int_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e))? {
+            Some(v) if v >= min => Ok(v),
+            _ => Err(self.err(Some(decl.span()), format!("`{key}` must be {what}"))),
+        }
+    }
+
+    /// A number key accepted by `ok`, written as one or as `{{ variable }}`s.
+    pub fn float(&self, key: &str, decl: &Spanned<FloatDecl>, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, WorkflowError> {
+        match float_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e))? {
+            Some(v) if ok(v) => Ok(v),
+            _ => Err(self.err(Some(decl.span()), format!("`{key}` must be {what}"))),
+        }
+    }
+}
+
+/// A number written as one, or as a string with `{{ variable }}`s.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FloatDecl {
+    Float(f64),
+    Int(i64),
+    Text(String),
+}
+
+/// An integer written as one, or as a string with `{{ variable }}`s.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IntDecl {
+    Int(i64),
+    Text(String),
+}
+
+/// An integer key: written as one, or as a `{{ variable }}` string.
+pub(crate) fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>, String> {
+    Ok(match d {
+        IntDecl::Int(i) => Some(*i),
+        IntDecl::Text(t) => crate::workflow::expand(t, vars)?.trim().parse().ok(),
+    })
+}
+
+/// A number key: written as one, or as a `{{ variable }}` string.
+fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>, String> {
+    Ok(match d {
+        FloatDecl::Float(f) => Some(*f),
+        FloatDecl::Int(i) => Some(*i as f64),
+        FloatDecl::Text(t) => crate::workflow::expand(t, vars)?.trim().parse().ok(),
+    }
+    .filter(|f: &f64| f.is_finite()))
+}
+
+/// Writes via a temporary file and a rename, so a reader never sees half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    f.write_all(bytes).map_err(fail)?;
+    f.write_all(b"\n").map_err(fail)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// Writes a step's JSON result.
+pub fn write_json(path: &Path, doc: &serde_json::Value) -> Result<(), ExecError> {
+    write_atomically(path, serde_json::to_string(doc).expect("JSON of plain values").as_bytes())
+}
