@@ -35,7 +35,9 @@ fn read_json(p: &Path) -> serde_json::Value {
 #[test]
 fn every_family_has_a_fixture_in_both_config_forms() {
     let names: Vec<String> = fixtures().iter().map(|d| name(d)).collect();
-    for family in ["llama", "llama3-scaling", "llama-linear", "llama-yarn", "mistral", "qwen2", "gpt2", "bert"] {
+    for family in [
+        "llama", "llama3-scaling", "llama-linear", "llama-yarn", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "bert",
+    ] {
         for form in ["tf4", "tf5"] {
             let want = format!("{family}-{form}");
             assert!(names.contains(&want), "no fixture {want} in {names:?}");
@@ -81,7 +83,7 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
         }
         checked += 1;
     }
-    assert!(checked >= 14, "only {checked} decoder fixtures");
+    assert!(checked >= 20, "only {checked} decoder fixtures");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Decoder-only language models on candle-nn, built from a
-//! [`DecoderConfig`]: the llama family (llama, mistral, qwen2: RMSNorm,
-//! rotary positions, grouped-query attention, gated feed-forward) and GPT-2
-//! (learned positions, LayerNorm, Conv1D weights).
+//! [`DecoderConfig`]: the llama family (llama, mistral, qwen2, qwen3, phi3,
+//! gemma2: RMSNorm, rotary positions, grouped-query attention, gated
+//! feed-forward, each with its own variations) and GPT-2 (learned positions,
+//! LayerNorm, Conv1D weights).
 //!
 //! Mora owns these networks instead of using candle-transformers' so that
 //! what the config says is what runs: every rope type of [`RopeScaling`]
@@ -49,13 +50,16 @@ impl Module for Norm {
 enum Attention {
     /// Separate q, k, v, o projections.
     Split { q: Linear, k: Linear, v: Linear, o: Linear },
-    /// GPT-2: one Conv1D for q, k and v together, one for the output.
+    /// One projection for q, k and v together (GPT-2's Conv1D, phi3's
+    /// `qkv_proj`), one for the output.
     Fused { qkv: Linear, o: Linear },
 }
 
 enum Mlp {
     /// down(act(gate(x)) * up(x))
     Gated { gate: Linear, up: Linear, down: Linear },
+    /// The same with gate and up in one weight, gate first (phi3).
+    FusedGated { gate_up: Linear, down: Linear },
     /// proj(act(fc(x)))
     Plain { fc: Linear, proj: Linear },
 }
@@ -63,8 +67,14 @@ enum Mlp {
 struct Layer {
     norm_1: Norm,
     attn: Attention,
+    /// Gemma 2: a norm of the attention's output, before the residual.
+    post_attn: Option<Norm>,
     norm_2: Norm,
     mlp: Mlp,
+    /// Gemma 2: a norm of the feed-forward's output, before the residual.
+    post_mlp: Option<Norm>,
+    /// Qwen3: RMSNorms of each head's queries and keys.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     window: Option<usize>,
     /// What attention scores are multiplied by.
     scale: f64,
@@ -153,6 +163,17 @@ pub fn rope_frequencies(rope: &Rope, head_dim: usize) -> (Vec<f32>, f32) {
     }
 }
 
+/// Rotary embedding of the first `2 * cos.dim(1)` dimensions of each head
+/// (all of them, unless the rope is partial); the rest pass through.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (hd, rot) = (x.dim(D::Minus1)?, 2 * cos.dim(1)?);
+    if rot == hd {
+        return candle_nn::rotary_emb::rope(x, cos, sin);
+    }
+    let turned = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, rot)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&turned, &x.narrow(D::Minus1, rot, hd - rot)?], D::Minus1)?.contiguous()
+}
+
 impl Decoder {
     /// Builds the network `cfg` describes from the tensors in `vb`.
     pub fn load(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
@@ -173,11 +194,14 @@ impl Decoder {
                 layers.push(Layer {
                     norm_1: Norm::Layer(candle_nn::layer_norm(h, cfg.norm_eps, l.pp("ln_1"))?),
                     attn: Attention::Fused { qkv: conv1d(&l, "attn.c_attn", h, 3 * h)?, o: conv1d(&l, "attn.c_proj", h, h)? },
+                    post_attn: None,
                     norm_2: Norm::Layer(candle_nn::layer_norm(h, cfg.norm_eps, l.pp("ln_2"))?),
                     mlp: Mlp::Plain {
                         fc: conv1d(&l, "mlp.c_fc", h, cfg.intermediate_size)?,
                         proj: conv1d(&l, "mlp.c_proj", cfg.intermediate_size, h)?,
                     },
+                    post_mlp: None,
+                    qk_norm: None,
                     window: None,
                     scale,
                 });
@@ -188,31 +212,69 @@ impl Decoder {
         } else {
             let model = vb.pp("model");
             let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+            let gemma = cfg.family == Family::Gemma2;
+            // Gemma's RMSNorm scales by (1 + weight).
+            let rms = |vb: VarBuilder, size: usize| -> Result<Norm> {
+                if gemma {
+                    Ok(Norm::Rms(RmsNorm::new((vb.get(size, "weight")? + 1.0)?, cfg.norm_eps)))
+                } else {
+                    candle_nn::rms_norm(size, cfg.norm_eps, vb).map(Norm::Rms)
+                }
+            };
+            let scale = cfg.attn_scale.unwrap_or(scale);
             for i in 0..cfg.num_layers {
                 let l = model.pp(format!("layers.{i}"));
                 let a = l.pp("self_attn");
                 let m = l.pp("mlp");
                 let i_size = cfg.intermediate_size;
+                let (attn, mlp) = if cfg.family == Family::Phi3 {
+                    (
+                        Attention::Fused { qkv: linear(&a, "qkv_proj", h, q_out + 2 * kv_out, false)?, o: linear(&a, "o_proj", q_out, h, false)? },
+                        Mlp::FusedGated { gate_up: linear(&m, "gate_up_proj", h, 2 * i_size, false)?, down: linear(&m, "down_proj", i_size, h, false)? },
+                    )
+                } else {
+                    (
+                        Attention::Split {
+                            q: linear(&a, "q_proj", h, q_out, cfg.qkv_bias)?,
+                            k: linear(&a, "k_proj", h, kv_out, cfg.qkv_bias)?,
+                            v: linear(&a, "v_proj", h, kv_out, cfg.qkv_bias)?,
+                            o: linear(&a, "o_proj", q_out, h, cfg.o_bias)?,
+                        },
+                        Mlp::Gated {
+                            gate: linear(&m, "gate_proj", h, i_size, cfg.mlp_bias)?,
+                            up: linear(&m, "up_proj", h, i_size, cfg.mlp_bias)?,
+                            down: linear(&m, "down_proj", i_size, h, cfg.mlp_bias)?,
+                        },
+                    )
+                };
+                let qk_norm = if cfg.qk_norm {
+                    Some((candle_nn::rms_norm(hd, cfg.norm_eps, a.pp("q_norm"))?, candle_nn::rms_norm(hd, cfg.norm_eps, a.pp("k_norm"))?))
+                } else {
+                    None
+                };
+                let (norm_2, post_attn, post_mlp) = if gemma {
+                    (
+                        rms(l.pp("pre_feedforward_layernorm"), h)?,
+                        Some(rms(l.pp("post_attention_layernorm"), h)?),
+                        Some(rms(l.pp("post_feedforward_layernorm"), h)?),
+                    )
+                } else {
+                    (rms(l.pp("post_attention_layernorm"), h)?, None, None)
+                };
                 layers.push(Layer {
-                    norm_1: Norm::Rms(candle_nn::rms_norm(h, cfg.norm_eps, l.pp("input_layernorm"))?),
-                    attn: Attention::Split {
-                        q: linear(&a, "q_proj", h, q_out, cfg.qkv_bias)?,
-                        k: linear(&a, "k_proj", h, kv_out, cfg.qkv_bias)?,
-                        v: linear(&a, "v_proj", h, kv_out, cfg.qkv_bias)?,
-                        o: linear(&a, "o_proj", q_out, h, cfg.o_bias)?,
-                    },
-                    norm_2: Norm::Rms(candle_nn::rms_norm(h, cfg.norm_eps, l.pp("post_attention_layernorm"))?),
-                    mlp: Mlp::Gated {
-                        gate: linear(&m, "gate_proj", h, i_size, cfg.mlp_bias)?,
-                        up: linear(&m, "up_proj", h, i_size, cfg.mlp_bias)?,
-                        down: linear(&m, "down_proj", i_size, h, cfg.mlp_bias)?,
-                    },
+                    norm_1: rms(l.pp("input_layernorm"), h)?,
+                    attn,
+                    post_attn,
+                    norm_2,
+                    mlp,
+                    post_mlp,
+                    qk_norm,
                     window: cfg.windows.get(i).copied().flatten(),
                     scale,
                 });
             }
             let embed = candle_nn::embedding(cfg.vocab_size, h, model.pp("embed_tokens"))?;
-            let norm = Norm::Rms(candle_nn::rms_norm(h, cfg.norm_eps, model.pp("norm"))?);
+            let norm = rms(model.pp("norm"), h)?;
             (embed, None, norm)
         };
         let lm_head = if cfg.tie_word_embeddings {
@@ -220,7 +282,7 @@ impl Decoder {
         } else {
             linear(&vb, "lm_head", h, cfg.vocab_size, false)?
         };
-        let rope = cfg.rope.as_ref().map(|r| rope_frequencies(r, hd));
+        let rope = cfg.rope.as_ref().map(|r| rope_frequencies(r, cfg.rotary_dim()));
         Ok(Decoder {
             cfg: cfg.clone(),
             embed,
@@ -245,6 +307,10 @@ impl Decoder {
         let seq = ids.len();
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&input)?;
+        if self.cfg.family == Family::Gemma2 {
+            // Gemma scales its embeddings by sqrt(hidden_size), in their dtype.
+            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
+        }
         if let Some(p) = &self.positions {
             let at = Tensor::arange(pos as u32, (pos + seq) as u32, &self.device)?.unsqueeze(0)?;
             x = x.broadcast_add(&p.forward(&at)?)?;
@@ -256,16 +322,26 @@ impl Decoder {
         for i in 0..self.layers.len() {
             let layer = &self.layers[i];
             let residual = x.clone();
-            let a = self.attention(i, &layer.norm_1.forward(&x)?, pos, rotary.as_ref())?;
+            let mut a = self.attention(i, &layer.norm_1.forward(&x)?, pos, rotary.as_ref())?;
+            let layer = &self.layers[i];
+            if let Some(n) = &layer.post_attn {
+                a = n.forward(&a)?;
+            }
             x = (a + residual)?;
             let residual = x.clone();
-            let layer = &self.layers[i];
-            let m = self.mlp(&layer.mlp, &layer.norm_2.forward(&x)?)?;
+            let mut m = self.mlp(&layer.mlp, &layer.norm_2.forward(&x)?)?;
+            if let Some(n) = &layer.post_mlp {
+                m = n.forward(&m)?;
+            }
             x = (m + residual)?;
         }
         let x = self.final_norm.forward(&x)?;
         let last = x.narrow(1, seq - 1, 1)?;
-        self.lm_head.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&last)?.flatten_all()?.to_dtype(DType::F32)?;
+        match self.cfg.final_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
     }
 
     /// cos and sin of `(pos + t) * freq`, times the rope's attention factor,
@@ -294,15 +370,19 @@ impl Decoder {
             Attention::Split { q, k, v, o } => (q.forward(x)?, k.forward(x)?, v.forward(x)?, o),
             Attention::Fused { qkv, o } => {
                 let y = qkv.forward(x)?;
-                let w = nh * hd;
-                (y.narrow(D::Minus1, 0, w)?, y.narrow(D::Minus1, w, w)?, y.narrow(D::Minus1, 2 * w, w)?, o)
+                let (wq, wkv) = (nh * hd, nkv * hd);
+                (y.narrow(D::Minus1, 0, wq)?, y.narrow(D::Minus1, wq, wkv)?, y.narrow(D::Minus1, wq + wkv, wkv)?, o)
             }
         };
-        let heads = |t: Tensor, n: usize| t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        let (mut q, mut k) = (q.reshape((b, seq, nh, hd))?, k.reshape((b, seq, nkv, hd))?);
+        if let Some((qn, kn)) = &layer.qk_norm {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
+        let heads = |t: Tensor| t.transpose(1, 2)?.contiguous();
+        let (mut q, mut k, v) = (heads(q)?, heads(k)?, heads(v.reshape((b, seq, nkv, hd))?)?);
         if let Some((cos, sin)) = rotary {
-            q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-            k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+            q = rotate(&q, cos, sin)?;
+            k = rotate(&k, cos, sin)?;
         }
         let (k, v) = match &self.cache[i] {
             Some((ck, cv)) => (Tensor::cat(&[ck, &k], 2)?, Tensor::cat(&[cv, &v], 2)?),
@@ -314,7 +394,10 @@ impl Decoder {
         let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?;
         let dtype = q.dtype();
         let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-        let scores = (q.matmul(&k.t()?)? * layer.scale)?;
+        let mut scores = (q.matmul(&k.t()?)? * layer.scale)?;
+        if let Some(cap) = self.cfg.attn_softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         let scores = scores.broadcast_add(&self.mask(seq, pos, kv_len, layer.window)?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v.contiguous()?)?.to_dtype(dtype)?;
@@ -345,6 +428,11 @@ impl Decoder {
         };
         match mlp {
             Mlp::Gated { gate, up, down } => down.forward(&(act(gate.forward(x)?)? * up.forward(x)?)?),
+            Mlp::FusedGated { gate_up, down } => {
+                let y = gate_up.forward(x)?;
+                let half = y.dim(D::Minus1)? / 2;
+                down.forward(&(act(y.narrow(D::Minus1, 0, half)?)? * y.narrow(D::Minus1, half, half)?)?)
+            }
             Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(x)?)?),
         }
     }
@@ -365,7 +453,7 @@ mod tests {
     /// (head_dim 16, max_position_embeddings 128).
     #[test]
     fn rope_frequencies_match_transformers() {
-        let rope = |theta: f64, scaling| Rope { theta, scaling };
+        let rope = |theta: f64, scaling| Rope { theta, scaling, partial_rotary_factor: 1.0 };
         let (f, a) = rope_frequencies(&rope(500.0, RopeScaling::Linear { factor: 4.0 }), 16);
         close(&f, &[0.25, 0.1149658, 0.05286856, 0.02431231, 0.01118034, 0.005141428, 0.002364354, 0.00108728]);
         assert_eq!(a, 1.0);

@@ -21,11 +21,18 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2 plus an RMSNorm on each head's queries and keys.
+    Qwen3,
+    /// Fused `qkv_proj` and `gate_up_proj` weights.
+    Phi3,
+    /// Scaled embeddings, (1 + w) RMSNorms around attention and feed-forward,
+    /// soft-capped scores and logits, alternating sliding windows.
+    Gemma2,
     Gpt2,
 }
 
 /// What `check` and errors list as supported.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, gpt2";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2";
 
 impl Family {
     pub fn name(self) -> &'static str {
@@ -33,6 +40,9 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
+            Family::Gemma2 => "gemma2",
             Family::Gpt2 => "gpt2",
         }
     }
@@ -75,6 +85,8 @@ pub enum RopeScaling {
 pub struct Rope {
     pub theta: f64,
     pub scaling: RopeScaling,
+    /// The fraction of each head's dimensions that rotate (the first ones).
+    pub partial_rotary_factor: f64,
 }
 
 /// Everything a decoder network is built from.
@@ -106,8 +118,28 @@ pub struct DecoderConfig {
     pub scale_attn_by_inverse_layer_idx: bool,
     /// GPT-2: attention scores divided by sqrt(head_dim) (`scale_attn_weights`).
     pub scale_attn_weights: bool,
+    /// What attention scores are multiplied by, when not 1/sqrt(head_dim)
+    /// (Gemma 2's `query_pre_attn_scalar`).
+    pub attn_scale: Option<f64>,
+    /// Scores become `tanh(s / cap) * cap` (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Logits become `tanh(l / cap) * cap` (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// An RMSNorm on each head's queries and keys (Qwen3).
+    pub qk_norm: bool,
     /// Every end-of-sequence id of `config.json` and `generation_config.json`.
     pub eos: Vec<u32>,
+}
+
+impl DecoderConfig {
+    /// How many of each head's dimensions rotate (all, unless
+    /// `partial_rotary_factor` says fewer).
+    pub fn rotary_dim(&self) -> usize {
+        match &self.rope {
+            Some(r) => (self.head_dim as f64 * r.partial_rotary_factor) as usize,
+            None => 0,
+        }
+    }
 }
 
 /// A config Mora cannot run, or cannot read.
@@ -133,6 +165,7 @@ const NEUTRAL: &[&str] = &[
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
     "label2id", "num_labels", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
     "cross_attention_hidden_size", "pretraining_tp", "output_router_logits", "_num_labels", "is_llama_config",
+    "cache_implementation",
 ];
 
 /// Reads `config.json` (and `generation_config.json` when present) in `dir`.
@@ -183,6 +216,9 @@ pub fn from_json(raw: &Map<String, Value>, file: &str) -> Result<DecoderConfig, 
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
         "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "phi3" => Family::Phi3,
+        "gemma2" => Family::Gemma2,
         "gpt2" => Family::Gpt2,
         "" => return Err(r.err("no `model_type`: cannot tell which network this is".into())),
         other => {
@@ -197,7 +233,8 @@ pub fn from_json(raw: &Map<String, Value>, file: &str) -> Result<DecoderConfig, 
         ("tie_encoder_decoder", |v: &Value| v == &Value::Bool(false)),
         ("use_mrope", |v: &Value| v == &Value::Bool(false)),
         ("rope_interleaved", |v: &Value| v == &Value::Bool(false)),
-    ] as [(&str, fn(&Value) -> bool); 6]
+        ("use_bidirectional_attention", |v: &Value| v == &Value::Bool(false)),
+    ] as [(&str, fn(&Value) -> bool); 7]
     {
         if let Some(v) = r.take(key) {
             if !v.is_null() && !ok(v) {
@@ -243,18 +280,48 @@ fn llama_like(r: &Reader, family: Family) -> Result<DecoderConfig, ConfigError> 
         None => return Err(r.err(format!("`hidden_size` ({hidden_size}) is not a multiple of `num_attention_heads` ({num_heads})"))),
     };
     let max_positions = r.usize("max_position_embeddings")?;
-    let activation = activation(r, "hidden_act", "silu")?;
+    let activation = if family == Family::Gemma2 {
+        // Gemma 2 runs `hidden_activation`; configs may also carry `hidden_act`.
+        r.take("hidden_act");
+        activation(r, "hidden_activation", "gelu_pytorch_tanh")?
+    } else {
+        activation(r, "hidden_act", "silu")?
+    };
     let (qkv_bias, o_bias, mlp_bias) = match family {
         Family::Llama => {
             let a = r.bool_or("attention_bias", false)?;
             (a, a, r.bool_or("mlp_bias", false)?)
         }
+        Family::Qwen3 | Family::Gemma2 => {
+            let a = r.bool_or("attention_bias", false)?;
+            (a, a, false)
+        }
         // Qwen2 always has q, k and v biases and none elsewhere.
         Family::Qwen2 => (true, false, false),
         _ => (false, false, false),
     };
+    if family == Family::Phi3 {
+        // Dropouts, and the length longrope scaling reads (which is refused).
+        for k in ["resid_pdrop", "embd_pdrop", "original_max_position_embeddings"] {
+            r.take(k);
+        }
+    }
     let windows = windows(r, family, num_layers)?;
     let rope = rope(r, max_positions)?;
+    // As transformers computes it: `int(head_dim * partial_rotary_factor)`.
+    let rotary = (head_dim as f64 * rope.partial_rotary_factor) as usize;
+    if rotary == 0 || rotary % 2 != 0 || rotary > head_dim {
+        return Err(r.err(format!(
+            "`partial_rotary_factor` {} gives {rotary} rotary dimensions of {head_dim}; Mora needs an even number, at least 2",
+            rope.partial_rotary_factor
+        )));
+    }
+    let (attn_scale, attn_softcap, final_softcap) = if family == Family::Gemma2 {
+        let scalar = r.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+        (Some(1.0 / scalar.sqrt()), r.opt_f64("attn_logit_softcapping")?, r.opt_f64("final_logit_softcapping")?)
+    } else {
+        (None, None, None)
+    };
     Ok(DecoderConfig {
         family,
         vocab_size: r.usize("vocab_size")?,
@@ -268,13 +335,18 @@ fn llama_like(r: &Reader, family: Family) -> Result<DecoderConfig, ConfigError> 
         activation,
         rope: Some(rope),
         max_positions,
-        tie_word_embeddings: r.bool_or("tie_word_embeddings", false)?,
+        // Gemma 2 ties its head to the embeddings unless told otherwise.
+        tie_word_embeddings: r.bool_or("tie_word_embeddings", family == Family::Gemma2)?,
         qkv_bias,
         o_bias,
         mlp_bias,
         windows,
         scale_attn_by_inverse_layer_idx: false,
         scale_attn_weights: true,
+        attn_scale,
+        attn_softcap,
+        final_softcap,
+        qk_norm: family == Family::Qwen3,
         eos: Vec::new(),
     })
 }
@@ -293,11 +365,11 @@ fn windows(r: &Reader, family: Family, layers: usize) -> Result<Vec<Option<usize
         Some(_) => return Err(r.err("`layer_types` must be a list".into())),
     };
     let use_sliding = match family {
-        Family::Qwen2 => r.bool_or("use_sliding_window", false)?,
+        Family::Qwen2 | Family::Qwen3 => r.bool_or("use_sliding_window", false)?,
         _ => true,
     };
     let max_window_layers = match family {
-        Family::Qwen2 => r.opt_usize("max_window_layers")?,
+        Family::Qwen2 | Family::Qwen3 => r.opt_usize("max_window_layers")?,
         _ => None,
     };
     if let Some(types) = layer_types {
@@ -321,12 +393,14 @@ fn windows(r: &Reader, family: Family, layers: usize) -> Result<Vec<Option<usize
             })
             .collect();
     }
-    // transformers 4: qwen2 slides from layer `max_window_layers` on, and
-    // only with `use_sliding_window`; mistral slides everywhere.
+    // transformers 4: qwen2 and qwen3 slide from layer `max_window_layers`
+    // on, and only with `use_sliding_window`; gemma2 slides on even layers;
+    // mistral and phi3 slide everywhere.
     Ok((0..layers)
         .map(|i| match (family, window) {
             (_, None) | (_, Some(0)) => None,
-            (Family::Qwen2, Some(w)) => (use_sliding && i >= max_window_layers.unwrap_or(0)).then_some(w),
+            (Family::Qwen2 | Family::Qwen3, Some(w)) => (use_sliding && i >= max_window_layers.unwrap_or(0)).then_some(w),
+            (Family::Gemma2, Some(w)) => (i % 2 == 0).then_some(w),
             (_, Some(w)) => Some(w),
         })
         .collect())
@@ -344,8 +418,13 @@ fn rope(r: &Reader, max_positions: usize) -> Result<Rope, ConfigError> {
         (_, Some(s)) if !s.is_null() => (Some(s), "rope_scaling"),
         _ => (None, "rope_scaling"),
     };
+    let top_partial = r.opt_f64("partial_rotary_factor")?;
     let Some(params) = params else {
-        return Ok(Rope { theta: top_theta.unwrap_or(10_000.0), scaling: RopeScaling::Default });
+        return Ok(Rope {
+            theta: top_theta.unwrap_or(10_000.0),
+            scaling: RopeScaling::Default,
+            partial_rotary_factor: top_partial.unwrap_or(1.0),
+        });
     };
     let Some(p) = params.as_object() else {
         return Err(r.err(format!("`{key}` must be an object")));
@@ -410,11 +489,18 @@ fn rope(r: &Reader, max_positions: usize) -> Result<Rope, ConfigError> {
             )))
         }
     };
+    let partial_rotary_factor = match (sub.opt_f64("partial_rotary_factor")?, top_partial) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(r.err(format!("`{}` ({a}) and `partial_rotary_factor` ({b}) differ", name("partial_rotary_factor"))));
+        }
+        (Some(f), _) | (None, Some(f)) => f,
+        (None, None) => 1.0,
+    };
     let used = sub.used.borrow();
     if let Some(k) = p.keys().find(|k| !used.contains(*k)) {
         return Err(r.err(format!("`{}` is not a parameter Mora knows for rope_type `{rope_type}`", name(k))));
     }
-    Ok(Rope { theta, scaling })
+    Ok(Rope { theta, scaling, partial_rotary_factor })
 }
 
 fn gpt2(r: &Reader) -> Result<DecoderConfig, ConfigError> {
@@ -452,6 +538,10 @@ fn gpt2(r: &Reader) -> Result<DecoderConfig, ConfigError> {
         windows: vec![None; num_layers],
         scale_attn_by_inverse_layer_idx: r.bool_or("scale_attn_by_inverse_layer_idx", false)?,
         scale_attn_weights: r.bool_or("scale_attn_weights", true)?,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        qk_norm: false,
         eos: Vec::new(),
     })
 }
@@ -581,7 +671,7 @@ mod tests {
         let legacy = parse(llama(json!({"rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
         assert_eq!(legacy.rope.unwrap().scaling, RopeScaling::Linear { factor: 2.0 });
         let plain = parse(llama(json!({"rope_scaling": null}))).unwrap();
-        assert_eq!(plain.rope.unwrap(), Rope { theta: 10_000.0, scaling: RopeScaling::Default });
+        assert_eq!(plain.rope.unwrap(), Rope { theta: 10_000.0, scaling: RopeScaling::Default, partial_rotary_factor: 1.0 });
     }
 
     #[test]
@@ -589,7 +679,8 @@ mod tests {
         let cases = [
             (json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1.0}}), "`rope_parameters.rope_type` is `dynamic`"),
             (json!({"rope_scaling": {"rope_type": "linear"}}), "needs `factor`"),
-            (json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}), "`rope_scaling.partial_rotary_factor` is not a parameter"),
+            (json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 0.5}}), "`rope_scaling.beta_fast` is not a parameter"),
+            (json!({"partial_rotary_factor": 0.1}), "gives 1 rotary dimensions of 8"),
             (json!({"rope_theta": 10.0, "rope_parameters": {"rope_theta": 20.0}}), "differ"),
             (json!({"hidden_act": "gelu_10"}), "`hidden_act` is `gelu_10`"),
             (json!({"sliding_window": 4}), "key `sliding_window` is not one Mora knows"),
@@ -603,7 +694,7 @@ mod tests {
             assert!(e.starts_with("config.json: ") && e.contains(want), "{extra}: {e}");
         }
         let e = parse(json!({"model_type": "t5"})).unwrap_err().to_string();
-        assert!(e.contains("`model_type` is `t5`; the generate task runs llama, mistral, qwen2, gpt2"), "{e}");
+        assert!(e.contains("`model_type` is `t5`; the generate task runs llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"), "{e}");
     }
 
     #[test]

@@ -192,7 +192,7 @@ def set_rope(cfg, theta, **scaling):
 
 
 def main():
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     os.makedirs(OUT, exist_ok=True)
     decoder_fixture(
@@ -227,6 +227,22 @@ def main():
         "qwen2",
         small(Qwen2Config, **llama_like(), **rope(500.0), use_sliding_window=False, sliding_window=None),
         without=lambda c: set_rope(c, 10000.0),
+    )
+    decoder_fixture(
+        "qwen3",
+        small(Qwen3Config, **llama_like(head_dim=16), **rope(500.0), use_sliding_window=False, sliding_window=None),
+        without=lambda c: set_rope(c, 10000.0),
+    )
+    decoder_fixture(
+        "phi3",
+        small(Phi3Config, **llama_like(sliding_window=6), **rope(500.0), original_max_position_embeddings=128),
+        without=lambda c: setattr(c, "sliding_window", None) or c,
+    )
+    decoder_fixture(
+        "gemma2",
+        small(Gemma2Config, **llama_like(head_dim=16, sliding_window=4), **rope(500.0), query_pre_attn_scalar=16,
+              attn_logit_softcapping=2.0, final_logit_softcapping=10.0, tie_word_embeddings=True),
+        without=lambda c: setattr(c, "attn_logit_softcapping", None) or c,
     )
     decoder_fixture(
         "gpt2",
