@@ -36,7 +36,8 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn every_family_has_a_fixture_in_both_config_forms() {
     let names: Vec<String> = fixtures().iter().map(|d| name(d)).collect();
     for family in [
-        "llama", "llama3-scaling", "llama-linear", "llama-yarn", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "bert",
+        "llama", "llama3-scaling", "llama-linear", "llama-yarn", "mistral", "qwen2", "qwen3", "phi3", "phi3-partial-rotary",
+        "gemma2", "gpt2", "bert",
     ] {
         for form in ["tf4", "tf5"] {
             let want = format!("{family}-{form}");
@@ -83,7 +84,7 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
         }
         checked += 1;
     }
-    assert!(checked >= 20, "only {checked} decoder fixtures");
+    assert!(checked >= 22, "only {checked} decoder fixtures");
 }
 
 #[test]

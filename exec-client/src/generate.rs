@@ -186,6 +186,6 @@ mod tests {
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
         let (bert, vb) = model(Arch::Bert, "bert");
         let e = TextGenerator::load(&bert, vb).err().unwrap();
-        assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, gpt2"), "{e}");
+        assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"), "{e}");
     }
 }

@@ -168,17 +168,23 @@ def small(cls, **kw):
     return cls(**common)
 
 
-def rope(theta, **scaling):
+def rope(theta, partial=None, **scaling):
     """The rope keys in the form of this transformers version."""
     if MAJOR >= 5:
-        return {"rope_parameters": {"rope_theta": theta, "rope_type": scaling.pop("rope_type", "default"), **scaling}}
+        params = {"rope_theta": theta, "rope_type": scaling.pop("rope_type", "default"), **scaling}
+        if partial is not None:
+            params["partial_rotary_factor"] = partial
+        return {"rope_parameters": params}
     out = {"rope_theta": theta}
     if scaling:
         out["rope_scaling"] = scaling
+    if partial is not None:
+        out["partial_rotary_factor"] = partial
     return out
 
 
 def llama_like(**kw):
+    kw = {k: v for k, v in kw.items() if v is not None}
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, **kw)
 
@@ -188,6 +194,8 @@ def set_rope(cfg, theta, **scaling):
         setattr(cfg, k, v)
     if MAJOR < 5 and not scaling:
         cfg.rope_scaling = None
+    if MAJOR < 5 and hasattr(cfg, "partial_rotary_factor"):
+        cfg.partial_rotary_factor = 1.0
     return cfg
 
 
@@ -237,6 +245,11 @@ def main():
         "phi3",
         small(Phi3Config, **llama_like(sliding_window=6), **rope(500.0), original_max_position_embeddings=128),
         without=lambda c: setattr(c, "sliding_window", None) or c,
+    )
+    decoder_fixture(
+        "phi3-partial-rotary",
+        small(Phi3Config, **llama_like(head_dim=None), **rope(500.0, partial=0.5), original_max_position_embeddings=128),
+        without=lambda c: set_rope(c, 500.0),
     )
     decoder_fixture(
         "gemma2",
