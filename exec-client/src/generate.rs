@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn greedy_is_deterministic_and_the_streamed_pieces_make_the_text() {
-        for arch in [Arch::Llama, Arch::Qwen2, Arch::Gpt2] {
+        for arch in [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma2, Arch::Gpt2] {
             let (dir, vb) = model(arch, &format!("{arch:?}"));
             let greedy = SamplingSpec { temperature: 0.0, top_p: None, seed: 0 };
             let mut pieces = String::new();

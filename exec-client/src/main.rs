@@ -91,7 +91,8 @@ enum Command {
     /// Write a deterministic random-weight model (real config, safetensors and
     /// tokenizer) of about a given size, for tests and benchmarks.
     Synth {
-        /// bert (runs the embed task), llama, qwen2 or gpt2 (run the generate task).
+        /// bert (runs the embed task); llama, mistral, qwen2, qwen3, phi3, gemma2 or
+        /// gpt2 (run the generate task).
         #[arg(long, default_value = "bert")]
         arch: Arch,
         /// Target size of model.safetensors: 1MiB .. several GiB.

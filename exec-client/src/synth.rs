@@ -5,7 +5,8 @@
 //! meaning: tests of the cache's budget and eviction, benchmarks of load and
 //! copy speed. The same (architecture, size, dtype, seed) always gives the same
 //! bytes. BERT models come with sentence-transformers files, so the `embed`
-//! task runs on them; llama models load in candle's llama.
+//! task runs on them; the decoders (llama, mistral, qwen2, qwen3, phi3,
+//! gemma2, gpt2) run the `generate` task.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -21,8 +22,16 @@ use mora_common::manifest::WeightDType;
 pub enum Arch {
     Bert,
     Llama,
+    /// Mistral: llama's layout, its own config keys.
+    Mistral,
     /// Qwen2: llama's layout plus biases on the q, k and v projections.
     Qwen2,
+    /// Qwen3: llama's layout plus per-head q and k norms; tied head.
+    Qwen3,
+    /// Phi-3: fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
+    /// Gemma 2: sandwich norms around attention and feed-forward; tied head.
+    Gemma2,
     /// GPT-2 as OpenAI's checkpoints name it (no `transformer.` prefix,
     /// Conv1D weights stored `[in, out]`, the head tied to the embeddings).
     Gpt2,
@@ -34,9 +43,15 @@ impl std::str::FromStr for Arch {
         match s {
             "bert" => Ok(Arch::Bert),
             "llama" => Ok(Arch::Llama),
+            "mistral" => Ok(Arch::Mistral),
             "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            "phi3" => Ok(Arch::Phi3),
+            "gemma2" => Ok(Arch::Gemma2),
             "gpt2" => Ok(Arch::Gpt2),
-            other => Err(format!("unknown architecture `{other}`: expected bert, llama, qwen2 or gpt2")),
+            other => Err(format!(
+                "unknown architecture `{other}`: expected bert, llama, mistral, qwen2, qwen3, phi3, gemma2 or gpt2"
+            )),
         }
     }
 }
@@ -104,24 +119,43 @@ fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
                 t.push((format!("{p}.output.LayerNorm.bias"), vec![h], Init::Zeros));
             }
         }
-        Arch::Llama | Arch::Qwen2 => {
+        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 => {
+            // Gemma's norms scale by (1 + weight): zeros are its identity.
+            let norm = if arch == Arch::Gemma2 { Init::Zeros } else { Init::Ones };
+            let hd = h / d.heads;
             t.push(("model.embed_tokens.weight".into(), vec![v, h], Init::Random));
             for l in 0..d.layers {
                 let p = format!("model.layers.{l}");
-                for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                    t.push((format!("{p}.self_attn.{m}.weight"), vec![h, h], Init::Random));
-                    if arch == Arch::Qwen2 && m != "o_proj" {
-                        t.push((format!("{p}.self_attn.{m}.bias"), vec![h], Init::Zeros));
+                if arch == Arch::Phi3 {
+                    t.push((format!("{p}.self_attn.qkv_proj.weight"), vec![3 * h, h], Init::Random));
+                    t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h], Init::Random));
+                    t.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h], Init::Random));
+                } else {
+                    for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                        t.push((format!("{p}.self_attn.{m}.weight"), vec![h, h], Init::Random));
+                        if arch == Arch::Qwen2 && m != "o_proj" {
+                            t.push((format!("{p}.self_attn.{m}.bias"), vec![h], Init::Zeros));
+                        }
                     }
+                    t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Random));
+                    t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Random));
                 }
-                t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Random));
-                t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Random));
+                if arch == Arch::Qwen3 {
+                    t.push((format!("{p}.self_attn.q_norm.weight"), vec![hd], Init::Ones));
+                    t.push((format!("{p}.self_attn.k_norm.weight"), vec![hd], Init::Ones));
+                }
                 t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], Init::Random));
-                t.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Ones));
-                t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Ones));
+                t.push((format!("{p}.input_layernorm.weight"), vec![h], norm));
+                t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], norm));
+                if arch == Arch::Gemma2 {
+                    t.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h], norm));
+                    t.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h], norm));
+                }
             }
-            t.push(("model.norm.weight".into(), vec![h], Init::Ones));
-            t.push(("lm_head.weight".into(), vec![v, h], Init::Random));
+            t.push(("model.norm.weight".into(), vec![h], norm));
+            if !matches!(arch, Arch::Qwen3 | Arch::Gemma2) {
+                t.push(("lm_head.weight".into(), vec![v, h], Init::Random));
+            }
         }
         Arch::Gpt2 => {
             t.push(("wte.weight".into(), vec![v, h], Init::Random));
@@ -156,7 +190,7 @@ fn dims(arch: Arch, vocab: usize, hidden: usize, layers: usize) -> Dims {
     let intermediate = match arch {
         Arch::Bert | Arch::Gpt2 => 4 * hidden,
         // Llama's 8/3·h, rounded up to a multiple of 32.
-        Arch::Llama | Arch::Qwen2 => (8 * hidden / 3).div_ceil(32) * 32,
+        _ => (8 * hidden / 3).div_ceil(32) * 32,
     };
     Dims { vocab, hidden, layers, heads, intermediate }
 }
@@ -234,7 +268,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let (vocab_tokens, tokenizer) = match spec.arch {
         Arch::Bert => bert_tokenizer(),
-        Arch::Llama | Arch::Qwen2 | Arch::Gpt2 => llama_tokenizer(),
+        _ => llama_tokenizer(),
     };
     let vocab = vocab_tokens;
     let elem = spec.dtype.tensor_dtype().size_in_bytes() as u64;
@@ -313,7 +347,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             "position_embedding_type": "absolute",
             "torch_dtype": torch_dtype,
         }),
-        Arch::Llama | Arch::Qwen2 => {
+        arch @ (Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2) => {
             let mut c = json!({
                 "architectures": ["LlamaForCausalLM"],
                 "model_type": "llama",
@@ -332,19 +366,61 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
                 "tie_word_embeddings": false,
                 "torch_dtype": torch_dtype,
             });
-            if spec.arch == Arch::Qwen2 {
-                // Qwen2's config: llama's keys, its own names, and the
-                // sliding-window keys candle's qwen2 requires.
-                for (k, v) in [
+            // Each family's own keys, as its real checkpoints write them.
+            let head_dim = d.hidden / d.heads;
+            let own: Vec<(&str, serde_json::Value)> = match arch {
+                Arch::Mistral => vec![
+                    ("architectures", json!(["MistralForCausalLM"])),
+                    ("model_type", json!("mistral")),
+                    ("head_dim", json!(head_dim)),
+                    ("sliding_window", json!(null)),
+                ],
+                // The sliding-window keys that transformers writes and candle's qwen2 requires.
+                Arch::Qwen2 => vec![
                     ("architectures", json!(["Qwen2ForCausalLM"])),
                     ("model_type", json!("qwen2")),
                     ("rms_norm_eps", json!(1e-6)),
                     ("sliding_window", json!(MAX_POSITIONS)),
                     ("max_window_layers", json!(d.layers)),
                     ("use_sliding_window", json!(false)),
-                ] {
-                    c[k] = v;
-                }
+                ],
+                Arch::Qwen3 => vec![
+                    ("architectures", json!(["Qwen3ForCausalLM"])),
+                    ("model_type", json!("qwen3")),
+                    ("head_dim", json!(head_dim)),
+                    ("attention_bias", json!(false)),
+                    ("rms_norm_eps", json!(1e-6)),
+                    ("sliding_window", json!(null)),
+                    ("max_window_layers", json!(d.layers)),
+                    ("use_sliding_window", json!(false)),
+                    ("tie_word_embeddings", json!(true)),
+                ],
+                Arch::Phi3 => vec![
+                    ("architectures", json!(["Phi3ForCausalLM"])),
+                    ("model_type", json!("phi3")),
+                    ("original_max_position_embeddings", json!(MAX_POSITIONS)),
+                    ("sliding_window", json!(MAX_POSITIONS - 1)),
+                    ("resid_pdrop", json!(0.0)),
+                    ("embd_pdrop", json!(0.0)),
+                ],
+                Arch::Gemma2 => vec![
+                    ("architectures", json!(["Gemma2ForCausalLM"])),
+                    ("model_type", json!("gemma2")),
+                    ("head_dim", json!(head_dim)),
+                    ("hidden_act", json!("gelu_pytorch_tanh")),
+                    ("hidden_activation", json!("gelu_pytorch_tanh")),
+                    ("query_pre_attn_scalar", json!(head_dim)),
+                    ("attn_logit_softcapping", json!(50.0)),
+                    ("final_logit_softcapping", json!(30.0)),
+                    ("sliding_window", json!(MAX_POSITIONS / 2)),
+                    ("cache_implementation", json!("hybrid")),
+                    ("rms_norm_eps", json!(1e-6)),
+                    ("tie_word_embeddings", json!(true)),
+                ],
+                _ => vec![],
+            };
+            for (k, v) in own {
+                c[k] = v;
             }
             c
         }
