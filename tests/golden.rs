@@ -1,8 +1,9 @@
 //! Parity with the reference libraries on checkpoints they wrote themselves:
 //! tests/fixtures/golden/ holds tiny random-weight models saved by
 //! transformers 4 and 5 (`scripts/golden/make_fixtures.py`), with the greedy
-//! token ids transformers generated and the embeddings sentence-transformers
-//! computed. Mora must give the same, through a daemon (cold, then warm) and
+//! token ids transformers generated (after a prompt, or after chat messages
+//! its `apply_chat_template` rendered) and the embeddings
+//! sentence-transformers computed. Mora must give the same, through a daemon (cold, then warm) and
 //! with `--no-cache`. No torch is needed here.
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn every_family_has_a_fixture_in_both_config_forms() {
     let names: Vec<String> = fixtures().iter().map(|d| name(d)).collect();
     for family in [
-        "llama", "llama3-scaling", "llama-linear", "llama-yarn", "mistral", "qwen2", "qwen3", "phi3", "phi3-partial-rotary",
+        "llama", "llama3-scaling", "llama-linear", "llama-yarn", "llama-chat", "mistral", "qwen2", "qwen3", "phi3", "phi3-partial-rotary",
         "gemma2", "gpt2", "bert",
     ] {
         for form in ["tf4", "tf5"] {
@@ -62,13 +63,21 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
         }
         let fixture = name(&dir);
         let want: Vec<u64> = g["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        // A prompt, or chat messages rendered with the fixture's template.
+        let asked = match g["messages"].as_array() {
+            None => format!("prompt = {}", g["prompt"]),
+            Some(messages) => {
+                let m: Vec<String> =
+                    messages.iter().map(|m| format!("{{ role = {}, content = {} }}", m["role"], m["content"])).collect();
+                format!("messages = [{}]", m.join(", "))
+            }
+        };
         let wf = env.workflow(
             &format!("{fixture}.toml"),
             &format!(
                 "name = \"golden\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"gen\"\ntask = \"generate\"\nmodel = \"m\"\n\
-                 prompt = {}\nmax_tokens = {}\noutput = \"gen.json\"\n",
+                 {asked}\nmax_tokens = {}\noutput = \"gen.json\"\n",
                 dir.display().to_string(),
-                g["prompt"],
                 g["max_tokens"]
             ),
         );
@@ -84,7 +93,7 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
         }
         checked += 1;
     }
-    assert!(checked >= 22, "only {checked} decoder fixtures");
+    assert!(checked >= 24, "only {checked} decoder fixtures");
 }
 
 #[test]
@@ -153,6 +162,21 @@ fn a_config_mora_cannot_honour_fails_in_check_and_run_with_one_line_naming_the_k
         ("qwen2-tf5", Box::new(|c| c["layer_types"][1] = "chunked_attention".into()), "`layer_types`[1] is `chunked_attention`"),
         ("gpt2-tf5", Box::new(|c| c["add_cross_attention"] = true.into()), "`add_cross_attention` = true changes the network"),
     ];
+    // Messages for a model without a chat template.
+    let dir = edited(&env, "llama-tf5", |_| {});
+    let wf = env.workflow(
+        "chat.toml",
+        &format!(
+            "name = \"c\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"g\"\ntask = \"generate\"\nmodel = \"m\"\n\
+             messages = [{{ role = \"user\", content = \"hi\" }}]\n",
+            dir.display().to_string()
+        ),
+    );
+    let check = env.command("mora-exec").arg("check").arg(&wf).output().unwrap();
+    let line = one_line_failure(&check);
+    assert!(line.contains("has no chat template") && line.contains("use `prompt` instead of `messages`"), "{line}");
+    assert_eq!(one_line_failure(&env.exec(&wf, "out", &["--no-cache"])), line);
+    std::fs::remove_dir_all(&dir).unwrap();
     for (fixture, edit, want) in cases {
         let dir = edited(&env, fixture, edit);
         let wf = env.workflow(

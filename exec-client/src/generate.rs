@@ -75,15 +75,18 @@ impl TextGenerator {
 
     /// Generates up to `max_tokens` after `prompt`, stopping at an
     /// end-of-sequence token; `on_text` gets each new piece of text as it comes.
+    /// `add_special_tokens`: let the tokenizer add its own (a BOS) around the
+    /// prompt; false for a prompt a chat template rendered, which has them.
     pub fn generate(
         &mut self,
         prompt: &str,
+        add_special_tokens: bool,
         max_tokens: usize,
         sampling: SamplingSpec,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generated, String> {
         let fail = |e: &dyn std::fmt::Display| format!("generation failed: {e}");
-        let mut tokens = self.tokenizer.encode(prompt, true).map_err(|e| fail(&e))?.get_ids().to_vec();
+        let mut tokens = self.tokenizer.encode(prompt, add_special_tokens).map_err(|e| fail(&e))?.get_ids().to_vec();
         if tokens.is_empty() {
             return Err("the prompt encodes to no tokens".into());
         }
@@ -163,15 +166,15 @@ mod tests {
             let (dir, vb) = model(arch, &format!("{arch:?}"));
             let greedy = SamplingSpec { temperature: 0.0, top_p: None, seed: 0 };
             let mut pieces = String::new();
-            let a = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", 12, greedy, |p| pieces.push_str(p)).unwrap();
-            let b = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", 12, greedy, |_| {}).unwrap();
+            let a = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, greedy, |p| pieces.push_str(p)).unwrap();
+            let b = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, greedy, |_| {}).unwrap();
             assert_eq!(a, Generated { tokens_per_s: a.tokens_per_s, ..b.clone() }, "{arch:?}");
             assert_eq!(pieces, a.text);
             assert!(a.tokens <= 12);
             // Sampling: the same seed gives the same text.
             let hot = SamplingSpec { temperature: 1.0, top_p: Some(0.9), seed: 42 };
-            let c = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", 12, hot, |_| {}).unwrap();
-            let d = TextGenerator::load(&dir, vb).unwrap().generate("the man is", 12, hot, |_| {}).unwrap();
+            let c = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
+            let d = TextGenerator::load(&dir, vb).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
             assert_eq!(c.text, d.text);
         }
     }
@@ -181,7 +184,7 @@ mod tests {
         let (dir, vb) = model(Arch::Llama, "limits");
         let e = TextGenerator::load(&dir, vb)
             .unwrap()
-            .generate("x", 10_000, SamplingSpec { temperature: 0.0, top_p: None, seed: 0 }, |_| {})
+            .generate("x", true, 10_000, SamplingSpec { temperature: 0.0, top_p: None, seed: 0 }, |_| {})
             .unwrap_err();
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
         let (bert, vb) = model(Arch::Bert, "bert");

@@ -9,6 +9,7 @@
 //! - [`lm_config`] reads a decoder's config files (transformers 4 and 5 forms);
 //! - [`decoder`] is the llama-family and GPT-2 networks on candle-nn;
 //! - [`generate`] runs those decoders, greedy or sampled;
+//! - [`chat`] renders chat messages with a model's own chat template;
 //! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
 //! - [`run`] ties them together: the order of steps, the leases, the outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
@@ -19,6 +20,7 @@
 //! memory is viewed by tensors that are never dropped; the lease that keeps
 //! either resident belongs to the connection and ends with it.
 
+pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod daemon;

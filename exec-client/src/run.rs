@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mora_common::connection::Connection;
 
+use crate::tasks::generate::{GenerateStep, PromptDecl};
 use crate::tasks::{Results, StepRun, Task};
 use crate::weights::{Provenance, Weights};
 use crate::workflow::Workflow;
@@ -191,14 +192,24 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
 }
 
 /// A generate step's model must be a network Mora runs as its config
-/// describes it: refused before any weight is read, by `check` and `run`.
+/// describes it, with a chat template when a step gives it messages:
+/// refused before any weight is read, by `check` and `run`.
 fn check_decoder_configs(workflow: &Workflow) -> Result<(), ExecError> {
     for (key, spec) in &workflow.models {
-        if workflow.steps.iter().any(|s| matches!(&s.task, Task::Generate(g) if &g.model == key)) {
-            // A model that does not resolve is reported where it is acquired.
-            if let Ok(resolved) = spec.source.resolve() {
-                crate::lm_config::read(&resolved.dir).map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
-            }
+        let generating: Vec<&GenerateStep> = workflow
+            .steps
+            .iter()
+            .filter_map(|s| match &s.task {
+                Task::Generate(g) if &g.model == key => Some(g),
+                _ => None,
+            })
+            .collect();
+        // A model that does not resolve is reported where it is acquired.
+        let (false, Ok(resolved)) = (generating.is_empty(), spec.source.resolve()) else { continue };
+        let fail = |e: String| ExecError::Model(format!("model `{key}`: {e}"));
+        crate::lm_config::read(&resolved.dir).map_err(|e| fail(e.to_string()))?;
+        if generating.iter().any(|g| matches!(g.prompt, PromptDecl::Chat(_))) {
+            crate::chat::ChatTemplate::load(&resolved.dir).map_err(fail)?;
         }
     }
     Ok(())

@@ -548,7 +548,7 @@ impl Workflow {
 mod tests {
     use super::*;
     use crate::tasks::embed::{EmbedStep, Texts};
-    use crate::tasks::generate::{GenerateStep, DEFAULT_MAX_TOKENS};
+    use crate::tasks::generate::{GenerateStep, PromptDecl, DEFAULT_MAX_TOKENS};
     use crate::tasks::rank::{RankStep, DEFAULT_TOP_K};
 
     const GOOD: &str = r#"
@@ -820,11 +820,11 @@ seed = 3
             w.steps[3].task,
             Task::Generate(GenerateStep {
                 model: "llm".into(),
-                prompt: vec![
+                prompt: PromptDecl::Text(vec![
                     Piece::Text("Context: ".into()),
                     Piece::StepText("best".into()),
                     Piece::Text(". Question about pasta:".into())
-                ],
+                ]),
                 max_tokens: 8,
                 temperature: 0.0,
                 top_p: None,
@@ -859,6 +859,31 @@ seed = 3
         assert!(e.contains("a generate step needs `prompt"), "{e}");
         let e = parse(&PIPELINE.replace("seed = 7", "seed = -2")).unwrap_err().to_string();
         assert!(e.contains("`seed` must be a whole number of at least 0"), "{e}");
+    }
+
+    #[test]
+    fn chat_messages_take_variables_and_step_results_and_exclude_a_prompt() {
+        let chat = PIPELINE.replace(
+            "prompt = \"{{ steps.answer }}\"",
+            "messages = [{ role = \"system\", content = \"About {{ query }}.\" }, { role = \"user\", content = \"{{ steps.answer }}\" }]",
+        );
+        let w = parse(&chat).unwrap();
+        let Task::Generate(g) = &w.steps[4].task else { panic!() };
+        assert_eq!(
+            g.prompt,
+            PromptDecl::Chat(vec![
+                ("system".into(), vec![Piece::Text("About pasta.".into())]),
+                ("user".into(), vec![Piece::StepText("answer".into())]),
+            ])
+        );
+        let e = parse(&chat.replace("top_p = 0.9", "top_p = 0.9\nprompt = \"x\"")).unwrap_err().to_string();
+        assert!(e.contains("gives both `prompt` and `messages`: keep one"), "{e}");
+        let e = parse(&chat.replace("{{ steps.answer }}\" }]", "{{ steps.docs }}\" }]")).unwrap_err().to_string();
+        assert!(e.contains("`messages`[1]: `{{ steps.docs }}`: step `docs` is an embed step"), "{e}");
+        let e = parse(&chat.replace("role = \"system\", ", "")).unwrap_err().to_string();
+        assert!(e.contains("missing field `role`"), "{e}");
+        let e = parse(&chat.replace("content = \"About {{ query }}.\"", "content = \"x\", name = \"n\"")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `name`"), "{e}");
     }
 
     mod properties {

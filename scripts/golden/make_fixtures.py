@@ -50,7 +50,21 @@ CORPUS = [
 ] * 4
 
 
-def bpe_tokenizer(add_bos):
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'].strip() }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "  You answer about food.  "},
+    {"role": "user", "content": "Is the man eating bread?"},
+]
+
+
+def bpe_tokenizer(add_bos, chat=False):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -61,11 +75,17 @@ def bpe_tokenizer(add_bos):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
+    if chat:
+        from tokenizers import AddedToken
+        tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        hf.chat_template = CHAT_TEMPLATE
+    return hf
 
 
 def draw(model, seed):
@@ -106,11 +126,17 @@ def build(config, seed):
     return model
 
 
-def decoder_fixture(name, config, add_bos=True, without=None, eos_list=False):
+def decoder_fixture(name, config, add_bos=True, without=None, eos_list=False, chat=False):
     """`without`: a function that returns the config minus the feature under
-    test; the greedy ids must differ without it."""
-    tokenizer = bpe_tokenizer(add_bos)
-    ids = tokenizer(PROMPT)["input_ids"]
+    test; the greedy ids must differ without it. `chat`: the prompt is
+    CHAT rendered with the tokenizer's chat template."""
+    tokenizer = bpe_tokenizer(add_bos, chat)
+    if chat:
+        ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(PROMPT)["input_ids"]
     eos = config.eos_token_id
     for seed in range(1, 200):
         model = build(config, seed)
@@ -148,7 +174,7 @@ def decoder_fixture(name, config, add_bos=True, without=None, eos_list=False):
             json.dump(gc, f, indent=2)
     golden = {
         "task": "generate",
-        "prompt": PROMPT,
+        **({"messages": CHAT} if chat else {"prompt": PROMPT}),
         "prompt_ids": ids,
         "max_tokens": NEW_TOKENS,
         "token_ids": new,
@@ -257,6 +283,7 @@ def main():
               attn_logit_softcapping=2.0, final_logit_softcapping=10.0, tie_word_embeddings=True),
         without=lambda c: setattr(c, "attn_logit_softcapping", None) or c,
     )
+    decoder_fixture("llama-chat", small(LlamaConfig, **llama_like(), **rope(500.0), vocab_size=304), add_bos=False, chat=True)
     decoder_fixture(
         "gpt2",
         small(GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True),

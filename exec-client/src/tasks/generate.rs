@@ -1,5 +1,7 @@
 //! `task = "generate"`: text from a decoder-only language model
-//! ([`crate::generate`]), with earlier steps' text results in its prompt.
+//! ([`crate::generate`]), after a prompt or chat messages (rendered with the
+//! model's chat template, [`crate::chat`]), either holding earlier steps'
+//! text results.
 
 use std::time::Instant;
 
@@ -7,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{FloatDecl, IntDecl, Kind, Results, StepContext, StepRun, Task};
+use crate::chat::{ChatTemplate, Message};
 use crate::generate::{SamplingSpec, TextGenerator};
 use crate::run::{StepKind, StepReport};
 use crate::weights::Weights;
@@ -15,7 +18,7 @@ use crate::ExecError;
 
 pub const KIND: Kind = Kind {
     name: "generate",
-    keys: &[&["prompt"], &["max_tokens"], &["temperature", "top_p", "seed"]],
+    keys: &[&["prompt"], &["messages"], &["max_tokens"], &["temperature", "top_p", "seed"]],
     text_fields: &["text"],
     results: "text",
     parse,
@@ -28,7 +31,7 @@ pub const DEFAULT_MAX_TOKENS: usize = 64;
 pub struct GenerateStep {
     pub model: String,
     /// Filled in at run time: earlier steps' text results are known only then.
-    pub prompt: Vec<Piece>,
+    pub prompt: PromptDecl,
     pub max_tokens: usize,
     /// 0: greedy.
     pub temperature: f64,
@@ -37,10 +40,27 @@ pub struct GenerateStep {
     pub seed: u64,
 }
 
+/// What the model is asked: a prompt, or chat messages rendered with the
+/// model's chat template ([`crate::chat`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptDecl {
+    Text(Vec<Piece>),
+    /// (role, content) of each message.
+    Chat(Vec<(String, Vec<Piece>)>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageDecl {
+    role: String,
+    content: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Decl {
     prompt: Option<Spanned<String>>,
+    messages: Option<Spanned<Vec<MessageDecl>>>,
     max_tokens: Option<Spanned<IntDecl>>,
     temperature: Option<Spanned<FloatDecl>>,
     top_p: Option<Spanned<FloatDecl>>,
@@ -50,14 +70,36 @@ struct Decl {
 fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
     let model = cx.model()?;
     let d: Decl = cx.decode(keys)?;
-    let Some(prompt) = &d.prompt else {
-        return Err(cx.err(None, "a generate step needs `prompt = \"...\"`".into()));
+    let prompt = match (&d.prompt, &d.messages) {
+        (Some(prompt), None) => {
+            let span = Some(prompt.span());
+            let pieces = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier).map_err(|e| cx.err(span.clone(), e))?;
+            if pieces.is_empty() {
+                return Err(cx.err(span, "`prompt` is empty".into()));
+            }
+            PromptDecl::Text(pieces)
+        }
+        (None, Some(messages)) => {
+            let span = Some(messages.span());
+            if messages.get_ref().is_empty() {
+                return Err(cx.err(span, "`messages` is empty".into()));
+            }
+            let mut chat = Vec::new();
+            for (i, m) in messages.get_ref().iter().enumerate() {
+                if m.role.trim().is_empty() {
+                    return Err(cx.err(span, format!("`messages`[{i}] has an empty `role`")));
+                }
+                let content = prompt_pieces(&m.content, cx.variables, cx.earlier)
+                    .map_err(|e| cx.err(span.clone(), format!("`messages`[{i}]: {e}")))?;
+                chat.push((m.role.clone(), content));
+            }
+            PromptDecl::Chat(chat)
+        }
+        (Some(_), Some(_)) => return Err(cx.err(None, "gives both `prompt` and `messages`: keep one".into())),
+        (None, None) => {
+            return Err(cx.err(None, "a generate step needs `prompt = \"...\"` or `messages = [{ role = \"user\", content = \"...\" }]`".into()))
+        }
     };
-    let prompt_span = Some(prompt.span());
-    let prompt = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier).map_err(|e| cx.err(prompt_span.clone(), e))?;
-    if prompt.is_empty() {
-        return Err(cx.err(prompt_span, "`prompt` is empty".into()));
-    }
     let max_tokens = match &d.max_tokens {
         None => DEFAULT_MAX_TOKENS,
         Some(k) => cx.int("max_tokens", k, 1, "a whole number of at least 1")? as usize,
@@ -77,9 +119,9 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
     Ok(Task::Generate(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed }))
 }
 
-pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), results: &mut Results) -> Result<StepReport, ExecError> {
-    let prompt: String = s
-        .prompt
+/// `pieces` with earlier steps' text results filled in.
+fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Result<String, ExecError> {
+    pieces
         .iter()
         .map(|p| match p {
             Piece::Text(t) => Ok(t.clone()),
@@ -87,7 +129,24 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
                 ExecError::Model(format!("step `{}`: step `{from}` produced no text (a rank step with no matches?)", step.name))
             }),
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), results: &mut Results) -> Result<StepReport, ExecError> {
+    // A rendered chat carries its own special tokens; a plain prompt gets
+    // the tokenizer's.
+    let (prompt, messages, special_tokens) = match &s.prompt {
+        PromptDecl::Text(pieces) => (fill(pieces, step, results)?, None, true),
+        PromptDecl::Chat(chat) => {
+            let messages = chat
+                .iter()
+                .map(|(role, content)| Ok(Message { role: role.clone(), content: fill(content, step, results)? }))
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            let template = ChatTemplate::load(&w.dir).map_err(ExecError::Model)?;
+            let rendered = template.render(&messages).map_err(|e| ExecError::Model(format!("step `{}`: {e}", step.name)))?;
+            (rendered, Some(messages), false)
+        }
+    };
     let start = Instant::now();
     // f32 on the CPU (candle's CPU kernels are f32 first); on a GPU, the
     // dtype the weights are held in.
@@ -96,12 +155,10 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     let build_ms = start.elapsed().as_millis() as u64;
     let start = Instant::now();
     let sampling = SamplingSpec { temperature: s.temperature, top_p: s.top_p, seed: s.seed };
-    let g = generator.generate(&prompt, s.max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
+    let g = generator.generate(&prompt, special_tokens, s.max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
     println!();
     let run_ms = start.elapsed().as_millis() as u64;
-    super::write_json(
-        step.output,
-        &serde_json::json!({
+    let mut doc = serde_json::json!({
             "model": w.name,
             "prompt": prompt,
             "text": g.text,
@@ -109,8 +166,11 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
             "token_ids": g.token_ids,
             "finish_reason": g.finish.as_str(),
             "tokens_per_s": g.tokens_per_s,
-        }),
-    )?;
+    });
+    if let Some(m) = messages {
+        doc["messages"] = serde_json::json!(m);
+    }
+    super::write_json(step.output, &doc)?;
     results.texts.insert(step.name.to_string(), g.text);
     Ok(StepReport {
         step: step.name.to_string(),
