@@ -473,6 +473,16 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
         write_json("sentence_bert_config.json", &json!({"max_seq_length": 128, "do_lower_case": false}))?;
     } else {
         write_json("generation_config.json", &json!({"bos_token_id": 1, "eos_token_id": 2}))?;
+        // Special tokens and a chat template (Zephyr's turn markers, ended by
+        // the end-of-sequence token), as instruct models ship them.
+        write_json(
+            "tokenizer_config.json",
+            &json!({
+                "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            }),
+        )?;
     }
     Ok(SynthReport { dir: dir.to_path_buf(), weights_bytes, hidden_size: d.hidden, layers: d.layers, tensors: tensors.len() })
 }
