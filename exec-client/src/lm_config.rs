@@ -310,7 +310,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<DecoderConfig, ConfigError> 
     let rope = rope(r, max_positions)?;
     // As transformers computes it: `int(head_dim * partial_rotary_factor)`.
     let rotary = (head_dim as f64 * rope.partial_rotary_factor) as usize;
-    if rotary == 0 || rotary % 2 != 0 || rotary > head_dim {
+    if rotary == 0 || !rotary.is_multiple_of(2) || rotary > head_dim {
         return Err(r.err(format!(
             "`partial_rotary_factor` {} gives {rotary} rotary dimensions of {head_dim}; Mora needs an even number, at least 2",
             rope.partial_rotary_factor
