@@ -38,7 +38,7 @@ fn every_family_has_a_fixture_in_both_config_forms() {
     let names: Vec<String> = fixtures().iter().map(|d| name(d)).collect();
     for family in [
         "llama", "llama3-scaling", "llama-linear", "llama-yarn", "llama-chat", "mistral", "qwen2", "qwen3", "phi3", "phi3-partial-rotary",
-        "gemma2", "gpt2", "bert",
+        "gemma2", "gpt2", "bert", "xlm-roberta", "modernbert",
     ] {
         for form in ["tf4", "tf5"] {
             let want = format!("{family}-{form}");
@@ -97,7 +97,7 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
 }
 
 #[test]
-fn bert_embeds_as_sentence_transformers_does_warm_and_without_cache() {
+fn encoders_embed_as_sentence_transformers_does_warm_and_without_cache() {
     let env = Env::with_daemon("golden-embed");
     let mut checked = 0;
     for dir in fixtures() {
@@ -132,7 +132,7 @@ fn bert_embeds_as_sentence_transformers_does_warm_and_without_cache() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 2);
+    assert_eq!(checked, 6);
 }
 
 /// A copy of a fixture with its config edited by `edit`.

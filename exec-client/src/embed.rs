@@ -1,12 +1,15 @@
-//! Sentence embeddings: a BERT encoder followed by the pooling and
-//! normalisation that the model's sentence-transformers files declare
-//! (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
+//! Sentence embeddings: an encoder (BERT, or XLM-RoBERTa as multilingual-e5
+//! and bge-m3 are) followed by the pooling and normalisation that the model's
+//! sentence-transformers files declare (`modules.json`,
+//! `1_Pooling/config.json`, `sentence_bert_config.json`).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::modernbert::{self, ModernBert};
+use candle_transformers::models::xlm_roberta::{self, XLMRobertaModel};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
@@ -20,8 +23,18 @@ pub enum Pooling {
     Max,
 }
 
+/// The encoder network, by `model_type`.
+enum Encoder {
+    Bert(BertModel),
+    XlmRoberta(XLMRobertaModel),
+    ModernBert(ModernBert),
+}
+
+/// What the embed task runs.
+pub const SUPPORTED: &str = "bert, xlm-roberta, modernbert";
+
 pub struct SentenceEmbedder {
-    model: BertModel,
+    model: Encoder,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -127,14 +140,40 @@ impl SentenceEmbedder {
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_json(&config_path)?;
         let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if model_type != "bert" {
-            return Err(format!(
-                "{} declares model_type `{model_type}`; the embed task runs BERT models",
-                config_path.display()
-            ));
-        }
-        let config: Config = serde_json::from_value(raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
-        let model = BertModel::load(vb, &config).map_err(|e| format!("cannot build BERT from {}: {e}", dir.display()))?;
+        let (model, max_positions, pad_token_id) = match model_type {
+            "bert" => {
+                let config: Config = serde_json::from_value(raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+                let model = BertModel::load(vb, &config).map_err(|e| format!("cannot build BERT from {}: {e}", dir.display()))?;
+                (Encoder::Bert(model), config.max_position_embeddings, config.pad_token_id as u32)
+            }
+            "xlm-roberta" => {
+                let config = xlm_roberta_config(&raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+                let model = XLMRobertaModel::new(&config, vb)
+                    .map_err(|e| format!("cannot build XLM-RoBERTa from {}: {e}", dir.display()))?;
+                // RoBERTa's positions start after the padding id.
+                let positions = config.max_position_embeddings.saturating_sub(config.pad_token_id as usize + 1);
+                (Encoder::XlmRoberta(model), positions, config.pad_token_id)
+            }
+            "modernbert" => {
+                let config = modernbert_config(&raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+                // candle names the tensors as the masked-LM checkpoint does
+                // (`model.` first); sentence-transformers saves the bare encoder.
+                let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
+                    vb
+                } else {
+                    vb.rename_f(|name| name.strip_prefix("model.").unwrap_or(name).to_string())
+                };
+                let model =
+                    ModernBert::load(vb, &config).map_err(|e| format!("cannot build ModernBERT from {}: {e}", dir.display()))?;
+                (Encoder::ModernBert(model), config.max_position_embeddings, config.pad_token_id)
+            }
+            other => {
+                return Err(format!(
+                    "{} declares model_type `{other}`; the embed task runs {SUPPORTED}",
+                    config_path.display()
+                ))
+            }
+        };
 
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer =
@@ -149,16 +188,19 @@ impl SentenceEmbedder {
             None
         }
         .or(if tc_path.is_file() { read_json::<TokenizerConfig>(&tc_path)?.model_max_length() } else { None })
-        .unwrap_or(config.max_position_embeddings)
-        .min(config.max_position_embeddings);
+        .unwrap_or(max_positions)
+        .min(max_positions);
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| format!("{}: {e}", tok_path.display()))?;
-        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(config.pad_token_id as u32);
+        // Pad with the model's own padding token ("[PAD]" for BERT, "<pad>"
+        // for XLM-RoBERTa): the attention mask hides it, and RoBERTa's
+        // positions skip it.
+        let pad_token = tokenizer.id_to_token(pad_token_id).unwrap_or_else(|| "[PAD]".into());
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            pad_token: "[PAD]".into(),
+            pad_id: pad_token_id,
+            pad_token,
             ..Default::default()
         }));
         let (pooling, normalize) = pooling_of(dir)?;
@@ -187,7 +229,12 @@ impl SentenceEmbedder {
         let input_ids = Tensor::stack(&ids, 0)?;
         let mask = Tensor::stack(&masks, 0)?;
         let token_types = input_ids.zeros_like()?;
-        let hidden = self.model.forward(&input_ids, &token_types, Some(&mask))?.to_dtype(DType::F32)?;
+        let hidden = match &self.model {
+            Encoder::Bert(m) => m.forward(&input_ids, &token_types, Some(&mask))?,
+            Encoder::XlmRoberta(m) => m.forward(&input_ids, &mask, &token_types, None, None, None)?,
+            Encoder::ModernBert(m) => m.forward(&input_ids, &mask)?,
+        }
+        .to_dtype(DType::F32)?;
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let pooled = match self.pooling {
             Pooling::Mean => hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?)?,
@@ -205,6 +252,93 @@ impl SentenceEmbedder {
         };
         Ok(pooled.to_vec2::<f32>()?)
     }
+}
+
+/// candle's XLM-RoBERTa config from `config.json` as transformers 4 and 5
+/// write it (5 leaves out `position_embedding_type` when it is absolute).
+fn xlm_roberta_config(raw: &serde_json::Value) -> Result<xlm_roberta::Config, String> {
+    let usize_of = |k: &str| raw.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format!("`{k}` is missing or not a whole number"));
+    let position = raw.get("position_embedding_type").and_then(|v| v.as_str()).unwrap_or("absolute");
+    if position != "absolute" {
+        return Err(format!("`position_embedding_type` is `{position}`; Mora runs absolute positions"));
+    }
+    if raw.get("is_decoder").and_then(|v| v.as_bool()) == Some(true) || raw.get("add_cross_attention").and_then(|v| v.as_bool()) == Some(true) {
+        return Err("`is_decoder`/`add_cross_attention`: the embed task runs encoders".into());
+    }
+    let act = raw.get("hidden_act").cloned().unwrap_or(serde_json::json!("gelu"));
+    Ok(xlm_roberta::Config {
+        hidden_size: usize_of("hidden_size")?,
+        layer_norm_eps: raw.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-12),
+        attention_probs_dropout_prob: 0.0,
+        hidden_dropout_prob: 0.0,
+        num_attention_heads: usize_of("num_attention_heads")?,
+        position_embedding_type: position.to_string(),
+        intermediate_size: usize_of("intermediate_size")?,
+        hidden_act: serde_json::from_value(act.clone()).map_err(|_| format!("`hidden_act` {act} is not one Mora runs"))?,
+        num_hidden_layers: usize_of("num_hidden_layers")?,
+        vocab_size: usize_of("vocab_size")?,
+        max_position_embeddings: usize_of("max_position_embeddings")?,
+        type_vocab_size: usize_of("type_vocab_size").unwrap_or(1),
+        pad_token_id: usize_of("pad_token_id").unwrap_or(1) as u32,
+    })
+}
+
+/// candle's ModernBERT config from `config.json` as transformers 4 writes it
+/// (`global_rope_theta`, `local_rope_theta`, `global_attn_every_n_layers`)
+/// and as 5 does (`rope_parameters` per layer type, `layer_types`).
+/// candle's ModernBERT has no biases and runs GeGLU with the exact GELU:
+/// anything else is refused.
+fn modernbert_config(raw: &serde_json::Value) -> Result<modernbert::Config, String> {
+    let usize_of = |k: &str| raw.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format!("`{k}` is missing or not a whole number"));
+    for key in ["norm_bias", "attention_bias", "mlp_bias"] {
+        if raw.get(key).and_then(|v| v.as_bool()) == Some(true) {
+            return Err(format!("`{key}` is true; Mora runs ModernBERT without biases"));
+        }
+    }
+    let act = raw.get("hidden_activation").and_then(|v| v.as_str()).unwrap_or("gelu");
+    if act != "gelu" {
+        return Err(format!("`hidden_activation` is `{act}`; Mora runs ModernBERT with gelu"));
+    }
+    let layers = usize_of("num_hidden_layers")?;
+    // Which layers attend globally: every n-th from the first.
+    let every = match raw.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => {
+            let global: Vec<bool> = types.iter().map(|t| t.as_str() == Some("full_attention")).collect();
+            let n = global.iter().skip(1).position(|g| *g).map(|p| p + 1).unwrap_or(layers.max(1));
+            if global.len() != layers || !global.iter().enumerate().all(|(i, g)| *g == i.is_multiple_of(n)) {
+                return Err("`layer_types`: Mora runs ModernBERT with a full-attention layer every n layers from the first".into());
+            }
+            n
+        }
+        None => usize_of("global_attn_every_n_layers")?,
+    };
+    let theta = |layer_type: &str, old_key: &str, default: f64| -> Result<f64, String> {
+        match raw.get("rope_parameters").and_then(|p| p.get(layer_type)) {
+            Some(p) => {
+                let kind = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+                if kind != "default" {
+                    return Err(format!("`rope_parameters.{layer_type}.rope_type` is `{kind}`; Mora runs default rope here"));
+                }
+                p.get("rope_theta").and_then(|t| t.as_f64()).ok_or_else(|| format!("`rope_parameters.{layer_type}.rope_theta` is missing"))
+            }
+            None => Ok(raw.get(old_key).and_then(|t| t.as_f64()).unwrap_or(default)),
+        }
+    };
+    Ok(modernbert::Config {
+        vocab_size: usize_of("vocab_size")?,
+        hidden_size: usize_of("hidden_size")?,
+        num_hidden_layers: layers,
+        num_attention_heads: usize_of("num_attention_heads")?,
+        intermediate_size: usize_of("intermediate_size")?,
+        max_position_embeddings: usize_of("max_position_embeddings")?,
+        layer_norm_eps: raw.get("norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+        pad_token_id: usize_of("pad_token_id")? as u32,
+        global_attn_every_n_layers: every,
+        global_rope_theta: theta("full_attention", "global_rope_theta", 160_000.0)?,
+        local_attention: usize_of("local_attention")?,
+        local_rope_theta: theta("sliding_attention", "local_rope_theta", 10_000.0)?,
+        classifier_config: None,
+    })
 }
 
 #[cfg(test)]

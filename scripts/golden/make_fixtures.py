@@ -292,6 +292,92 @@ def main():
     bert_fixture()
 
 
+EMBED_TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The cat sat on the mat."]
+
+
+def encoder_fixture(name, tmp_model, pooling):
+    """Saves `tmp_model` (a directory with a transformers encoder and its
+    tokenizer) as a sentence-transformers model with `pooling` and
+    normalisation, and its embeddings of EMBED_TEXTS."""
+    from sentence_transformers import SentenceTransformer, models as st_models
+
+    d = os.path.join(OUT, f"{name}-{FORM}")
+    shutil.rmtree(d, ignore_errors=True)
+    word = st_models.Transformer(tmp_model, max_seq_length=64)
+    pool = st_models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
+    SentenceTransformer(modules=[word, pool, st_models.Normalize()], device="cpu").save(d)
+    st = SentenceTransformer(d, device="cpu")
+    emb = st.encode(EMBED_TEXTS, convert_to_numpy=True, normalize_embeddings=False)
+    golden = {
+        "task": "embed",
+        "texts": EMBED_TEXTS,
+        "embeddings": [[float(x) for x in row] for row in emb],
+        "transformers": transformers.__version__,
+        "sentence_transformers": __import__("sentence_transformers").__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+    p = os.path.join(d, "README.md")
+    if os.path.exists(p):
+        os.remove(p)
+    with open(os.path.join(d, "golden.json"), "w") as f:
+        json.dump(golden, f, indent=2)
+    print(f"{name}-{FORM}: {len(EMBED_TEXTS)} embeddings of {emb.shape[1]}")
+
+
+def xlm_roberta_fixture():
+    """An XLM-RoBERTa encoder (multilingual-e5 / bge-m3 shape: a
+    SentencePiece unigram tokenizer, positions after the padding id) with
+    CLS pooling, as bge-m3 pools."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = __import__("tokenizers").normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(CORPUS + EMBED_TEXTS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                     cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+        config = XLMRobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        torch.manual_seed(5)
+        XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(tmp)
+        hf.save_pretrained(tmp)
+        encoder_fixture("xlm-roberta", tmp, "cls")
+
+
+def modernbert_fixture():
+    """A ModernBERT encoder (alternating global and local attention, two rope
+    thetas, GeGLU, no biases) with mean pooling."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS + EMBED_TEXTS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                     pad_token="[PAD]", mask_token="[MASK]",
+                                     model_input_names=["input_ids", "attention_mask"])
+        config = ModernBertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=4,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                  local_attention=4, global_attn_every_n_layers=3, pad_token_id=3, bos_token_id=1,
+                                  eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        torch.manual_seed(9)
+        ModernBertModel(config).eval().save_pretrained(tmp)
+        hf.save_pretrained(tmp)
+        encoder_fixture("modernbert", tmp, "mean")
+
+
 def bert_fixture():
     """A BERT encoder with sentence-transformers' mean pooling and
     normalisation, as all-MiniLM-L6-v2 is laid out."""
