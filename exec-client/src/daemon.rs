@@ -18,7 +18,7 @@ pub const CLIENT: &str = concat!("mora-exec ", env!("CARGO_PKG_VERSION"));
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `mora-cache` binary: beside this executable, else on `PATH`.
-fn daemon_binary() -> PathBuf {
+pub(crate) fn daemon_binary() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("mora-cache")))

@@ -13,6 +13,7 @@
 //! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
 //! - [`run`] ties them together: the order of steps, the leases, the outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
+//! - [`repl`] is an interactive loop over one workflow, each run a fresh process;
 //! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
 //!
 //! Architecture invariant: the client never frees or writes weights it did
@@ -29,6 +30,7 @@ pub mod embed;
 pub mod generate;
 pub mod lent;
 pub mod lm_config;
+pub mod repl;
 pub mod run;
 pub mod synth;
 pub mod tasks;

@@ -24,6 +24,13 @@ struct Cli {
 struct RunArgs {
     /// The workflow (TOML).
     workflow: PathBuf,
+    #[command(flatten)]
+    flags: RunFlags,
+}
+
+/// `run`'s options besides the workflow.
+#[derive(Args)]
+struct RunFlags {
     /// Daemon socket [default: $MORA_SOCKET, else $XDG_RUNTIME_DIR/mora/cache.sock,
     /// else /tmp/mora-$UID/cache.sock]
     #[arg(long, value_name = "PATH")]
@@ -48,8 +55,8 @@ struct RunArgs {
     allow_outside_output: bool,
 }
 
-impl RunArgs {
-    /// These options as `mora-exec run` arguments after the workflow.
+impl RunFlags {
+    /// These options, but `--set`, as `mora-exec run` arguments after the workflow.
     fn to_run_args(&self) -> Vec<String> {
         let mut args = vec!["-o".to_string(), self.output_dir.display().to_string()];
         if let Some(s) = &self.socket {
@@ -64,11 +71,17 @@ impl RunArgs {
                 args.push(flag.into());
             }
         }
-        for s in &self.sets {
-            args.extend(["--set".to_string(), s.clone()]);
-        }
         args
     }
+}
+
+/// `run`'s options, with the workflow optional (`load` it later).
+#[derive(Args)]
+struct ReplArgs {
+    /// The workflow (TOML) to start with.
+    workflow: Option<PathBuf>,
+    #[command(flatten)]
+    flags: RunFlags,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +92,11 @@ enum Command {
     /// workflow file or an input file it names is saved; models stay warm in the
     /// daemon between runs. Ctrl-C stops. Takes the options of `run`.
     Watch(RunArgs),
+    /// An interactive loop over a workflow: `set` variables, `run` it (each run a
+    /// fresh process, Ctrl-C stops it), `show` what is resident, `watch on`.
+    /// `help` inside lists the commands; from a pipe it reads one command a line.
+    /// Takes the options of `run` as defaults for its runs.
+    Repl(ReplArgs),
     /// Check a workflow without running it: syntax, keys, variables and references,
     /// input files, and that every model resolves to files on disk.
     Check {
@@ -140,7 +158,8 @@ fn command(command: Command) -> Result<(), String> {
             if !debug {
                 std::panic::set_hook(Box::new(|_| {}));
             }
-            let wf = mora_exec::guarded(|| Workflow::load_with(&args.workflow, &args.sets).map_err(Into::into))
+            let (workflow, args) = (args.workflow, args.flags);
+            let wf = mora_exec::guarded(|| Workflow::load_with(&workflow, &args.sets).map_err(Into::into))
                 .map_err(|e| e.to_string())?;
             let opts = RunOptions {
                 socket: socket_path(args.socket.as_deref()),
@@ -155,9 +174,22 @@ fn command(command: Command) -> Result<(), String> {
             }
         }
         Command::Watch(args) => {
-            let run_args = args.to_run_args();
-            let opts = mora_exec::watch::WatchOptions { workflow: args.workflow, run_args, sets: args.sets };
+            let mut run_args = args.flags.to_run_args();
+            for s in &args.flags.sets {
+                run_args.extend(["--set".to_string(), s.clone()]);
+            }
+            let opts = mora_exec::watch::WatchOptions { workflow: args.workflow, run_args, sets: args.flags.sets };
             mora_exec::watch::watch(&opts)?;
+        }
+        Command::Repl(a) => {
+            // The same options as `run`, passed to every run the REPL starts.
+            let opts = mora_exec::repl::ReplOptions {
+                workflow: a.workflow,
+                run_args: a.flags.to_run_args(),
+                socket: socket_path(a.flags.socket.as_deref()),
+                sets: a.flags.sets,
+            };
+            mora_exec::repl::repl(opts)?;
         }
         Command::Check { workflow, sets } => {
             let wf = Workflow::load_with(&workflow, &sets).map_err(|e| e.to_string())?;

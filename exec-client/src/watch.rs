@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::workflow::Workflow;
 
-const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 
 /// What `watch` passes on to each `run`.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub struct WatchOptions {
 
 /// The files whose change triggers a run: the workflow, and every input
 /// file it names (when it parses).
-fn watched(opts: &WatchOptions) -> Vec<PathBuf> {
+pub(crate) fn watched(opts: &WatchOptions) -> Vec<PathBuf> {
     let mut files = vec![opts.workflow.clone()];
     if let Ok(wf) = Workflow::load_with(&opts.workflow, &opts.sets) {
         for step in &wf.steps {
@@ -39,14 +39,14 @@ fn watched(opts: &WatchOptions) -> Vec<PathBuf> {
     files
 }
 
-type Stamp = Vec<Option<(SystemTime, u64)>>;
+pub(crate) type Stamp = Vec<Option<(SystemTime, u64)>>;
 
-fn stamp(files: &[PathBuf]) -> Stamp {
+pub(crate) fn stamp(files: &[PathBuf]) -> Stamp {
     files.iter().map(|f| std::fs::metadata(f).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))).collect()
 }
 
 /// How a run went, as watch reports it.
-fn summary(output: &str) -> &'static str {
+pub(crate) fn summary(output: &str) -> &'static str {
     let warm = output.contains("weights warm");
     let cold = output.contains("weights cold");
     match (warm, cold, output.contains("weights no cache")) {
