@@ -61,17 +61,7 @@ fn ctrl_c_stops_the_run_and_keeps_the_repl() {
             model.display().to_string()
         ),
     );
-    let mut child = env
-        .command("mora-exec")
-        .arg("repl")
-        .arg(&wf)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let lines = reader(child.stdout.take().unwrap());
+    let (mut child, mut stdin, lines) = spawn_repl(&env, &wf);
     stdin.write_all(b"run\n").unwrap();
     // Interrupt once text is streaming, as Ctrl-C would.
     wait_for(&lines, &mut String::new(), "loaded ", Duration::from_secs(30));
@@ -83,6 +73,23 @@ fn ctrl_c_stops_the_run_and_keeps_the_repl() {
     stdin.write_all(b"help\nexit\n").unwrap();
     wait_for(&lines, &mut seen, "leave (also Ctrl-D)", Duration::from_secs(30));
     assert!(exits(&mut child), "the REPL did not exit");
+}
+
+/// `mora-exec repl WF -o out` on pipes: the child, its stdin, its stdout's chunks.
+fn spawn_repl(env: &Env, wf: &std::path::Path) -> (Child, std::process::ChildStdin, mpsc::Receiver<String>) {
+    let mut child = env
+        .command("mora-exec")
+        .arg("repl")
+        .arg(wf)
+        .args(["-o", "out"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let lines = reader(child.stdout.take().unwrap());
+    (child, stdin, lines)
 }
 
 /// Chunks of a stream, as they come.
@@ -201,18 +208,7 @@ fn watch_on_runs_again_when_the_workflow_is_saved_until_watch_off() {
         )
     };
     let wf = env.workflow("w.toml", &toml("the man"));
-    let mut child = env
-        .command("mora-exec")
-        .arg("repl")
-        .arg(&wf)
-        .args(["-o", "out"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let lines = reader(child.stdout.take().unwrap());
+    let (mut child, mut stdin, lines) = spawn_repl(&env, &wf);
     let mut seen = String::new();
     stdin.write_all(b"watch on\n").unwrap();
     wait_for(&lines, &mut seen, "watching ", Duration::from_secs(20));

@@ -97,6 +97,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The shortest of `1h30m`-style renderings that is exact to the millisecond.
+/// The civil date (year, month 1-12, day 1-31) of a day counted from
+/// 1970-01-01 (Howard Hinnant's algorithm), for dates in reports and
+/// templates without a date library.
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {

@@ -12,7 +12,7 @@
 //! scripts can drive it.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -511,19 +511,9 @@ fn run_once(exe: &Path, wf: &Path, sets: &BTreeMap<String, String>, run_args: &[
             return RunStatus { verdict: "failed", ms: 0, output: String::new() };
         }
     };
-    let mut out = child.stdout.take().expect("piped");
-    let copier_printer = printer.clone();
-    let copier = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            (copier_printer.lock().expect("printer"))(String::from_utf8_lossy(&buf[..n]).into_owned());
-            seen.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&seen).into_owned()
+    let printer = printer.clone();
+    let copier = crate::watch::pass_through(child.stdout.take().expect("piped"), move |bytes| {
+        (printer.lock().expect("printer"))(String::from_utf8_lossy(bytes).into_owned())
     });
     let mut stopped = false;
     let status = loop {
@@ -585,6 +575,13 @@ impl Completer for ReplHelper {
     }
 }
 
+impl rustyline::hint::Hinter for ReplHelper {
+    type Hint = String;
+}
+impl rustyline::highlight::Highlighter for ReplHelper {}
+impl rustyline::validate::Validator for ReplHelper {}
+impl rustyline::Helper for ReplHelper {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,10 +593,3 @@ mod tests {
         assert!(split_words("   ").unwrap().is_empty());
     }
 }
-
-impl rustyline::hint::Hinter for ReplHelper {
-    type Hint = String;
-}
-impl rustyline::highlight::Highlighter for ReplHelper {}
-impl rustyline::validate::Validator for ReplHelper {}
-impl rustyline::Helper for ReplHelper {}

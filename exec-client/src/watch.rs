@@ -57,6 +57,26 @@ pub(crate) fn summary(output: &str) -> &'static str {
     }
 }
 
+/// Copies a child's output to `sink` as it comes, on a thread; the thread
+/// returns all of it, to say how the run went.
+pub(crate) fn pass_through(
+    mut out: std::process::ChildStdout,
+    mut sink: impl FnMut(&[u8]) + Send + 'static,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink(&buf[..n]);
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+}
+
 /// Runs until SIGINT or SIGTERM; returns the number of runs.
 pub fn watch(opts: &WatchOptions) -> Result<usize, String> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -79,20 +99,10 @@ pub fn watch(opts: &WatchOptions) -> Result<usize, String> {
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
         // Pass the child's output through as it comes (generated text
         // streams), keeping a copy to say how the run went.
-        let mut out = child.stdout.take().expect("piped");
-        let copier = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut stdout = std::io::stdout().lock();
-                let _ = stdout.write_all(&buf[..n]);
-                let _ = stdout.flush();
-                seen.extend_from_slice(&buf[..n]);
-            }
-            String::from_utf8_lossy(&seen).into_owned()
+        let copier = pass_through(child.stdout.take().expect("piped"), |bytes| {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(bytes);
+            let _ = stdout.flush();
         });
         let status = loop {
             if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
