@@ -290,6 +290,8 @@ def main():
         add_bos=False,
     )
     bert_fixture()
+    xlm_roberta_fixture()
+    modernbert_fixture()
 
 
 EMBED_TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The cat sat on the mat."]
@@ -381,7 +383,6 @@ def modernbert_fixture():
 def bert_fixture():
     """A BERT encoder with sentence-transformers' mean pooling and
     normalisation, as all-MiniLM-L6-v2 is laid out."""
-    from sentence_transformers import SentenceTransformer, models as st_models
     from tokenizers import normalizers, pre_tokenizers as pt
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -395,39 +396,15 @@ def bert_fixture():
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    d = os.path.join(OUT, f"bert-{FORM}")
-    shutil.rmtree(d, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                sep_token="[SEP]", mask_token="[MASK]")
         config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
         torch.manual_seed(3)
-        model = BertModel(config, add_pooling_layer=False).eval()
-        model.save_pretrained(tmp)
+        BertModel(config, add_pooling_layer=False).eval().save_pretrained(tmp)
         hf.save_pretrained(tmp)
-        word = st_models.Transformer(tmp, max_seq_length=64)
-        pool = st_models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
-        st = SentenceTransformer(modules=[word, pool, st_models.Normalize()], device="cpu")
-        st.save(d)
-    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The cat sat on the mat."]
-    st = SentenceTransformer(d, device="cpu")
-    emb = st.encode(texts, convert_to_numpy=True, normalize_embeddings=False)
-    golden = {
-        "task": "embed",
-        "texts": texts,
-        "embeddings": [[float(x) for x in row] for row in emb],
-        "transformers": transformers.__version__,
-        "sentence_transformers": __import__("sentence_transformers").__version__,
-        "torch": torch.__version__.split("+")[0],
-    }
-    for junk in ["README.md"]:
-        p = os.path.join(d, junk)
-        if os.path.exists(p):
-            os.remove(p)
-    with open(os.path.join(d, "golden.json"), "w") as f:
-        json.dump(golden, f, indent=2)
-    print(f"bert-{FORM}: {len(texts)} embeddings of {emb.shape[1]}")
+        encoder_fixture("bert", tmp, "mean")
 
 
 if __name__ == "__main__":
