@@ -165,7 +165,7 @@ const NEUTRAL: &[&str] = &[
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
     "label2id", "num_labels", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
     "cross_attention_hidden_size", "pretraining_tp", "output_router_logits", "_num_labels", "is_llama_config",
-    "cache_implementation",
+    "cache_implementation", "auto_map",
 ];
 
 /// Reads `config.json` (and `generation_config.json` when present) in `dir`.
@@ -295,6 +295,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<DecoderConfig, ConfigError> 
         Family::Qwen3 | Family::Gemma2 => {
             let a = r.bool_or("attention_bias", false)?;
             (a, a, false)
+        }
+        // Phi-3.5 configs say `attention_bias: false`; its modeling code has none.
+        Family::Phi3 => {
+            if r.bool_or("attention_bias", false)? {
+                return Err(r.err("`attention_bias` is true; phi3 has no attention biases".into()));
+            }
+            (false, false, false)
         }
         // Qwen2 always has q, k and v biases and none elsewhere.
         Family::Qwen2 => (true, false, false),
@@ -666,6 +673,11 @@ mod tests {
         assert_eq!(new.rope.as_ref().unwrap().theta, 500.0);
         assert_eq!((new.head_dim, new.num_kv_heads), (8, 2));
         // The legacy `type` key, and no scaling at all.
+        // Phi-3.5's keys (and the `auto_map` of checkpoints with their own code).
+        let mut phi = llama(json!({"attention_bias": false, "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"},
+                                   "original_max_position_embeddings": 4096, "sliding_window": 2047, "resid_pdrop": 0.0}));
+        phi["model_type"] = "phi3".into();
+        assert_eq!(parse(phi).unwrap().windows, vec![Some(2047), Some(2047)]);
         // SmolLM2's extra keys leave the network as llama's.
         assert!(parse(llama(json!({"is_llama_config": true, "rope_interleaved": false, "pad_token_id": null}))).is_ok());
         let legacy = parse(llama(json!({"rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
