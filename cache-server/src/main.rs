@@ -179,16 +179,20 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
 }
 
 fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, gpu: GpuArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let format = mora_common::logging::log_format().map_err(|e| anyhow::anyhow!(e))?;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
+        // One JSON object a line, the event's fields at the top level.
+        mora_common::logging::LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
         // Colours only on a terminal: the log of a daemon started by
         // mora-exec is a file, read by people and scripts.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        mora_common::logging::LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
     let budget = match max_memory {
         Some(b) => b,
         None => memory::default_budget()?,
