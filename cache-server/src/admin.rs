@@ -228,12 +228,25 @@ pub fn stop(socket: &Path, wait: Duration) -> Result<bool, AdminError> {
     }
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        if !socket.exists() {
+        // Gone once its socket is (a socket it bound), or once its lock is
+        // free (a socket a service manager passed it stays, and connecting
+        // to it would start the daemon again).
+        if !socket.exists() || lock_is_free(socket) {
             return Ok(true);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(AdminError::StillRunning { path: socket.to_path_buf(), secs: wait.as_secs() })
+}
+
+/// True when no process holds the daemon lock beside `socket`. The shared
+/// lock taken to find out is dropped at once.
+fn lock_is_free(socket: &Path) -> bool {
+    use rustix::fs::{flock, FlockOperation};
+    match std::fs::File::open(mora_common::paths::lock_path(socket)) {
+        Ok(f) => flock(&f, FlockOperation::NonBlockingLockShared).is_ok(),
+        Err(_) => true,
+    }
 }
 
 #[cfg(test)]

@@ -197,7 +197,16 @@ fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, g
         Some(b) => b,
         None => memory::default_budget()?,
     };
-    let bound = socket::bind(&socket_path)?;
+    // A socket handed over by systemd (socket activation), else our own.
+    let bound = match socket::adopt()? {
+        Some(adopted) => {
+            if adopted.path() != socket_path {
+                tracing::info!(socket = %adopted.path().display(), "serving the socket the service manager passed");
+            }
+            adopted
+        }
+        None => socket::bind(&socket_path)?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let limits = Limits { budget, default_keep_alive: keep_alive };
     let daemon = Arc::new(Daemon::with_gpus(limits, open_gpus(gpu)));

@@ -34,11 +34,14 @@ pub enum BindError {
 }
 
 /// A bound, listening socket and the lock that makes it ours. Dropping it
-/// removes the socket file.
+/// removes the socket file, unless it was handed over by a service manager,
+/// which owns it.
 pub struct BoundSocket {
     pub listener: UnixListener,
     path: PathBuf,
     _lock: File,
+    /// Adopted from a service manager (`LISTEN_FDS`): not ours to remove.
+    pub adopted: bool,
 }
 
 impl BoundSocket {
@@ -49,7 +52,9 @@ impl BoundSocket {
 
 impl Drop for BoundSocket {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.adopted {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -57,39 +62,12 @@ impl Drop for BoundSocket {
 /// clears a stale socket file, binds and restricts the socket to 0600.
 pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
     let io_err = |source| BindError::Io { path: path.to_path_buf(), source };
-    let uid = rustix::process::getuid().as_raw();
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
     }
-    let meta = fs::metadata(dir).map_err(io_err)?;
-    if meta.uid() != uid && uid != 0 {
-        return Err(BindError::ForeignDir { dir: dir.to_path_buf(), owner: meta.uid(), uid });
-    }
-    // Even with the sticky bit (/tmp), a world-writable directory lets
-    // another user plant a socket or lock file at our path before we start.
-    if meta.mode() & 0o002 != 0 {
-        return Err(BindError::SharedDir { dir: dir.to_path_buf(), mode: meta.mode() & 0o7777 });
-    }
-
-    let lock_file = lock_path(path);
-    let mut lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_file)
-        .map_err(io_err)?;
-    if let Err(e) = flock(&lock, FlockOperation::NonBlockingLockExclusive) {
-        if e == rustix::io::Errno::WOULDBLOCK {
-            let mut s = String::new();
-            let _ = lock.read_to_string(&mut s);
-            return Err(BindError::AnotherDaemon { path: path.to_path_buf(), pid: s.trim().parse().ok() });
-        }
-        return Err(io_err(e.into()));
-    }
+    let lock = lock_and_check(path)?;
 
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -107,10 +85,85 @@ pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
 
     let listener = UnixListener::bind(path).map_err(io_err)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(BoundSocket { listener, path: path.to_path_buf(), _lock: lock, adopted: false })
+}
+
+/// The listening socket a service manager handed over, as systemd's socket
+/// activation does (`LISTEN_PID` = this process, `LISTEN_FDS` >= 1, the
+/// socket on descriptor 3), under the same lock and directory rules as
+/// [`bind`]; None when there is none. The variables are removed so that no
+/// child process takes them for its own.
+pub fn adopt() -> Result<Option<BoundSocket>, BindError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let for_us = std::env::var("LISTEN_PID").ok().and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.trim().parse::<u32>().ok()).unwrap_or(0);
+    // SAFETY: called first thing in `serve`, before any other thread exists.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !for_us || count == 0 {
+        return Ok(None);
+    }
+    if count > 1 {
+        tracing::warn!(count, "the service manager passed several sockets; serving the first (fd 3)");
+    }
+    let inherited = Path::new("the inherited socket (fd 3)");
+    let io_err = |source| BindError::Io { path: inherited.to_path_buf(), source };
+    // SAFETY: the socket-activation protocol hands descriptor 3 to this
+    // process, which owns it from here on; nothing else here uses it.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let stream = rustix::net::sockopt::socket_type(&fd).map_err(|e| io_err(e.into()))? == rustix::net::SocketType::STREAM;
+    if !stream || !rustix::net::sockopt::socket_acceptconn(&fd).map_err(|e| io_err(e.into()))? {
+        return Err(io_err(io::Error::other("not a listening stream socket: use ListenStream= in the .socket unit")));
+    }
+    let listener = UnixListener::from(fd);
+    let addr = listener.local_addr().map_err(io_err)?;
+    let path = addr
+        .as_pathname()
+        .ok_or_else(|| io_err(io::Error::other("not a Unix socket with a path: use ListenStream=%t/mora/cache.sock")))?
+        .to_path_buf();
+    let lock = lock_and_check(&path)?;
+    Ok(Some(BoundSocket { listener, path, _lock: lock, adopted: true }))
+}
+
+/// Checks the socket's directory (ours, not writable by others) and takes
+/// the exclusive lock beside the socket, writing our pid in it; or says who
+/// holds it.
+fn lock_and_check(path: &Path) -> Result<File, BindError> {
+    let io_err = |source| BindError::Io { path: path.to_path_buf(), source };
+    let uid = rustix::process::getuid().as_raw();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let meta = fs::metadata(dir).map_err(io_err)?;
+    if meta.uid() != uid && uid != 0 {
+        return Err(BindError::ForeignDir { dir: dir.to_path_buf(), owner: meta.uid(), uid });
+    }
+    // Even with the sticky bit (/tmp), a world-writable directory lets
+    // another user plant a socket or lock file at our path before we start.
+    if meta.mode() & 0o002 != 0 {
+        return Err(BindError::SharedDir { dir: dir.to_path_buf(), mode: meta.mode() & 0o7777 });
+    }
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock_path(path))
+        .map_err(io_err)?;
+    if let Err(e) = flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            let mut s = String::new();
+            let _ = lock.read_to_string(&mut s);
+            return Err(BindError::AnotherDaemon { path: path.to_path_buf(), pid: s.trim().parse().ok() });
+        }
+        return Err(io_err(e.into()));
+    }
     lock.set_len(0).map_err(io_err)?;
     lock.rewind().map_err(io_err)?;
     writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
-    Ok(BoundSocket { listener, path: path.to_path_buf(), _lock: lock })
+    Ok(lock)
 }
 
 #[cfg(test)]
