@@ -63,9 +63,8 @@ fn ctrl_c_stops_the_run_and_keeps_the_repl() {
     );
     let (mut child, mut stdin, lines) = spawn_repl(&env, &wf);
     stdin.write_all(b"run\n").unwrap();
-    // Interrupt once text is streaming, as Ctrl-C would.
-    wait_for(&lines, &mut String::new(), "loaded ", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
+    // Interrupt once the run holds its model (a lease), as Ctrl-C would.
+    assert!(mora::wait_until(Duration::from_secs(60), || env.total_leases() >= 1), "the run never took its lease");
     rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::INT).unwrap();
     let mut seen = String::new();
     wait_for(&lines, &mut seen, "run 1 stopped in ", Duration::from_secs(30));

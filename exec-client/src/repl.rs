@@ -424,10 +424,12 @@ impl Session {
         let (exe, sets, run_args, printer) = (self.exe.clone(), self.sets.clone(), self.opts.run_args.clone(), printer.clone());
         let (flag, socket, prompt) = (stop.clone(), self.opts.socket.clone(), if self.prompt_after_watch { "mora> " } else { "" });
         let sets_list: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // The files as they are now, before `watching` is printed: a save
+        // right after it is a change.
+        let watch_opts = crate::watch::WatchOptions { workflow: wf.clone(), run_args: Vec::new(), sets: sets_list };
+        let mut files = crate::watch::watched(&watch_opts);
+        let mut before = crate::watch::stamp(&files);
         let handle = std::thread::spawn(move || {
-            let watch_opts = crate::watch::WatchOptions { workflow: wf.clone(), run_args: Vec::new(), sets: sets_list };
-            let mut files = crate::watch::watched(&watch_opts);
-            let mut before = crate::watch::stamp(&files);
             let mut n = 0;
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(crate::watch::POLL);
