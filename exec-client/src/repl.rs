@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use rustyline::completion::{Completer, FilenameCompleter, Pair};
 use rustyline::error::ReadlineError;
 
+use mora_common::units::human_bytes;
+
 use crate::workflow::Workflow;
 
 /// What the REPL starts with.
@@ -68,8 +70,8 @@ struct Session {
     prompt_after_watch: bool,
 }
 
-/// Where output goes while a prompt may be up: straight to stdout, or
-/// through the line editor so that the prompt is redrawn.
+/// Where a run's output goes; on a terminal, with the line ends a raw-mode
+/// terminal needs.
 type Printer = Arc<Mutex<Box<dyn FnMut(String) + Send>>>;
 
 pub fn repl(opts: ReplOptions) -> Result<(), String> {
@@ -228,7 +230,7 @@ impl Session {
                 self.runs += 1;
                 self.interrupted.store(false, Ordering::Relaxed);
                 let status = run_once(&self.exe, &wf, &sets, &self.opts.run_args, &self.interrupted, printer);
-                println!("{}", self.status_line(self.runs, &status));
+                println!("{}", status.line(self.runs, &self.opts.socket));
             }
             "ps" => {
                 let _ = self.cache(&["ps"]).status();
@@ -345,16 +347,11 @@ impl Session {
     /// What the daemon holds, by every name of each entry: a short
     /// description. None when no daemon answers.
     fn resident(&self) -> Option<BTreeMap<String, String>> {
-        let out = self.cache(&["ps", "--json"]).stderr(Stdio::null()).output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
         let mut by_name = BTreeMap::new();
-        for m in list {
-            let mib = m["bytes"].as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0);
+        for m in ps_json(&self.opts.socket)? {
             let what = format!(
-                "{mib:.1} MiB, {} lease(s){}",
+                "{}, {} lease(s){}",
+                human_bytes(m["bytes"].as_u64().unwrap_or(0)),
                 m["leases"].as_u64().unwrap_or(0),
                 if m["pinned"].as_bool() == Some(true) { ", pinned" } else { "" }
             );
@@ -365,17 +362,8 @@ impl Session {
         Some(by_name)
     }
 
-    fn resident_bytes(&self) -> Option<u64> {
-        let out = self.cache(&["ps", "--json"]).stderr(Stdio::null()).output().ok()?;
-        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        Some(list.iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum())
-    }
-
-    /// `mora-cache ARGS... --socket S`.
     fn cache(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(crate::daemon::daemon_binary());
-        c.args(args).arg("--socket").arg(&self.opts.socket);
-        c
+        cache_command(&self.opts.socket, args)
     }
 
     /// The name the daemon knows a workflow model key by.
@@ -399,16 +387,6 @@ impl Session {
                 Err(e) => eprintln!("model `{key}`: {e}"),
             }
         }
-    }
-
-    /// One line after a run: how it ended, how long it took, where its
-    /// models came from, and what the daemon holds now.
-    fn status_line(&self, n: usize, r: &RunStatus) -> String {
-        let resident = match self.resident_bytes() {
-            Some(b) => format!("; {:.1} MiB resident", b as f64 / (1024.0 * 1024.0)),
-            None => String::new(),
-        };
-        format!("run {n} {} in {} ms ({}){resident}", r.verdict, r.ms, crate::watch::summary(&r.output))
     }
 
     fn start_watch(&mut self, printer: &Printer) {
@@ -441,15 +419,7 @@ impl Session {
                 (files, before) = (now.clone(), crate::watch::stamp(&now));
                 n += 1;
                 let r = run_once(&exe, &wf, &sets, &run_args, &flag, &printer);
-                let ps = Command::new(crate::daemon::daemon_binary()).args(["ps", "--json", "--socket"]).arg(&socket).output();
-                let bytes: Option<u64> = ps.ok().and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok()).map(|l| l.iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum());
-                let resident = bytes.map(|b| format!("; {:.1} MiB resident", b as f64 / (1024.0 * 1024.0))).unwrap_or_default();
-                (printer.lock().expect("printer"))(format!(
-                    "watch: run {n} {} in {} ms ({}){resident}\n{prompt}",
-                    r.verdict,
-                    r.ms,
-                    crate::watch::summary(&r.output)
-                ));
+                (printer.lock().expect("printer"))(format!("watch: {}\n{prompt}", r.line(n, &socket)));
             }
         });
         self.watching = Some((stop, handle));
@@ -495,6 +465,33 @@ struct RunStatus {
     ms: u128,
     /// What it printed, to say where its models came from.
     output: String,
+}
+
+impl RunStatus {
+    /// The line after run `n`: how it ended, how long it took, where its
+    /// models came from, and what the daemon at `socket` holds now.
+    fn line(&self, n: usize, socket: &Path) -> String {
+        let resident = ps_json(socket)
+            .map(|list| format!("; {} resident", human_bytes(list.iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum())))
+            .unwrap_or_default();
+        format!("run {n} {} in {} ms ({}){resident}", self.verdict, self.ms, crate::watch::summary(&self.output))
+    }
+}
+
+/// `mora-cache ARGS... --socket S`.
+fn cache_command(socket: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(crate::daemon::daemon_binary());
+    c.args(args).arg("--socket").arg(socket);
+    c
+}
+
+/// `mora-cache ps --json`, parsed; None when no daemon answers.
+fn ps_json(socket: &Path) -> Option<Vec<serde_json::Value>> {
+    let out = cache_command(socket, &["ps", "--json"]).stderr(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 /// Runs the workflow once as a child `mora-exec run`, passing its output
