@@ -254,10 +254,15 @@ impl SentenceEmbedder {
     }
 }
 
+/// A whole-number key of an encoder's `config.json`.
+fn whole(raw: &serde_json::Value, key: &str) -> Result<usize, String> {
+    raw.get(key).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format!("`{key}` is missing or not a whole number"))
+}
+
 /// candle's XLM-RoBERTa config from `config.json` as transformers 4 and 5
 /// write it (5 leaves out `position_embedding_type` when it is absolute).
 fn xlm_roberta_config(raw: &serde_json::Value) -> Result<xlm_roberta::Config, String> {
-    let usize_of = |k: &str| raw.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format!("`{k}` is missing or not a whole number"));
+    let usize_of = |k: &str| whole(raw, k);
     let position = raw.get("position_embedding_type").and_then(|v| v.as_str()).unwrap_or("absolute");
     if position != "absolute" {
         return Err(format!("`position_embedding_type` is `{position}`; Mora runs absolute positions"));
@@ -289,7 +294,7 @@ fn xlm_roberta_config(raw: &serde_json::Value) -> Result<xlm_roberta::Config, St
 /// candle's ModernBERT has no biases and runs GeGLU with the exact GELU:
 /// anything else is refused.
 fn modernbert_config(raw: &serde_json::Value) -> Result<modernbert::Config, String> {
-    let usize_of = |k: &str| raw.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| format!("`{k}` is missing or not a whole number"));
+    let usize_of = |k: &str| whole(raw, k);
     for key in ["norm_bias", "attention_bias", "mlp_bias"] {
         if raw.get(key).and_then(|v| v.as_bool()) == Some(true) {
             return Err(format!("`{key}` is true; Mora runs ModernBERT without biases"));
