@@ -305,7 +305,11 @@ pub fn local_embed_workflow(dir: &Path) -> String {
 
 /// Reads an output file written by an embed step.
 pub fn read_embeddings(path: &Path) -> Vec<Vec<f64>> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read output")).expect("output is JSON");
+    embeddings_of(&serde_json::from_slice(&std::fs::read(path).expect("read output")).expect("output is JSON"))
+}
+
+/// The `embeddings` of an embed step's output (or of a golden file).
+pub fn embeddings_of(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v["embeddings"]
         .as_array()
         .expect("embeddings array")

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mora::{one_line_failure, read_embeddings, Env};
+use mora::{embeddings_of, one_line_failure, Env};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
@@ -31,6 +31,39 @@ fn name(dir: &Path) -> String {
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// The `token_ids` of a generate step's output (or of a golden file).
+fn token_ids(v: &serde_json::Value) -> Vec<u64> {
+    v["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+/// A workflow of one step `s` on the model in `dir`: `step` gives its
+/// task and keys.
+fn workflow(env: &Env, file: &str, dir: &Path, step: &str) -> PathBuf {
+    env.workflow(
+        file,
+        &format!(
+            "name = \"golden\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"s\"\nmodel = \"m\"\n{step}\noutput = \"s.json\"\n",
+            dir.display().to_string()
+        ),
+    )
+}
+
+/// That workflow run cold and warm through the daemon, then with
+/// `--no-cache`: each run's name and output.
+fn three_runs(env: &Env, dir: &Path, step: &str) -> Vec<(&'static str, serde_json::Value)> {
+    let fixture = name(dir);
+    let wf = workflow(env, &format!("{fixture}.toml"), dir, step);
+    [("cold", &[][..]), ("warm", &[][..]), ("no-cache", &["--no-cache"][..])]
+        .into_iter()
+        .map(|(run, extra)| {
+            let out_dir = format!("{fixture}-{run}");
+            let out = env.exec(&wf, &out_dir, extra);
+            assert!(out.status.success(), "{fixture} {run}: {}", String::from_utf8_lossy(&out.stderr));
+            (run, read_json(&env.scratch.join(&out_dir).join("s.json")))
+        })
+        .collect()
 }
 
 #[test]
@@ -62,7 +95,7 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
             continue;
         }
         let fixture = name(&dir);
-        let want: Vec<u64> = g["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let want = token_ids(&g);
         // A prompt, or chat messages rendered with the fixture's template.
         let asked = match g["messages"].as_array() {
             None => format!("prompt = {}", g["prompt"]),
@@ -72,21 +105,9 @@ fn decoders_generate_the_greedy_ids_transformers_generates_warm_and_without_cach
                 format!("messages = [{}]", m.join(", "))
             }
         };
-        let wf = env.workflow(
-            &format!("{fixture}.toml"),
-            &format!(
-                "name = \"golden\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"gen\"\ntask = \"generate\"\nmodel = \"m\"\n\
-                 {asked}\nmax_tokens = {}\noutput = \"gen.json\"\n",
-                dir.display().to_string(),
-                g["max_tokens"]
-            ),
-        );
-        for (run, extra) in [("cold", &[][..]), ("warm", &[][..]), ("no-cache", &["--no-cache"][..])] {
-            let out_dir = format!("{fixture}-{run}");
-            let out = env.exec(&wf, &out_dir, extra);
-            assert!(out.status.success(), "{fixture} {run}: {}", String::from_utf8_lossy(&out.stderr));
-            let doc = read_json(&env.scratch.join(&out_dir).join("gen.json"));
-            let got: Vec<u64> = doc["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let step = format!("task = \"generate\"\n{asked}\nmax_tokens = {}", g["max_tokens"]);
+        for (run, doc) in three_runs(&env, &dir, &step) {
+            let got = token_ids(&doc);
             assert_eq!(got, want, "{fixture} ({run}): Mora's greedy ids differ from transformers' {}", g["transformers"]);
             let stopped = if want.len() < g["max_tokens"].as_u64().unwrap() as usize { "eos" } else { "max_tokens" };
             assert_eq!(doc["finish_reason"], stopped, "{fixture} ({run})");
@@ -106,26 +127,9 @@ fn encoders_embed_as_sentence_transformers_does_warm_and_without_cache() {
             continue;
         }
         let fixture = name(&dir);
-        let want: Vec<Vec<f64>> = g["embeddings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
-            .collect();
-        let wf = env.workflow(
-            &format!("{fixture}.toml"),
-            &format!(
-                "name = \"golden\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"e\"\ntask = \"embed\"\nmodel = \"m\"\n\
-                 texts = {}\noutput = \"e.json\"\n",
-                dir.display().to_string(),
-                g["texts"]
-            ),
-        );
-        for (run, extra) in [("cold", &[][..]), ("warm", &[][..]), ("no-cache", &["--no-cache"][..])] {
-            let out_dir = format!("{fixture}-{run}");
-            let out = env.exec(&wf, &out_dir, extra);
-            assert!(out.status.success(), "{fixture} {run}: {}", String::from_utf8_lossy(&out.stderr));
-            let got = read_embeddings(&env.scratch.join(&out_dir).join("e.json"));
+        let want = embeddings_of(&g);
+        for (run, doc) in three_runs(&env, &dir, &format!("task = \"embed\"\ntexts = {}", g["texts"])) {
+            let got = embeddings_of(&doc);
             assert_eq!(got.len(), want.len());
             let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
             assert!(worst < 1e-5, "{fixture} ({run}): max abs difference {worst} from sentence-transformers");
@@ -164,14 +168,7 @@ fn a_config_mora_cannot_honour_fails_in_check_and_run_with_one_line_naming_the_k
     ];
     // Messages for a model without a chat template.
     let dir = edited(&env, "llama-tf5", |_| {});
-    let wf = env.workflow(
-        "chat.toml",
-        &format!(
-            "name = \"c\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"g\"\ntask = \"generate\"\nmodel = \"m\"\n\
-             messages = [{{ role = \"user\", content = \"hi\" }}]\n",
-            dir.display().to_string()
-        ),
-    );
+    let wf = workflow(&env, "chat.toml", &dir, "task = \"generate\"\nmessages = [{ role = \"user\", content = \"hi\" }]");
     let check = env.command("mora-exec").arg("check").arg(&wf).output().unwrap();
     let line = one_line_failure(&check);
     assert!(line.contains("has no chat template") && line.contains("use `prompt` instead of `messages`"), "{line}");
@@ -179,13 +176,7 @@ fn a_config_mora_cannot_honour_fails_in_check_and_run_with_one_line_naming_the_k
     std::fs::remove_dir_all(&dir).unwrap();
     for (fixture, edit, want) in cases {
         let dir = edited(&env, fixture, edit);
-        let wf = env.workflow(
-            "refused.toml",
-            &format!(
-                "name = \"r\"\n[models.m]\npath = {:?}\n[[steps]]\nname = \"g\"\ntask = \"generate\"\nmodel = \"m\"\nprompt = \"the man\"\n",
-                dir.display().to_string()
-            ),
-        );
+        let wf = workflow(&env, "refused.toml", &dir, "task = \"generate\"\nprompt = \"the man\"");
         let check = env.command("mora-exec").arg("check").arg(&wf).output().unwrap();
         let line = one_line_failure(&check);
         assert!(line.contains("config.json") && line.contains(want), "{fixture}: {line}");
