@@ -53,7 +53,7 @@ fn repo_not_in_the_cache() {
     let wf = env.workflow("r.toml", &embed_workflow(&["x"]).replace("all-MiniLM-L6-v2", "no-such-model"));
     let line = one_line_failure(&env.exec(&wf, "out", &[]));
     assert!(line.contains("`sentence-transformers/no-such-model` (revision main) is not in the Hugging Face cache at"), "{line}");
-    assert!(line.ends_with("download it or give a local path"), "{line}");
+    assert!(line.ends_with("fetch it with `mora-cache pull` (or `mora-exec run --pull`), or give a local path"), "{line}");
     let line = one_line_failure(&env.exec(&wf, "out", &["--no-cache"]));
     assert!(line.contains("is not in the Hugging Face cache at"), "{line}");
     assert!(env.daemon_alive());

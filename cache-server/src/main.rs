@@ -74,6 +74,23 @@ enum Command {
         #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = KeepAlive::parse)]
         keep_alive: Option<KeepAlive>,
     },
+    /// Download a model from the Hugging Face hub into the hub cache
+    /// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), where
+    /// `load` and workflows find it. By default only what Mora runs: safetensors,
+    /// JSON configs, tokenizer and chat-template files. Files already there are
+    /// not downloaded again; an interrupted pull resumes. Reads HF_ENDPOINT,
+    /// HF_TOKEN (or the token file `hf auth login` writes) and HF_HUB_OFFLINE.
+    Pull {
+        /// OWNER/NAME, optionally @REVISION (a branch, tag or commit) [default: main].
+        model: String,
+        /// Fetch only files matching this pattern (repeatable; fnmatch as in
+        /// huggingface_hub: `*.safetensors`, `onnx/`); replaces the default set.
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Skip files matching this pattern (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+    },
     /// Evict a model now. Refused while a client holds a lease on it, or while it is pinned.
     Evict(Target),
     /// Protect a resident model from eviction.
@@ -147,6 +164,7 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                 None => println!("{model} loaded and released at once (keep-alive 0)"),
             }
         }
+        Command::Pull { model, include, exclude } => pull(&model, &include, &exclude)?,
         Command::Evict(t) => {
             let (models, bytes) = admin::change(&socket, Request::Evict { target: admin::selector(&t.model, t.dtype) })?;
             println!("evicted {} ({} freed)", models.join(", "), human_bytes(bytes));
@@ -175,6 +193,37 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn pull(model: &str, include: &[String], exclude: &[String]) -> anyhow::Result<()> {
+    use mora_common::hub::{FileFilter, Hub};
+    if std::path::Path::new(model).is_dir() {
+        anyhow::bail!("{model} is a local directory: pull takes a Hugging Face repo id (OWNER/NAME[@REVISION])");
+    }
+    let (repo, revision) = model.split_once('@').unwrap_or((model, "main"));
+    let filter = FileFilter::new(include, exclude)?;
+    let hub = Hub::from_env();
+    let mut progress = mora_common::progress::PullProgress::new("mora-cache");
+    let pulled = hub.pull(repo, revision, &filter, &mut |e| progress.event(e))?;
+    if pulled.offline {
+        println!("{model}: HF_HUB_OFFLINE is set; the cache holds commit {} at {}", pulled.commit, pulled.snapshot.display());
+        return Ok(());
+    }
+    let total: u64 = pulled.files.iter().map(|f| f.size).sum();
+    let fetched = pulled.files.iter().filter(|f| f.downloaded > 0).count();
+    println!(
+        "{model}: {} file(s), {} at commit {}; {}; in {}",
+        pulled.files.len(),
+        human_bytes(total),
+        pulled.commit,
+        if fetched == 0 {
+            "all already in the cache".to_string()
+        } else {
+            format!("downloaded {} ({fetched} file(s))", human_bytes(pulled.downloaded_bytes()))
+        },
+        pulled.snapshot.display()
+    );
     Ok(())
 }
 

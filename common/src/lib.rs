@@ -8,6 +8,7 @@
 pub mod connection;
 pub mod frame;
 pub mod gpu;
+pub mod hub;
 pub mod logging;
 pub mod manifest;
 pub mod model;

@@ -34,7 +34,7 @@ pub struct ResolvedModel {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
-    #[error("`{repo}` (revision {revision}) is not in the Hugging Face cache at {}: download it or give a local path", hub_cache.display())]
+    #[error("`{repo}` (revision {revision}) is not in the Hugging Face cache at {}: fetch it with `mora-cache pull` (or `mora-exec run --pull`), or give a local path", hub_cache.display())]
     NotInCache { repo: String, revision: String, hub_cache: PathBuf },
     #[error("`{0}` is not a Hugging Face repo id (expected OWNER/NAME of letters, digits, `-`, `_`, `.`)")]
     BadRepoId(String),
@@ -74,7 +74,7 @@ fn hub_cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathB
     home.join(".cache").join("huggingface").join("hub")
 }
 
-fn valid_repo_id(id: &str) -> bool {
+pub(crate) fn valid_repo_id(id: &str) -> bool {
     let parts: Vec<&str> = id.split('/').collect();
     (1..=2).contains(&parts.len())
         && parts.iter().all(|p| {
@@ -85,10 +85,15 @@ fn valid_repo_id(id: &str) -> bool {
         })
 }
 
-fn valid_revision(rev: &str) -> bool {
+pub(crate) fn valid_revision(rev: &str) -> bool {
     !rev.is_empty()
         && rev.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
         && rev.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+}
+
+/// The cache folder of a model repo: `models--OWNER--NAME`.
+pub(crate) fn repo_folder(repo: &str) -> String {
+    Repo::model(repo.to_string()).folder_name()
 }
 
 impl ModelSource {
@@ -149,8 +154,7 @@ fn snapshot_dir(hub_cache: &Path, repo: &str, revision: &str) -> Option<PathBuf>
         }
     }
     // A commit hash names its snapshot directly, with no ref file.
-    let folder = Repo::model(repo.to_string()).folder_name();
-    let by_commit = hub_cache.join(folder).join("snapshots").join(revision);
+    let by_commit = hub_cache.join(repo_folder(repo)).join("snapshots").join(revision);
     by_commit.is_dir().then_some(by_commit)
 }
 
@@ -248,7 +252,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("not in the Hugging Face cache at"), "{msg}");
         assert!(msg.contains(&hub.display().to_string()), "{msg}");
-        assert!(msg.ends_with("download it or give a local path"), "{msg}");
+        assert!(msg.ends_with("(or `mora-exec run --pull`), or give a local path"), "{msg}");
     }
 
     #[test]

@@ -6,6 +6,9 @@
 
 use std::io::{IsTerminal, Write};
 
+use std::time::{Duration, Instant};
+
+use crate::hub::PullEvent;
 use crate::units::human_bytes;
 
 pub struct LoadProgress {
@@ -62,6 +65,94 @@ pub fn render(program: &str, name: &str, done: u64, total: u64) -> String {
     )
 }
 
+/// Shows a pull: on a terminal one redrawn line per file being downloaded
+/// (bar, bytes, rate, time left); elsewhere one line per file downloaded.
+pub struct PullProgress {
+    program: &'static str,
+    tty: bool,
+    /// When the current download began, and the bytes it started from.
+    current: Option<(Instant, u64)>,
+}
+
+impl PullProgress {
+    pub fn new(program: &'static str) -> Self {
+        PullProgress { program, tty: std::io::stderr().is_terminal(), current: None }
+    }
+
+    pub fn event(&mut self, event: PullEvent) {
+        let mut err = std::io::stderr().lock();
+        match event {
+            PullEvent::Listed { .. } | PullEvent::Cached { .. } => {}
+            PullEvent::Started { name, size, from } => {
+                self.current = Some((Instant::now(), from));
+                if self.tty {
+                    let _ = write!(err, "\r\x1b[K{}", render_download(self.program, name, from, size, None));
+                } else if from > 0 {
+                    let _ = writeln!(err, "{}: resuming {name} at {} of {}", self.program, human_bytes(from), human_bytes(size));
+                }
+            }
+            PullEvent::Bytes { name, done, size } => {
+                if self.tty {
+                    let rate = self.current.and_then(|(t, from)| rate(done.saturating_sub(from), t.elapsed()));
+                    let _ = write!(err, "\r\x1b[K{}", render_download(self.program, name, done, size, rate));
+                }
+            }
+            PullEvent::Finished { name, size, downloaded, elapsed } => {
+                if self.tty {
+                    let _ = write!(err, "\r\x1b[K");
+                }
+                let speed = rate(downloaded, elapsed).map(|r| format!(", {}/s", human_bytes(r as u64))).unwrap_or_default();
+                let _ = writeln!(
+                    err,
+                    "{}: pulled {name} ({}{}, {:.1} s{speed})",
+                    self.program,
+                    human_bytes(size),
+                    if downloaded < size { format!(", {} downloaded", human_bytes(downloaded)) } else { String::new() },
+                    elapsed.as_secs_f64()
+                );
+                self.current = None;
+            }
+        }
+        let _ = err.flush();
+    }
+}
+
+/// Bytes per second, once there is enough time to say.
+fn rate(bytes: u64, elapsed: Duration) -> Option<f64> {
+    (elapsed >= Duration::from_millis(200)).then(|| bytes as f64 / elapsed.as_secs_f64())
+}
+
+/// `mora-cache: model.safetensors [####........]  33%  30.0 MiB / 90.0 MiB  12.0 MiB/s  ETA 5s`
+pub fn render_download(program: &str, name: &str, done: u64, total: u64, rate: Option<f64>) -> String {
+    const WIDTH: usize = 24;
+    let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).clamp(0.0, 1.0) };
+    let filled = (frac * WIDTH as f64).round() as usize;
+    let speed = match rate {
+        Some(r) if r > 0.0 => {
+            let eta = (total.saturating_sub(done) as f64 / r).ceil() as u64;
+            format!("  {}/s  ETA {}", human_bytes(r as u64), clock(eta))
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{program}: {name} [{}{}] {:>3}%  {} / {}{speed}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        (frac * 100.0).round() as u32,
+        human_bytes(done),
+        human_bytes(total)
+    )
+}
+
+/// 5s, 3m07s, 2h05m.
+fn clock(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +163,14 @@ mod tests {
         assert_eq!(line, "mora-exec: loading org/m [############............]  50%  512.0 MiB / 1.0 GiB");
         assert!(render("x", "m", 5, 0).contains("100%"));
         assert!(render("x", "m", 10, 5).contains("100%"), "clamped");
+    }
+
+    #[test]
+    fn download_line_shows_rate_and_time_left() {
+        let line = render_download("mora-cache", "model.safetensors", 30 << 20, 90 << 20, Some((12u64 << 20) as f64));
+        assert_eq!(line, "mora-cache: model.safetensors [########................]  33%  30.0 MiB / 90.0 MiB  12.0 MiB/s  ETA 5s");
+        assert!(!render_download("x", "f", 0, 10, None).contains("ETA"));
+        assert_eq!(clock(187), "3m07s");
+        assert_eq!(clock(7500), "2h05m");
     }
 }

@@ -42,6 +42,10 @@ struct RunFlags {
     /// Fail instead of starting a daemon when none is listening.
     #[arg(long)]
     no_autostart: bool,
+    /// Download each model the workflow names that is not in the Hugging Face
+    /// cache (the files `mora-cache pull` fetches), then run.
+    #[arg(long)]
+    pull: bool,
     /// Directory for step outputs.
     #[arg(short = 'o', long = "output-dir", value_name = "DIR", default_value = "outputs")]
     output_dir: PathBuf,
@@ -65,6 +69,7 @@ impl RunFlags {
         for (flag, on) in [
             ("--no-cache", self.no_cache),
             ("--no-autostart", self.no_autostart),
+            ("--pull", self.pull),
             ("--allow-outside-output", self.allow_outside_output),
         ] {
             if on {
@@ -161,6 +166,9 @@ fn command(command: Command) -> Result<(), String> {
             let (workflow, args) = (args.workflow, args.flags);
             let wf = mora_exec::guarded(|| Workflow::load_with(&workflow, &args.sets).map_err(Into::into))
                 .map_err(|e| e.to_string())?;
+            if args.pull {
+                mora_exec::run::pull_missing(&wf).map_err(|e| e.to_string())?;
+            }
             let opts = RunOptions {
                 socket: socket_path(args.socket.as_deref()),
                 no_cache: args.no_cache,

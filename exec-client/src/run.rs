@@ -171,6 +171,27 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     Ok(reports)
 }
 
+/// Downloads from the hub each model of the workflow that is a repo id not
+/// in the Hugging Face cache: the files `mora-cache pull` fetches by default.
+/// Returns the models pulled.
+pub fn pull_missing(workflow: &Workflow) -> Result<Vec<String>, ExecError> {
+    use mora_common::hub::{FileFilter, Hub};
+    use mora_common::model::{ModelSource, ResolveError};
+    let mut pulled = Vec::new();
+    for (key, spec) in &workflow.models {
+        let ModelSource::HfRepo { repo, revision, .. } = &spec.source else { continue };
+        if !matches!(spec.source.resolve(), Err(ResolveError::NotInCache { .. })) {
+            continue;
+        }
+        let mut progress = mora_common::progress::PullProgress::new("mora-exec");
+        Hub::from_env()
+            .pull(repo, revision, &FileFilter::mora_default(), &mut |e| progress.event(e))
+            .map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
+        pulled.push(spec.source.display_name());
+    }
+    Ok(pulled)
+}
+
 /// What `mora-exec check` verifies beyond parsing: every input file reads,
 /// every model resolves to files on disk (offline, as a run would). Returns
 /// a one-line summary.
