@@ -178,6 +178,21 @@ fn respond(st: &State, port: u16, method: &str, path: &str, range: Option<&str>,
         return body_reply(st, name, &files[name], range);
     }
     if let Some(rest) = path.strip_prefix("/api/models/") {
+        // huggingface_hub 1.x and later list with the tree endpoint.
+        if let Some((repo, rest)) = rest.split_once("/tree/") {
+            let Some((commit, files)) = st.repos.get(repo) else { return error(401, "RepoNotFound") };
+            if !authorized(repo) {
+                return error(401, "GatedRepo");
+            }
+            if rest.split('?').next() != Some(commit.as_str()) && !rest.starts_with("main") {
+                return error(404, "RevisionNotFound");
+            }
+            let entries: Vec<serde_json::Value> = files
+                .iter()
+                .map(|(n, b)| serde_json::json!({ "type": "file", "path": n, "size": b.len(), "oid": mora_common::hub::git_blob_sha1(b) }))
+                .collect();
+            return reply(200, vec![("Content-Type", "application/json".into())], serde_json::to_vec(&entries).unwrap());
+        }
         let Some((repo, rev)) = rest.split_once("/revision/") else { return error(404, "") };
         let Some((commit, files)) = st.repos.get(repo) else { return error(401, "RepoNotFound") };
         if !authorized(repo) {
@@ -550,4 +565,73 @@ fn bad_arguments_are_one_line() {
         let line = last_line(&out);
         assert!(line.contains(want), "{args:?}: {line}");
     }
+}
+
+/// A Python with `huggingface_hub`: `$MORA_BENCH_PYTHON`, else the benchmark
+/// peer's venv (`scripts/bench-python.sh`). `Err` says why it is skipped.
+fn python_with_hub() -> Result<PathBuf, String> {
+    let python = std::env::var_os("MORA_BENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| mora::root().join(".mora-bench").join("python").join("bin").join("python"));
+    let ok = Command::new(&python).args(["-c", "import huggingface_hub"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!("{} with huggingface_hub is not installed (scripts/bench-python.sh installs it)", python.display()))
+    }
+}
+
+/// Python's own `huggingface_hub` downloads from the mock into one cache and
+/// reads a cache `mora-cache pull` wrote: each finds the other's files.
+#[test]
+fn huggingface_hub_and_pull_read_each_other_s_caches() {
+    let python = match python_with_hub() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let hub = MockHub::start(COMMIT);
+    // Mora writes, Python reads.
+    let p = Puller::new("pull-py-reads", &hub);
+    assert!(p.pull(&[REPO]).status.success());
+    let script = r#"
+import json, sys
+from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_cache
+cache, repo = sys.argv[1], sys.argv[2]
+snap = snapshot_download(repo, cache_dir=cache, local_files_only=True)
+f = try_to_load_from_cache(repo, "1_Pooling/config.json", cache_dir=cache)
+info = scan_cache_dir(cache)
+print(json.dumps({"snapshot": snap, "file": f, "warnings": [str(w) for w in info.warnings],
+                  "files": sorted(str(x.file_name) for r in info.repos for rev in r.revisions for x in rev.files)}))
+"#;
+    let out = Command::new(&python).args(["-c", script]).arg(p.cache()).arg(REPO).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snap = p.repo_dir().join("snapshots").join(COMMIT);
+    assert_eq!(v["snapshot"], snap.display().to_string());
+    assert_eq!(v["file"], snap.join("1_Pooling/config.json").display().to_string());
+    assert_eq!(v["warnings"], serde_json::json!([]));
+    assert!(v["files"].as_array().unwrap().iter().any(|f| f == "model.safetensors"), "{v}");
+
+    // Python writes (from the mock hub), Mora reads: nothing to download, and it runs.
+    let q = Puller::new("pull-py-writes", &hub);
+    let download = r#"
+import sys
+from huggingface_hub import snapshot_download
+print(snapshot_download(sys.argv[2], cache_dir=sys.argv[1], allow_patterns=["*.safetensors", "*.json", "*.txt"]))
+"#;
+    let mut c = Command::new(&python);
+    c.args(["-c", download]).arg(q.cache()).arg(REPO).env("HF_ENDPOINT", hub.endpoint()).env("HF_HUB_DISABLE_TELEMETRY", "1");
+    for proxy in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+        c.env_remove(proxy);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = hub.seen().len();
+    let again = q.pull(&[REPO]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("all already in the cache"), "{}", text(&again.stdout));
+    assert!(hub.seen()[before..].iter().all(|s| s.method == "HEAD" || s.path.starts_with("/api/")));
 }
