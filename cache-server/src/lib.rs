@@ -8,6 +8,8 @@
 //! - [`identity`] names weight files by content, so copies are held once;
 //! - [`memory`] reads what the machine has, for the default budget;
 //! - [`checkpoint`] reads safetensors files into sealed segments or GPU memory;
+//! - [`metrics`] counts what the daemon does and reads the cache's state for
+//!   Prometheus, and [`scrape`] serves it over HTTP (`serve --metrics`);
 //! - [`gpu`] is GPU memory behind a trait (a fake for tests), and `cuda`
 //!   (feature `cuda`) its implementation over the CUDA driver.
 
@@ -18,6 +20,8 @@ pub mod cuda;
 pub mod gpu;
 pub mod identity;
 pub mod memory;
+pub mod metrics;
 pub mod registry;
+pub mod scrape;
 pub mod server;
 pub mod socket;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use mora_cache::admin;
 use mora_cache::registry::Limits;
-use mora_cache::{memory, server::Daemon, socket};
+use mora_cache::{memory, scrape, server::Daemon, socket};
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
 use mora_common::protocol::{DeviceSpec, Request};
@@ -47,6 +47,10 @@ enum Command {
         /// when its last lease ends. A workflow's `keep_alive` overrides it per model.
         #[arg(long, value_name = "DURATION", default_value = "30m", allow_hyphen_values = true, value_parser = KeepAlive::parse)]
         keep_alive: KeepAlive,
+        /// Serve Prometheus metrics over HTTP at http://ADDR/metrics; ADDR is HOST:PORT,
+        /// e.g. 127.0.0.1:9477 (port 0 picks a free one, logged at start) [default: off].
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -140,7 +144,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
     match command {
-        Command::Serve { max_memory, keep_alive, gpu } => serve(socket, max_memory, keep_alive, gpu)?,
+        Command::Serve { max_memory, keep_alive, metrics, gpu } => serve(socket, max_memory, keep_alive, metrics, gpu)?,
         Command::Ps { json } => {
             let status = admin::status(&socket)?;
             if json {
@@ -227,7 +231,13 @@ fn pull(model: &str, include: &[String], exclude: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
-fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, gpu: GpuArgs) -> anyhow::Result<()> {
+fn serve(
+    socket_path: PathBuf,
+    max_memory: Option<u64>,
+    keep_alive: KeepAlive,
+    metrics: Option<String>,
+    gpu: GpuArgs,
+) -> anyhow::Result<()> {
     let format = mora_common::logging::log_format().map_err(|e| anyhow::anyhow!(e))?;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
@@ -256,10 +266,13 @@ fn serve(socket_path: PathBuf, max_memory: Option<u64>, keep_alive: KeepAlive, g
         }
         None => socket::bind(&socket_path)?,
     };
+    // After the socket: a second daemon on the same path is told so, not
+    // that the metrics port is taken.
+    let metrics = metrics.as_deref().map(scrape::bind).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let limits = Limits { budget, default_keep_alive: keep_alive };
     let daemon = Arc::new(Daemon::with_gpus(limits, open_gpus(gpu)));
-    runtime.block_on(daemon.serve(bound))?;
+    runtime.block_on(daemon.serve(bound, metrics))?;
     Ok(())
 }
 

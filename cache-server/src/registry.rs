@@ -49,6 +49,7 @@ use mora_common::{Manifest, ModelSource, ResolvedModel};
 use crate::checkpoint::{self, CheckpointError, Storage, Target};
 use crate::gpu::GpuMemory;
 use crate::identity::{ContentId, IdentityMemo};
+use crate::metrics::{DeviceUsage, Eviction, Metrics, Refusal};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -160,6 +161,8 @@ impl Entry {
 
 struct Inner {
     entries: HashMap<Key, Entry>,
+    /// Here so that every eviction, whoever makes it, is counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Inner {
@@ -167,14 +170,15 @@ impl Inner {
         self.entries.iter().filter(|(k, _)| k.device == device).map(|(_, e)| e.bytes).sum()
     }
 
-    fn evict(&mut self, key: &Key, why: &str) -> Option<(String, u64)> {
+    fn evict(&mut self, key: &Key, why: Eviction) -> Option<(String, u64)> {
         let e = self.entries.remove(key)?;
-        tracing::info!(model = %e.name(), bytes = e.bytes, reason = why, "evicted");
+        tracing::info!(model = %e.name(), bytes = e.bytes, reason = why.describe(), "evicted");
+        self.metrics.evicted(key.device, why);
         Some((e.name().to_string(), e.bytes))
     }
 
     /// Evicts each key; returns the names evicted and the bytes freed.
-    fn evict_all(&mut self, keys: Vec<Key>, why: &str) -> (Vec<String>, u64) {
+    fn evict_all(&mut self, keys: Vec<Key>, why: Eviction) -> (Vec<String>, u64) {
         let mut names = Vec::new();
         let mut freed = 0;
         for k in keys {
@@ -225,7 +229,7 @@ impl Drop for Lease {
         e.leases.remove(&self.id);
         e.touch();
         if e.evictable() && e.keep_alive == KeepAlive::For(Duration::ZERO) {
-            inner.evict(&self.key.clone(), "keep-alive 0: last lease ended");
+            inner.evict(&self.key.clone(), Eviction::LastLease);
         }
     }
 }
@@ -300,6 +304,7 @@ pub struct Registry {
     gpus: Option<Arc<dyn GpuMemory>>,
     identity: IdentityMemo,
     next_lease: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// How a request wants the entry it touches to be configured.
@@ -317,13 +322,56 @@ impl Registry {
 
     /// A registry that also holds weights on the GPUs `gpus` offers.
     pub fn with_gpus(limits: Limits, gpus: Option<Arc<dyn GpuMemory>>) -> Self {
+        let ordinals = gpus.iter().flat_map(|g| g.devices()).map(|d| (d.info.uuid, d.info.ordinal)).collect();
+        let metrics = Arc::new(Metrics::new(ordinals));
         Registry {
-            inner: Arc::new(Mutex::new(Inner { entries: HashMap::new() })),
+            inner: Arc::new(Mutex::new(Inner { entries: HashMap::new(), metrics: metrics.clone() })),
             limits,
             gpus,
             identity: IdentityMemo::new(),
             next_lease: AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// The daemon's counters ([`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What each device (the host, then each GPU) holds now.
+    pub fn usage(&self) -> Vec<DeviceUsage> {
+        let gpus = self.gpus.iter().flat_map(|g| g.devices()).map(|d| Device::Cuda(d.info.uuid));
+        let devices: Vec<Device> = std::iter::once(Device::Cpu).chain(gpus).collect();
+        let inner = lock(&self.inner);
+        devices
+            .into_iter()
+            .map(|device| {
+                let mut u = DeviceUsage {
+                    device,
+                    budget: self.budget(device),
+                    resident_bytes: 0,
+                    loading_bytes: 0,
+                    models_resident: 0,
+                    models_loading: 0,
+                    leases: 0,
+                };
+                for e in inner.entries.iter().filter(|(k, _)| k.device == device).map(|(_, e)| e) {
+                    match e.state {
+                        State::Resident(_) => {
+                            u.resident_bytes += e.bytes;
+                            u.models_resident += 1;
+                        }
+                        State::Loading(..) => {
+                            u.loading_bytes += e.bytes;
+                            u.models_loading += 1;
+                        }
+                    }
+                    u.leases += e.leases.len() as u64;
+                }
+                u
+            })
+            .collect()
     }
 
     /// Most bytes held on `device` (zero for a GPU the daemon does not have).
@@ -392,8 +440,31 @@ impl Registry {
 
     /// Resolves `source`, makes it resident in `dtype` (loading it unless it
     /// already is, or is being loaded by another request, evicting idle models
-    /// if room is needed) and takes a lease for `pid`.
+    /// if room is needed) and takes a lease for `pid`. Counts a hit, or the
+    /// refusal.
     pub async fn acquire(
+        self: &Arc<Self>,
+        source: ModelSource,
+        dtype: WeightDType,
+        device: Device,
+        wants: Wants,
+        pid: i32,
+        progress: &ProgressSlot,
+    ) -> Result<Grant, ErrorReply> {
+        let granted = self.acquire_uncounted(source, dtype, device, wants, pid, progress).await;
+        match &granted {
+            Ok(g) if !g.loaded_now => self.metrics.hit(device),
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(why) = Refusal::of_kind(e.kind) {
+                    self.metrics.refused(why);
+                }
+            }
+        }
+        granted
+    }
+
+    async fn acquire_uncounted(
         self: &Arc<Self>,
         source: ModelSource,
         dtype: WeightDType,
@@ -599,8 +670,11 @@ impl Registry {
                 ),
             });
         };
+        if !victims.is_empty() {
+            tracing::info!(model = %name, evicting = victims.len(), "making room");
+        }
         for k in victims {
-            inner.evict(&k, &format!("making room for {name}"));
+            inner.evict(&k, Eviction::Budget);
         }
         Ok(())
     }
@@ -651,14 +725,19 @@ impl Registry {
                         e.state = State::Resident(resident.clone());
                         e.loads += 1;
                         e.touch();
+                        guard.metrics.loaded(device, resident.storage.len(), loaded.elapsed);
                         Ok(resident)
                     }
-                    None => Err(internal(format!("{name} was dropped while loading"))),
+                    None => {
+                        guard.metrics.load_failed(device);
+                        Err(internal(format!("{name} was dropped while loading")))
+                    }
                 }
             }
             Err(e) => {
                 tracing::warn!(model = %name, error = %e.message, "load refused");
                 guard.entries.remove(&key);
+                guard.metrics.load_failed(device);
                 Err(e)
             }
         };
@@ -681,10 +760,12 @@ impl Registry {
         let mut inner = lock(&self.inner);
         let selected = Self::matching(&mut inner, target);
         if selected.is_empty() {
+            self.metrics.refused(Refusal::NotFound);
             return Err(ErrorReply { kind: ErrorKind::NotFound, message: format!("no resident model is named {}", target.name) });
         }
         for (k, e) in &selected {
             if !e.leases.is_empty() {
+                self.metrics.refused(Refusal::Leased);
                 let mut pids: Vec<i32> = e.leases.values().copied().collect();
                 pids.sort_unstable();
                 pids.dedup();
@@ -697,14 +778,16 @@ impl Registry {
                 )));
             }
             if e.pinned {
+                self.metrics.refused(Refusal::Pinned);
                 return Err(refused(format!("cannot evict {} ({}): it is pinned; unpin it first", e.name(), k.dtype)));
             }
             if matches!(e.state, State::Loading(..)) {
+                self.metrics.refused(Refusal::Loading);
                 return Err(refused(format!("cannot evict {} ({}): it is still loading", e.name(), k.dtype)));
             }
         }
         let keys: Vec<Key> = selected.into_iter().map(|(k, _)| k).collect();
-        Ok(inner.evict_all(keys, "evict requested"))
+        Ok(inner.evict_all(keys, Eviction::Requested))
     }
 
     /// Sets or clears the pin of the selected models.
@@ -712,6 +795,7 @@ impl Registry {
         let mut inner = lock(&self.inner);
         let selected = Self::matching(&mut inner, target);
         if selected.is_empty() {
+            self.metrics.refused(Refusal::NotFound);
             let hint = if pinned { format!(": load it with `mora-cache load {} --pin`", target.name) } else { String::new() };
             return Err(ErrorReply {
                 kind: ErrorKind::NotFound,
@@ -735,7 +819,7 @@ impl Registry {
     pub fn clear(&self) -> (Vec<String>, u64) {
         let mut inner = lock(&self.inner);
         let keys: Vec<Key> = inner.entries.iter().filter(|(_, e)| e.evictable()).map(|(k, _)| k.clone()).collect();
-        inner.evict_all(keys, "clear requested")
+        inner.evict_all(keys, Eviction::Clear)
     }
 
     /// Evicts idle models whose keep-alive has run out; returns how long
@@ -745,7 +829,7 @@ impl Registry {
         let expired: Vec<Key> =
             inner.entries.iter().filter(|(_, e)| e.expires_in() == Some(Duration::ZERO)).map(|(k, _)| k.clone()).collect();
         for k in expired {
-            inner.evict(&k, "keep-alive expired");
+            inner.evict(&k, Eviction::KeepAlive);
         }
         inner.entries.values().filter_map(Entry::expires_in).min()
     }

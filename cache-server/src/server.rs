@@ -23,6 +23,7 @@ use mora_common::protocol::{
 
 use crate::checkpoint::Storage;
 use crate::gpu::GpuMemory;
+use crate::metrics::Refusal;
 
 use crate::registry::{Grant, Lease, Limits, ProgressSlot, Registry, Wants};
 use crate::socket::BoundSocket;
@@ -39,6 +40,19 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     /// Requests being handled now.
     busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Why a connection got no further than its hello.
+struct HandshakeFailed {
+    reason: String,
+    /// The peer closed before sending anything.
+    silent: bool,
+}
+
+impl From<String> for HandshakeFailed {
+    fn from(reason: String) -> Self {
+        HandshakeFailed { reason, silent: false }
+    }
 }
 
 /// Counts a request as in progress while it lives.
@@ -81,10 +95,12 @@ impl Daemon {
     }
 
     /// Serves `socket` until a client sends `Stop`, or SIGINT or SIGTERM
-    /// arrives. The socket file is removed on return.
-    pub async fn serve(self: Arc<Self>, socket: BoundSocket) -> std::io::Result<()> {
+    /// arrives, and metrics on `metrics` (from [`crate::scrape::bind`]) if
+    /// given. The socket file is removed on return.
+    pub async fn serve(self: Arc<Self>, socket: BoundSocket, metrics: Option<std::net::TcpListener>) -> std::io::Result<()> {
         socket.listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(socket.listener.try_clone()?)?;
+        let metrics = metrics.map(tokio::net::TcpListener::from_std).transpose()?;
         let mut shutdown = self.shutdown.subscribe();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -102,6 +118,15 @@ impl Daemon {
             tracing::info!(gpu = %g.uuid, ordinal = g.ordinal, name = %g.name, budget = %mora_common::units::human_bytes(g.budget), "serving GPU");
         }
         let reaper = tokio::spawn(reap(self.registry.clone()));
+        let scraped = match metrics {
+            Some(l) => {
+                let url = format!("http://{}{}", l.local_addr()?, crate::scrape::PATH);
+                tracing::info!(%url, "serving metrics");
+                let exposition = Arc::new(crate::metrics::exposition(&self.registry));
+                Some(tokio::spawn(crate::scrape::serve(l, exposition, crate::scrape::Bounds::default())))
+            }
+            None => None,
+        };
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -124,6 +149,11 @@ impl Daemon {
         self.request_shutdown();
         drop(listener);
         drop(socket);
+        // The port goes with the socket, so that a daemon started now (by a
+        // service manager, say) can take both while this one drains.
+        if let Some(task) = scraped {
+            task.abort();
+        }
         // Requests in progress are answered (idle connections close at
         // once); a second signal, or the drain timeout, cuts this short.
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
@@ -168,6 +198,7 @@ impl Daemon {
         let pid = peer.pid().unwrap_or(0);
         if peer.uid() != uid {
             tracing::warn!(peer_uid = peer.uid(), pid, "refusing a peer of another uid");
+            self.registry.metrics().refused(Refusal::Handshake);
             // Say why, if the peer says hello in time; then close.
             let refuse = async {
                 read_frame(&mut stream).await.ok()?;
@@ -184,15 +215,22 @@ impl Daemon {
         }
         match tokio::time::timeout(HELLO_TIMEOUT, self.handshake(&mut stream)).await {
             Ok(Ok(client)) => tracing::debug!(pid, %client, "client connected"),
-            Ok(Err(reason)) => {
-                tracing::warn!(pid, %reason, "handshake failed; closing");
+            Ok(Err(failed)) => {
+                tracing::warn!(pid, reason = %failed.reason, "handshake failed; closing");
+                // A peer that closes without a word only checked that the
+                // daemon listens (as a client does before starting one).
+                if !failed.silent {
+                    self.registry.metrics().refused(Refusal::Handshake);
+                }
                 return;
             }
             Err(_) => {
                 tracing::warn!(pid, "no hello within {HELLO_TIMEOUT:?}; closing");
+                self.registry.metrics().refused(Refusal::Handshake);
                 return;
             }
         }
+        let _connected = self.registry.metrics().connected();
         let mut leases: HashMap<u64, Lease> = HashMap::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
@@ -216,6 +254,7 @@ impl Daemon {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "malformed request");
+                    self.registry.metrics().refused(Refusal::BadRequest);
                     let reply = Response::Error(ErrorReply {
                         kind: ErrorKind::BadRequest,
                         message: format!("malformed request: {e}"),
@@ -240,20 +279,22 @@ impl Daemon {
         }
     }
 
-    async fn handshake(&self, stream: &mut UnixStream) -> Result<String, String> {
-        let payload = read_frame(stream).await.map_err(|e| e.to_string())?;
-        let hello: Hello = frame::decode(&payload).map_err(|e| format!("not a Mora hello: {e}"))?;
+    async fn handshake(&self, stream: &mut UnixStream) -> Result<String, HandshakeFailed> {
+        let payload = read_frame(stream)
+            .await
+            .map_err(|e| HandshakeFailed { silent: matches!(e, FrameError::Closed), reason: e.to_string() })?;
+        let hello: Hello = frame::decode(&payload).map_err(|e| HandshakeFailed::from(format!("not a Mora hello: {e}")))?;
         if hello.magic != HELLO_MAGIC {
-            return Err(format!("bad magic {:#x}", hello.magic));
+            return Err(format!("bad magic {:#x}", hello.magic).into());
         }
         let pid = std::process::id();
         if hello.version != PROTOCOL_VERSION {
             let reply = HelloReply::version_mismatch(PROTOCOL_VERSION, hello.version, pid);
             let _ = write_response(stream, &reply, None).await;
-            return Err(reply.message);
+            return Err(reply.message.into());
         }
         let reply = HelloReply { version: PROTOCOL_VERSION, accepted: true, message: String::new(), daemon_pid: pid };
-        write_response(stream, &reply, None).await.map_err(|e| e.to_string())?;
+        write_response(stream, &reply, None).await.map_err(|e| HandshakeFailed::from(e.to_string()))?;
         Ok(hello.client)
     }
 
@@ -346,10 +387,13 @@ impl Daemon {
             Request::Release { lease } => {
                 let reply = match leases.remove(&lease) {
                     Some(_) => Response::Released { lease },
-                    None => Response::Error(ErrorReply {
-                        kind: ErrorKind::BadRequest,
-                        message: format!("lease {lease} is not held by this connection"),
-                    }),
+                    None => {
+                        self.registry.metrics().refused(Refusal::BadRequest);
+                        Response::Error(ErrorReply {
+                            kind: ErrorKind::BadRequest,
+                            message: format!("lease {lease} is not held by this connection"),
+                        })
+                    }
                 };
                 write_response(stream, &reply, None).await
             }
