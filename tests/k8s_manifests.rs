@@ -533,8 +533,8 @@ fn the_gpu_variant_shares_pid_ipc_and_gpus_with_its_clients() {
     }
 }
 
-/// Fails until the daemon has `serve --metrics` (the metrics change): the
-/// manifests already pass it.
+/// Every command line in the manifests (daemons, probes, Jobs) parses with
+/// the real binaries' own argument parser.
 #[test]
 fn every_flag_the_manifests_pass_exists() {
     let m = manifests();
@@ -705,7 +705,8 @@ fn on_a_node_the_probe_and_the_example_jobs_work_only_with_the_daemon() {
     assert!(!socket.exists(), "a Job started a daemon of its own");
 
     // The daemon, bound where its MORA_SOCKET says (its manifest flags are
-    // checked above; `--metrics` may be newer than this build).
+    // checked above; here no metrics port, so tests running at once never
+    // compete for it).
     let local = &daemons[0].1;
     let log = std::fs::File::create(scratch.join("daemon.log")).unwrap();
     let daemon = Daemon(
