@@ -298,14 +298,19 @@ impl Puller {
             .env_remove("HF_HUB_OFFLINE")
             .env_remove("MORA_LOG")
             .current_dir(&self.scratch.path);
-        for proxy in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
-            c.env_remove(proxy);
-        }
+        without_proxy(&mut c);
         c
     }
 
     fn pull(&self, args: &[&str]) -> Output {
         self.command("mora-cache").arg("pull").args(args).output().unwrap()
+    }
+}
+
+/// The mock hub is on 127.0.0.1: no proxy in between.
+fn without_proxy(c: &mut Command) {
+    for proxy in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+        c.env_remove(proxy);
     }
 }
 
@@ -570,9 +575,7 @@ fn bad_arguments_are_one_line() {
 /// A Python with `huggingface_hub`: `$MORA_BENCH_PYTHON`, else the benchmark
 /// peer's venv (`scripts/bench-python.sh`). `Err` says why it is skipped.
 fn python_with_hub() -> Result<PathBuf, String> {
-    let python = std::env::var_os("MORA_BENCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| mora::root().join(".mora-bench").join("python").join("bin").join("python"));
+    let python = mora::bench::peer_python();
     let ok = Command::new(&python).args(["-c", "import huggingface_hub"]).output().is_ok_and(|o| o.status.success());
     if ok {
         Ok(python)
@@ -624,9 +627,7 @@ print(snapshot_download(sys.argv[2], cache_dir=sys.argv[1], allow_patterns=["*.s
 "#;
     let mut c = Command::new(&python);
     c.args(["-c", download]).arg(q.cache()).arg(REPO).env("HF_ENDPOINT", hub.endpoint()).env("HF_HUB_DISABLE_TELEMETRY", "1");
-    for proxy in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
-        c.env_remove(proxy);
-    }
+    without_proxy(&mut c);
     let out = c.output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let before = hub.seen().len();

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use sha1::Digest;
 
-use crate::model::{hub_cache_dir, repo_folder, valid_repo_id, valid_revision};
+use crate::model::{hf_home, hub_cache_dir, repo_folder, snapshot_dir, valid_repo_id, valid_revision};
 
 /// The hub `HF_ENDPOINT` defaults to.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -216,16 +216,6 @@ pub fn token_from_env() -> Option<String> {
     fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
-fn hf_home() -> PathBuf {
-    if let Some(h) = env_nonempty("HF_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(x) = env_nonempty("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("huggingface");
-    }
-    PathBuf::from(env_nonempty("HOME").unwrap_or_else(|| "/".into())).join(".cache").join("huggingface")
-}
-
 impl Hub {
     /// The hub of this process's environment: `HF_ENDPOINT`, `HF_TOKEN` (or
     /// the token file), `HF_HUB_OFFLINE`, and the cache of `HF_HUB_CACHE` /
@@ -302,7 +292,7 @@ impl Hub {
         }
         let repo_dir = self.cache.join(repo_folder(repo));
         if self.offline {
-            return self.cached_snapshot(repo, revision, &repo_dir);
+            return self.cached_snapshot(repo, revision);
         }
         let (commit, names) = self.list(repo, revision)?;
         let names: Vec<String> = names.into_iter().filter(|n| filter.wants(n)).collect();
@@ -322,16 +312,14 @@ impl Hub {
     }
 
     /// With HF_HUB_OFFLINE: the snapshot the cache already holds, or an error.
-    fn cached_snapshot(&self, repo: &str, revision: &str, repo_dir: &Path) -> Result<Pulled, HubError> {
-        let offline = || HubError::Offline { repo: repo.to_string(), revision: revision.to_string(), cache: self.cache.clone() };
-        let commit = match fs::read_to_string(repo_dir.join("refs").join(revision)) {
-            Ok(c) => c.trim().to_string(),
-            Err(_) => revision.to_string(),
-        };
-        let snapshot = repo_dir.join("snapshots").join(&commit);
-        if !safe_name(&commit) || !snapshot.is_dir() {
-            return Err(offline());
-        }
+    fn cached_snapshot(&self, repo: &str, revision: &str) -> Result<Pulled, HubError> {
+        // The snapshot a run would resolve to: the same lookup.
+        let snapshot = snapshot_dir(&self.cache, repo, revision).ok_or_else(|| HubError::Offline {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            cache: self.cache.clone(),
+        })?;
+        let commit = snapshot.file_name().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Pulled { repo: repo.to_string(), commit, snapshot, files: Vec::new(), offline: true })
     }
 

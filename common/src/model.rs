@@ -61,17 +61,28 @@ pub fn hub_cache_dir() -> PathBuf {
 }
 
 fn hub_cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
-    if let Some(p) = env("HF_HUB_CACHE") {
-        return PathBuf::from(p);
+    match env("HF_HUB_CACHE") {
+        Some(p) => PathBuf::from(p),
+        None => hf_home_from(env).join("hub"),
     }
+}
+
+/// `huggingface_hub`'s home (the token file, and the hub cache unless
+/// `HF_HUB_CACHE` moves it): `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`,
+/// else `~/.cache/huggingface`.
+pub(crate) fn hf_home() -> PathBuf {
+    hf_home_from(|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+}
+
+fn hf_home_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
     if let Some(home) = env("HF_HOME") {
-        return PathBuf::from(home).join("hub");
+        return PathBuf::from(home);
     }
     if let Some(xdg) = env("XDG_CACHE_HOME") {
-        return PathBuf::from(xdg).join("huggingface").join("hub");
+        return PathBuf::from(xdg).join("huggingface");
     }
     let home = env("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
-    home.join(".cache").join("huggingface").join("hub")
+    home.join(".cache").join("huggingface")
 }
 
 pub(crate) fn valid_repo_id(id: &str) -> bool {
@@ -145,7 +156,7 @@ impl ModelSource {
 
 /// The snapshot directory of `repo` at `revision` (a ref such as `main`, or
 /// a commit hash), if the cache holds one with a config or weights in it.
-fn snapshot_dir(hub_cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+pub(crate) fn snapshot_dir(hub_cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
     let cache = Cache::new(hub_cache.to_path_buf());
     let cached = cache.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
     for probe in ["config.json", SINGLE_WEIGHTS, SHARD_INDEX] {

@@ -52,11 +52,16 @@ impl Drop for LoadProgress {
 
 /// `mora-exec: loading NAME [########............]  40%  400.0 MiB / 1.0 GiB`
 pub fn render(program: &str, name: &str, done: u64, total: u64) -> String {
+    format!("{program}: loading {name} {}", bar(done, total))
+}
+
+/// `[########............]  40%  400.0 MiB / 1.0 GiB`
+fn bar(done: u64, total: u64) -> String {
     const WIDTH: usize = 24;
     let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).clamp(0.0, 1.0) };
     let filled = (frac * WIDTH as f64).round() as usize;
     format!(
-        "{program}: loading {name} [{}{}] {:>3}%  {} / {}",
+        "[{}{}] {:>3}%  {} / {}",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         (frac * 100.0).round() as u32,
@@ -124,9 +129,6 @@ fn rate(bytes: u64, elapsed: Duration) -> Option<f64> {
 
 /// `mora-cache: model.safetensors [####........]  33%  30.0 MiB / 90.0 MiB  12.0 MiB/s  ETA 5s`
 pub fn render_download(program: &str, name: &str, done: u64, total: u64, rate: Option<f64>) -> String {
-    const WIDTH: usize = 24;
-    let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).clamp(0.0, 1.0) };
-    let filled = (frac * WIDTH as f64).round() as usize;
     let speed = match rate {
         Some(r) if r > 0.0 => {
             let eta = (total.saturating_sub(done) as f64 / r).ceil() as u64;
@@ -134,14 +136,7 @@ pub fn render_download(program: &str, name: &str, done: u64, total: u64, rate: O
         }
         _ => String::new(),
     };
-    format!(
-        "{program}: {name} [{}{}] {:>3}%  {} / {}{speed}",
-        "#".repeat(filled),
-        ".".repeat(WIDTH - filled),
-        (frac * 100.0).round() as u32,
-        human_bytes(done),
-        human_bytes(total)
-    )
+    format!("{program}: {name} {}{speed}", bar(done, total))
 }
 
 /// 5s, 3m07s, 2h05m.

@@ -12,6 +12,7 @@
 mod chart;
 mod proc;
 mod python;
+pub use python::peer_python;
 mod scenarios;
 
 use std::fmt::Write as _;

@@ -6,6 +6,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+/// The Python peer's interpreter: `$MORA_BENCH_PYTHON`, else the venv
+/// `scripts/bench-python.sh` makes (which may not be installed).
+pub fn peer_python() -> PathBuf {
+    std::env::var_os("MORA_BENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join(".mora-bench").join("python").join("bin").join("python"))
+}
+
 pub struct Python {
     python: PathBuf,
     script: PathBuf,
@@ -15,9 +23,7 @@ impl Python {
     /// `$MORA_BENCH_PYTHON`, else the venv of `scripts/bench-python.sh`;
     /// `Err` says why the peer is skipped.
     pub fn find() -> Result<Python, String> {
-        let python = std::env::var_os("MORA_BENCH_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::root().join(".mora-bench").join("python").join("bin").join("python"));
+        let python = peer_python();
         if !python.exists() {
             return Err(format!("python peer not installed ({} is missing; scripts/bench-python.sh installs it)", python.display()));
         }
