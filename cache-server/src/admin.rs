@@ -36,23 +36,9 @@ fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
     }
 }
 
-/// A model named on the command line: an existing directory is a local
-/// model; anything else is a Hugging Face repo id, `OWNER/NAME[@REVISION]`,
-/// looked up in this process's hub cache.
-pub fn model_source(arg: &str) -> ModelSource {
-    let p = Path::new(arg);
-    if p.is_dir() {
-        return ModelSource::Dir { path: std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()) };
-    }
-    match arg.split_once('@') {
-        Some((repo, rev)) => ModelSource::hf_repo(repo, Some(rev)),
-        None => ModelSource::hf_repo(arg, None),
-    }
-}
-
-/// The selector for a model named on the command line (see [`model_source`]).
+/// The selector for a model named on the command line (see [`ModelSource::from_arg`]).
 pub fn selector(arg: &str, dtype: Option<WeightDType>) -> Selector {
-    Selector { name: model_source(arg).display_name(), dtype }
+    Selector { name: ModelSource::from_arg(arg).display_name(), dtype }
 }
 
 /// Asks the daemon for its state.
@@ -95,30 +81,7 @@ pub fn change(socket: &Path, request: Request) -> Result<(Vec<String>, u64), Adm
 
 /// `ps --json`: an array of objects, one per model held or loading.
 pub fn to_json(models: &[ModelStatus]) -> String {
-    let arr: Vec<serde_json::Value> = models
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "name": m.name,
-                "names": m.names,
-                "state": match m.state { ModelState::Loading => "loading", ModelState::Resident => "resident" },
-                "dir": m.dir,
-                "dtype": m.dtype.to_string(),
-                "device": m.device.to_string(),
-                "bytes": m.bytes,
-                "tensors": m.tensors,
-                "leases": m.leases,
-                "lease_pids": m.lease_pids,
-                "pinned": m.pinned,
-                "keep_alive": m.keep_alive.to_string(),
-                "expires": m.expires_unix_ms.map(|ms| ms / 1000),
-                "loads": m.loads,
-                "hits": m.hits,
-                "last_used": m.last_used_unix_ms / 1000,
-                "load_ms": m.load_ms,
-            })
-        })
-        .collect();
+    let arr: Vec<serde_json::Value> = models.iter().map(ModelStatus::to_json).collect();
     serde_json::to_string_pretty(&arr).expect("JSON of plain values")
 }
 
@@ -334,8 +297,8 @@ mod tests {
     #[test]
     fn a_directory_argument_is_a_local_model_and_anything_else_a_repo() {
         let dir = std::env::temp_dir();
-        assert!(matches!(model_source(dir.to_str().unwrap()), ModelSource::Dir { .. }));
-        match model_source("org/name@v2") {
+        assert!(matches!(ModelSource::from_arg(dir.to_str().unwrap()), ModelSource::Dir { .. }));
+        match ModelSource::from_arg("org/name@v2") {
             ModelSource::HfRepo { repo, revision, .. } => assert_eq!((repo.as_str(), revision.as_str()), ("org/name", "v2")),
             other => panic!("{other:?}"),
         }

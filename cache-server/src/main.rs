@@ -155,7 +155,7 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
         }
         Command::Load { model, dtype, device, pin, keep_alive } => {
             let device = mora_common::gpu::resolve(device).map_err(anyhow::Error::msg)?;
-            match admin::load(&socket, admin::model_source(&model), dtype, device, pin, keep_alive)? {
+            match admin::load(&socket, mora_common::ModelSource::from_arg(&model), dtype, device, pin, keep_alive)? {
                 Some(m) => println!(
                     "{} ({}, {}) resident: {}{}; keep-alive {}",
                     m.name,

@@ -1,10 +1,16 @@
 //! A blocking connection to the daemon, for short-lived clients
-//! (`mora-exec`, and `mora-cache ps`/`stop`).
+//! (`mora-exec`, `mora-cache ps`/`stop`, the Python package), and starting a
+//! daemon when none answers.
 
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::frame::{self, FrameError};
 use crate::protocol::{Hello, HelloReply, Request, Response, HELLO_MAGIC, PROTOCOL_VERSION};
@@ -19,6 +25,85 @@ pub enum ConnectError {
     Refused { path: PathBuf, message: String },
     #[error("the cache daemon at {} broke the handshake: {source}", path.display())]
     Handshake { path: PathBuf, source: FrameError },
+    /// Starting a daemon (see [`connect_or_start`]) failed; one line, with the cause.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// How long to wait for an auto-started daemon to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to the daemon at `socket`. When none listens and `start` names a
+/// `mora-cache` binary, starts `BINARY serve --socket SOCKET` in the
+/// background (its own process group, so a Ctrl-C on the client does not
+/// stop it; its log beside the socket), says so in one line on stderr
+/// prefixed with the client's first word, and waits for it to answer.
+/// Without `start`, a missing daemon is [`ConnectError::NotRunning`].
+pub fn connect_or_start(socket: &Path, client: &str, start: Option<&Path>) -> Result<Connection, ConnectError> {
+    let binary = match Connection::connect(socket, client) {
+        Ok(c) => return Ok(c),
+        Err(ConnectError::NotRunning(p)) => match start {
+            Some(b) => b,
+            None => return Err(ConnectError::NotRunning(p)),
+        },
+        Err(e) => return Err(e),
+    };
+    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ConnectError::Start(format!("cannot create socket directory {}: {e}", dir.display())))?;
+    }
+    let log = crate::paths::log_path(socket);
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| ConnectError::Start(format!("cannot open daemon log {}: {e}", log.display())))?;
+    let mut child = Command::new(binary)
+        .arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| ConnectError::Start(format!("cannot start {}: {e}", binary.display())))?;
+    eprintln!(
+        "{}: no cache daemon at {}; started one (pid {}, log {})",
+        client.split_whitespace().next().unwrap_or(client),
+        socket.display(),
+        child.id(),
+        log.display()
+    );
+    let mut give_up_at = Instant::now() + START_TIMEOUT;
+    loop {
+        match Connection::connect(socket, client) {
+            Ok(c) => return Ok(c),
+            Err(ConnectError::NotRunning(_)) => {}
+            Err(e) => return Err(e),
+        }
+        // A daemon that exits at once may have lost a race to another one
+        // that is about to answer: give that one a moment, not the full wait.
+        if let Ok(Some(_)) = child.try_wait() {
+            give_up_at = give_up_at.min(Instant::now() + Duration::from_secs(2));
+        }
+        if Instant::now() > give_up_at {
+            let last = fs::read_to_string(&log)
+                .ok()
+                .and_then(|l| l.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+                .unwrap_or_default();
+            return Err(ConnectError::Start(format!(
+                "the cache daemon started for {} did not answer: {}",
+                socket.display(),
+                if last.is_empty() { format!("see {}", log.display()) } else { last }
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

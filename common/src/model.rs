@@ -117,6 +117,21 @@ impl ModelSource {
         }
     }
 
+    /// A model as a user names it (`mora-cache load MODEL`, Python's
+    /// `state_dict(MODEL)`): an existing directory is a local model; anything
+    /// else is a Hugging Face repo id, `OWNER/NAME[@REVISION]`, looked up in
+    /// this process's hub cache.
+    pub fn from_arg(arg: &str) -> Self {
+        let p = Path::new(arg);
+        if p.is_dir() {
+            return ModelSource::Dir { path: std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()) };
+        }
+        match arg.split_once('@') {
+            Some((repo, rev)) => ModelSource::hf_repo(repo, Some(rev)),
+            None => ModelSource::hf_repo(arg, None),
+        }
+    }
+
     pub fn display_name(&self) -> String {
         match self {
             ModelSource::HfRepo { repo, revision, .. } if revision == "main" => repo.clone(),

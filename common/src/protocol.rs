@@ -392,6 +392,32 @@ pub struct ModelStatus {
     pub load_ms: u64,
 }
 
+impl ModelStatus {
+    /// One model as `mora-cache ps --json` and Python's `Client.ps()` show it:
+    /// times in seconds since the Unix epoch, the keep-alive as it is written.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "names": self.names,
+            "state": match self.state { ModelState::Loading => "loading", ModelState::Resident => "resident" },
+            "dir": self.dir,
+            "dtype": self.dtype.to_string(),
+            "device": self.device.to_string(),
+            "bytes": self.bytes,
+            "tensors": self.tensors,
+            "leases": self.leases,
+            "lease_pids": self.lease_pids,
+            "pinned": self.pinned,
+            "keep_alive": self.keep_alive.to_string(),
+            "expires": self.expires_unix_ms.map(|ms| ms / 1000),
+            "loads": self.loads,
+            "hits": self.hits,
+            "last_used": self.last_used_unix_ms / 1000,
+            "load_ms": self.load_ms,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub kind: ErrorKind,
