@@ -1,0 +1,65 @@
+"""The exceptions of the mora package.
+
+Every one carries a one-line message, the same the command-line tools print
+for the same failure (what, where, what to do), as ``str(exc)``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MoraError",
+    "InvalidArgument",
+    "ConnectFailed",
+    "DaemonNotRunning",
+    "VersionMismatch",
+    "ConnectionLost",
+    "ClientClosed",
+    "ModelNotFound",
+    "DaemonError",
+]
+
+
+class MoraError(Exception):
+    """Base class of every error the mora package raises."""
+
+
+class InvalidArgument(MoraError, ValueError):
+    """A dtype, device, framework or keep-alive that Mora does not take."""
+
+
+class ConnectFailed(MoraError, ConnectionError):
+    """The daemon could not be reached, or one could not be started."""
+
+
+class DaemonNotRunning(ConnectFailed):
+    """No daemon listens at the socket, and ``autostart`` was off."""
+
+
+class VersionMismatch(ConnectFailed):
+    """The daemon speaks another protocol version than this package."""
+
+
+class ConnectionLost(MoraError, ConnectionError):
+    """The daemon went away in the middle of a request."""
+
+
+class ClientClosed(MoraError, ValueError):
+    """A request on a client after ``close()``."""
+
+
+class ModelNotFound(MoraError, LookupError):
+    """The model does not resolve to files on disk (not in the hub cache, no such directory)."""
+
+
+class DaemonError(MoraError):
+    """The daemon refused or failed a request.
+
+    ``kind`` says why: ``"invalid_model"`` (the files are not a loadable
+    checkpoint), ``"no_room"`` (the model does not fit in the budget even
+    after every possible eviction), ``"refused"`` (leased or pinned),
+    ``"bad_request"`` or ``"internal"``.
+    """
+
+    def __init__(self, message: str, kind: str = "internal") -> None:
+        super().__init__(message)
+        self.kind = kind

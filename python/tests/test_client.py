@@ -1,0 +1,309 @@
+"""The package without torch: numpy state dicts, safe_open, leases, the admin
+calls, and every error a user can meet, each with the CLI's message."""
+
+from __future__ import annotations
+
+import os
+import socket as socketlib
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import mora
+from conftest import MODEL, mora_cache, start_daemon, stop_daemon
+
+
+def test_numpy_state_dict_is_the_checkpoint_viewed_in_place(daemon, model_file):
+    ref = load_file(str(model_file))
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(MODEL, framework="numpy")
+        assert isinstance(sd, dict) and set(sd) == set(ref)
+        for name, want in ref.items():
+            got = sd[name]
+            assert isinstance(got, np.ndarray)
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert np.array_equal(got, want), name
+            assert not got.flags.writeable and not got.flags.owndata, name
+        assert sd.name == MODEL and sd.dtype == "f32" and sd.device == "cpu"
+        assert Path(sd.dir) == model_file.parent
+        assert sd.nbytes >= sum(a.nbytes for a in ref.values())
+        # Every array views one mapping of the daemon's segment, in place.
+        spans = [(a.__array_interface__["data"][0], a.nbytes) for a in sd.values()]
+        start = min(p for p, _ in spans)
+        assert max(p + n for p, n in spans) - start <= sd.nbytes
+        assert all((p - start) % 64 == 0 for p, _ in spans)
+
+
+def test_f16_is_the_checkpoint_rounded_as_numpy_rounds_it(daemon, model_file):
+    ref = load_file(str(model_file))
+    with mora.connect(daemon.socket) as client:
+        for dtype in ("f16", "float16", np.float16, np.dtype("float16")):
+            sd = client.state_dict(MODEL, dtype=dtype, framework="np")
+            assert sd.dtype == "f16"
+            for name, want in ref.items():
+                expect = want.astype(np.float16) if want.dtype == np.float32 else want
+                assert sd[name].dtype == expect.dtype and np.array_equal(sd[name], expect), name
+
+
+def test_a_write_raises_and_a_forced_one_stays_in_this_process(daemon, model_file):
+    name = "embeddings.word_embeddings.weight"
+    want = load_file(str(model_file))[name]
+    with mora.connect(daemon.socket) as client:
+        a = client.state_dict(MODEL, framework="numpy")[name]
+        with pytest.raises(ValueError, match="read-only"):
+            a[0, 0] = 1.0
+        # The mapping is copy-on-write: forcing the flag back writes this
+        # process's private page, never the daemon's segment.
+        a.flags.writeable = True
+        a[0, :] = 7.0
+        fresh = client.state_dict(MODEL, framework="numpy")[name]
+        assert np.array_equal(fresh, want)
+    other = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import mora, numpy as np
+            with mora.connect({str(daemon.socket)!r}, autostart=False) as c:
+                print(float(c.state_dict({MODEL!r}, framework="numpy")[{name!r}][0, 0]))
+        """)],
+        capture_output=True, text=True, check=True,
+    )
+    assert float(other.stdout) == float(want[0, 0])
+
+
+def test_the_lease_lasts_while_the_client_is_open(daemon):
+    client = mora.connect(daemon.socket)
+    sd = client.state_dict(MODEL, framework="numpy")
+    [entry] = [m for m in client.ps() if m["dtype"] == "f32"]
+    assert entry["leases"] == 1 and entry["lease_pids"] == [os.getpid()]
+    assert entry["name"] == MODEL and entry["state"] == "resident" and entry["bytes"] == sd.nbytes
+    # Evicting a leased model is refused, with the CLI's message.
+    with pytest.raises(mora.DaemonError) as refused:
+        client.evict(MODEL)
+    assert refused.value.kind == "refused"
+    cli = daemon.cli("evict", MODEL)
+    assert cli.returncode != 0 and str(refused.value) in cli.stderr
+    client.close()
+    assert client.closed
+    with pytest.raises(mora.ClientClosed, match="closed"):
+        client.ps()
+    with mora.connect(daemon.socket) as c2:
+        assert all(m["leases"] == 0 for m in c2.ps())
+        evicted = c2.evict(MODEL, dtype="f32")
+        assert evicted.models == [MODEL] and evicted.bytes == sd.nbytes
+    # The arrays outlive the lease and the eviction: the pages stay while mapped.
+    assert np.array_equal(sd["embeddings.word_embeddings.weight"], load_file(sd.dir + "/model.safetensors")["embeddings.word_embeddings.weight"])
+
+
+def test_two_processes_share_one_copy(daemon):
+    with mora.connect(daemon.socket) as client:
+        client.state_dict(MODEL, framework="numpy")
+        before = [m for m in client.ps() if m["dtype"] == "f32"][0]
+        code = f"""
+import mora
+with mora.connect({str(daemon.socket)!r}, autostart=False) as c:
+    sd = c.state_dict({MODEL!r}, framework="numpy")
+    print(sd.loaded_now, [m["leases"] for m in c.ps() if m["dtype"] == "f32"][0])
+"""
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        assert out == ["False", "2"]
+        after = [m for m in client.ps() if m["dtype"] == "f32"][0]
+        assert after["loads"] == before["loads"] and after["hits"] == before["hits"] + 1
+
+
+def test_safe_open_drops_into_a_safetensors_loader(daemon, model_file):
+    from safetensors import safe_open as st_open
+
+    with st_open(str(model_file), framework="numpy") as want:
+        with mora.safe_open(MODEL, framework="numpy", socket=daemon.socket, autostart=False) as got:
+            assert got.keys() == sorted(want.keys())
+            for name in want.keys():
+                assert np.array_equal(got.get_tensor(name), want.get_tensor(name))
+                s, w = got.get_slice(name), want.get_slice(name)
+                assert s.get_shape() == w.get_shape() and s.get_dtype() == w.get_dtype()
+                assert np.array_equal(s[:1], w[:1])
+            assert got.metadata() is None
+            with pytest.raises(KeyError, match="no tensor `nope`"):
+                got.get_tensor("nope")
+    with mora.connect(daemon.socket) as client:
+        # The module-level safe_open closed its connection: no lease is left.
+        assert all(m["leases"] == 0 for m in client.ps())
+        with client.safe_open(MODEL, framework="numpy") as f:
+            assert "pooler.dense.weight" in f
+
+
+def test_a_model_directory_and_the_admin_calls(daemon, model_file):
+    d = str(model_file.parent)
+    with mora.connect(daemon.socket) as client:
+        loaded = client.load(d, dtype="f16", pin=True, keep_alive="10m")
+        assert loaded["pinned"] and loaded["dtype"] == "f16" and loaded["keep_alive"] == "10m"
+        # A directory and the repo it is a snapshot of are the same bytes: one entry, two names.
+        sd = client.state_dict(MODEL, dtype="f16", framework="numpy")
+        [entry] = [m for m in client.ps() if m["dtype"] == "f16"]
+        assert sorted(entry["names"]) == sorted([d, MODEL])
+        assert entry["bytes"] == sd.nbytes
+        assert client.unpin(d) and not [m for m in client.ps() if m["dtype"] == "f16"][0]["pinned"]
+        assert client.pin(MODEL, dtype="f16") == [entry["name"]]
+        status = client.status()
+        assert status["pid"] == daemon.proc.pid == client.daemon_pid and status["used"] <= status["budget"]
+        client.unpin(MODEL)
+    with mora.connect(daemon.socket) as client:
+        assert client.evict(MODEL, dtype="f16").models
+
+
+def test_bad_arguments_raise_invalid_argument_before_asking(daemon):
+    with mora.connect(daemon.socket) as client:
+        cases = [
+            (dict(dtype="f8"), "unknown dtype `f8`: expected f32, f16 or bf16"),
+            (dict(dtype=np.int8), "unknown dtype `int8`"),
+            (dict(device="tpu"), "unknown device `tpu`: expected cpu, cuda or cuda:N"),
+            (dict(framework="tf"), "unknown framework `tf`"),
+            (dict(dtype="bf16", framework="numpy"), "numpy has no bfloat16"),
+            (dict(device="cuda:0", framework="numpy"), "numpy arrays live on the host"),
+            (dict(keep_alive="soon", framework="numpy"), "keep_alive"),
+        ]
+        for kwargs, message in cases:
+            with pytest.raises(mora.InvalidArgument) as e:
+                client.state_dict(MODEL, **kwargs)
+            assert message in str(e.value) and "\n" not in str(e.value), kwargs
+            assert isinstance(e.value, ValueError)
+        assert client.ps() is not None  # still connected, nothing leased
+        assert all(m["leases"] == 0 for m in client.ps())
+
+
+def test_cli_dtype_message_is_the_same():
+    # The CLI refuses the same dtype with the same words.
+    cli = subprocess.run([mora_cache(), "load", MODEL, "--dtype", "f8", "--socket", "/nonexistent/s.sock"], capture_output=True, text=True)
+    assert cli.returncode != 0 and "unknown dtype `f8`: expected f32, f16 or bf16" in cli.stderr
+
+
+def test_a_model_not_in_the_cache_is_model_not_found_with_the_cli_message(daemon):
+    with mora.connect(daemon.socket) as client:
+        with pytest.raises(mora.ModelNotFound) as e:
+            client.state_dict("nobody/nothing", framework="numpy")
+        assert isinstance(e.value, LookupError)
+    cli = daemon.cli("load", "nobody/nothing")
+    assert cli.returncode != 0
+    assert str(e.value) in cli.stderr and "mora-cache pull" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_broken_checkpoint_is_a_daemon_error_and_the_daemon_serves_on(daemon, model_file, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_file.parent.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.safetensors").write_bytes(model_file.read_bytes()[: 1 << 20])
+    with mora.connect(daemon.socket) as client:
+        with pytest.raises(mora.DaemonError) as e:
+            client.state_dict(str(bad), framework="numpy")
+        assert e.value.kind == "invalid_model" and "\n" not in str(e.value)
+        assert client.state_dict(MODEL, framework="numpy")
+
+
+def test_no_daemon_and_no_autostart_is_daemon_not_running(tmp_path):
+    sock = tmp_path / "none" / "cache.sock"
+    with pytest.raises(mora.DaemonNotRunning) as e:
+        mora.connect(sock, autostart=False)
+    assert str(e.value) == (
+        f"no cache daemon is listening at {sock}: start one with `mora-cache serve`, or connect with autostart=True"
+    )
+    assert isinstance(e.value, ConnectionError) and isinstance(e.value, mora.ConnectFailed)
+
+
+def test_autostart_starts_a_daemon_that_outlives_the_client(tmp_path, model_file):
+    sock = tmp_path / "auto" / "cache.sock"
+    code = f"""
+import mora
+with mora.connect({str(sock)!r}) as c:
+    c.state_dict({MODEL!r}, framework="numpy")
+    print(c.daemon_pid)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    pid = int(run.stdout)
+    assert f"no cache daemon at {sock}; started one (pid {pid}" in run.stderr
+    try:
+        with mora.connect(sock, autostart=False) as c:
+            assert c.daemon_pid == pid
+            [m] = c.ps()
+            assert m["name"] == MODEL and m["leases"] == 0
+    finally:
+        subprocess.run([mora_cache(), "stop", "--socket", str(sock)], check=True, capture_output=True)
+
+
+def test_autostart_without_mora_cache_on_path_says_so(tmp_path):
+    sock = tmp_path / "x" / "cache.sock"
+    env = dict(os.environ, PATH=str(tmp_path))
+    code = f"import mora\nmora.connect({str(sock)!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("mora.errors.ConnectFailed: no cache daemon is listening at")
+    assert "`mora-cache` is not on PATH" in last
+
+
+def _postcard_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_a_daemon_of_another_protocol_version_is_version_mismatch(tmp_path):
+    # A stand-in daemon that answers every hello as a daemon of protocol 99
+    # does (HelloReply::version_mismatch; the hello frames are frozen).
+    path = tmp_path / "old.sock"
+    server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    ours = mora.PROTOCOL_VERSION
+    message = (
+        f"daemon speaks protocol 99, client speaks {ours}: restart the daemon "
+        "(mora-cache stop) so that the one matching this client starts"
+    ).encode()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            (n,) = struct.unpack("<I", conn.recv(4))
+            while n > 0:
+                n -= len(conn.recv(n))
+            body = _postcard_varint(99) + b"\x00" + _postcard_varint(len(message)) + message + _postcard_varint(4242)
+            conn.sendall(struct.pack("<I", len(body)) + body)
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        with pytest.raises(mora.VersionMismatch) as e:
+            mora.connect(path, autostart=False)
+    finally:
+        t.join(5)
+        server.close()
+    assert str(e.value) == f"the cache daemon at {path} refused this client: {message.decode()}"
+
+
+def test_a_daemon_that_dies_mid_session_is_connection_lost(tmp_path):
+    d = start_daemon(tmp_path / "dying" / "cache.sock")
+    client = mora.connect(d.socket, autostart=False)
+    stop_daemon(d)
+    with pytest.raises(mora.ConnectionLost) as e:
+        client.ps()
+    assert "lost the connection to the cache daemon" in str(e.value) and "\n" not in str(e.value)
+    client.close()
+
+
+def test_the_package_describes_itself():
+    assert mora.__version__ and isinstance(mora.PROTOCOL_VERSION, int)
+    for name in mora.__all__:
+        assert getattr(mora, name).__doc__, name
+    assert issubclass(mora.DaemonNotRunning, mora.MoraError)
+    stubs = Path(mora.__file__).parent / "_mora.pyi"
+    assert stubs.is_file() and (Path(mora.__file__).parent / "py.typed").is_file()
