@@ -6,6 +6,10 @@
 # CUDA 13.0 or newer and cuBLAS, cuRAND and NVRTC 13 on LD_LIBRARY_PATH
 # (docs/cuda.md).
 #
+# Also builds the Python package's wheel (python/; it needs no CUDA at build
+# time, it opens IPC handles through the driver with ctypes) into OUT_DIR, for
+# scripts/gpu-check.sh.
+#
 # Usage: scripts/build-cuda.sh [OUT_DIR]   (default: target/cuda/dist)
 # Environment: CUDA_COMPUTE_CAP (default 90: H100, H200), MORA_CUDA_PREFIX,
 #              JOBS (cargo -j, default: all cores).
@@ -13,7 +17,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 case "${1:-}" in
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 OUT="${1:-$ROOT/target/cuda/dist}"
 PREFIX="${MORA_CUDA_PREFIX:-$ROOT/.mora-cuda}"
@@ -39,3 +43,8 @@ for bin in mora-cache mora-exec; do
     printf '  %-10s %6.1f MiB  needs: %s\n' "$bin" "$(awk -v b="$(stat -c %s "$OUT/$bin")" 'BEGIN { print b / 1048576 }')" \
         "$(readelf -d "$OUT/$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | grep -E 'cuda|cublas|curand|nvrtc' | tr '\n' ' ')"
 done
+
+echo "build-cuda: the Python package's wheel (pip wheel ./python)" >&2
+rm -f "$OUT"/mora-*.whl
+python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$OUT" ./python >&2
+ls "$OUT"/mora-*.whl >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the CUDA path on a GPU machine and prints a report to paste into
 # docs/gpu-results.md: correctness against the CPU, sharing across clients,
-# and the figures (CUDA context, IPC open, time to first result, load GB/s).
+# the figures (CUDA context, IPC open, time to first result, load GB/s), and
+# the Python package's torch CUDA tensors (when its wheel is in BIN_DIR).
 #
 # Usage: scripts/gpu-check.sh [BIN_DIR]    (default: target/cuda/dist, made
 #        by scripts/build-cuda.sh on any machine and carried over)
@@ -208,3 +209,55 @@ echo
 echo "### Daemon loads"
 echo
 sed -nE 's/.* resident model=([^ ]*) .*device=(cpu|cuda GPU-[^ ]*) mib=([0-9.]*) ms=([0-9]*) gb_per_s=([0-9.]*).*/- \1 on \2: \3 MiB in \4 ms, \5 GB\/s (read, converted, copied to the device)/p' "$WORK/daemon.log"
+
+# -- the Python package on the GPU ----------------------------------------------
+WHEEL="$(ls "$BIN"/mora-*.whl 2>/dev/null | head -1 || true)"
+echo
+echo "### Python package: torch CUDA tensors over the daemon's allocation"
+echo
+if ((GPU == 0)) || [[ -z "$WHEEL" ]] || ! "$PY" -c "import torch, safetensors" 2>/dev/null; then
+    echo "- not run: needs DEVICE=cuda:N, the wheel in $BIN (scripts/build-cuda.sh) and torch + safetensors in $PY"
+else
+    log "Python package: state_dict on $DEVICE"
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-index --target "$WORK/pylib" "$WHEEL" >&2
+    PYTHONPATH="$WORK/pylib" DEVICE="$DEVICE" "$PY" - <<'PY' || echo "- FAIL: the Python check raised (see above)"
+import gc, os, time
+import torch
+from safetensors.torch import load_file
+import mora
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+dev = os.environ["DEVICE"]
+def leases(c):
+    return sum(m["leases"] for m in c.ps() if m["device"] != "cpu")
+client = mora.connect(autostart=False)
+t0 = time.perf_counter()
+sd = client.state_dict(MODEL, dtype=torch.float16, device=dev)
+first = (time.perf_counter() - t0) * 1000
+t0 = time.perf_counter()
+sd2 = client.state_dict(MODEL, dtype=torch.float16, device=dev)
+again = (time.perf_counter() - t0) * 1000
+ref = {k: (v.half() if v.is_floating_point() else v).to(dev) for k, v in load_file(os.path.join(sd.dir, "model.safetensors")).items()}
+same = all(torch.equal(sd[k], ref[k]) for k in ref) and set(sd) == set(ref)
+on_gpu = all(t.is_cuda for t in sd.values())
+print(f"- state_dict(dtype=float16, device={dev!r}): {first:.0f} ms (the daemon loaded it to the GPU), again {again:.1f} ms")
+print(f"- every tensor on the GPU: {'PASS' if on_gpu else 'FAIL'}; equal to the file's weights as f16: {'PASS' if same else 'FAIL'}")
+w = sd["encoder.layer.0.attention.self.query.weight"]
+x = torch.randn(8, w.shape[1], device=dev, dtype=torch.float16)
+y = x @ w.T
+print(f"- a matmul on the lent weights: {'PASS' if torch.allclose(y.float(), (x.float() @ ref['encoder.layer.0.attention.self.query.weight'].float().T), atol=1e-2, rtol=1e-2) else 'FAIL'}")
+del sd2          # its mapping closes and its lease ends
+gc.collect()
+client.close()
+watch = mora.connect(autostart=False)
+held = leases(watch)
+del sd, w, y
+gc.collect()
+torch.cuda.synchronize()
+time.sleep(0.2)
+released = leases(watch)
+print(f"- after close() with tensors alive, GPU leases: {held} (expected 1, the tensors hold it): {'PASS' if held == 1 else 'FAIL'}")
+print(f"- after the tensors are gone, GPU leases: {released} (expected 0): {'PASS' if released == 0 else 'FAIL'}")
+watch.close()
+PY
+fi

@@ -239,12 +239,19 @@ class _Session:
         self.gpu_mappings = 0
         self.lock = threading.Lock()
 
-    def mapping_closed(self) -> None:
+    def mapping_closed(self, lease: int) -> None:
+        """A GPU mapping's tensors are all gone: end its lease now, and close
+        the connection if the client is closed and it was the last one."""
         with self.lock:
             self.gpu_mappings -= 1
             done = not self.client_open and self.gpu_mappings == 0
         if done:
             self.conn.close()
+        elif not self.conn.closed:
+            try:
+                self.conn.release(lease)
+            except MoraError:
+                pass
 
     def close_client(self) -> None:
         with self.lock:
@@ -358,11 +365,9 @@ class Client:
                 session = self._session
                 with session.lock:
                     session.gpu_mappings += 1
-                try:
-                    tensors = _cuda.tensors(acquired, ordinal, session, session.mapping_closed)
-                except BaseException:
-                    session.mapping_closed()
-                    raise
+                lease = acquired.lease
+                # mapping_closed runs once, when the mapping goes (or at once if it cannot open).
+                tensors = _cuda.tensors(acquired, ordinal, session, lambda: session.mapping_closed(lease))
         except BaseException:
             try:
                 conn.release(acquired.lease)

@@ -76,16 +76,16 @@ class IpcMapping:
 
     ``keep`` is held until the mapping closes (the connection whose lease
     keeps the allocation alive); ``on_close`` is called after the handle is
-    closed.
+    closed, only if it was opened.
     """
 
     def __init__(self, handle: bytes, ordinal: int, keep: Any, on_close: Any) -> None:
+        self.ptr = 0
+        self._on_close = None
         lib = _driver()
         self._lib = lib
         self._dev = _device(ordinal)
         self._keep = keep
-        self._on_close = on_close
-        self.ptr = 0
         ctx = ctypes.c_void_p()
         _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), self._dev), "cuDevicePrimaryCtxRetain")
         self._ctx = ctx
@@ -99,6 +99,7 @@ class IpcMapping:
                 "cuIpcOpenMemHandle",
             )
             self.ptr = ptr.value
+            self._on_close = on_close
         except BaseException:
             lib.cuDevicePrimaryCtxRelease_v2(self._dev)
             raise
@@ -153,7 +154,12 @@ def tensors(acquired: Any, ordinal: int, keep: Any, on_close: Any) -> Dict[str, 
     """torch CUDA tensors over the daemon's allocation, one per manifest row."""
     import torch
 
-    mapping = IpcMapping(acquired.ipc_handle, ordinal, keep, on_close)
+    # on_close runs exactly once: when the mapping is collected, or now if it cannot open.
+    try:
+        mapping = IpcMapping(acquired.ipc_handle, ordinal, keep, on_close)
+    except BaseException:
+        on_close()
+        raise
     out: Dict[str, Any] = {}
     device = torch.device("cuda", ordinal)
     for name, dtype, shape, offset, length in acquired.tensors:

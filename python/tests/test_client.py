@@ -307,3 +307,49 @@ def test_the_package_describes_itself():
     assert issubclass(mora.DaemonNotRunning, mora.MoraError)
     stubs = Path(mora.__file__).parent / "_mora.pyi"
     assert stubs.is_file() and (Path(mora.__file__).parent / "py.typed").is_file()
+
+
+def test_gpu_mappings_hold_the_connection_until_the_last_is_gone():
+    # The bookkeeping behind device="cuda:N" (the IPC path itself needs a GPU:
+    # scripts/gpu-check.sh runs it): each collected mapping ends its lease;
+    # the connection closes only once the client is closed and none is left.
+    class Conn:
+        closed = False
+
+        def __init__(self) -> None:
+            self.released = []
+
+        def release(self, lease: int) -> None:
+            self.released.append(lease)
+
+        def close(self) -> None:
+            self.closed = True
+
+    conn = Conn()
+    session = mora._Session(conn)
+    session.gpu_mappings = 2
+    session.mapping_closed(7)
+    assert conn.released == [7] and not conn.closed
+    session.close_client()
+    assert not conn.closed
+    session.mapping_closed(8)
+    assert conn.closed and conn.released == [7]
+    alone = mora._Session(Conn())
+    alone.close_client()
+    assert alone.conn.closed
+
+
+def test_a_cuda_device_without_a_driver_is_invalid_argument():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        pass
+    else:
+        pytest.skip("this machine has a CUDA driver: scripts/gpu-check.sh covers device=cuda")
+    from mora import _cuda
+
+    with pytest.raises(mora.InvalidArgument) as e:
+        _cuda.uuid(0)
+    assert str(e.value).startswith("device cuda: CUDA is not usable here: cannot load libcuda.so.1")
