@@ -157,12 +157,25 @@ impl Env {
     }
 
     pub fn start_daemon_with(&mut self, args: &[&str]) {
+        self.start_daemon_with_env(args, &[]);
+    }
+
+    /// A scratch environment with a daemon started with `serve ARGS...` and
+    /// these environment variables set.
+    pub fn with_daemon_env(tag: &str, args: &[&str], vars: &[(&str, &str)]) -> Env {
+        let mut env = Env::new(tag);
+        env.start_daemon_with_env(args, vars);
+        env
+    }
+
+    pub fn start_daemon_with_env(&mut self, args: &[&str], vars: &[(&str, &str)]) {
         let log = std::fs::File::create(self.scratch.join("daemon.log")).expect("daemon log");
         let child = self
             .command("mora-cache")
             .args(["serve", "--socket"])
             .arg(&self.socket)
             .args(args)
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
