@@ -207,8 +207,9 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
             };
             let (written, mapped) = (daemon("written"), daemon("mapped"));
             let dir_arg = dir.display().to_string();
-            let daemon_load = |env: &Env, cached: bool| {
-                let (file, dir_arg) = (&file, &dir_arg);
+            let daemons = [&written, &mapped];
+            let daemon_load = |which: usize, cached: bool| {
+                let (env, file, dir_arg) = (daemons[which], &file, &dir_arg);
                 move || -> Result<Duration, String> {
                     run_ok(env.command("mora-cache").arg("clear"))?;
                     if !cached {
@@ -235,12 +236,12 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
             let m = interleave(
                 &mut [
                     Contender::new("raw read(2), page cache dropped", raw_read(false)),
-                    Contender::new("daemon load (pwrite), page cache dropped", daemon_load(&written, false)),
-                    Contender::new("daemon load (mapping), page cache dropped", daemon_load(&mapped, false)),
+                    Contender::new("daemon load (pwrite), page cache dropped", daemon_load(0, false)),
+                    Contender::new("daemon load (mapping), page cache dropped", daemon_load(1, false)),
                     Contender::new("raw read(2), file in page cache", raw_read(true)),
                     Contender::new("memcpy", move || Ok(memcpy.time(bytes))),
-                    Contender::new("daemon load (pwrite), file in page cache", daemon_load(&written, true)),
-                    Contender::new("daemon load (mapping), file in page cache", daemon_load(&mapped, true)),
+                    Contender::new("daemon load (pwrite), file in page cache", daemon_load(0, true)),
+                    Contender::new("daemon load (mapping), file in page cache", daemon_load(1, true)),
                 ],
                 config.repeats,
             )?;
@@ -635,7 +636,8 @@ pub fn many_models(config: &Config) -> Result<Section, String> {
             ps.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let row = (quantile(&times, 0.5), quantile(&times, 0.99), quantile(&times, 1.0), quantile(&ps, 0.5), quantile(&ps, 0.99));
-        table.row(vec![k.to_string(), fmt_ms(row.0), fmt_ms(row.1), fmt_ms(row.2), fmt_ms(row.3), fmt_ms(row.4)]);
+        let us = |ms: f64| format!("{:.0} µs", ms * 1e3);
+        table.row(vec![k.to_string(), us(row.0), us(row.1), us(row.2), fmt_ms(row.3), fmt_ms(row.4)]);
         rows.push(row);
     }
     let (first, last) = (rows[0], rows[rows.len() - 1]);
