@@ -13,13 +13,14 @@ use mora::bench::{self, Config};
 /// Scenarios: 1 repeat one workflow (warm daemon, --no-cache, a Python process
 /// per run, a persistent Python worker); 2 model size (time to first token,
 /// cold load against raw read bandwidth); 3 cross-workflow reuse; 4
-/// concurrency and memory; 5 soak. The Python peer is optional
+/// concurrency and memory; 5 soak; 6 many models (acquire and ps latency).
+/// The Python peer is optional
 /// (scripts/bench-python.sh installs it).
 #[derive(Parser)]
 #[command(name = "mora-bench", bin_name = "scripts/bench.sh")]
 struct Args {
     /// Scenarios to run, e.g. 1,3 [default: all]
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=5))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=6))]
     scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses --runs)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -31,11 +32,17 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "100MiB,1GiB,4GiB")]
     sizes: Vec<String>,
     /// Scenario 4: numbers of concurrent clients
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
     clients: Vec<usize>,
     /// Scenario 5: sequential runs
     #[arg(long, default_value_t = 500)]
     soak_runs: usize,
+    /// Scenario 6: small models resident at the end
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    models: u64,
+    /// Scenario 6: acquires timed per number of models
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
+    acquires: u64,
     /// A configuration that runs every scenario in a minute on tiny models (what CI runs); writes under --report's directory
     #[arg(long)]
     smoke: bool,
@@ -59,6 +66,8 @@ fn main() -> ExitCode {
         config.model_sizes = args.sizes;
         config.clients = args.clients;
         config.soak_runs = args.soak_runs;
+        config.many_models = args.models as usize;
+        config.acquires = args.acquires as usize;
     }
     if !args.scenarios.is_empty() {
         config.scenarios = args.scenarios;

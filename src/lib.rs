@@ -157,12 +157,25 @@ impl Env {
     }
 
     pub fn start_daemon_with(&mut self, args: &[&str]) {
+        self.start_daemon_with_env(args, &[]);
+    }
+
+    /// A scratch environment with a daemon started with `serve ARGS...` and
+    /// these environment variables set.
+    pub fn with_daemon_env(tag: &str, args: &[&str], vars: &[(&str, &str)]) -> Env {
+        let mut env = Env::new(tag);
+        env.start_daemon_with_env(args, vars);
+        env
+    }
+
+    pub fn start_daemon_with_env(&mut self, args: &[&str], vars: &[(&str, &str)]) {
         let log = std::fs::File::create(self.scratch.join("daemon.log")).expect("daemon log");
         let child = self
             .command("mora-cache")
             .args(["serve", "--socket"])
             .arg(&self.socket)
             .args(args)
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -343,6 +356,9 @@ pub fn kib_field(text: &str, key: &str) -> u64 {
 pub fn process_memory(pid: u32) -> (u64, u64) {
     let rss_kib = kib_field(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:");
     let mut memfd = 0u64;
+    // Each segment once, however many descriptors of it are open (the
+    // daemon holds a second one while it sends a segment to a client).
+    let mut seen = std::collections::HashSet::new();
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {
             let is_segment = std::fs::read_link(fd.path())
@@ -351,7 +367,9 @@ pub fn process_memory(pid: u32) -> (u64, u64) {
             if is_segment {
                 if let Ok(meta) = std::fs::metadata(fd.path()) {
                     use std::os::unix::fs::MetadataExt;
-                    memfd += meta.blocks() * 512;
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        memfd += meta.blocks() * 512;
+                    }
                 }
             }
         }

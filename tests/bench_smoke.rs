@@ -14,7 +14,7 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
     assert_eq!(
         titles,
-        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak"]
+        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models"]
     );
     let md = std::fs::read_to_string(&config.report).expect("report written");
     for t in &titles {
@@ -37,7 +37,9 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     // Scenario 2: one row per contender and size, and a target per size.
     let s2 = &report.sections[1];
     assert_eq!(s2.tables[0].rows.len(), 2 * config.model_sizes.len());
-    assert_eq!(s2.tables[1].rows.len(), 4 * config.model_sizes.len());
+    // Per size: three loads (bf16 widened, bf16 kept, f32 kept), seven contenders each.
+    assert_eq!(s2.tables[1].rows.len(), 3 * 7 * config.model_sizes.len());
+    assert_eq!(s2.targets.len(), 1 + 3 * 2 * config.model_sizes.len());
     // Scenario 3: each of the two models loaded once per sequence and lent to
     // its 6 runs (A and B use MiniLM, B and C the llama).
     let ps = &report.sections[2].tables[2];
@@ -61,6 +63,12 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let s5 = &report.sections[4];
     assert!(s5.notes[0].contains("0 open leases, 1 loads, 4 leases granted"), "{:?}", s5.notes);
     assert_eq!(s5.targets.len(), 2);
+
+    // Scenario 6: one row per number of models resident, up to all of them.
+    let s6 = &report.sections[5];
+    let counts: Vec<&str> = s6.tables[0].rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(counts, ["1", &config.many_models.to_string()]);
+    assert_eq!(s6.targets.len(), 3);
 
     // A rerun keeps what was written by hand after the marker.
     std::fs::write(&config.report, format!("old figures\n{KEPT}\n## Analysis\nby hand\n")).unwrap();

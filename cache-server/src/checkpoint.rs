@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use mora_common::manifest::{tensor_bytes, Manifest, TensorDType, WeightDType, DEVICE_TENSOR_ALIGN, TENSOR_ALIGN};
 use mora_common::protocol::{Device, SegmentDescriptor};
-use mora_common::segment::{Segment, SegmentError, SegmentWriter};
+use mora_common::segment::{huge_pages_only_on_advice, Segment, SegmentError, SegmentFile, SegmentWriter};
 use mora_common::ResolvedModel;
 
 use crate::gpu::{DeviceBuffer, GpuMemory};
@@ -40,6 +40,8 @@ pub enum CheckpointError {
     Segment(#[from] SegmentError),
     #[error("GPU: {0}")]
     Gpu(String),
+    #[error("cannot write the shared-memory segment: {0}")]
+    Write(io::Error),
 }
 
 /// One tensor as a checkpoint file stores it.
@@ -236,33 +238,102 @@ pub const READ_CHUNK: usize = 16 << 20;
 /// Bytes past the current chunk that the kernel is asked to read ahead.
 const READ_AHEAD: u64 = 2 * READ_CHUNK as u64;
 
+/// Bytes per chunk when a host segment is filled with `pwrite`: small
+/// enough that a converted chunk is still in the CPU's cache when the writer
+/// thread copies it into the segment.
+pub const WRITE_CHUNK: usize = 4 << 20;
+
+/// Chunks in flight between the reading thread and the writing one.
+const WRITE_BUFFERS: usize = 3;
+
 /// Where [`fill`] puts the bytes it reads: a buffer per chunk, filled then
 /// handed back.
 pub trait Sink {
     /// A buffer for the `len` bytes at `offset` of the segment.
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String>;
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError>;
     /// The buffer last returned holds its bytes.
-    fn filled(&mut self) -> Result<(), String>;
+    fn filled(&mut self) -> Result<(), CheckpointError>;
+    /// The largest chunk this sink wants, in bytes of the segment.
+    fn chunk(&self) -> usize {
+        READ_CHUNK
+    }
 }
 
-/// A host segment being written: chunks are read straight into its mapping.
-struct HostSink<'a>(&'a mut [u8]);
+/// A host segment being written through a mapping: chunks are read straight
+/// into it.
+struct MappedSink<'a>(&'a mut [u8]);
 
-impl Sink for HostSink<'_> {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
+impl Sink for MappedSink<'_> {
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
         Ok(&mut self.0[offset as usize..offset as usize + len])
     }
-    fn filled(&mut self) -> Result<(), String> {
+    fn filled(&mut self) -> Result<(), CheckpointError> {
         Ok(())
     }
 }
 
-impl<S: crate::gpu::Upload + ?Sized> Sink for Box<S> {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
-        (**self).buffer(offset, len)
+/// A host segment filled with `pwrite`: chunks are read (and converted) into
+/// a few reused buffers on the loading thread and written into the segment by
+/// another, so reading, converting and page allocation overlap.
+struct WrittenSink {
+    /// Empty buffers coming back from the writer.
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    to_writer: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
+    current: Option<(u64, Vec<u8>)>,
+}
+
+impl Sink for WrittenSink {
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
+        // A closed channel means the writer stopped on an error, which
+        // `fill_written` reports.
+        let mut buf = self.free.recv().map_err(|_| CheckpointError::Write(io::Error::other("the writer stopped")))?;
+        buf.resize(len, 0);
+        Ok(&mut self.current.insert((offset, buf)).1)
     }
-    fn filled(&mut self) -> Result<(), String> {
-        (**self).filled()
+    fn filled(&mut self) -> Result<(), CheckpointError> {
+        let chunk = self.current.take().expect("buffer() before filled()");
+        let to_writer = self.to_writer.as_ref().expect("open until the end");
+        to_writer.send(chunk).map_err(|_| CheckpointError::Write(io::Error::other("the writer stopped")))
+    }
+    fn chunk(&self) -> usize {
+        WRITE_CHUNK
+    }
+}
+
+/// Fills `segment` with `pwrite` from a writer thread while this thread reads
+/// and converts the next chunks.
+fn fill_written(plan: &Plan, segment: &SegmentFile, progress: &AtomicU64) -> Result<u64, CheckpointError> {
+    let (to_writer, chunks) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_BUFFERS);
+    let (give_back, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_BUFFERS);
+    for _ in 0..WRITE_BUFFERS {
+        give_back.send(Vec::with_capacity(WRITE_CHUNK)).expect("room for every buffer");
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> io::Result<()> {
+            for (offset, buf) in chunks {
+                segment.write_all_at(&buf, offset)?;
+                let _ = give_back.send(buf);
+            }
+            Ok(())
+        });
+        let mut sink = WrittenSink { free, to_writer: Some(to_writer), current: None };
+        let filled = fill(plan, &mut sink, progress);
+        // Closing the channel lets the writer finish what is queued and stop.
+        drop(sink);
+        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+        match (filled, written) {
+            (_, Err(e)) => Err(CheckpointError::Write(e)),
+            (filled, Ok(())) => filled,
+        }
+    })
+}
+
+impl<S: crate::gpu::Upload + ?Sized> Sink for Box<S> {
+    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
+        (**self).buffer(offset, len).map_err(CheckpointError::Gpu)
+    }
+    fn filled(&mut self) -> Result<(), CheckpointError> {
+        (**self).filled().map_err(CheckpointError::Gpu)
     }
 }
 
@@ -278,11 +349,11 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
     let start = Instant::now();
     let len = plan.manifest.segment_len;
     let (storage, bytes_read) = match target {
-        Target::Host => {
-            let mut writer = SegmentWriter::create(&format!("mora:{name}"), len)?;
-            let bytes_read = fill(&plan, &mut HostSink(writer.as_mut_slice()), progress)?;
-            (Storage::Host(writer.seal()?), bytes_read)
-        }
+        // Where huge pages come only to mappings that ask for them, a
+        // mapping is filled: its 2 MiB pages cost less than `pwrite`'s 4 KiB
+        // ones. Everywhere else `pwrite` is faster, since the kernel does
+        // not zero a page that a write fills (docs/decisions.md).
+        Target::Host => load_host(name, &plan, fill_by_mapping(), progress)?,
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
             let mut upload = buffer.upload().map_err(CheckpointError::Gpu)?;
@@ -294,8 +365,34 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
     Ok(Loaded { manifest: plan.manifest, storage, bytes_read, elapsed: start.elapsed() })
 }
 
-/// Reads every tensor of `plan` into `sink` in chunks of at most
-/// [`READ_CHUNK`] bytes, converting floats on the way; returns the bytes read.
+/// Whether host segments are filled through a mapping rather than with
+/// `pwrite`: where huge pages come only to mappings that ask for them,
+/// unless `MORA_SEGMENT_FILL` (`mapped` or `written`) says otherwise, which
+/// the benchmarks use to compare the two on one machine.
+fn fill_by_mapping() -> bool {
+    match std::env::var("MORA_SEGMENT_FILL").as_deref() {
+        Ok("mapped") => true,
+        Ok("written") => false,
+        _ => huge_pages_only_on_advice(),
+    }
+}
+
+/// A host segment filled through a mapping (`mapped`) or with `pwrite`.
+fn load_host(name: &str, plan: &Plan, mapped: bool, progress: &AtomicU64) -> Result<(Storage, u64), CheckpointError> {
+    let len = plan.manifest.segment_len;
+    if mapped {
+        let mut writer = SegmentWriter::create(&format!("mora:{name}"), len)?;
+        let bytes_read = fill(plan, &mut MappedSink(writer.as_mut_slice()), progress)?;
+        Ok((Storage::Host(writer.seal()?), bytes_read))
+    } else {
+        let segment = SegmentFile::create(&format!("mora:{name}"), len)?;
+        let bytes_read = fill_written(plan, &segment, progress)?;
+        Ok((Storage::Host(segment.seal()?), bytes_read))
+    }
+}
+
+/// Reads every tensor of `plan` into `sink` in chunks of at most the sink's
+/// [`Sink::chunk`] bytes, converting floats on the way; returns the bytes read.
 pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     let mut bytes_read = 0u64;
     let mut open: Option<(PathBuf, File)> = None;
@@ -309,7 +406,7 @@ pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u6
         let io_err = |source: io::Error| CheckpointError::Io { path: path.clone(), source };
         let (src_size, dst_size) = (t.dtype.size_in_bytes() as u64, entry.dtype.size_in_bytes() as u64);
         let elems = entry.len / dst_size;
-        let per_chunk = READ_CHUNK as u64 / src_size.max(dst_size);
+        let per_chunk = (sink.chunk() as u64 / src_size.max(dst_size)).max(1);
         let mut done = 0u64;
         while done < elems {
             let n = per_chunk.min(elems - done);
@@ -320,21 +417,54 @@ pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u6
             if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD) {
                 let _ = rustix::fs::fadvise(file, at + n * src_size, Some(ahead), rustix::fs::Advice::WillNeed);
             }
-            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize).map_err(CheckpointError::Gpu)?;
+            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize)?;
             if t.dtype == entry.dtype {
                 file.read_exact_at(out, at).map_err(io_err)?;
             } else {
                 scratch.resize((n * src_size) as usize, 0);
                 file.read_exact_at(&mut scratch, at).map_err(io_err)?;
-                convert(&scratch, t.dtype, out, entry.dtype);
+                let threads = conversion_threads().min(n as usize / MIN_PARALLEL_ELEMENTS);
+                convert_parallel(&scratch, t.dtype, out, entry.dtype, threads);
             }
-            sink.filled().map_err(CheckpointError::Gpu)?;
+            sink.filled()?;
             progress.fetch_add(n * dst_size, Ordering::Relaxed);
             done += n;
         }
         bytes_read += t.len;
     }
     Ok(bytes_read)
+}
+
+/// Threads a chunk's conversion is spread over: every core but one, which
+/// the segment's writer or the GPU upload keeps busy.
+fn conversion_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).saturating_sub(1).max(1))
+}
+
+/// Below this many elements a conversion runs on the calling thread alone.
+const MIN_PARALLEL_ELEMENTS: usize = 1 << 18;
+
+/// [`convert`], split at element boundaries over up to `threads` threads.
+/// Each element converts on its own, so the bytes are the same however the
+/// work is split.
+fn convert_parallel(src: &[u8], from: TensorDType, dst: &mut [u8], to: TensorDType, threads: usize) {
+    let (src_size, dst_size) = (from.size_in_bytes(), to.size_in_bytes());
+    let elems = src.len() / src_size;
+    let threads = threads.min(elems).max(1);
+    if threads == 1 {
+        return convert(src, from, dst, to);
+    }
+    let per = elems.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let pieces = src.chunks(per * src_size).zip(dst.chunks_mut(per * dst_size));
+        let mut pieces: Vec<_> = pieces.collect();
+        let last = pieces.pop().expect("at least one piece");
+        for (s, d) in pieces {
+            scope.spawn(move || convert(s, from, d, to));
+        }
+        convert(last.0, from, last.1, to);
+    });
 }
 
 /// Converts little-endian floats between types, rounding as candle's
@@ -515,6 +645,79 @@ pub(crate) mod tests {
         assert_eq!(i.dtype, TensorDType::I64);
         assert_eq!(&map.as_slice()[i.offset as usize..][..24], &ids[..]);
         assert_eq!(loaded.bytes_read, 16 + 24);
+    }
+
+    #[test]
+    fn a_conversion_split_over_threads_gives_the_same_bytes_at_odd_sizes() {
+        let src: Vec<u8> = (0..10_007u32).flat_map(|i| ((i.wrapping_mul(2_654_435_761) >> 16) as u16).to_le_bytes()).collect();
+        for (from, to) in [(TensorDType::BF16, TensorDType::F32), (TensorDType::F16, TensorDType::F32), (TensorDType::BF16, TensorDType::F16)] {
+            let elems = src.len() / 2;
+            let mut serial = vec![0u8; elems * to.size_in_bytes()];
+            convert(&src, from, &mut serial, to);
+            for threads in [1, 2, 3, 7, 64] {
+                for cut in [elems, elems - 1, 5, 1, 0] {
+                    let s = &src[..cut * 2];
+                    let mut split = vec![0xAAu8; cut * to.size_in_bytes()];
+                    convert_parallel(s, from, &mut split, to, threads);
+                    assert_eq!(split[..], serial[..split.len()], "{from:?} to {to:?}, {cut} elements over {threads} threads");
+                }
+            }
+        }
+    }
+
+    /// Every tensor of `loaded` as (name, dtype, bytes).
+    fn contents(loaded: &Loaded) -> Vec<(String, TensorDType, Vec<u8>)> {
+        let map = host(loaded).map().unwrap();
+        loaded
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype, map.as_slice()[t.offset as usize..(t.offset + t.len) as usize].to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn written_and_mapped_segments_hold_the_same_bytes_across_chunks_and_dtypes() {
+        // Odd sizes over several write chunks, in every stored float type,
+        // with an integer tensor between them.
+        let n = WRITE_CHUNK / 2 + 4_099;
+        let f: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let bf: Vec<u8> = f.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
+        let hf: Vec<u8> = f.iter().take(1_001).flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
+        let ids: Vec<u8> = (0..13i64).flat_map(|x| x.to_le_bytes()).collect();
+        let d = model_dir("written");
+        write_safetensors(
+            &d.join("model.safetensors"),
+            &[
+                ("f", "F32", vec![n], f32_bytes(&f)),
+                ("ids", "I64", vec![13], ids.clone()),
+                ("bf", "BF16", vec![n], bf.clone()),
+                ("hf", "F16", vec![7, 143], hf.clone()),
+                ("empty", "BF16", vec![0, 3], vec![]),
+            ],
+        );
+        let model = resolved(&d);
+        for dtype in [WeightDType::F32, WeightDType::BF16, WeightDType::F16] {
+            let load_with = |mapped: bool| {
+                let p = plan(&model, dtype, Device::Cpu).unwrap();
+                let progress = AtomicU64::new(0);
+                let (storage, bytes_read) = load_host("t", &p, mapped, &progress).unwrap();
+                assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
+                Loaded { manifest: p.manifest, storage, bytes_read, elapsed: Duration::ZERO }
+            };
+            let (mapped, written) = (load_with(true), load_with(false));
+            assert_eq!(contents(&mapped), contents(&written), "{dtype}");
+            assert_eq!(mapped.bytes_read, written.bytes_read);
+            // A tensor stored in the dtype asked for is the file's bytes.
+            let kept = contents(&written);
+            let by_name = |name: &str| kept.iter().find(|t| t.0 == name).unwrap().2.clone();
+            assert_eq!(by_name("ids"), ids);
+            match dtype {
+                WeightDType::F32 => assert_eq!(by_name("f"), f32_bytes(&f)),
+                WeightDType::BF16 => assert_eq!(by_name("bf"), bf),
+                WeightDType::F16 => assert_eq!(by_name("hf"), hf),
+            }
+        }
     }
 
     #[test]

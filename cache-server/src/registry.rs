@@ -48,7 +48,7 @@ use mora_common::{Manifest, ModelSource, ResolvedModel};
 
 use crate::checkpoint::{self, CheckpointError, Storage, Target};
 use crate::gpu::GpuMemory;
-use crate::identity::{ContentId, IdentityMemo};
+use crate::identity::{ContentId, IdentifyError, IdentityMemo, ResolutionMemo};
 use crate::metrics::{DeviceUsage, Eviction, Metrics, Refusal};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -255,7 +255,7 @@ fn resolve_error(e: ResolveError) -> ErrorReply {
 
 fn checkpoint_error(name: &str, e: CheckpointError) -> ErrorReply {
     let kind = match e {
-        CheckpointError::Segment(_) | CheckpointError::Io { .. } | CheckpointError::Gpu(_) => ErrorKind::Internal,
+        CheckpointError::Segment(_) | CheckpointError::Io { .. } | CheckpointError::Gpu(_) | CheckpointError::Write(_) => ErrorKind::Internal,
         _ => ErrorKind::InvalidModel,
     };
     ErrorReply { kind, message: format!("cannot load {name}: {e}") }
@@ -303,6 +303,7 @@ pub struct Registry {
     limits: Limits,
     gpus: Option<Arc<dyn GpuMemory>>,
     identity: IdentityMemo,
+    resolutions: ResolutionMemo,
     next_lease: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -329,6 +330,7 @@ impl Registry {
             limits,
             gpus,
             identity: IdentityMemo::new(),
+            resolutions: ResolutionMemo::new(),
             next_lease: AtomicU64::new(0),
             metrics,
         }
@@ -608,14 +610,12 @@ impl Registry {
     }
 
     fn identify(&self, source: ModelSource, dtype: WeightDType, device: Device) -> Result<(ResolvedModel, Key), ErrorReply> {
-        let resolved = source.resolve().map_err(resolve_error)?;
-        let mut content = Vec::with_capacity(resolved.weights.len());
-        for w in &resolved.weights {
-            content.push(self.identity.content_id(w).map_err(|e| ErrorReply {
-                kind: ErrorKind::InvalidModel,
-                message: format!("cannot read {}: {e}", w.display()),
-            })?);
-        }
+        let (resolved, content) = self.resolutions.identify(&source, &self.identity).map_err(|e| match e {
+            IdentifyError::Resolve(e) => resolve_error(e),
+            IdentifyError::Read { path, source } => {
+                ErrorReply { kind: ErrorKind::InvalidModel, message: format!("cannot read {}: {source}", path.display()) }
+            }
+        })?;
         Ok((resolved, Key { content, dtype, device }))
     }
 

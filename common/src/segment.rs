@@ -48,6 +48,16 @@ pub struct SegmentWriter {
     map: RawMapping,
 }
 
+/// A segment being filled by `pwrite` through its descriptor, with no
+/// mapping: the kernel allocates each page as a write fills it, without
+/// zeroing it first, which a writable mapping cannot avoid
+/// (docs/decisions.md). Writes at distinct offsets may come from any thread.
+#[derive(Debug)]
+pub struct SegmentFile {
+    fd: OwnedFd,
+    len: u64,
+}
+
 /// A read-only view of a sealed segment. Unmapped on drop.
 pub struct Mapping {
     map: RawMapping,
@@ -136,6 +146,62 @@ impl SegmentWriter {
         fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
         Ok(Segment { fd, len })
     }
+}
+
+impl SegmentFile {
+    /// Creates an unsealed memfd of `len` bytes whose pages are allocated
+    /// as they are written. `name` shows in `/proc/PID/fd`.
+    pub fn create(name: &str, len: u64) -> Result<Self, SegmentError> {
+        let len = len.max(1);
+        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        Ok(SegmentFile { fd, len })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes all of `buf` at `offset`, which must lie inside the segment.
+    pub fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+            return Err(io::Error::other(format!("write of {} bytes at {offset} overruns the {}-byte segment", buf.len(), self.len)));
+        }
+        while !buf.is_empty() {
+            match rustix::io::pwrite(&self.fd, buf, offset) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the memfd: from here on its bytes cannot change.
+    pub fn seal(self) -> Result<Segment, SegmentError> {
+        fcntl_add_seals(&self.fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
+        Ok(Segment { fd: self.fd, len: self.len })
+    }
+}
+
+/// Whether this kernel gives shared memory huge pages only to mappings that
+/// ask for them (`shmem_enabled` is `advise`). Then a segment filled through
+/// a mapping with `MADV_HUGEPAGE` gets 2 MiB pages and one filled with
+/// `pwrite` does not; under every other setting `pwrite` gets whatever a
+/// mapping would.
+pub fn huge_pages_only_on_advice() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .map(|s| s.contains("[advise]"))
+        .unwrap_or(false)
 }
 
 impl Segment {
@@ -232,6 +298,24 @@ mod tests {
         assert!(matches!(Segment::from_received(dup, 64), Err(SegmentError::WrongSize { .. })));
         let dup = seg.fd().try_clone_to_owned().unwrap();
         assert_eq!(Segment::from_received(dup, 128).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn a_written_segment_keeps_its_bytes_and_refuses_writes_once_sealed() {
+        let f = SegmentFile::create("mora-test", 10_000).unwrap();
+        f.write_all_at(b"tail", 9_996).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        assert!(f.write_all_at(b"over", 9_997).is_err());
+        assert!(f.write_all_at(b"x", u64::MAX).is_err());
+        let seg = f.seal().unwrap();
+        assert_eq!(seg.len(), 10_000);
+        let map = seg.map().unwrap();
+        assert_eq!(&map.as_slice()[..4], b"head");
+        assert_eq!(&map.as_slice()[9_996..], b"tail");
+        assert!(map.as_slice()[4..9_996].iter().all(|&b| b == 0), "unwritten bytes read as zero");
+        assert_eq!(rustix::io::pwrite(seg.fd(), b"x", 0).unwrap_err(), rustix::io::Errno::PERM);
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        assert_eq!(Segment::from_received(dup, 10_000).unwrap().len(), 10_000);
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl SentenceEmbedder {
             }
         };
 
+        crate::phases::mark("build model");
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| format!("cannot load {}: {e}", tok_path.display()))?;

@@ -11,6 +11,7 @@
 //! - [`generate`] runs those decoders, greedy or sampled;
 //! - [`chat`] renders chat messages with a model's own chat template;
 //! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
+//! - [`phases`] times a run's phases for `MORA_PHASES=1`;
 //! - [`run`] ties them together: the order of steps, the leases, the outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
 //! - [`repl`] is an interactive loop over one workflow, each run a fresh process;
@@ -30,6 +31,7 @@ pub mod embed;
 pub mod generate;
 pub mod lent;
 pub mod lm_config;
+pub mod phases;
 pub mod repl;
 pub mod run;
 pub mod synth;

@@ -138,6 +138,7 @@ enum Command {
 static ALLOCATOR: mora_exec::lent::LentAware = mora_exec::lent::LentAware;
 
 fn main() -> ExitCode {
+    mora_exec::phases::start();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")
@@ -166,6 +167,7 @@ fn command(command: Command) -> Result<(), String> {
             let (workflow, args) = (args.workflow, args.flags);
             let wf = mora_exec::guarded(|| Workflow::load_with(&workflow, &args.sets).map_err(Into::into))
                 .map_err(|e| e.to_string())?;
+            mora_exec::phases::mark("parse workflow");
             if args.pull {
                 mora_exec::run::pull_missing(&wf).map_err(|e| e.to_string())?;
             }
@@ -179,6 +181,10 @@ fn command(command: Command) -> Result<(), String> {
             let reports = mora_exec::guarded(|| run(&wf, &opts)).map_err(|e| e.to_string())?;
             for r in &reports {
                 println!("{}", describe(r));
+            }
+            mora_exec::phases::mark("report");
+            if let Some(phases) = mora_exec::phases::report() {
+                eprintln!("{phases}");
             }
         }
         Command::Watch(args) => {

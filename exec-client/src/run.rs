@@ -135,9 +135,11 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     }
 
     check_decoder_configs(workflow)?;
+    crate::phases::mark("read inputs");
 
     let conn: Option<Connection> =
         if opts.no_cache { None } else { Some(daemon::connect(&opts.socket, opts.autostart)?) };
+    crate::phases::mark("connect");
     // Declared after the connection, so dropped before it: GPU mappings
     // close before the leases that keep their memory alive end.
     let mut weights: BTreeMap<&str, Weights> = BTreeMap::new();

@@ -238,6 +238,7 @@ impl Weights {
             }
         })?;
         bar.finish();
+        crate::phases::mark("acquire");
         let mapping_start = Instant::now();
         let acquired = match response {
             Response::Acquired(a) => a,
@@ -282,6 +283,7 @@ impl Weights {
                 return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
             }
         };
+        crate::phases::mark("map");
         Ok(Weights {
             name: acquired.name,
             dir: acquired.dir,
@@ -323,6 +325,7 @@ impl Weights {
                 *t = t.to_dtype(held).map_err(|e| ExecError::Model(format!("cannot convert {}: {e}", resolved.name)))?;
             }
         }
+        crate::phases::mark("read weights");
         Ok(Weights {
             name: resolved.name,
             dir: resolved.dir,

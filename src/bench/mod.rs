@@ -1,5 +1,5 @@
 //! The benchmark harness (`scripts/bench.sh`, `cargo bench --bench mora`):
-//! five scenarios that time whole processes as a user runs them, each
+//! six scenarios that time whole processes as a user runs them, each
 //! contender against a baseline measured in the same run with the runs
 //! interleaved (A B A B ...), so that machine drift falls on all of them
 //! alike. Figures are medians over repeats with min and max beside them;
@@ -34,6 +34,10 @@ pub struct Config {
     pub clients: Vec<usize>,
     /// Scenario 5: sequential runs.
     pub soak_runs: usize,
+    /// Scenario 6: small models resident at the end.
+    pub many_models: usize,
+    /// Scenario 6: acquires timed per number of models.
+    pub acquires: usize,
     /// Where synthetic models are written and kept between runs.
     pub model_dir: PathBuf,
     /// The Markdown report; the chart goes beside it with the extension `png`.
@@ -46,12 +50,14 @@ impl Config {
     /// The full configuration (`scripts/bench.sh`).
     pub fn full() -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5],
+            scenarios: vec![1, 2, 3, 4, 5, 6],
             repeats: 5,
             runs: 20,
             model_sizes: vec!["100MiB".into(), "1GiB".into(), "4GiB".into()],
-            clients: vec![1, 4, 8],
+            clients: vec![1, 4, 8, 16, 32],
             soak_runs: 500,
+            many_models: 50,
+            acquires: 400,
             model_dir: crate::root().join(".mora-bench").join("models"),
             report: crate::root().join("docs").join("benchmarks.md"),
             command: "scripts/bench.sh".into(),
@@ -61,12 +67,14 @@ impl Config {
     /// A configuration that exercises every scenario in seconds, for CI.
     pub fn smoke(dir: &std::path::Path) -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5],
+            scenarios: vec![1, 2, 3, 4, 5, 6],
             repeats: 2,
             runs: 2,
             model_sizes: vec!["2MiB".into(), "4MiB".into()],
             clients: vec![1, 2],
             soak_runs: 3,
+            many_models: 3,
+            acquires: 10,
             model_dir: dir.join("models"),
             report: dir.join("benchmarks.md"),
             command: "scripts/bench.sh --smoke".into(),
@@ -330,7 +338,8 @@ pub fn run(config: &Config) -> Result<Report, String> {
             3 => scenarios::cross_workflow(config)?,
             4 => scenarios::concurrency(config)?,
             5 => scenarios::soak(config)?,
-            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 5)")),
+            6 => scenarios::many_models(config)?,
+            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 6)")),
         };
         print!("{}", section.plain());
         report.sections.push(section);

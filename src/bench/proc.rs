@@ -91,6 +91,33 @@ pub fn read_whole(path: &Path) -> Result<(Duration, u64), String> {
     Ok((t.elapsed(), total))
 }
 
+/// Two buffers allocated and written once, for timing `memcpy` between them:
+/// the memory's copy bandwidth, with no page allocated during the copy.
+pub struct Memcpy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl Memcpy {
+    /// Buffers of `len` bytes each (larger copies go round them).
+    pub fn new(len: usize) -> Memcpy {
+        Memcpy { src: vec![1u8; len.max(1)], dst: vec![2u8; len.max(1)] }
+    }
+
+    /// The time to copy `bytes` bytes.
+    pub fn time(&mut self, bytes: u64) -> Duration {
+        let t = Instant::now();
+        let mut left = bytes as usize;
+        while left > 0 {
+            let n = left.min(self.src.len());
+            self.dst[..n].copy_from_slice(&self.src[..n]);
+            std::hint::black_box(&mut self.dst);
+            left -= n;
+        }
+        t.elapsed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

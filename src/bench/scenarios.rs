@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::proc::{drop_cached, open_fds, read_whole, segment_bytes, smaps, Smaps};
+use super::proc::{drop_cached, open_fds, read_whole, segment_bytes, smaps, Memcpy, Smaps};
 use super::python::Python;
 use super::{fmt_bytes, fmt_ms, fmt_ratio, interleave, Config, Contender, Headline, Section, Stats, Table, Target};
 use crate::{bin, embed_workflow, read_embeddings, root, Env};
@@ -25,18 +25,24 @@ fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-/// A synthetic bf16 llama of `size` in the model directory, written once
-/// (aside, then renamed) and reused by later runs: same seed, same bytes.
-fn synth_llama(config: &Config, size: &str) -> Result<PathBuf, String> {
-    let dir = config.model_dir.join(format!("llama-bf16-{size}"));
+/// A synthetic llama of `size` stored in `dtype` in the model directory,
+/// written once (aside, then renamed) and reused by later runs: same seed,
+/// same bytes.
+fn synth_llama(config: &Config, size: &str, dtype: &str) -> Result<PathBuf, String> {
+    synth_model(config, "llama", &format!("llama-{dtype}-{size}"), size, dtype, 7)
+}
+
+fn synth_model(config: &Config, arch: &str, name: &str, size: &str, dtype: &str, seed: u64) -> Result<PathBuf, String> {
+    let dir = config.model_dir.join(name);
     if dir.join("model.safetensors").is_file() {
         return Ok(dir);
     }
-    eprintln!("mora-bench: writing a synthetic bf16 llama of {size} into {}", dir.display());
-    let tmp = config.model_dir.join(format!("llama-bf16-{size}.tmp.{}", std::process::id()));
+    eprintln!("mora-bench: writing a synthetic {dtype} {arch} of {size} into {}", dir.display());
+    let tmp = config.model_dir.join(format!("{name}.tmp.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    run_ok(Command::new(bin("mora-exec")).args(["synth", "--arch", "llama", "--dtype", "bf16", "--seed", "7", "--size", size, "-o"]).arg(&tmp))
-        .map_err(|e| format!("synth {size}: {e}"))?;
+    let seed = seed.to_string();
+    run_ok(Command::new(bin("mora-exec")).args(["synth", "--arch", arch, "--dtype", dtype, "--seed", &seed, "--size", size, "-o"]).arg(&tmp))
+        .map_err(|e| format!("synth {name}: {e}"))?;
     std::fs::rename(&tmp, &dir).map_err(|e| format!("rename {}: {e}", tmp.display()))?;
     Ok(dir)
 }
@@ -141,6 +147,9 @@ pub fn repeat(config: &Config, headline: &mut Headline) -> Result<Section, Strin
     })
 }
 
+/// How a checkpoint is stored and what the daemon is asked to hold it in.
+const LOADS: [(&str, &str, &str); 3] = [("bf16", "f32", "widened"), ("bf16", "bf16", "kept"), ("f32", "f32", "kept")];
+
 /// Scenario 2: time to first token and cold loads against model size.
 pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, String> {
     let mut ttft = Table::new(
@@ -148,87 +157,127 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
         &["model", "contender", "median", "min", "max", "vs --no-cache"],
     );
     let mut load = Table::new(
-        "Cold load: the page cache dropped for the file before each read (`posix_fadvise(DONTNEED)`); \
-         `mora-cache load --dtype f32` timed spawn to exit, into a daemon that has just evicted the model. \
-         Throughput is the file's bytes over the time.",
-        &["model", "contender", "median", "min", "max", "GB/s", "vs raw read"],
+        "Loads: `mora-cache load --dtype HELD` timed spawn to exit, into a daemon that has just been cleared, with \
+         the page cache dropped for the file before each read (`posix_fadvise(DONTNEED)`) or with the file in it. \
+         Two daemons side by side: one fills each segment with `pwrite` (`MORA_SEGMENT_FILL=written`), one \
+         through a writable mapping (`MORA_SEGMENT_FILL=mapped`, the way every load went before). Baselines: \
+         `read(2)` of the file into a reused 16 MiB buffer, and `memcpy` of as many bytes between two buffers \
+         allocated beforehand. GB/s is the file's bytes over the time.",
+        &["model", "held as", "contender", "median", "min", "max", "GB/s", "vs raw read", "vs memcpy"],
     );
     let mut targets = Vec::new();
     let mut notes = Vec::new();
+    let mut memcpy = Memcpy::new(256 << 20);
     for (k, size) in config.model_sizes.iter().enumerate() {
-        let dir = synth_llama(config, size)?;
-        let file = dir.join("model.safetensors");
-        let bytes = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
-        let budget = format!("{}MiB", (bytes * 5 / 2) >> 20);
-        let env = Env::with_daemon_args("bench-size", &["--max-memory", &budget, "--keep-alive", "-1"]);
-        let wf = env.workflow("generate.toml", &generate_workflow(&dir, 1));
+        let dir = synth_llama(config, size, "bf16")?;
         let label = format!("{size} bf16");
-        let m = interleave(
-            &mut [
-                Contender::timed("--no-cache", || run_ok(env.exec_command(&wf, "out").arg("--no-cache"))),
-                Contender::timed("warm daemon", || run_ok(&mut env.exec_command(&wf, "out"))),
-            ],
-            config.repeats,
-        )?;
-        ttft.timing_rows(&m, &label, |_| vec![]);
-        headline.first_token.push((label.clone(), m.stats(1).median, m.stats(0).median));
-        if k == 1 || config.model_sizes.len() == 1 {
-            targets.push(Target::at_most(&format!("{label}: warm time to first token / --no-cache"), m.ratio(1), 0.25));
-        }
-
-        let dir_arg = dir.display().to_string();
-        let daemon_load = |cached: bool| {
-            let env = &env;
-            let (file, dir_arg) = (&file, &dir_arg);
-            move || -> Result<Duration, String> {
-                run_ok(env.command("mora-cache").arg("clear"))?;
-                if !cached {
-                    drop_cached(file)?;
-                }
-                let t = Instant::now();
-                run_ok(env.command("mora-cache").args(["load", "--dtype", "f32", dir_arg.as_str()]))?;
-                Ok(t.elapsed())
+        {
+            let file = dir.join("model.safetensors");
+            let bytes = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+            let budget = format!("{}MiB", (bytes * 5 / 2) >> 20);
+            let env = Env::with_daemon_args("bench-size", &["--max-memory", &budget, "--keep-alive", "-1"]);
+            let wf = env.workflow("generate.toml", &generate_workflow(&dir, 1));
+            let m = interleave(
+                &mut [
+                    Contender::timed("--no-cache", || run_ok(env.exec_command(&wf, "out").arg("--no-cache"))),
+                    Contender::timed("warm daemon", || run_ok(&mut env.exec_command(&wf, "out"))),
+                ],
+                config.repeats,
+            )?;
+            ttft.timing_rows(&m, &label, |_| vec![]);
+            headline.first_token.push((label.clone(), m.stats(1).median, m.stats(0).median));
+            if k == 1 || config.model_sizes.len() == 1 {
+                targets.push(Target::at_most(&format!("{label}: warm time to first token / --no-cache"), m.ratio(1), 0.25));
             }
-        };
-        let raw_read = |cached: bool| {
-            let file = &file;
-            move || -> Result<Duration, String> {
-                if !cached {
-                    drop_cached(file)?;
-                }
-                Ok(read_whole(file)?.0)
+            if k + 1 == config.model_sizes.len() {
+                notes.push(format!(
+                    "The largest model ({label}, {} on disk) is {} resident as f32.",
+                    fmt_bytes(bytes as f64),
+                    fmt_bytes(env.resident_bytes() as f64)
+                ));
             }
-        };
-        let m = interleave(
-            &mut [
-                Contender::new("raw read(2), page cache dropped", raw_read(false)),
-                Contender::new("daemon load, page cache dropped", daemon_load(false)),
-                Contender::new("raw read(2), file in page cache", raw_read(true)),
-                Contender::new("daemon load, file in page cache", daemon_load(true)),
-            ],
-            config.repeats,
-        )?;
-        let gbps = |i: usize| bytes as f64 / (m.stats(i).median / 1e3) / 1e9;
-        for i in 0..4 {
-            let s = m.stats(i);
-            let base = if i < 2 { 0 } else { 2 };
-            let vs = if i == base { "1 (baseline)".to_string() } else { fmt_ratio(gbps(i) / gbps(base)) };
-            load.row(vec![label.clone(), m.names[i].clone(), fmt_ms(s.median), fmt_ms(s.min), fmt_ms(s.max), format!("{:.2}", gbps(i)), vs]);
         }
-        targets.push(Target::at_least(&format!("{label}: daemon cold load / raw read bandwidth"), gbps(1) / gbps(0), 0.8));
-        if k + 1 == config.model_sizes.len() {
-            notes.push(format!(
-                "The largest model ({label}, {} on disk) is {} resident as f32.",
-                fmt_bytes(bytes as f64),
-                fmt_bytes(env.resident_bytes() as f64)
-            ));
+        for (stored, held, how) in LOADS {
+            let dir = synth_llama(config, size, stored)?;
+            let file = dir.join("model.safetensors");
+            let bytes = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+            let budget = format!("{}MiB", (bytes * 5 / 2) >> 20);
+            let daemon = |fill: &str| {
+                Env::with_daemon_env("bench-load", &["--max-memory", &budget, "--keep-alive", "-1"], &[("MORA_SEGMENT_FILL", fill)])
+            };
+            let (written, mapped) = (daemon("written"), daemon("mapped"));
+            let dir_arg = dir.display().to_string();
+            let daemons = [&written, &mapped];
+            let daemon_load = |which: usize, cached: bool| {
+                let (env, file, dir_arg) = (daemons[which], &file, &dir_arg);
+                move || -> Result<Duration, String> {
+                    run_ok(env.command("mora-cache").arg("clear"))?;
+                    if !cached {
+                        drop_cached(file)?;
+                    }
+                    let t = Instant::now();
+                    run_ok(env.command("mora-cache").args(["load", "--dtype", held, dir_arg.as_str()]))?;
+                    let took = t.elapsed();
+                    // One segment at a time: the two daemons would not fit the largest twice.
+                    run_ok(env.command("mora-cache").arg("clear"))?;
+                    Ok(took)
+                }
+            };
+            let raw_read = |cached: bool| {
+                let file = &file;
+                move || -> Result<Duration, String> {
+                    if !cached {
+                        drop_cached(file)?;
+                    }
+                    Ok(read_whole(file)?.0)
+                }
+            };
+            let memcpy = &mut memcpy;
+            let m = interleave(
+                &mut [
+                    Contender::new("raw read(2), page cache dropped", raw_read(false)),
+                    Contender::new("daemon load (pwrite), page cache dropped", daemon_load(0, false)),
+                    Contender::new("daemon load (mapping), page cache dropped", daemon_load(1, false)),
+                    Contender::new("raw read(2), file in page cache", raw_read(true)),
+                    Contender::new("memcpy", move || Ok(memcpy.time(bytes))),
+                    Contender::new("daemon load (pwrite), file in page cache", daemon_load(0, true)),
+                    Contender::new("daemon load (mapping), file in page cache", daemon_load(1, true)),
+                ],
+                config.repeats,
+            )?;
+            let gbps = |i: usize| bytes as f64 / (m.stats(i).median / 1e3) / 1e9;
+            let model = format!("{size} {stored}");
+            for i in 0..m.names.len() {
+                let s = m.stats(i);
+                let (vs_read, vs_copy) = match i {
+                    0 | 3 => ("1 (baseline)".to_string(), String::new()),
+                    4 => (String::new(), "1 (baseline)".to_string()),
+                    1 | 2 => (fmt_ratio(gbps(i) / gbps(0)), String::new()),
+                    _ => (fmt_ratio(gbps(i) / gbps(3)), fmt_ratio(gbps(i) / gbps(4))),
+                };
+                load.row(vec![
+                    model.clone(),
+                    format!("{held} ({how})"),
+                    m.names[i].clone(),
+                    fmt_ms(s.median),
+                    fmt_ms(s.min),
+                    fmt_ms(s.max),
+                    format!("{:.2}", gbps(i)),
+                    vs_read,
+                    vs_copy,
+                ]);
+            }
+            let what = format!("{model} held as {held}");
+            targets.push(Target::at_least(&format!("{what}: cold load / raw read, page cache dropped"), gbps(1) / gbps(0), 0.8));
+            targets.push(Target::at_least(&format!("{what}: load from the page cache / memcpy"), gbps(5) / gbps(4), 0.5));
         }
     }
     Ok(Section {
         title: "2. Model size".into(),
-        about: "Synthetic llama checkpoints (`mora-exec synth --arch llama --dtype bf16`, random weights) loaded as f32 \
-                on the CPU: time to first generated token warm against `--no-cache`, and the daemon's cold load \
-                throughput against the raw read bandwidth of the same file, in the same run."
+        about: "Synthetic llama checkpoints (`mora-exec synth --arch llama --dtype bf16` or `f32`, random weights) on \
+                the CPU: time to first generated token warm against `--no-cache`, and the daemon's load throughput \
+                against the raw read and memory copy bandwidth of the same machine, in the same run, for bf16 \
+                checkpoints widened to f32 or kept as bf16 and f32 checkpoints kept as f32."
             .into(),
         tables: vec![ttft, load],
         targets,
@@ -238,7 +287,7 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
 
 /// Scenario 3: three workflows sharing two models, A B C A B C A B C.
 pub fn cross_workflow(config: &Config) -> Result<Section, String> {
-    let llm = synth_llama(config, &config.model_sizes[0])?;
+    let llm = synth_llama(config, &config.model_sizes[0], "bf16")?;
     let scratch = Env::new("bench-cross");
     let flows = [
         ("A", scratch.workflow("a.toml", &embed_workflow(&TEXTS))),
@@ -453,9 +502,11 @@ pub fn concurrency(config: &Config) -> Result<Section, String> {
     }
     Ok(Section {
         title: "4. Concurrency and memory".into(),
-        about: "1, 4 and 8 clients started at once, each running the MiniLM embedding workflow, with a warm daemon \
-                against `--no-cache`."
-            .into(),
+        about: format!(
+            "{} clients started at once, each running the MiniLM embedding workflow, with a warm daemon \
+             against `--no-cache`.",
+            config.clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+        ),
         tables: vec![wall, mem],
         targets: vec![],
         notes,
@@ -507,5 +558,99 @@ pub fn soak(config: &Config) -> Result<Section, String> {
             sum("loads"),
             sum("hits")
         )],
+    })
+}
+
+/// The sample at quantile `q` (0..=1) of `xs`, by rank.
+fn quantile(xs: &[f64], q: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Times `acquires` acquires (each released at once) on one connection,
+/// cycling over `dirs`, after one untimed acquire of each; milliseconds.
+fn time_acquires(env: &Env, dirs: &[PathBuf], acquires: usize) -> Result<Vec<f64>, String> {
+    use mora_common::connection::Connection;
+    use mora_common::manifest::WeightDType;
+    use mora_common::protocol::{Device, Request, Response};
+    let conn = Connection::connect(&env.socket, "mora-bench").map_err(|e| e.to_string())?;
+    let acquire = |dir: &Path| -> Result<Duration, String> {
+        let request = Request::Acquire {
+            source: mora_common::ModelSource::Dir { path: dir.to_path_buf() },
+            dtype: WeightDType::F32,
+            device: Device::Cpu,
+            keep_alive: None,
+        };
+        let t = Instant::now();
+        let (response, fds) = conn.call(&request).map_err(|e| e.to_string())?;
+        let took = t.elapsed();
+        drop(fds);
+        let Response::Acquired(a) = response else { return Err(format!("acquire {}: {response:?}", dir.display())) };
+        match conn.call(&Request::Release { lease: a.lease }).map_err(|e| e.to_string())?.0 {
+            Response::Released { .. } => Ok(took),
+            other => Err(format!("release: {other:?}")),
+        }
+    };
+    for d in dirs {
+        acquire(d)?;
+    }
+    (0..acquires).map(|i| acquire(&dirs[i % dirs.len()]).map(|d| d.as_secs_f64() * 1e3)).collect()
+}
+
+/// Scenario 6: one daemon holding more and more small models.
+pub fn many_models(config: &Config) -> Result<Section, String> {
+    let n = config.many_models.max(1);
+    let mut dirs = Vec::with_capacity(n);
+    for i in 0..n {
+        // Distinct seeds: the same bytes under two names would be held once.
+        dirs.push(synth_model(config, "bert", &format!("bert-f32-256KiB-{i}"), "256KiB", "f32", 1000 + i as u64)?);
+    }
+    let env = Env::with_daemon_args("bench-many", &["--keep-alive", "-1"]);
+    let mut stages: Vec<usize> = vec![1, 10, n];
+    stages.retain(|&k| k <= n);
+    stages.dedup();
+    let acquires = config.acquires;
+    let mut table = Table::new(
+        &format!(
+            "With K small models resident (synthetic BERTs, `mora-exec synth --arch bert --size 256KiB`, distinct seeds): \
+             {acquires} acquires on one connection cycling over the K models, each released at once, timed from request \
+             to answer (the segment's descriptor included); and `mora-cache ps --json`, spawn to exit, {} runs.",
+            config.repeats * 4
+        ),
+        &["models resident", "acquire p50", "acquire p99", "acquire max", "ps p50", "ps p99"],
+    );
+    let mut rows = Vec::new();
+    let mut loaded = 0;
+    for &k in &stages {
+        while loaded < k {
+            run_ok(env.command("mora-cache").arg("load").arg(&dirs[loaded]))?;
+            loaded += 1;
+        }
+        let times = time_acquires(&env, &dirs[..k], acquires)?;
+        let mut ps = Vec::new();
+        for _ in 0..config.repeats * 4 {
+            let t = Instant::now();
+            run_ok(env.command("mora-cache").args(["ps", "--json"]))?;
+            ps.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let row = (quantile(&times, 0.5), quantile(&times, 0.99), quantile(&times, 1.0), quantile(&ps, 0.5), quantile(&ps, 0.99));
+        let us = |ms: f64| format!("{:.0} µs", ms * 1e3);
+        table.row(vec![k.to_string(), us(row.0), us(row.1), us(row.2), fmt_ms(row.3), fmt_ms(row.4)]);
+        rows.push(row);
+    }
+    let (first, last) = (rows[0], rows[rows.len() - 1]);
+    let k = stages[stages.len() - 1];
+    Ok(Section {
+        title: "6. Many models".into(),
+        about: format!("One daemon holding 1 to {n} small models: does an acquire or a `ps` slow down as the models grow?"),
+        tables: vec![table],
+        targets: vec![
+            Target::at_most(&format!("acquire p50, {k} models / 1 model"), last.0 / first.0, 1.2),
+            Target::at_most(&format!("acquire p99, {k} models / 1 model"), last.1 / first.1, 1.2),
+            Target::at_most(&format!("ps p50, {k} models / 1 model"), last.3 / first.3, 1.2),
+        ],
+        notes: vec![],
     })
 }

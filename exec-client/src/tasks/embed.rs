@@ -84,10 +84,13 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     let vb = w.var_builder(candle_core::DType::F32);
     let embedder = crate::embed::SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
     let build_ms = start.elapsed().as_millis() as u64;
+    crate::phases::mark("tokenizer");
     let start = Instant::now();
     let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
     let run_ms = start.elapsed().as_millis() as u64;
+    crate::phases::mark("inference");
     super::write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;
+    crate::phases::mark("write output");
     let report = StepReport {
         step: step.name.to_string(),
         items: texts.len(),

@@ -153,11 +153,13 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
     let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute)).map_err(ExecError::Model)?;
     let build_ms = start.elapsed().as_millis() as u64;
+    crate::phases::mark("build model");
     let start = Instant::now();
     let sampling = SamplingSpec { temperature: s.temperature, top_p: s.top_p, seed: s.seed };
     let g = generator.generate(&prompt, special_tokens, s.max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
     println!();
     let run_ms = start.elapsed().as_millis() as u64;
+    crate::phases::mark("inference");
     let mut doc = serde_json::json!({
             "model": w.name,
             "prompt": prompt,
@@ -171,6 +173,7 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
         doc["messages"] = serde_json::json!(m);
     }
     super::write_json(step.output, &doc)?;
+    crate::phases::mark("write output");
     results.texts.insert(step.name.to_string(), g.text);
     Ok(StepReport {
         step: step.name.to_string(),
