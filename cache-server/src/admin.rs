@@ -59,10 +59,8 @@ pub fn load(
     keep_alive: Option<KeepAlive>,
 ) -> Result<Option<ModelStatus>, AdminError> {
     let conn = Connection::connect(socket, CLIENT)?;
-    let mut bar = mora_common::progress::LoadProgress::new("mora-cache");
     let request = Request::Load { source, dtype, device, pin, keep_alive };
-    let (response, _) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total))?;
-    bar.finish();
+    let (response, _) = conn.call_showing_load(&request, "mora-cache")?;
     match response {
         Response::Error(e) => Err(AdminError::Daemon(e.message)),
         Response::Loaded(s) => Ok(Some(s)),

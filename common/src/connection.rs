@@ -153,6 +153,20 @@ impl Connection {
         self.call_with_progress(request, |_, _, _| {})
     }
 
+    /// Like [`Connection::call`], showing the load a slow answer waits on
+    /// as `program`'s progress bar on stderr ([`LoadProgress`]), cleared
+    /// before this returns.
+    ///
+    /// [`LoadProgress`]: crate::progress::LoadProgress
+    pub fn call_showing_load(
+        &self,
+        request: &Request,
+        program: &'static str,
+    ) -> Result<(Response, Vec<OwnedFd>), CallError> {
+        let mut bar = crate::progress::LoadProgress::new(program);
+        self.call_with_progress(request, |n, done, total| bar.update(n, done, total))
+    }
+
     /// Like [`Connection::call`], handing each progress report to `progress`
     /// as (model name, bytes done, bytes total).
     pub fn call_with_progress(

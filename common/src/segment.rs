@@ -107,14 +107,26 @@ impl Drop for RawMapping {
     }
 }
 
+/// An unsealed, sealable memfd of `len` bytes (at least 1), reading as zeroes.
+fn new_memfd(name: &str, len: u64) -> Result<(OwnedFd, u64), SegmentError> {
+    let len = len.max(1);
+    let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .map_err(|e| SegmentError::Create { len, source: e.into() })?;
+    ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
+    Ok((fd, len))
+}
+
+/// Seals a filled memfd: from here on its bytes cannot change.
+fn seal_memfd(fd: OwnedFd, len: u64) -> Result<Segment, SegmentError> {
+    fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
+    Ok(Segment { fd, len })
+}
+
 impl SegmentWriter {
     /// Creates an unsealed memfd of `len` bytes (zero-filled) and maps it
     /// writable. `name` shows in `/proc/PID/fd` and `/proc/PID/maps`.
     pub fn create(name: &str, len: u64) -> Result<Self, SegmentError> {
-        let len = len.max(1);
-        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .map_err(|e| SegmentError::Create { len, source: e.into() })?;
-        ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        let (fd, len) = new_memfd(name, len)?;
         let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED)?;
         // Ask for transparent huge pages (taken where the machine allows them
         // for shared memory: `shmem_enabled` set to `advise` or more), then
@@ -143,8 +155,7 @@ impl SegmentWriter {
         let len = map.len as u64;
         // F_SEAL_WRITE is refused while a writable shared mapping exists.
         drop(map);
-        fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
-        Ok(Segment { fd, len })
+        seal_memfd(fd, len)
     }
 }
 
@@ -152,10 +163,7 @@ impl SegmentFile {
     /// Creates an unsealed memfd of `len` bytes whose pages are allocated
     /// as they are written. `name` shows in `/proc/PID/fd`.
     pub fn create(name: &str, len: u64) -> Result<Self, SegmentError> {
-        let len = len.max(1);
-        let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .map_err(|e| SegmentError::Create { len, source: e.into() })?;
-        ftruncate(&fd, len).map_err(|e| SegmentError::Create { len, source: e.into() })?;
+        let (fd, len) = new_memfd(name, len)?;
         Ok(SegmentFile { fd, len })
     }
 
@@ -188,8 +196,7 @@ impl SegmentFile {
 
     /// Seals the memfd: from here on its bytes cannot change.
     pub fn seal(self) -> Result<Segment, SegmentError> {
-        fcntl_add_seals(&self.fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
-        Ok(Segment { fd: self.fd, len: self.len })
+        seal_memfd(self.fd, self.len)
     }
 }
 

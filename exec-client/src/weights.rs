@@ -224,9 +224,8 @@ impl Weights {
         let opening = Instant::now();
         let candle_dev = candle_device(device)?;
         let device_open = opening.elapsed();
-        let mut bar = mora_common::progress::LoadProgress::new("mora-exec");
         let request = Request::Acquire { source, dtype, device, keep_alive };
-        let (response, mut fds) = conn.call_with_progress(&request, |n, done, total| bar.update(n, done, total)).map_err(|e| {
+        let (response, mut fds) = conn.call_showing_load(&request, "mora-exec").map_err(|e| {
             use mora_common::connection::CallError;
             use mora_common::frame::FrameError;
             match e {
@@ -237,7 +236,6 @@ impl Weights {
                 other => other.into(),
             }
         })?;
-        bar.finish();
         crate::phases::mark("acquire");
         let mapping_start = Instant::now();
         let acquired = match response {

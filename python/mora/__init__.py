@@ -147,6 +147,19 @@ def _framework(framework: str) -> str:
     raise InvalidArgument(f"unknown framework `{framework}`: expected \"pt\" (torch) or \"numpy\"")
 
 
+# torch's and numpy's names for a dtype -> safetensors' name.
+_SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def _gpu_uuid(ordinal: Optional[int]) -> Optional[bytes]:
+    """The UUID the daemon is told for this process's ``cuda:ordinal`` (None: the host)."""
+    if ordinal is None:
+        return None
+    from . import _cuda
+
+    return _cuda.uuid(ordinal)
+
+
 def _torch_dtype(dtype: str) -> Any:
     import torch
 
@@ -348,11 +361,7 @@ class Client:
                 import torch  # noqa: F401
             except ImportError:
                 raise InvalidArgument("framework=\"pt\" needs torch, which is not importable here: pip install torch, or use framework=\"numpy\"") from None
-        gpu = None
-        if ordinal is not None:
-            from . import _cuda
-
-            gpu = _cuda.uuid(ordinal)
+        gpu = _gpu_uuid(ordinal)
         conn = self._conn()
         ka = None if keep_alive is None else str(keep_alive)
         acquired = conn.acquire(os.fspath(model), wd, gpu, ka)
@@ -417,12 +426,7 @@ class Client:
         only its pin or keep-alive changed."""
         import json
 
-        ordinal = _device(device)
-        gpu = None
-        if ordinal is not None:
-            from . import _cuda
-
-            gpu = _cuda.uuid(ordinal)
+        gpu = _gpu_uuid(_device(device))
         ka = None if keep_alive is None else str(keep_alive)
         out = self._conn().load(os.fspath(model), _weight_dtype(dtype), gpu, pin, ka)
         return None if out is None else json.loads(out)
@@ -518,7 +522,7 @@ class SafeOpen:
 def _safetensors_dtype(t: Any) -> str:
     """safetensors' name for a torch or numpy tensor's dtype ("F32", "BF16")."""
     name = str(t.dtype).replace("torch.", "")
-    return {v: k for k, v in _TORCH_DTYPES.items()}.get(name, name.upper())
+    return _SAFETENSORS_DTYPES.get(name, name.upper())
 
 
 def connect(socket: Optional[PathLike] = None, autostart: bool = True) -> Client:

@@ -16,6 +16,7 @@ import ctypes
 import threading
 from typing import Any, Dict, Optional
 
+from . import _NUMPY_DTYPES, _torch_dtype
 from .errors import InvalidArgument, MoraError
 
 _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
@@ -134,24 +135,9 @@ class _CudaView:
         }
 
 
-# safetensors dtype -> (__cuda_array_interface__ typestr, torch dtype name to view as).
-_TYPESTR = {
-    "F64": ("<f8", None),
-    "F32": ("<f4", None),
-    "F16": ("<f2", None),
-    # CUDA arrays have no bfloat16 type string: carried as int16, viewed as bf16.
-    "BF16": ("<i2", "bfloat16"),
-    "I64": ("<i8", None),
-    "I32": ("<i4", None),
-    "I16": ("<i2", None),
-    "I8": ("|i1", None),
-    "U8": ("|u1", None),
-    "BOOL": ("|b1", None),
-}
-
-
 def tensors(acquired: Any, ordinal: int, keep: Any, on_close: Any) -> Dict[str, Any]:
     """torch CUDA tensors over the daemon's allocation, one per manifest row."""
+    import numpy as np
     import torch
 
     # on_close runs exactly once: when the mapping is collected, or now if it cannot open.
@@ -163,20 +149,11 @@ def tensors(acquired: Any, ordinal: int, keep: Any, on_close: Any) -> Dict[str, 
     out: Dict[str, Any] = {}
     device = torch.device("cuda", ordinal)
     for name, dtype, shape, offset, length in acquired.tensors:
-        if dtype not in _TYPESTR:
-            raise MoraError(f"{acquired.name}: tensor `{name}` is {dtype}, which this package cannot lend on a GPU")
-        typestr, view = _TYPESTR[dtype]
+        t_dtype = _torch_dtype(dtype)
         if length == 0:
-            t = torch.empty(tuple(shape), dtype=getattr(torch, view) if view else _torch_dtype(dtype), device=device)
-        else:
-            t = torch.as_tensor(_CudaView(mapping, offset, tuple(shape), typestr), device=device)
-            if view:
-                t = t.view(getattr(torch, view))
-        out[name] = t
+            out[name] = torch.empty(tuple(shape), dtype=t_dtype, device=device)
+            continue
+        # CUDA arrays have no bfloat16 type string: carried as int16, viewed as bf16.
+        typestr = "<i2" if dtype == "BF16" else np.dtype(_NUMPY_DTYPES[dtype]).str
+        out[name] = torch.as_tensor(_CudaView(mapping, offset, tuple(shape), typestr), device=device).view(t_dtype)
     return out
-
-
-def _torch_dtype(dtype: str) -> Any:
-    from . import _torch_dtype as host
-
-    return host(dtype)

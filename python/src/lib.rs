@@ -252,12 +252,7 @@ impl Connection {
         let source = ModelSource::from_arg(model);
         let name = source.display_name();
         let request = Request::Acquire { source, dtype, device, keep_alive };
-        let answer = self.with(py, |c| {
-            let mut bar = mora_common::progress::LoadProgress::new("mora");
-            let r = c.call_with_progress(&request, |n, done, total| bar.update(n, done, total));
-            bar.finish();
-            r
-        })?;
+        let answer = self.with(py, |c| c.call_showing_load(&request, "mora"))?;
         let (response, mut fds) = answer.map_err(|e| call_error(py, e, &format!("the load of {name}")))?;
         let a = match response {
             Response::Acquired(a) => a,
@@ -360,12 +355,7 @@ impl Connection {
             pin,
             keep_alive: self::keep_alive(py, keep_alive)?,
         };
-        let answer = self.with(py, |c| {
-            let mut bar = mora_common::progress::LoadProgress::new("mora");
-            let r = c.call_with_progress(&request, |n, done, total| bar.update(n, done, total));
-            bar.finish();
-            r
-        })?;
+        let answer = self.with(py, |c| c.call_showing_load(&request, "mora"))?;
         match answer.map_err(|e| call_error(py, e, "load"))?.0 {
             Response::Loaded(s) => Ok(Some(s.to_json().to_string())),
             Response::Changed { .. } => Ok(None),
