@@ -9,6 +9,7 @@
 //! - [`lm_config`] reads a decoder's config files (transformers 4 and 5 forms);
 //! - [`decoder`] is the llama-family and GPT-2 networks on candle-nn;
 //! - [`generate`] runs those decoders, greedy or sampled;
+//! - [`image`] is Stable Diffusion: text encoders, UNet, VAE and schedulers;
 //! - [`chat`] renders chat messages with a model's own chat template;
 //! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
 //! - [`phases`] times a run's phases for `MORA_PHASES=1`;
@@ -29,6 +30,7 @@ pub mod daemon;
 pub mod decoder;
 pub mod embed;
 pub mod generate;
+pub mod image;
 pub mod lent;
 pub mod lm_config;
 pub mod phases;

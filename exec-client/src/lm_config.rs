@@ -11,7 +11,7 @@
 //! that runs and answers wrong is worse than one that is refused.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -185,7 +185,7 @@ pub fn read(dir: &Path) -> Result<DecoderConfig, ConfigError> {
     Ok(cfg)
 }
 
-fn read_json(path: &PathBuf) -> Result<Map<String, Value>, ConfigError> {
+pub(crate) fn read_json(path: &Path) -> Result<Map<String, Value>, ConfigError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ConfigError { file: file.clone(), message: format!("cannot read it: {e}") })?;
     match serde_json::from_slice(&bytes) {
@@ -567,33 +567,35 @@ fn activation(r: &Reader, key: &str, default: &str) -> Result<Activation, Config
 
 /// Reads typed keys and remembers which were read. `null` counts as absent
 /// (transformers 5 writes unset values as `null`).
-struct Reader<'a> {
-    m: &'a Map<String, Value>,
-    file: &'a str,
+/// Reads typed keys of one config object, remembering which it read so
+/// that [`Reader::refuse_unread`] can refuse the keys nobody understood.
+pub(crate) struct Reader<'a> {
+    pub(crate) m: &'a Map<String, Value>,
+    pub(crate) file: &'a str,
     /// Put before key names in errors (`rope_parameters.`).
     prefix: String,
     used: std::cell::RefCell<BTreeSet<String>>,
 }
 
 impl<'a> Reader<'a> {
-    fn new(m: &'a Map<String, Value>, file: &'a str, prefix: &str) -> Self {
+    pub(crate) fn new(m: &'a Map<String, Value>, file: &'a str, prefix: &str) -> Self {
         Reader { m, file, prefix: prefix.to_string(), used: Default::default() }
     }
 
-    fn err(&self, message: String) -> ConfigError {
+    pub(crate) fn err(&self, message: String) -> ConfigError {
         ConfigError { file: self.file.to_string(), message }
     }
 
-    fn take(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn take(&self, key: &str) -> Option<&Value> {
         self.used.borrow_mut().insert(key.to_string());
         self.m.get(key)
     }
 
-    fn present(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         self.take(key).filter(|v| !v.is_null())
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v
@@ -604,7 +606,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize, ConfigError> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize, ConfigError> {
         match self.opt_usize(key)? {
             Some(0) => Err(self.err(format!("`{}{key}` must be at least 1", self.prefix))),
             Some(n) => Ok(n),
@@ -612,18 +614,18 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(format!("`{}{key}` must be a number, not {v}", self.prefix))),
         }
     }
 
-    fn f64(&self, key: &str) -> Result<f64, ConfigError> {
+    pub(crate) fn f64(&self, key: &str) -> Result<f64, ConfigError> {
         self.opt_f64(key)?.ok_or_else(|| self.err(format!("`{}{key}` is missing", self.prefix)))
     }
 
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         match self.present(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -631,11 +633,25 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn str_or(&self, key: &str, default: &str) -> Result<String, ConfigError> {
+    pub(crate) fn str_or(&self, key: &str, default: &str) -> Result<String, ConfigError> {
         match self.present(key) {
             None => Ok(default.to_string()),
             Some(Value::String(s)) => Ok(s.clone()),
             Some(v) => Err(self.err(format!("`{}{key}` must be a string, not {v}", self.prefix))),
+        }
+    }
+
+    /// Refuses the first key of the object that was neither read nor is in
+    /// `neutral` (keys known not to change the network): `what` names the
+    /// kind of model in the message.
+    pub(crate) fn refuse_unread(&self, neutral: &[&str], what: &str) -> Result<(), ConfigError> {
+        let used = self.used.borrow();
+        match self.m.keys().find(|k| !used.contains(*k) && !neutral.contains(&k.as_str())) {
+            Some(k) => Err(self.err(format!(
+                "key `{}{k}` is not one Mora knows for {what}; it may change the network, so the model is refused",
+                self.prefix
+            ))),
+            None => Ok(()),
         }
     }
 }

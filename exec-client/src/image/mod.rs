@@ -1,0 +1,20 @@
+//! Image generation: Stable Diffusion pipelines in the layout diffusers
+//! writes (`model_index.json` and one folder per component), run on candle.
+//!
+//! - [`clip`] is the CLIP text encoders and their BPE tokenizer;
+//! - [`unet`] is the denoising UNet (`UNet2DConditionModel`), SD 1.5, 2.1, XL and Turbo shapes;
+//! - [`vae`] is the autoencoder (`AutoencoderKL`) that turns latents into pixels and back;
+//! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`.
+//!
+//! Each component's config is read key by key from the files diffusers and
+//! transformers write (`lm_config::Reader`): a key that changes the network
+//! and that Mora cannot honour is refused with one line naming the file and
+//! the key, never replaced by a default.
+
+pub mod clip;
+pub mod scheduler;
+pub mod unet;
+pub mod vae;
+
+/// Keys every diffusers config carries that do not change the network.
+pub(crate) const DIFFUSERS_NEUTRAL: &[&str] = &["_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"];
