@@ -53,7 +53,7 @@ fn hold_lease(env: &Env, dir: &Path) -> Connection {
     let conn = Connection::connect(&env.socket, "test").expect("connect");
     let (resp, _fds) = conn
         .call(&Request::Acquire {
-            source: ModelSource::Dir { path: dir.to_path_buf() },
+            source: ModelSource::Dir { path: dir.to_path_buf(), variant: None },
             dtype: WeightDType::F32,
             device: Device::Cpu,
             keep_alive: None,
@@ -161,7 +161,7 @@ fn keep_alive_zero_evicts_when_the_last_lease_ends() {
     let conn = Connection::connect(&env.socket, "test").unwrap();
     let (resp, _fds) = conn
         .call(&Request::Acquire {
-            source: ModelSource::Dir { path: m[0].clone() },
+            source: ModelSource::Dir { path: m[0].clone(), variant: None },
             dtype: WeightDType::F32,
             device: Device::Cpu,
             keep_alive: Some(mora_common::units::KeepAlive::For(Duration::ZERO)),
@@ -310,7 +310,7 @@ fn a_daemon_without_cuda_refuses_a_gpu_request_and_keeps_serving() {
     let uuid = GpuUuid([0x5a; 16]);
     let (resp, fds) = conn
         .call(&Request::Acquire {
-            source: ModelSource::Dir { path: test_model_dir() },
+            source: ModelSource::Dir { path: test_model_dir(), variant: None },
             dtype: WeightDType::F32,
             device: Device::Cuda(uuid),
             keep_alive: None,

@@ -144,7 +144,7 @@ fn a_scrape_has_every_family_and_its_counters_move_as_workflows_run() {
     let conn = Connection::connect(&env.socket, "metrics test").expect("connect");
     let (resp, _fds) = conn
         .call(&Request::Acquire {
-            source: ModelSource::Dir { path: test_model_dir() },
+            source: ModelSource::Dir { path: test_model_dir(), variant: None },
             dtype: WeightDType::F32,
             device: Device::Cpu,
             keep_alive: None,

@@ -161,7 +161,7 @@ fn sixty_four_clients_cycling_leases_under_a_tight_budget_all_succeed_or_are_ref
                         let start = Instant::now();
                         let (resp, _fds) = conn
                             .call(&Request::Acquire {
-                                source: ModelSource::Dir { path: dir.clone() },
+                                source: ModelSource::Dir { path: dir.clone(), variant: None },
                                 dtype: WeightDType::F32,
                                 device: Device::Cpu,
                                 keep_alive: None,

@@ -765,7 +765,7 @@ pub(crate) mod tests {
             r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
-        let model = mora_common::ModelSource::Dir { path: d.clone() }.resolve().unwrap();
+        let model = mora_common::ModelSource::Dir { path: d.clone(), variant: None }.resolve().unwrap();
         assert_eq!(model.weights.len(), 2);
         let loaded = load(&model, WeightDType::F32).unwrap();
         let map = host(&loaded).map().unwrap();

@@ -18,6 +18,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use mora_common::model::weight_candidates;
+#[cfg(test)]
 use mora_common::model::{SHARD_INDEX, SINGLE_WEIGHTS};
 use mora_common::{ModelSource, ResolvedModel};
 use sha2::{Digest, Sha256};
@@ -106,17 +108,16 @@ const MAX_REMEMBERED: usize = 4096;
 fn dependencies(source: &ModelSource, resolved: &ResolvedModel) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     match source {
-        ModelSource::HfRepo { repo, revision, hub_cache } => {
+        ModelSource::HfRepo { repo, revision, hub_cache, .. } => {
             let folder = hub_cache.join(format!("models--{}", repo.replace('/', "--")));
             paths.push(folder.join("refs").join(revision));
             paths.push(folder.join("snapshots"));
             paths.push(resolved.dir.join("config.json"));
         }
-        ModelSource::Dir { path } => paths.push(path.clone()),
+        ModelSource::Dir { path, .. } => paths.push(path.clone()),
     }
     paths.push(resolved.dir.clone());
-    paths.push(resolved.dir.join(SHARD_INDEX));
-    paths.push(resolved.dir.join(SINGLE_WEIGHTS));
+    paths.extend(weight_candidates(&resolved.dir, source.variant()));
     paths.extend(resolved.weights.iter().cloned());
     paths.dedup();
     paths
@@ -192,7 +193,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         write_model(&d, b"first bytes");
         let (memo, files) = (ResolutionMemo::new(), IdentityMemo::new());
-        let source = ModelSource::Dir { path: d.clone() };
+        let source = ModelSource::Dir { path: d.clone(), variant: None };
         let sha = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b));
         let (r, ids) = memo.identify(&source, &files).unwrap();
         assert_eq!((r.weights.clone(), ids), (vec![d.join(SINGLE_WEIGHTS)], vec![sha(b"first bytes")]));
@@ -245,7 +246,7 @@ mod tests {
         snapshot("bbbb", &b);
         std::fs::write(repo.join("refs").join("main"), "aaaa").unwrap();
         let (memo, files) = (ResolutionMemo::new(), IdentityMemo::new());
-        let source = ModelSource::HfRepo { repo: "o/m".into(), revision: "main".into(), hub_cache: hub.clone() };
+        let source = ModelSource::HfRepo { repo: "o/m".into(), revision: "main".into(), hub_cache: hub.clone(), subfolder: None, variant: None };
         assert_eq!(memo.identify(&source, &files).unwrap().1, vec![format!("sha256:{a}")]);
         assert_eq!(memo.identify(&source, &files).unwrap().1, vec![format!("sha256:{a}")]);
         std::fs::write(repo.join("refs").join("main"), "bbbb").unwrap();

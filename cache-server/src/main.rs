@@ -60,10 +60,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Load a model into the cache now, without running anything.
+    /// Load a model into the cache now, without running anything. A diffusers
+    /// pipeline (a folder with model_index.json) loads each of its components
+    /// with weights (text encoders, UNet, VAE), each its own cache entry.
     Load {
-        /// A Hugging Face repo id (OWNER/NAME[@REVISION]) or a model directory.
+        /// A Hugging Face repo id (OWNER/NAME[/FOLDER][@REVISION], FOLDER one
+        /// component of a pipeline) or a model directory.
         model: String,
+        /// The weight files' variant: `fp16` loads `*.fp16.safetensors`, as
+        /// diffusers' `variant="fp16"`.
+        #[arg(long)]
+        variant: Option<String>,
         /// Hold the weights in this dtype.
         #[arg(long, default_value = "f32", value_parser = parse_dtype)]
         dtype: WeightDType,
@@ -153,19 +160,30 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                 print!("{}", admin::to_table(&status));
             }
         }
-        Command::Load { model, dtype, device, pin, keep_alive } => {
+        Command::Load { model, variant, dtype, device, pin, keep_alive } => {
             let device = mora_common::gpu::resolve(device).map_err(anyhow::Error::msg)?;
-            match admin::load(&socket, mora_common::ModelSource::from_arg(&model), dtype, device, pin, keep_alive)? {
-                Some(m) => println!(
-                    "{} ({}, {}) resident: {}{}; keep-alive {}",
-                    m.name,
-                    m.device,
-                    m.dtype,
-                    human_bytes(m.bytes),
-                    if m.pinned { ", pinned" } else { "" },
-                    m.keep_alive
-                ),
-                None => println!("{model} loaded and released at once (keep-alive 0)"),
+            let source = mora_common::ModelSource::from_arg(&model).with_variant(variant);
+            // A pipeline is loaded component by component; a model in one go.
+            let parts = match mora_common::pipeline::components(&source) {
+                Ok(Some(parts)) => parts.into_iter().map(|(_, s)| s).collect(),
+                Ok(None) => vec![source],
+                // Not resolvable here: the daemon says why, as for any model.
+                Err(_) => vec![source],
+            };
+            for part in parts {
+                let name = part.display_name();
+                match admin::load(&socket, part, dtype, device, pin, keep_alive)? {
+                    Some(m) => println!(
+                        "{} ({}, {}) resident: {}{}; keep-alive {}",
+                        m.name,
+                        m.device,
+                        m.dtype,
+                        human_bytes(m.bytes),
+                        if m.pinned { ", pinned" } else { "" },
+                        m.keep_alive
+                    ),
+                    None => println!("{name} loaded and released at once (keep-alive 0)"),
+                }
             }
         }
         Command::Pull { model, include, exclude } => pull(&model, &include, &exclude)?,

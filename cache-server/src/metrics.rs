@@ -412,7 +412,7 @@ mod tests {
         let seed = tag.len() as f32 * 7.0;
         let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
         write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
-        ModelSource::Dir { path: d }
+        ModelSource::Dir { path: d, variant: None }
     }
 
     /// The value of the sample written exactly as `series` (name and labels).

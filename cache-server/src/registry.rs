@@ -749,7 +749,9 @@ impl Registry {
         inner
             .entries
             .iter_mut()
-            .filter(|(k, e)| e.names.contains(&target.name) && target.dtype.is_none_or(|d| d == k.dtype))
+            .filter(|(k, e)| {
+                e.names.iter().any(|n| mora_common::pipeline::selects(&target.name, n)) && target.dtype.is_none_or(|d| d == k.dtype)
+            })
             .map(|(k, e)| (k.clone(), e))
             .collect()
     }
@@ -931,7 +933,7 @@ mod tests {
             let seed = (tag.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 1000) as f32;
             let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
             write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
-            ModelSource::Dir { path: d }
+            ModelSource::Dir { path: d, variant: None }
         }
 
         fn registry(gpu_budget: u64, keep_alive: KeepAlive) -> (Arc<Registry>, Arc<FakeGpus>) {

@@ -1,6 +1,6 @@
 //! What the Mora cache daemon and its clients share: the wire protocol, the
 //! frame codec, sealed shared-memory segments, tensor manifests, model
-//! references and the socket path.
+//! references, diffusers pipelines and the socket path.
 //!
 //! Neither the daemon (`mora-cache`) nor the exec client (`mora-exec`) depends
 //! on the other; both depend on this crate.
@@ -13,6 +13,7 @@ pub mod logging;
 pub mod manifest;
 pub mod model;
 pub mod paths;
+pub mod pipeline;
 pub mod progress;
 pub mod protocol;
 pub mod segment;

@@ -15,7 +15,7 @@ use crate::model::ModelSource;
 use crate::units::KeepAlive;
 
 /// Bumped whenever [`Request`] or [`Response`] change shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts (16 MiB). A manifest of a model with
 /// 100 000 tensors fits comfortably; a length above this is a corrupt or

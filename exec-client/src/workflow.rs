@@ -415,7 +415,7 @@ impl Workflow {
                     if decl.revision.is_some() {
                         return Err(at(span, format!("model `{key}`: `revision` applies to `repo`, not to `path`")));
                     }
-                    ModelSource::Dir { path: normalize(&base.join(p)) }
+                    ModelSource::Dir { path: normalize(&base.join(p)), variant: None }
                 }
                 (Some(_), Some(_)) => {
                     return Err(at(span, format!("model `{key}` gives both `repo` and `path`: keep one")))
@@ -605,9 +605,9 @@ output = "embeddings.json"
     fn local_path_is_anchored_at_the_workflow_directory() {
         let src = GOOD.replace("repo = \"sentence-transformers/all-MiniLM-L6-v2\"", "path = \"models/mini\"\ndtype = \"f16\"");
         let w = parse(&src).unwrap();
-        assert_eq!(w.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/w/models/mini") });
+        assert_eq!(w.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/w/models/mini"), variant: None });
         let up = parse(&src.replace("models/mini", "./../shared/./mini")).unwrap();
-        assert_eq!(up.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/shared/mini") });
+        assert_eq!(up.models["minilm"].source, ModelSource::Dir { path: PathBuf::from("/shared/mini"), variant: None });
         assert_eq!(w.models["minilm"].dtype, WeightDType::F16);
     }
 

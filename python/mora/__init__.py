@@ -335,6 +335,9 @@ class Client:
         device: Any = "cpu",
         framework: str = "pt",
         keep_alive: Optional[Union[str, int]] = None,
+        *,
+        subfolder: Optional[str] = None,
+        variant: Optional[str] = None,
     ) -> StateDict:
         """The tensors of ``model``, viewing the daemon's copy in place.
 
@@ -347,6 +350,10 @@ class Client:
         ``"cuda:N"`` (torch only). ``framework``: ``"pt"`` for torch tensors,
         ``"numpy"`` for read-only numpy arrays. ``keep_alive``: how long the
         daemon keeps the model once idle (``"30m"``, ``-1`` forever, ``0``).
+        ``subfolder``: one component of a diffusers pipeline (``"unet"``,
+        ``"vae"``, ``"text_encoder"``), as ``from_pretrained(..., subfolder=)``;
+        ``variant``: the weight files' variant (``"fp16"`` reads
+        ``diffusion_pytorch_model.fp16.safetensors``), as diffusers' ``variant=``.
         A load shows its progress on stderr.
         """
         fw = _framework(framework)
@@ -364,7 +371,7 @@ class Client:
         gpu = _gpu_uuid(ordinal)
         conn = self._conn()
         ka = None if keep_alive is None else str(keep_alive)
-        acquired = conn.acquire(os.fspath(model), wd, gpu, ka)
+        acquired = conn.acquire(os.fspath(model), wd, gpu, ka, subfolder, variant)
         try:
             if acquired.fd is not None:
                 tensors = _host_tensors(acquired, fw)
@@ -394,9 +401,20 @@ class Client:
         sd.nbytes = acquired.len
         return sd
 
-    def safe_open(self, model: PathLike, framework: str = "pt", device: Any = "cpu", dtype: Any = None) -> "SafeOpen":
+    def safe_open(
+        self,
+        model: PathLike,
+        framework: str = "pt",
+        device: Any = "cpu",
+        dtype: Any = None,
+        *,
+        subfolder: Optional[str] = None,
+        variant: Optional[str] = None,
+    ) -> "SafeOpen":
         """A ``safetensors.safe_open``-like view of ``model`` through this client."""
-        return SafeOpen(self.state_dict(model, dtype=dtype, device=device, framework=framework))
+        return SafeOpen(
+            self.state_dict(model, dtype=dtype, device=device, framework=framework, subfolder=subfolder, variant=variant)
+        )
 
     # -- what the daemon holds (as mora-cache ps/load/evict/pin/unpin) -------
     def status(self) -> Dict[str, Any]:
@@ -420,15 +438,19 @@ class Client:
         device: Any = "cpu",
         pin: bool = False,
         keep_alive: Optional[Union[str, int]] = None,
+        *,
+        subfolder: Optional[str] = None,
+        variant: Optional[str] = None,
     ) -> Optional[Dict[str, Any]]:
         """Makes ``model`` resident without lending it (``mora-cache load``).
         Returns its ``ps`` entry, or None when it was resident already and
-        only its pin or keep-alive changed."""
+        only its pin or keep-alive changed. ``subfolder`` and ``variant`` as
+        for :meth:`state_dict`."""
         import json
 
         gpu = _gpu_uuid(_device(device))
         ka = None if keep_alive is None else str(keep_alive)
-        out = self._conn().load(os.fspath(model), _weight_dtype(dtype), gpu, pin, ka)
+        out = self._conn().load(os.fspath(model), _weight_dtype(dtype), gpu, pin, ka, subfolder, variant)
         return None if out is None else json.loads(out)
 
     def evict(self, model: PathLike, dtype: Any = None) -> Evicted:
@@ -545,6 +567,8 @@ def safe_open(
     device: Any = "cpu",
     *,
     dtype: Any = None,
+    subfolder: Optional[str] = None,
+    variant: Optional[str] = None,
     socket: Optional[PathLike] = None,
     autostart: bool = True,
 ) -> SafeOpen:
@@ -558,7 +582,10 @@ def safe_open(
     """
     client = Client(socket, autostart)
     try:
-        return SafeOpen(client.state_dict(model, dtype=dtype, device=device, framework=framework), client)
+        return SafeOpen(
+            client.state_dict(model, dtype=dtype, device=device, framework=framework, subfolder=subfolder, variant=variant),
+            client,
+        )
     except BaseException:
         client.close()
         raise

@@ -183,6 +183,17 @@ fn selector(py: Python<'_>, model: &str, dtype: Option<&str>) -> PyResult<Select
     Ok(Selector { name: ModelSource::from_arg(model).display_name(), dtype })
 }
 
+/// A model as Python names it: `model` as the CLI takes it, then one
+/// component of a pipeline (`subfolder`), in a weight variant.
+fn source(model: &str, subfolder: Option<&str>, variant: Option<&str>) -> ModelSource {
+    let source = ModelSource::from_arg(model);
+    let source = match subfolder {
+        Some(sub) => source.component(sub),
+        None => source,
+    };
+    source.with_variant(variant.map(str::to_string))
+}
+
 #[pymethods]
 impl Connection {
     /// Connects to the daemon at `socket` (None: `$MORA_SOCKET`, else
@@ -237,7 +248,10 @@ impl Connection {
     /// cache, or a directory) in `dtype` ("f32", "f16", "bf16"; None: f32) on
     /// the host (`gpu=None`) or the GPU with that UUID. A load shows progress
     /// on stderr.
-    #[pyo3(signature = (model, dtype=None, gpu=None, keep_alive=None))]
+    /// `subfolder` names one component of a diffusers pipeline (`unet`),
+    /// `variant` the weight files' variant (`fp16`).
+    #[pyo3(signature = (model, dtype=None, gpu=None, keep_alive=None, subfolder=None, variant=None))]
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
         py: Python<'_>,
@@ -245,11 +259,13 @@ impl Connection {
         dtype: Option<&str>,
         gpu: Option<&[u8]>,
         keep_alive: Option<&str>,
+        subfolder: Option<&str>,
+        variant: Option<&str>,
     ) -> PyResult<Acquired> {
         let dtype = weight_dtype(py, dtype)?;
         let device = device(py, gpu)?;
         let keep_alive = self::keep_alive(py, keep_alive)?;
-        let source = ModelSource::from_arg(model);
+        let source = source(model, subfolder, variant);
         let name = source.display_name();
         let request = Request::Acquire { source, dtype, device, keep_alive };
         let answer = self.with(py, |c| c.call_showing_load(&request, "mora"))?;
@@ -338,7 +354,8 @@ impl Connection {
     /// Makes `model` resident without lending it (`mora-cache load`);
     /// returns its state as JSON, or None when it was already resident and
     /// only its pin or keep-alive changed.
-    #[pyo3(signature = (model, dtype=None, gpu=None, pin=false, keep_alive=None))]
+    #[pyo3(signature = (model, dtype=None, gpu=None, pin=false, keep_alive=None, subfolder=None, variant=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
@@ -347,9 +364,11 @@ impl Connection {
         gpu: Option<&[u8]>,
         pin: bool,
         keep_alive: Option<&str>,
+        subfolder: Option<&str>,
+        variant: Option<&str>,
     ) -> PyResult<Option<String>> {
         let request = Request::Load {
-            source: ModelSource::from_arg(model),
+            source: source(model, subfolder, variant),
             dtype: weight_dtype(py, dtype)?,
             device: device(py, gpu)?,
             pin,

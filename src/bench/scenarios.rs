@@ -578,7 +578,7 @@ fn time_acquires(env: &Env, dirs: &[PathBuf], acquires: usize) -> Result<Vec<f64
     let conn = Connection::connect(&env.socket, "mora-bench").map_err(|e| e.to_string())?;
     let acquire = |dir: &Path| -> Result<Duration, String> {
         let request = Request::Acquire {
-            source: mora_common::ModelSource::Dir { path: dir.to_path_buf() },
+            source: mora_common::ModelSource::Dir { path: dir.to_path_buf(), variant: None },
             dtype: WeightDType::F32,
             device: Device::Cpu,
             keep_alive: None,

@@ -1,0 +1,140 @@
+//! Diffusers pipelines: a folder whose `model_index.json` names the
+//! pipeline's class and, for each component, the library and class that
+//! load it from the folder of the same name (`unet/`, `vae/`, ...).
+//!
+//! Mora holds each component that has weights as a cache entry of its own,
+//! keyed by content like any model, so two pipelines that share a component
+//! (a VAE, a text encoder) hold it once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::model::{ModelSource, ResolveError, PIPELINE_INDEX};
+
+/// The components with weights that Mora holds in the cache, in the order
+/// they are loaded. Other components of a pipeline (a safety checker, a
+/// feature extractor, an image encoder) are not run, so not loaded.
+pub const WEIGHTED_COMPONENTS: &[&str] = &["text_encoder", "text_encoder_2", "unet", "vae"];
+
+/// A pipeline's `model_index.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineIndex {
+    /// `_class_name`: `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...
+    pub class_name: String,
+    /// Each component present (its entry not `[null, null]`): folder name to
+    /// (library, class), as `["diffusers", "UNet2DConditionModel"]`.
+    pub components: BTreeMap<String, (String, String)>,
+}
+
+impl PipelineIndex {
+    /// Reads `model_index.json` in `dir`; `None` when there is none (not a pipeline).
+    pub fn read(dir: &Path) -> Result<Option<PipelineIndex>, String> {
+        let path = dir.join(PIPELINE_INDEX);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: cannot read it: {e}", path.display())),
+        };
+        let bad = |why: String| format!("{}: {why}", path.display());
+        let json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map = json.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let class_name = map
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no `_class_name`: not a diffusers pipeline index".into()))?
+            .to_string();
+        let mut components = BTreeMap::new();
+        for (key, v) in map {
+            if key.starts_with('_') {
+                continue;
+            }
+            // Components are `[library, class]`; other keys are the
+            // pipeline's own settings (`requires_safety_checker`, ...).
+            let Some(pair) = v.as_array() else { continue };
+            match pair.as_slice() {
+                [Value::Null, Value::Null] => {}
+                [Value::String(l), Value::String(c)] => {
+                    components.insert(key.clone(), (l.clone(), c.clone()));
+                }
+                _ => return Err(bad(format!("component `{key}` is not [library, class]: {v}"))),
+            }
+        }
+        Ok(Some(PipelineIndex { class_name, components }))
+    }
+
+    /// The components Mora holds in the cache, in load order.
+    pub fn weighted(&self) -> Vec<&'static str> {
+        WEIGHTED_COMPONENTS.iter().copied().filter(|c| self.components.contains_key(*c)).collect()
+    }
+}
+
+/// The pipeline `source` names, if its folder holds a `model_index.json`:
+/// a source for each of its components with weights, in load order.
+pub fn components(source: &ModelSource) -> Result<Option<Vec<(&'static str, ModelSource)>>, ResolveError> {
+    let dir = source.resolve_dir()?;
+    let index = match PipelineIndex::read(&dir) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(None),
+        Err(reason) => return Err(ResolveError::BadIndex { path: dir.join(PIPELINE_INDEX), reason }),
+    };
+    Ok(Some(index.weighted().into_iter().map(|c| (c, source.component(c))).collect()))
+}
+
+/// Whether a selector naming `target` (`mora-cache evict NAME`) selects the
+/// entry called `name`: the same name, or a component of the pipeline
+/// `target` names (`org/sd/unet` for `org/sd`, revisions alike).
+pub fn selects(target: &str, name: &str) -> bool {
+    if target == name {
+        return true;
+    }
+    let split = |s: &str| match s.split_once('@') {
+        Some((base, rev)) => (base.to_string(), rev.to_string()),
+        None => (s.to_string(), String::new()),
+    };
+    let ((tb, tr), (nb, nr)) = (split(target), split(name));
+    tr == nr && nb.strip_prefix(tb.as_str()).is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_lists_present_components_and_skips_settings_and_absent_ones() {
+        let d = std::env::temp_dir().join(format!("mora-pipeline-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join(PIPELINE_INDEX),
+            r#"{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",
+                "force_zeros_for_empty_prompt": true, "feature_extractor": [null, null],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
+        )
+        .unwrap();
+        let index = PipelineIndex::read(&d).unwrap().unwrap();
+        assert_eq!(index.class_name, "StableDiffusionXLPipeline");
+        assert!(!index.components.contains_key("feature_extractor"));
+        assert_eq!(index.weighted(), vec!["text_encoder", "text_encoder_2", "unet", "vae"]);
+        let parts = components(&ModelSource::dir(&d)).unwrap().unwrap();
+        assert_eq!(parts[2], ("unet", ModelSource::dir(d.join("unet"))));
+        std::fs::write(d.join(PIPELINE_INDEX), r#"{"_class_name": "X", "unet": ["diffusers"]}"#).unwrap();
+        assert!(PipelineIndex::read(&d).unwrap_err().contains("component `unet` is not [library, class]"));
+        std::fs::remove_file(d.join(PIPELINE_INDEX)).unwrap();
+        assert_eq!(PipelineIndex::read(&d).unwrap(), None);
+    }
+
+    #[test]
+    fn a_pipeline_name_selects_its_components_and_nothing_else() {
+        assert!(selects("org/sd", "org/sd"));
+        assert!(selects("org/sd", "org/sd/unet"));
+        assert!(selects("org/sd@v2", "org/sd/vae@v2"));
+        assert!(!selects("org/sd", "org/sd/vae@v2"));
+        assert!(!selects("org/sd", "org/sdxl/unet"));
+        assert!(!selects("org/sd/unet", "org/sd"));
+        assert!(selects("/m/pipe", "/m/pipe/unet"));
+        assert!(!selects("/m", "/m/pipe/unet"));
+    }
+}
