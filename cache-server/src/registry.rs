@@ -246,8 +246,10 @@ fn now_unix_ms() -> u64 {
 
 fn resolve_error(e: ResolveError) -> ErrorReply {
     let kind = match e {
-        ResolveError::NotInCache { .. } | ResolveError::NoSuchDir(_) => ErrorKind::NotFound,
-        ResolveError::BadRepoId(_) | ResolveError::BadRevision(_) => ErrorKind::BadRequest,
+        ResolveError::NotInCache { .. } | ResolveError::NoSuchDir(_) | ResolveError::NoSubfolder { .. } => ErrorKind::NotFound,
+        ResolveError::BadRepoId(_) | ResolveError::BadRevision(_) | ResolveError::BadSubfolder(_) | ResolveError::BadVariant(_) => {
+            ErrorKind::BadRequest
+        }
         _ => ErrorKind::InvalidModel,
     };
     ErrorReply { kind, message: e.to_string() }

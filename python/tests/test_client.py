@@ -156,6 +156,31 @@ def test_a_model_directory_and_the_admin_calls(daemon, model_file):
         assert client.evict(MODEL, dtype="f16").models
 
 
+def test_a_pipeline_component_by_subfolder_and_variant(daemon, tmp_path):
+    # A diffusers layout: the root holds model_index.json, each component its folder.
+    from safetensors.numpy import save_file
+
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    (pipe / "unet" / "config.json").write_text("{}")
+    full = {"conv_in.weight": np.arange(12, dtype=np.float32).reshape(3, 4) / 7}
+    save_file(full, str(pipe / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.astype(np.float16) for k, v in full.items()}, str(pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(pipe, framework="numpy", subfolder="unet")
+        assert sd.name == str(pipe / "unet") and sd.dir == str(pipe / "unet")
+        np.testing.assert_array_equal(sd["conv_in.weight"], full["conv_in.weight"])
+        # The fp16 file, widened to the f32 asked for: its rounding shows.
+        fp16 = client.state_dict(pipe, framework="numpy", subfolder="unet", variant="fp16")
+        np.testing.assert_array_equal(fp16["conv_in.weight"], full["conv_in.weight"].astype(np.float16).astype(np.float32))
+        assert not np.array_equal(fp16["conv_in.weight"], sd["conv_in.weight"])
+        with pytest.raises(mora.DaemonError, match="no `bf16` variant"):
+            client.state_dict(pipe, framework="numpy", subfolder="unet", variant="bf16")
+        with pytest.raises(mora.DaemonError, match="no model.safetensors, diffusion_pytorch_model.safetensors"):
+            client.state_dict(pipe, framework="numpy")
+
+
 def test_bad_arguments_raise_invalid_argument_before_asking(daemon):
     with mora.connect(daemon.socket) as client:
         cases = [
