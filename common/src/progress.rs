@@ -70,6 +70,74 @@ fn bar(done: u64, total: u64) -> String {
     )
 }
 
+/// Shows a loop of `total` steps (the denoising of an image): on a terminal
+/// one line redrawn after each step (a bar, k of n, the rate); elsewhere a
+/// line after the first step, then at most one every 10 seconds, and the last.
+pub struct StepProgress {
+    program: &'static str,
+    what: String,
+    total: usize,
+    tty: bool,
+    start: Instant,
+    last_line: Option<Instant>,
+}
+
+impl StepProgress {
+    pub fn new(program: &'static str, what: impl Into<String>, total: usize) -> Self {
+        StepProgress {
+            program,
+            what: what.into(),
+            total,
+            tty: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+            last_line: None,
+        }
+    }
+
+    /// Step `done` (1-based) has finished.
+    pub fn step(&mut self, done: usize) {
+        let line = render_steps(self.program, &self.what, done, self.total, self.start.elapsed());
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[K{line}");
+            let _ = err.flush();
+            self.last_line = Some(Instant::now());
+        } else if done == self.total || self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            let _ = writeln!(err, "{line}");
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    /// Clears the redrawn line, if one was drawn.
+    pub fn finish(&mut self) {
+        if self.tty && self.last_line.is_some() {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+        self.last_line = None;
+    }
+}
+
+impl Drop for StepProgress {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `mora-exec: denoising image 1 of 2 [######......]  12/20 steps, 1.85 steps/s`
+pub fn render_steps(program: &str, what: &str, done: usize, total: usize, elapsed: Duration) -> String {
+    const WIDTH: usize = 24;
+    let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).clamp(0.0, 1.0) };
+    let filled = (frac * WIDTH as f64).round() as usize;
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 && done > 0 {
+        let r = done as f64 / secs;
+        if r >= 1.0 { format!("{r:.2} steps/s") } else { format!("{:.2} s/step", 1.0 / r) }
+    } else {
+        String::new()
+    };
+    format!("{program}: {what} [{}{}] {done}/{total} steps, {rate}", "#".repeat(filled), ".".repeat(WIDTH - filled))
+}
+
 /// Shows a pull: on a terminal one redrawn line per file being downloaded
 /// (bar, bytes, rate, time left); elsewhere one line per file downloaded.
 pub struct PullProgress {
@@ -151,6 +219,14 @@ fn clock(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_line_shows_the_bar_the_count_and_the_rate() {
+        let line = render_steps("mora-exec", "denoising", 5, 20, Duration::from_secs(2));
+        assert_eq!(line, "mora-exec: denoising [######..................] 5/20 steps, 2.50 steps/s");
+        let slow = render_steps("mora-exec", "denoising", 1, 4, Duration::from_secs(3));
+        assert!(slow.ends_with("1/4 steps, 3.00 s/step"), "{slow}");
+    }
 
     #[test]
     fn bar_shows_fraction_and_bytes() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mora_common::connection::Connection;
 
 use crate::tasks::generate::{GenerateStep, PromptDecl};
-use crate::tasks::{Results, StepRun, Task};
+use crate::tasks::{Results, StepModels, StepRun, Task};
 use crate::weights::{Provenance, Weights};
 use crate::workflow::Workflow;
 use crate::{daemon, ExecError};
@@ -99,9 +99,21 @@ pub enum StepKind {
     },
     /// A rank step: `items` queries against a corpus of `corpus` texts.
     Rank { corpus: usize, top_k: usize },
+    /// A step that ran a pipeline: each component's name, weights and
+    /// whether an earlier step of the run acquired it.
+    Pipeline { device: String, components: Vec<(String, Provenance, bool)>, build_ms: u64 },
 }
 
 impl StepKind {
+    /// A step that ran the pipeline of components `parts`.
+    pub fn pipeline(parts: &[(&'static str, &Weights, bool)], build_ms: u64) -> StepKind {
+        StepKind::Pipeline {
+            device: parts.first().map(|(_, w, _)| device_name(&w.device)).unwrap_or_default(),
+            components: parts.iter().map(|(_, w, reused)| (w.name.clone(), w.provenance.clone(), *reused)).collect(),
+            build_ms,
+        }
+    }
+
     /// A step that ran a model on `w`.
     pub fn model(w: &Weights, build_ms: u64, reused: bool) -> StepKind {
         StepKind::Model {
@@ -125,6 +137,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     let mut outputs = BTreeMap::new();
     for step in &workflow.steps {
         let p = output_path(&opts.output_dir, &step.output, opts.allow_outside_output)
+            .and_then(|p| step.task.check_output(&p).map(|()| p))
             .map_err(|e| ExecError::Output(format!("step `{}`: {e}", step.name)))?;
         outputs.insert(step.name.as_str(), p);
     }
@@ -135,6 +148,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     }
 
     check_decoder_configs(workflow)?;
+    let mut pipelines = pipeline_configs(workflow)?;
     crate::phases::mark("read inputs");
 
     let conn: Option<Connection> =
@@ -142,7 +156,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     crate::phases::mark("connect");
     // Declared after the connection, so dropped before it: GPU mappings
     // close before the leases that keep their memory alive end.
-    let mut weights: BTreeMap<&str, Weights> = BTreeMap::new();
+    let mut weights: BTreeMap<String, Weights> = BTreeMap::new();
     let mut results = Results::default();
     let mut reports = Vec::new();
     for step in &workflow.steps {
@@ -150,25 +164,47 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         if !opts.allow_outside_output {
             check_inside(&opts.output_dir, &output)?;
         }
-        // Whether this step's model was acquired by an earlier step of this run.
-        let mut reused = false;
-        if let Some(model) = step.model() {
-            reused = weights.contains_key(model);
-            if !reused {
+        let acquire = |source: mora_common::ModelSource, spec: &crate::workflow::ModelSpec, model: &str| {
+            let device = mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
+            match &conn {
+                Some(c) => Weights::from_daemon(c, source, spec.dtype, device, spec.keep_alive),
+                None => Weights::in_process(&source, spec.dtype, device),
+            }
+        };
+        // Which of this step's weights an earlier step of this run acquired.
+        let mut reused = Vec::new();
+        let keys: Vec<(String, Option<&'static str>)> = match step.model() {
+            None => Vec::new(),
+            Some(model) if step.task.runs_pipeline() => {
+                pipelines[model].components().into_iter().map(|c| (format!("{model}/{c}"), Some(c))).collect()
+            }
+            Some(model) => vec![(model.to_string(), None)],
+        };
+        for (key, component) in &keys {
+            reused.push(weights.contains_key(key.as_str()));
+            if !weights.contains_key(key.as_str()) {
+                let model = step.model().expect("a step with weights names a model");
                 let spec = &workflow.models[model];
-                let device =
-                    mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
-                let w = match &conn {
-                    Some(c) => Weights::from_daemon(c, spec.source.clone(), spec.dtype, device, spec.keep_alive)?,
-                    None => Weights::in_process(&spec.source, spec.dtype, device)?,
+                let source = match component {
+                    Some(c) => spec.source.component(c),
+                    None => spec.source.clone(),
                 };
-                weights.insert(model, w);
+                weights.insert(key.clone(), acquire(source, spec, model)?);
             }
         }
-        let model = step.model().map(|m| (&weights[m], reused));
+        let models = match (step.model(), keys.as_slice()) {
+            (None, _) => StepModels::None,
+            (Some(model), _) if step.task.runs_pipeline() => {
+                let config = pipelines.remove(model).map(Ok).unwrap_or_else(|| pipeline_config(workflow, model, &step.task))?;
+                let parts = keys.iter().zip(&reused).map(|((k, c), r)| (c.expect("a component"), &weights[k.as_str()], *r)).collect();
+                StepModels::Pipeline(config, parts)
+            }
+            (Some(_), [(k, _)]) => StepModels::One(&weights[k.as_str()], reused[0]),
+            _ => unreachable!("one model, one key"),
+        };
         let inputs = inputs.remove(step.name.as_str()).expect("read above");
         let run = StepRun { name: &step.name, output: &output };
-        reports.push(step.task.run(&run, model, inputs, &mut results)?);
+        reports.push(step.task.run(&run, models, inputs, &mut results)?);
     }
     Ok(reports)
 }
@@ -202,9 +238,20 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
         step.task.read_inputs().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
     }
     for (key, spec) in &workflow.models {
-        spec.source.resolve().map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
+        let fail = |e: mora_common::model::ResolveError| ExecError::Model(format!("model `{key}`: {e}"));
+        match mora_common::pipeline::components(&spec.source).map_err(fail)? {
+            Some(parts) => {
+                for (_, part) in parts {
+                    part.resolve().map_err(fail)?;
+                }
+            }
+            None => {
+                spec.source.resolve().map_err(fail)?;
+            }
+        }
     }
     check_decoder_configs(workflow)?;
+    pipeline_configs(workflow)?;
     let steps: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
     Ok(format!(
         "{} model(s), {} step(s): {}",
@@ -212,6 +259,30 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
         steps.len(),
         steps.join(", ")
     ))
+}
+
+/// The pipeline configs of every model an image step runs, read (configs,
+/// tokenizers, scheduler) before any weight is: by `check` and `run`. A
+/// pipeline is read once per model; a step that overrides the scheduler
+/// reads its own at run time.
+fn pipeline_configs(workflow: &Workflow) -> Result<BTreeMap<String, crate::image::pipeline::PipelineConfig>, ExecError> {
+    let mut out = BTreeMap::new();
+    for step in &workflow.steps {
+        let (Some(model), true) = (step.model(), step.task.runs_pipeline()) else { continue };
+        let config = pipeline_config(workflow, model, &step.task)?;
+        out.entry(model.to_string()).or_insert(config);
+    }
+    Ok(out)
+}
+
+fn pipeline_config(workflow: &Workflow, model: &str, task: &Task) -> Result<crate::image::pipeline::PipelineConfig, ExecError> {
+    let fail = |e: String| ExecError::Model(format!("model `{model}`: {e}"));
+    let root = workflow.models[model].source.resolve_dir().map_err(|e| fail(e.to_string()))?;
+    let scheduler = match task {
+        Task::Image(s) => s.scheduler.as_deref(),
+        _ => None,
+    };
+    crate::image::pipeline::PipelineConfig::read(&root, scheduler).map_err(fail)
 }
 
 /// A generate step's model must be a network Mora runs as its config
@@ -278,6 +349,28 @@ pub fn describe(r: &StepReport) -> String {
                 r.items,
                 r.unit,
                 r.output.display(),
+                r.run_ms
+            )
+        }
+        StepKind::Pipeline { device, components, build_ms } => {
+            let parts: Vec<String> = components
+                .iter()
+                .map(|(name, weights, reused)| match weights {
+                    _ if *reused => format!("{name} already held by this run"),
+                    Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
+                        format!("{name} cold, {:.1} MiB loaded in {load_ms} ms", mib(*bytes))
+                    }
+                    Provenance::Daemon { loaded_now: false, bytes, .. } => format!("{name} warm, {:.1} MiB", mib(*bytes)),
+                    Provenance::InProcess { load_ms, bytes } => format!("{name} no cache, {:.1} MiB read in {load_ms} ms", mib(*bytes)),
+                })
+                .collect();
+            format!(
+                "{}: {} {} on {device} -> {} (weights: {}; pipeline built in {build_ms} ms; ran in {} ms)",
+                r.step,
+                r.items,
+                r.unit,
+                r.output.display(),
+                parts.join("; "),
                 r.run_ms
             )
         }

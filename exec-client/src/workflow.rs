@@ -85,6 +85,8 @@ struct ModelDecl {
     repo: Option<String>,
     revision: Option<String>,
     path: Option<PathBuf>,
+    /// The weight files' variant (`fp16`: `*.fp16.safetensors`).
+    variant: Option<String>,
     dtype: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
     keep_alive: Option<Spanned<KeepAliveDecl>>,
@@ -424,6 +426,7 @@ impl Workflow {
                     return Err(at(span, format!("model `{key}` needs `repo = \"OWNER/NAME\"` or `path = \"DIR\"`")))
                 }
             };
+            let source = source.with_variant(decl.variant.clone());
             let dtype = match &decl.dtype {
                 Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
                 None => WeightDType::default(),

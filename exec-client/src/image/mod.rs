@@ -4,7 +4,8 @@
 //! - [`clip`] is the CLIP text encoders and their BPE tokenizer;
 //! - [`unet`] is the denoising UNet (`UNet2DConditionModel`), SD 1.5, 2.1, XL and Turbo shapes;
 //! - [`vae`] is the autoencoder (`AutoencoderKL`) that turns latents into pixels and back;
-//! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`.
+//! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`;
+//! - [`pipeline`] reads a pipeline's files and runs prompt to pixels (text to image, image to image).
 //!
 //! Each component's config is read key by key from the files diffusers and
 //! transformers write (`lm_config::Reader`): a key that changes the network
@@ -12,6 +13,7 @@
 //! the key, never replaced by a default.
 
 pub mod clip;
+pub mod pipeline;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;

@@ -120,7 +120,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
 }
 
 /// `pieces` with earlier steps' text results filled in.
-fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Result<String, ExecError> {
+pub(crate) fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Result<String, ExecError> {
     pieces
         .iter()
         .map(|p| match p {

@@ -22,6 +22,7 @@ use crate::ExecError;
 
 pub mod embed;
 pub mod generate;
+pub mod image;
 pub mod rank;
 
 /// What a task is, before any step of it is parsed.
@@ -41,7 +42,7 @@ pub struct Kind {
 }
 
 /// Every task, in the order errors list them.
-pub const KINDS: &[&Kind] = &[&embed::KIND, &rank::KIND, &generate::KIND];
+pub const KINDS: &[&Kind] = &[&embed::KIND, &rank::KIND, &generate::KIND, &image::KIND];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().copied().find(|k| k.name == name)
@@ -53,6 +54,7 @@ pub enum Task {
     Embed(embed::EmbedStep),
     Rank(rank::RankStep),
     Generate(generate::GenerateStep),
+    Image(image::ImageStep),
 }
 
 impl Task {
@@ -61,6 +63,7 @@ impl Task {
             Task::Embed(_) => &embed::KIND,
             Task::Rank(_) => &rank::KIND,
             Task::Generate(_) => &generate::KIND,
+            Task::Image(_) => &image::KIND,
         }
     }
 
@@ -69,6 +72,7 @@ impl Task {
         match self {
             Task::Embed(s) => Some(&s.model),
             Task::Generate(s) => Some(&s.model),
+            Task::Image(s) => Some(&s.model),
             Task::Rank(_) => None,
         }
     }
@@ -77,6 +81,7 @@ impl Task {
     pub fn input_files(&self) -> Vec<PathBuf> {
         match self {
             Task::Embed(s) => s.texts.file().into_iter().collect(),
+            Task::Image(s) => s.input_files(),
             Task::Rank(_) | Task::Generate(_) => Vec::new(),
         }
     }
@@ -86,25 +91,56 @@ impl Task {
     pub fn read_inputs(&self) -> Result<Inputs, String> {
         match self {
             Task::Embed(s) => Ok(Inputs::Texts(s.texts.load()?)),
+            Task::Image(s) => s.read_inputs(),
             Task::Rank(_) | Task::Generate(_) => Ok(Inputs::None),
         }
     }
 
-    /// Runs the step. `model` is the step's model's weights and whether an
-    /// earlier step of this run acquired them; `results` holds earlier steps'.
-    pub fn run(&self, step: &StepRun, model: Option<(&Weights, bool)>, inputs: Inputs, results: &mut Results) -> Result<StepReport, ExecError> {
+    /// Refuses an output this task cannot write (an image step writes PNG).
+    pub fn check_output(&self, output: &Path) -> Result<(), String> {
         match self {
-            Task::Embed(s) => embed::run(s, step, model.expect("an embed step has a model"), inputs, results),
-            Task::Rank(s) => rank::run(s, step, results),
-            Task::Generate(s) => generate::run(s, step, model.expect("a generate step has a model"), results),
+            Task::Image(_) if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) => {
+                Err(format!("output {} of an image step must be a .png file", output.display()))
+            }
+            _ => Ok(()),
         }
     }
+
+    /// Whether this step runs a diffusers pipeline (one lease per component)
+    /// rather than one model.
+    pub fn runs_pipeline(&self) -> bool {
+        matches!(self, Task::Image(_))
+    }
+
+    /// Runs the step. `model` is the step's model's weights and whether an
+    /// earlier step of this run acquired them (for a pipeline, each
+    /// component's); `results` holds earlier steps'.
+    pub fn run(&self, step: &StepRun, model: StepModels<'_>, inputs: Inputs, results: &mut Results) -> Result<StepReport, ExecError> {
+        match (self, model) {
+            (Task::Embed(s), StepModels::One(w, reused)) => embed::run(s, step, (w, reused), inputs, results),
+            (Task::Rank(s), _) => rank::run(s, step, results),
+            (Task::Generate(s), StepModels::One(w, reused)) => generate::run(s, step, (w, reused), results),
+            (Task::Image(s), StepModels::Pipeline(config, parts)) => image::run(s, step, config, &parts, inputs, results),
+            _ => unreachable!("run hands each task the models it declares"),
+        }
+    }
+}
+
+/// The models a step runs on.
+pub enum StepModels<'a> {
+    None,
+    /// One model's weights, and whether an earlier step acquired them.
+    One(&'a Weights, bool),
+    /// A pipeline's configs and its components' weights (component, weights, reused).
+    Pipeline(crate::image::pipeline::PipelineConfig, Vec<(&'static str, &'a Weights, bool)>),
 }
 
 /// What a step read before the run began.
 pub enum Inputs {
     None,
     Texts(Vec<String>),
+    /// An image step's starting picture.
+    Image(crate::image::pipeline::RgbImage),
 }
 
 /// The step being run: its name and where its output goes.
@@ -120,6 +156,8 @@ pub struct Results {
     pub embedded: BTreeMap<String, (Vec<String>, Vec<Vec<f32>>)>,
     /// Text results (a rank step's best match, a generate step's text), for prompts.
     pub texts: BTreeMap<String, String>,
+    /// An image step's PNG files, in order.
+    pub images: BTreeMap<String, Vec<PathBuf>>,
 }
 
 /// What a task's parser may use: the step's name and common keys, the
@@ -229,8 +267,16 @@ fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>
     .filter(|f: &f64| f.is_finite()))
 }
 
-/// Writes via a temporary file and a rename, so a reader never sees half a file.
+/// Writes text via a temporary file and a rename, so a reader never sees
+/// half a file; a newline ends it.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
+    let mut text = bytes.to_vec();
+    text.push(b'\n');
+    write_bytes_atomically(path, &text)
+}
+
+/// Writes `bytes` exactly, via a temporary file and a rename.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     use std::io::Write;
     let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -239,7 +285,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(fail)?;
     f.write_all(bytes).map_err(fail)?;
-    f.write_all(b"\n").map_err(fail)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(fail)
 }

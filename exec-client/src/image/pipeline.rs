@@ -1,0 +1,514 @@
+//! A Stable Diffusion pipeline run end to end, as diffusers'
+//! `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and their
+//! image-to-image variants run it: the prompt through the text encoder(s),
+//! the denoising loop of UNet and scheduler with classifier-free guidance,
+//! and the VAE's decode to pixels.
+//!
+//! Noise comes from Mora's own seeded generator on the host ([`Noise`]), so
+//! a seed gives the same image on every run, cold, warm or `--no-cache`, and
+//! on any device (not the image torch's generator would give: the networks
+//! match diffusers, the random numbers are Mora's).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::clip::{ClipTokenizer, TextEncoder, TextEncoderConfig};
+use super::scheduler::{img2img_start, SchedulerSpec};
+use super::unet::{AddedConditions, UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
+use crate::weights::Weights;
+use mora_common::pipeline::PipelineIndex;
+
+/// The pipeline classes Mora runs, by `model_index.json`'s `_class_name`.
+const SD_CLASSES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
+const SDXL_CLASSES: &[&str] = &["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x, 2.x and SD-Turbo: one text encoder, its last hidden state.
+    Sd,
+    /// SDXL and SDXL-Turbo: two text encoders' penultimate states, the second's
+    /// pooled embedding and the size conditioning.
+    Sdxl,
+}
+
+/// A text encoder and its tokenizer, as read from their folders.
+pub struct TextPart {
+    /// `text_encoder` or `text_encoder_2`.
+    pub component: &'static str,
+    pub config: TextEncoderConfig,
+    pub tokenizer: ClipTokenizer,
+}
+
+/// Everything a pipeline's files say, read before any weight is: what
+/// `mora-exec check` verifies.
+pub struct PipelineConfig {
+    pub root: PathBuf,
+    pub class_name: String,
+    pub family: Family,
+    pub text: Vec<TextPart>,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerSpec,
+    /// SDXL: an absent negative prompt is zeros, not the empty prompt encoded.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+impl PipelineConfig {
+    /// Reads the pipeline at `root`; `scheduler` overrides the class of
+    /// `scheduler/scheduler_config.json`. Errors are one line naming the file.
+    pub fn read(root: &Path, scheduler: Option<&str>) -> Result<PipelineConfig, String> {
+        let index_path = root.join(mora_common::model::PIPELINE_INDEX);
+        let index = PipelineIndex::read(root)?.ok_or_else(|| {
+            format!("{} holds no model_index.json: not a diffusers pipeline (an image step needs one)", root.display())
+        })?;
+        let family = if SD_CLASSES.contains(&index.class_name.as_str()) {
+            Family::Sd
+        } else if SDXL_CLASSES.contains(&index.class_name.as_str()) {
+            Family::Sdxl
+        } else {
+            let known: Vec<&str> = SD_CLASSES.iter().chain(SDXL_CLASSES).copied().collect();
+            return Err(format!(
+                "{}: `_class_name` is `{}`, which Mora does not run (it runs {})",
+                index_path.display(),
+                index.class_name,
+                known.join(", ")
+            ));
+        };
+        let needed: &[&'static str] = match family {
+            Family::Sd => &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+            Family::Sdxl => &["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler"],
+        };
+        for c in needed {
+            if !index.components.contains_key(*c) {
+                return Err(format!(
+                    "{}: the pipeline has no `{c}`, which a {} needs (an SDXL refiner, which has none, is not supported)",
+                    index_path.display(),
+                    index.class_name
+                ));
+            }
+            if !root.join(c).is_dir() {
+                return Err(format!("{}: component `{c}` is listed but its folder {} is missing", index_path.display(), root.join(c).display()));
+            }
+        }
+        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).map_err(|e| format!("{}: {e}", index_path.display()))?)
+            .map_err(|e| format!("{}: {e}", index_path.display()))?;
+        let force_zeros_for_empty_prompt = raw.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(family == Family::Sdxl);
+        if raw.get("requires_aesthetics_score").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(format!("{}: `requires_aesthetics_score` is true (an SDXL refiner): not supported", index_path.display()));
+        }
+        let text_components: &[(&'static str, &'static str)] = match family {
+            Family::Sd => &[("text_encoder", "tokenizer")],
+            Family::Sdxl => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+        };
+        let mut text = Vec::new();
+        for (enc, tok) in text_components {
+            let config = TextEncoderConfig::from_file(&root.join(enc).join("config.json")).map_err(|e| e.to_string())?;
+            let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
+            text.push(TextPart { component: enc, config, tokenizer });
+        }
+        let unet = UNetConfig::from_file(&root.join("unet").join("config.json")).map_err(|e| e.to_string())?;
+        let vae = VaeConfig::from_file(&root.join("vae").join("config.json")).map_err(|e| e.to_string())?;
+        let scheduler = SchedulerSpec::from_file(&root.join("scheduler").join("scheduler_config.json"), scheduler).map_err(|e| e.to_string())?;
+        let cfg = PipelineConfig { root: root.to_path_buf(), class_name: index.class_name, family, text, unet, vae, scheduler, force_zeros_for_empty_prompt };
+        cfg.check_shapes()?;
+        Ok(cfg)
+    }
+
+    /// The components' configs agree with one another.
+    fn check_shapes(&self) -> Result<(), String> {
+        let unet_file = self.root.join("unet").join("config.json");
+        let context: usize = match self.family {
+            Family::Sd => self.text[0].config.hidden_size,
+            Family::Sdxl => self.text.iter().map(|t| t.config.hidden_size).sum(),
+        };
+        if context != self.unet.cross_attention_dim {
+            return Err(format!(
+                "{}: `cross_attention_dim` is {} but the text encoder(s) give {context}",
+                unet_file.display(),
+                self.unet.cross_attention_dim
+            ));
+        }
+        if self.unet.in_channels != self.vae.latent_channels {
+            return Err(format!(
+                "{}: `in_channels` is {} but the VAE's latents have {} channels",
+                unet_file.display(),
+                self.unet.in_channels,
+                self.vae.latent_channels
+            ));
+        }
+        match (self.family, &self.unet.addition) {
+            (Family::Sdxl, Some(add)) => {
+                let pooled = self.text[1].config.projection_dim.ok_or_else(|| {
+                    format!("{}: SDXL's second text encoder must be a CLIPTextModelWithProjection", self.root.join("text_encoder_2").join("config.json").display())
+                })?;
+                let expected = pooled + 6 * add.time_embed_dim;
+                if add.projection_input_dim != expected {
+                    return Err(format!(
+                        "{}: `projection_class_embeddings_input_dim` is {} but the pooled text ({pooled}) and six size ids give {expected}",
+                        unet_file.display(),
+                        add.projection_input_dim
+                    ));
+                }
+            }
+            (Family::Sdxl, None) => {
+                return Err(format!("{}: an SDXL UNet needs `addition_embed_type = \"text_time\"`", unet_file.display()))
+            }
+            (Family::Sd, Some(_)) => {
+                return Err(format!("{}: `addition_embed_type` is set, which a {} does not feed", unet_file.display(), self.class_name))
+            }
+            (Family::Sd, None) => {}
+        }
+        Ok(())
+    }
+
+    /// diffusers' default image side: the UNet's `sample_size` in pixels.
+    pub fn default_size(&self) -> usize {
+        self.unet.sample_size * self.vae.downscale
+    }
+
+    /// diffusers' default `guidance_scale` for this pipeline class.
+    pub fn default_guidance(&self) -> f64 {
+        match self.family {
+            Family::Sd => 7.5,
+            Family::Sdxl => 5.0,
+        }
+    }
+
+    /// Components with weights, in the order they are acquired.
+    pub fn components(&self) -> Vec<&'static str> {
+        let mut c: Vec<&'static str> = self.text.iter().map(|t| t.component).collect();
+        c.extend(["unet", "vae"]);
+        c
+    }
+
+    /// Checks a requested size: a multiple of what the VAE and the UNet's
+    /// down-sampling need.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<(), String> {
+        let m = self.vae.downscale;
+        for (name, v) in [("width", width), ("height", height)] {
+            if v == 0 || v % m != 0 {
+                return Err(format!("`{name}` is {v}: it must be a positive multiple of {m} (the VAE's scale)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one image is made from.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    /// Image-to-image: the starting picture (RGB, `width` × `height`) and how
+    /// much of it to repaint (0 keeps it, 1 ignores it).
+    pub init: Option<(RgbImage, f64)>,
+}
+
+/// 8-bit RGB pixels, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// The pipeline with its networks built on lent (or loaded) weights.
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    encoders: Vec<TextEncoder>,
+    unet: UNet,
+    vae: Vae,
+    device: Device,
+    dtype: DType,
+    vae_dtype: DType,
+}
+
+fn err(e: candle_core::Error) -> String {
+    e.to_string()
+}
+
+impl Pipeline {
+    /// Builds the networks; `weights(component)` gives each component's weights.
+    pub fn build<'w>(config: PipelineConfig, weights: impl Fn(&str) -> &'w Weights) -> Result<Pipeline, String> {
+        let unet_w = weights("unet");
+        let device = unet_w.device.clone();
+        // f32 on the CPU; on a GPU the dtype the weights are held in, with
+        // the VAE in f32 when its config asks (`force_upcast`: SD's VAE
+        // overflows in f16).
+        let dtype = if device.is_cpu() { DType::F32 } else { crate::weights::weight_dtype(unet_w.dtype) };
+        let vae_dtype = if config.vae.force_upcast { DType::F32 } else { dtype };
+        let mut encoders = Vec::new();
+        for part in &config.text {
+            let w = weights(part.component);
+            encoders.push(TextEncoder::new(w.var_builder(dtype), &part.config).map_err(|e| format!("{}: {e}", part.component))?);
+        }
+        let unet = UNet::new(unet_w.var_builder(dtype), &config.unet).map_err(|e| format!("unet: {e}"))?;
+        let vae = Vae::new(weights("vae").var_builder(vae_dtype), &config.vae).map_err(|e| format!("vae: {e}"))?;
+        Ok(Pipeline { config, encoders, unet, vae, device, dtype, vae_dtype })
+    }
+
+    /// Encodes `text` with every text encoder: (prompt embeddings, pooled
+    /// embedding for SDXL).
+    fn encode(&self, text: &str) -> Result<(Tensor, Option<Tensor>), String> {
+        let mut states = Vec::new();
+        let mut pooled = None;
+        for (part, enc) in self.config.text.iter().zip(&self.encoders) {
+            let ids = part.tokenizer.encode(text)?;
+            let n = ids.len();
+            let ids = Tensor::from_vec(ids, (1, n), &self.device).map_err(err)?;
+            let out = enc.forward(&ids).map_err(err)?;
+            match self.config.family {
+                Family::Sd => states.push(out.last_hidden_state),
+                Family::Sdxl => {
+                    states.push(out.penultimate);
+                    pooled = Some(out.pooled);
+                }
+            }
+        }
+        let embeds = Tensor::cat(&states, 2).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
+        Ok((embeds, pooled.map(|p| p.to_dtype(self.dtype)).transpose().map_err(err)?))
+    }
+
+    /// Makes one image. `progress(k)` is called after denoising step k (1-based)
+    /// of `denoising_steps(req)`.
+    pub fn generate(&self, req: &ImageRequest, progress: &mut dyn FnMut(usize)) -> Result<RgbImage, String> {
+        self.config.check_size(req.width, req.height)?;
+        let guided = req.guidance_scale > 1.0;
+        let (cond, cond_pooled) = self.encode(&req.prompt)?;
+        let (context, pooled) = if guided {
+            let zeros = req.negative_prompt.is_none() && self.config.family == Family::Sdxl && self.config.force_zeros_for_empty_prompt;
+            let (uncond, uncond_pooled) = if zeros {
+                (cond.zeros_like().map_err(err)?, cond_pooled.as_ref().map(|p| p.zeros_like()).transpose().map_err(err)?)
+            } else {
+                self.encode(req.negative_prompt.as_deref().unwrap_or(""))?
+            };
+            let context = Tensor::cat(&[&uncond, &cond], 0).map_err(err)?;
+            let pooled = match (uncond_pooled, cond_pooled) {
+                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0).map_err(err)?),
+                _ => None,
+            };
+            (context, pooled)
+        } else {
+            (cond, cond_pooled)
+        };
+        let batch = if guided { 2 } else { 1 };
+        let added = match pooled {
+            Some(text_embeds) => {
+                let (h, w) = (req.height as f32, req.width as f32);
+                let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                let time_ids = Tensor::from_vec(ids, (batch, 6), &self.device).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
+                Some(AddedConditions { text_embeds, time_ids })
+            }
+            None => None,
+        };
+
+        let mut scheduler = self.config.scheduler.build(req.steps)?;
+        let mut noise = Noise::new(req.seed);
+        let scale = self.config.vae.downscale;
+        let shape = (1, self.config.unet.in_channels, req.height / scale, req.width / scale);
+        let mut draw = |shape: &candle_core::Shape| -> candle_core::Result<Tensor> {
+            let n = shape.elem_count();
+            Tensor::from_vec(noise.normals(n), shape.clone(), &self.device)?.to_dtype(self.dtype)
+        };
+        let initial = draw(&shape.into()).map_err(err)?;
+        let (mut latents, begin) = match &req.init {
+            None => ((initial * scheduler.init_noise_sigma()).map_err(err)?, 0),
+            Some((image, strength)) => {
+                let begin = img2img_start(req.steps, *strength, scheduler.order());
+                if begin >= scheduler.timesteps().len() {
+                    return Err(format!("`strength` {strength} leaves no denoising step out of {}: raise it or `steps`", req.steps));
+                }
+                scheduler.set_begin_index(begin);
+                let x = self.pixels_to_tensor(image)?;
+                let (mean, std) = self.vae.encode(&x).map_err(err)?;
+                let sample = draw(mean.shape()).map_err(err)?.to_dtype(self.vae_dtype).map_err(err)?;
+                let z = (mean + (std * sample).map_err(err)?).map_err(err)?;
+                let z = match self.config.vae.shift_factor {
+                    Some(shift) => (z - shift).map_err(err)?,
+                    None => z,
+                };
+                let z = (z * self.config.vae.scaling_factor).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
+                (scheduler.add_noise(&z, &initial, begin).map_err(err)?, begin)
+            }
+        };
+        let timesteps: Vec<f64> = scheduler.timesteps()[begin..].to_vec();
+        for (k, &t) in timesteps.iter().enumerate() {
+            let i = begin + k;
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0).map_err(err)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i).map_err(err)?;
+            let pred = self.unet.forward(&input, t, &context, added.as_ref()).map_err(err)?;
+            let pred = if guided {
+                let parts = pred.chunk(2, 0).map_err(err)?;
+                let (uncond, cond) = (&parts[0], &parts[1]);
+                (uncond + ((cond - uncond).map_err(err)? * req.guidance_scale).map_err(err)?).map_err(err)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, &mut draw).map_err(err)?;
+            progress(k + 1);
+        }
+        self.decode(&latents)
+    }
+
+    /// How many times the UNet runs for `req` (the progress bar's length).
+    pub fn denoising_steps(&self, req: &ImageRequest) -> Result<usize, String> {
+        let scheduler = self.config.scheduler.build(req.steps)?;
+        let begin = match &req.init {
+            None => 0,
+            Some((_, strength)) => img2img_start(req.steps, *strength, scheduler.order()),
+        };
+        Ok(scheduler.timesteps().len().saturating_sub(begin))
+    }
+
+    /// Latents to pixels, as diffusers' VAE decode and image processor do.
+    fn decode(&self, latents: &Tensor) -> Result<RgbImage, String> {
+        let z = (latents.to_dtype(self.vae_dtype).map_err(err)? / self.config.vae.scaling_factor).map_err(err)?;
+        let z = match self.config.vae.shift_factor {
+            Some(shift) => (z + shift).map_err(err)?,
+            None => z,
+        };
+        let x = self.vae.decode(&z).map_err(err)?;
+        let x = ((x / 2.0).map_err(err)? + 0.5).map_err(err)?.clamp(0f32, 1f32).map_err(err)?;
+        let x = (x * 255.0).map_err(err)?.round().map_err(err)?;
+        let (_, _, height, width) = x.dims4().map_err(err)?;
+        let hwc = x.squeeze(0).map_err(err)?.permute((1, 2, 0)).map_err(err)?.to_dtype(DType::U8).map_err(err)?;
+        let pixels = hwc.flatten_all().map_err(err)?.to_vec1::<u8>().map_err(err)?;
+        Ok(RgbImage { width, height, pixels })
+    }
+
+    /// Pixels to the VAE's input: [1, 3, H, W] in [-1, 1].
+    fn pixels_to_tensor(&self, image: &RgbImage) -> Result<Tensor, String> {
+        let floats: Vec<f32> = image.pixels.iter().map(|&p| p as f32 / 255.0 * 2.0 - 1.0).collect();
+        Tensor::from_vec(floats, (image.height, image.width, 3), &Device::Cpu)
+            .and_then(|t| t.permute((2, 0, 1)))
+            .and_then(|t| t.unsqueeze(0))
+            .and_then(|t| t.to_device(&self.device))
+            .and_then(|t| t.to_dtype(self.vae_dtype))
+            .map_err(err)
+    }
+}
+
+/// Mora's seeded standard-normal noise: xoshiro256** seeded by SplitMix64,
+/// Box-Muller in f64. The same seed gives the same numbers on every
+/// machine and device.
+pub struct Noise {
+    s: [u64; 4],
+    spare: Option<f64>,
+}
+
+impl Noise {
+    pub fn new(seed: u64) -> Noise {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        Noise { s: [next(), next(), next(), next()], spare: None }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// A uniform number in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal() as f32).collect()
+    }
+}
+
+/// Encodes `image` as a PNG (8-bit RGB, no metadata: the same pixels give
+/// the same bytes).
+pub fn png_bytes(image: &RgbImage) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(&image.pixels).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// Reads a PNG as 8-bit RGB (alpha dropped, grey expanded).
+pub fn read_png(path: &Path) -> Result<RgbImage, String> {
+    let fail = |e: String| format!("{}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(|e| fail(format!("not a readable PNG: {e}")))?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).map_err(|e| fail(format!("not a readable PNG: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let data = &buf[..info.buffer_size()];
+    let pixels: Vec<u8> = match info.color_type {
+        png::ColorType::Rgb => data.to_vec(),
+        png::ColorType::Rgba => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
+        png::ColorType::GrayscaleAlpha => data.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        png::ColorType::Indexed => return Err(fail("an indexed PNG was not expanded".into())),
+    };
+    Ok(RgbImage { width: w, height: h, pixels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noise_is_standard_normal_and_fixed_by_its_seed() {
+        let a = Noise::new(7).normals(20_000);
+        assert_eq!(a, Noise::new(7).normals(20_000));
+        assert_ne!(a[..8], Noise::new(8).normals(8)[..]);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, variance {var}");
+    }
+
+    #[test]
+    fn a_png_reads_back_as_written() {
+        let image = RgbImage { width: 3, height: 2, pixels: (0..18).map(|i| (i * 14) as u8).collect() };
+        let bytes = png_bytes(&image).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let p = std::env::temp_dir().join(format!("mora-png-test-{}.png", std::process::id()));
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(read_png(&p).unwrap(), image);
+        std::fs::write(&p, b"not a png").unwrap();
+        assert!(read_png(&p).unwrap_err().contains("not a readable PNG"));
+        let _ = std::fs::remove_file(&p);
+    }
+}
