@@ -652,9 +652,9 @@ impl UNet {
         };
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let vbd = vb.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block[i])
                 .map(|j| Resnet::new(vbd.pp("resnets").pp(j), if j == 0 { in_c } else { out_c }, out_c, temb, cfg, 1.0))
@@ -837,7 +837,7 @@ mod tests {
     }
 
     /// Relative tolerance: max |Mora - diffusers| over max |diffusers|.
-    const TOLERANCE: f32 = 1e-4;
+    const TOLERANCE: f32 = 2e-5;
 
     /// Runs a fixture; returns the largest max abs difference and the
     /// largest max |output| over its cases.
