@@ -839,36 +839,40 @@ mod tests {
     /// Relative tolerance: max |Mora - diffusers| over max |diffusers|.
     const TOLERANCE: f32 = 2e-5;
 
-    /// Runs a fixture; returns the largest max abs difference and the
-    /// largest max |output| over its cases.
-    fn parity(name: &str) -> (f32, f32) {
+    /// Runs a fixture in float32 and checks it against diffusers.
+    fn parity(name: &str) {
+        parity_in(name, DType::F32, TOLERANCE);
+    }
+
+    /// Runs a fixture with weights and inputs in `dtype`; checks that the
+    /// max abs difference is at most `tolerance` of the max |output|.
+    fn parity_in(name: &str, dtype: DType, tolerance: f32) {
         let dir = fixture_dir(name);
         let cfg = UNetConfig::from_file(&dir.join("config.json")).unwrap();
         let weights = dir.join("diffusion_pytorch_model.safetensors");
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap() };
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap() };
         let unet = UNet::new(vb, &cfg).unwrap();
         let reference: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
-        let sample = tensor(&reference["sample"]);
-        let ehs = tensor(&reference["encoder_hidden_states"]);
+        let input = |v: &Value| tensor(v).to_dtype(dtype).unwrap();
+        let sample = input(&reference["sample"]);
+        let ehs = input(&reference["encoder_hidden_states"]);
         let added = reference.get("text_embeds").map(|te| AddedConditions {
-            text_embeds: tensor(te),
-            time_ids: tensor(&reference["time_ids"]),
+            text_embeds: input(te),
+            time_ids: input(&reference["time_ids"]),
         });
         assert_eq!(added.is_some(), cfg.addition.is_some());
-        let (mut worst, mut scale) = (0f32, 0f32);
         for case in reference["cases"].as_array().unwrap() {
             let t = case["timestep"].as_f64().unwrap();
             let want = tensor(&case["output"]);
             let got = unet.forward(&sample, t, &ehs, added.as_ref()).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let got = got.to_dtype(DType::F32).unwrap();
             assert_eq!(got.dims(), want.dims());
             let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let max = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            eprintln!("{name} t={t}: max abs diff {diff:.3e}, max |out| {max:.3}");
-            assert!(diff <= TOLERANCE * max, "{name} t={t}: max abs diff {diff} over {TOLERANCE} x {max}");
-            worst = worst.max(diff);
-            scale = scale.max(max);
+            eprintln!("{name} {dtype:?} t={t}: max abs diff {diff:.3e}, max |out| {max:.3}");
+            assert!(diff <= tolerance * max, "{name} {dtype:?} t={t}: max abs diff {diff} over {tolerance} x {max}");
         }
-        (worst, scale)
     }
 
     #[test]
@@ -889,6 +893,14 @@ mod tests {
     #[test]
     fn sdxl_refiner_matches_diffusers() {
         parity("sdxl_refiner");
+    }
+
+    /// Half precision runs (the GPU's dtype) and stays within float16
+    /// rounding of diffusers' float32 outputs.
+    #[test]
+    fn float16_runs_close_to_diffusers() {
+        parity_in("sd21", DType::F16, 1e-2);
+        parity_in("sdxl", DType::F16, 1e-2);
     }
 
     #[test]
