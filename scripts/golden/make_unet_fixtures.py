@@ -33,13 +33,16 @@ hide a swapped or missing affine), and the output conv scaled up so that the
 outputs are of order 1.
 
 NOTE (config forms): the fixtures' config.json are written by the installed
-diffusers (0.42.1), which writes every `__init__` argument, `null` included.
-Older releases wrote fewer keys (SD 1.5's hub config, from diffusers 0.6,
-has 18) and the hub configs are tested as literals in unet.rs. To see the
-form an older release writes, install it in a scratch venv
-(`pip install diffusers==0.41.0 torch`), run this script with
-`OUT=/tmp/unet-old`, and diff the config.json files; the forward pass of the
-supported blocks has not changed between 0.2x and 0.42.
+diffusers (0.42.1), which writes every `__init__` argument, nulls included
+(`attention_type`, `dropout`, `reverse_transformer_layers_per_block`, ...).
+Older releases wrote fewer keys: the hub configs of SD 1.5 (written by
+0.6.0, 18 keys), SD 2.1 (0.10.0.dev0) and SDXL (0.19.0.dev0) are parsed as
+literals by the config tests in unet.rs, so both ends are covered; only a
+release that adds a key would matter (Mora refuses keys it does not know).
+To see the form another release writes, install it in a scratch venv
+(`pip install diffusers==0.41.0 torch numpy`), run this script there with
+`OUT=/tmp/unet-other`, and diff the config.json files against these; the
+reference outputs should agree to float32 rounding as well.
 """
 
 import json
