@@ -36,7 +36,7 @@ NOTE (config forms): the fixtures' config.json are written by the installed
 diffusers (0.42.1), which writes every `__init__` argument, nulls included
 (`attention_type`, `dropout`, `reverse_transformer_layers_per_block`, ...).
 Older releases wrote fewer keys: the hub configs of SD 1.5 (written by
-0.6.0, 18 keys), SD 2.1 (0.10.0.dev0) and SDXL (0.19.0.dev0) are parsed as
+0.6.0, 19 keys), SD 2.1 (0.10.0.dev0) and SDXL (0.19.0.dev0) are parsed as
 literals by the config tests in unet.rs, so both ends are covered; only a
 release that adds a key would matter (Mora refuses keys it does not know).
 To see the form another release writes, install it in a scratch venv
