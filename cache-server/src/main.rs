@@ -88,7 +88,10 @@ enum Command {
     /// Download a model from the Hugging Face hub into the hub cache
     /// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), where
     /// `load` and workflows find it. By default only what Mora runs: safetensors,
-    /// JSON configs, tokenizer and chat-template files. Files already there are
+    /// JSON configs, tokenizer and chat-template files; of a diffusers pipeline,
+    /// its index and the scheduler, tokenizer, text encoder, UNet and VAE
+    /// folders with their plain weights (no `*.fp16.*` variants beside them, no
+    /// single-file checkpoints at the root). Files already there are
     /// not downloaded again; an interrupted pull resumes. Reads HF_ENDPOINT,
     /// HF_TOKEN (or the token file `hf auth login` writes) and HF_HUB_OFFLINE.
     Pull {

@@ -37,6 +37,10 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// weights that many repos also carry.
 pub const DEFAULT_INCLUDE: &[&str] = &["*.safetensors", "*.json", "*.txt", "*.jinja"];
 
+/// The folders of a diffusers pipeline that Mora runs (`pull` fetches only
+/// these by default).
+pub const PIPELINE_FOLDERS: &[&str] = &["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
+
 /// Attempts at one file before a pull gives up on it (each resumes where the
 /// last stopped).
 const ATTEMPTS: usize = 3;
@@ -90,6 +94,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
 /// pattern ending in `/` means everything under that folder).
 #[derive(Debug, Clone)]
 pub struct FileFilter {
+    /// No `--include` given: Mora's defaults, which know diffusers pipelines.
+    default: bool,
     include: Vec<glob::Pattern>,
     exclude: Vec<glob::Pattern>,
     shown: String,
@@ -113,6 +119,7 @@ impl FileFilter {
             shown.push_str(&format!(" --exclude {}", exclude.join(" ")));
         }
         Ok(FileFilter {
+            default: include.is_empty(),
             include: include_src.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
             exclude: exclude.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
             shown,
@@ -126,6 +133,41 @@ impl FileFilter {
 
     pub fn wants(&self, name: &str) -> bool {
         self.include.iter().any(|p| p.matches(name)) && !self.exclude.iter().any(|p| p.matches(name))
+    }
+
+    /// The files of a repo listing this filter fetches. By default, a
+    /// diffusers pipeline (a listing with `model_index.json` at its root)
+    /// brings only what Mora runs, as diffusers' `DiffusionPipeline.download`
+    /// does: the index, and the scheduler, tokenizer, text encoder, UNet and
+    /// VAE folders, their plain weights and not the variants beside them
+    /// (`*.fp16.safetensors`) nor the single-file checkpoints at the root.
+    pub fn select(&self, names: Vec<String>) -> Vec<String> {
+        let wanted: Vec<String> = names.iter().filter(|n| self.wants(n)).cloned().collect();
+        if !self.default || !names.iter().any(|n| n == crate::model::PIPELINE_INDEX) {
+            return wanted;
+        }
+        let folder_of = |n: &str| n.split_once('/').map(|(f, _)| f.to_string());
+        let is_weights = |n: &str| n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
+        // A file of a variant: `NAME.VARIANT.safetensors`, `NAME.safetensors.index.VARIANT.json`.
+        let is_variant = |n: &str| {
+            let file = n.rsplit('/').next().unwrap_or(n);
+            ["model.", "diffusion_pytorch_model."].iter().any(|stem| {
+                file.strip_prefix(stem).is_some_and(|rest| rest != "safetensors" && rest != "safetensors.index.json")
+            })
+        };
+        wanted
+            .into_iter()
+            .filter(|n| match folder_of(n) {
+                None => n == crate::model::PIPELINE_INDEX,
+                Some(f) => {
+                    PIPELINE_FOLDERS.contains(&f.as_str())
+                        && (!is_weights(n)
+                            || !is_variant(n)
+                            // A folder with only variant weights keeps them.
+                            || !names.iter().any(|o| folder_of(o).as_deref() == Some(f.as_str()) && is_weights(o) && !is_variant(o)))
+                }
+            })
+            .collect()
     }
 }
 
@@ -295,7 +337,7 @@ impl Hub {
             return self.cached_snapshot(repo, revision);
         }
         let (commit, names) = self.list(repo, revision)?;
-        let names: Vec<String> = names.into_iter().filter(|n| filter.wants(n)).collect();
+        let names = filter.select(names);
         if names.is_empty() {
             return Err(HubError::NothingMatched { repo: repo.to_string(), patterns: filter.shown.clone() });
         }
@@ -735,6 +777,37 @@ fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<(), HubErr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pipeline_pulls_its_components_plain_weights_only() {
+        let names: Vec<String> = [
+            "model_index.json", "README.md", "v1-5-pruned.safetensors", "sd_turbo.safetensors",
+            "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
+            "safety_checker/model.safetensors", "safety_checker/config.json",
+            "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+            "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+            "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let got = super::FileFilter::mora_default().select(names.clone());
+        assert_eq!(
+            got,
+            [
+                "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                // Only variants in vae/: they are what there is.
+                "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+            ]
+        );
+        // Asked for by pattern, a pipeline's files are what the patterns say.
+        let all = super::FileFilter::new(&["*.safetensors".into()], &[]).unwrap().select(names);
+        assert!(all.contains(&"v1-5-pruned.safetensors".to_string()));
+    }
+
     use super::*;
 
     #[test]
