@@ -13,14 +13,15 @@ use mora::bench::{self, Config};
 /// Scenarios: 1 repeat one workflow (warm daemon, --no-cache, a Python process
 /// per run, a persistent Python worker); 2 model size (time to first token,
 /// cold load against raw read bandwidth); 3 cross-workflow reuse; 4
-/// concurrency and memory; 5 soak; 6 many models (acquire and ps latency).
+/// concurrency and memory; 5 soak; 6 many models (acquire and ps latency); 7
+/// images (a synthetic SD 1.5 pipeline: warm against --no-cache, components shared).
 /// The Python peer is optional
 /// (scripts/bench-python.sh installs it).
 #[derive(Parser)]
 #[command(name = "mora-bench", bin_name = "scripts/bench.sh")]
 struct Args {
     /// Scenarios to run, e.g. 1,3 [default: all]
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=6))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=7))]
     scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses --runs)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -43,6 +44,12 @@ struct Args {
     /// Scenario 6: acquires timed per number of models
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
     acquires: u64,
+    /// Scenario 7: the synthetic SD 1.5 pipeline's size (f16 on disk)
+    #[arg(long, default_value = "1900MiB")]
+    image_pipeline: String,
+    /// Scenario 7: the side of the square image in pixels
+    #[arg(long, default_value_t = 256)]
+    image_side: usize,
     /// A configuration that runs every scenario in a minute on tiny models (what CI runs); writes under --report's directory
     #[arg(long)]
     smoke: bool,
@@ -68,6 +75,8 @@ fn main() -> ExitCode {
         config.soak_runs = args.soak_runs;
         config.many_models = args.models as usize;
         config.acquires = args.acquires as usize;
+        config.image_pipeline = args.image_pipeline;
+        config.image_side = args.image_side;
     }
     if !args.scenarios.is_empty() {
         config.scenarios = args.scenarios;

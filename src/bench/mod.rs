@@ -1,5 +1,5 @@
 //! The benchmark harness (`scripts/bench.sh`, `cargo bench --bench mora`):
-//! six scenarios that time whole processes as a user runs them, each
+//! seven scenarios that time whole processes as a user runs them, each
 //! contender against a baseline measured in the same run with the runs
 //! interleaved (A B A B ...), so that machine drift falls on all of them
 //! alike. Figures are medians over repeats with min and max beside them;
@@ -38,6 +38,10 @@ pub struct Config {
     pub many_models: usize,
     /// Scenario 6: acquires timed per number of models.
     pub acquires: usize,
+    /// Scenario 7: the synthetic SD 1.5 pipeline's size (`mora-exec synth --arch sd15 --size`).
+    pub image_pipeline: String,
+    /// Scenario 7: the side of the square image, in pixels.
+    pub image_side: usize,
     /// Where synthetic models are written and kept between runs.
     pub model_dir: PathBuf,
     /// The Markdown report; the chart goes beside it with the extension `png`.
@@ -50,7 +54,7 @@ impl Config {
     /// The full configuration (`scripts/bench.sh`).
     pub fn full() -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7],
             repeats: 5,
             runs: 20,
             model_sizes: vec!["100MiB".into(), "1GiB".into(), "4GiB".into()],
@@ -58,6 +62,8 @@ impl Config {
             soak_runs: 500,
             many_models: 50,
             acquires: 400,
+            image_pipeline: "1900MiB".into(),
+            image_side: 256,
             model_dir: crate::root().join(".mora-bench").join("models"),
             report: crate::root().join("docs").join("benchmarks.md"),
             command: "scripts/bench.sh".into(),
@@ -67,7 +73,7 @@ impl Config {
     /// A configuration that exercises every scenario in seconds, for CI.
     pub fn smoke(dir: &std::path::Path) -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7],
             repeats: 2,
             runs: 2,
             model_sizes: vec!["2MiB".into(), "4MiB".into()],
@@ -75,6 +81,8 @@ impl Config {
             soak_runs: 3,
             many_models: 3,
             acquires: 10,
+            image_pipeline: "24MiB".into(),
+            image_side: 64,
             model_dir: dir.join("models"),
             report: dir.join("benchmarks.md"),
             command: "scripts/bench.sh --smoke".into(),
@@ -339,7 +347,8 @@ pub fn run(config: &Config) -> Result<Report, String> {
             4 => scenarios::concurrency(config)?,
             5 => scenarios::soak(config)?,
             6 => scenarios::many_models(config)?,
-            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 6)")),
+            7 => scenarios::images(config)?,
+            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 7)")),
         };
         print!("{}", section.plain());
         report.sections.push(section);
