@@ -449,7 +449,7 @@ fn gaussian(moments: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use serde_json::json;
@@ -620,8 +620,9 @@ mod tests {
     }
 
     /// Relative tolerance of the parity tests: float32 on both sides, the
-    /// same operations in a different order.
-    pub(crate) const TOL: f32 = 1e-4;
+    /// same operations in a different order. Measured ratios are about 1e-6;
+    /// the tanh GELU in place of the exact one gives 2.4e-4 on sd21.
+    pub(crate) const TOL: f32 = 1e-5;
 
     #[test]
     fn matches_diffusers_on_the_fixture_pipelines() {
