@@ -344,6 +344,8 @@ PROMPTS = [
     "   multiple   spaces\tand\nnewlines  ",
     "cafe\u0301 naïve \u2014 東京 😀 1234 x 56.7",
     "<|endoftext|> inside <|startoftext|> the text",
+    "<|ENDOFTEXT|> We'LL DON'T it’s C++ @user #tag a_b x2 3.14 ...",
+    "Ünïcödé: İstanbul ﬁ ½ Ⅻ straße​mañana",
     " ".join(["a red cat on the mat"] * 20),
     "",
 ]
