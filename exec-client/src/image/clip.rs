@@ -197,8 +197,10 @@ impl Attention {
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (self.head_dim as f64).powf(-0.5))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = (q.matmul(&k.t()?)? * (self.head_dim as f64).powf(-0.5))?;
+        // Masked and normalised in float32, as transformers does for any dtype.
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         self.out.forward(&o)
     }
@@ -326,7 +328,7 @@ impl TextEncoder {
         let mut x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask: Vec<f32> =
             (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(x.dtype())?;
+        let mask = Tensor::from_vec(mask, (seq, seq), device)?;
         // hidden_states[0] is the embeddings, hidden_states[i] layer i's output.
         let wanted = n + 1 - k;
         let mut penultimate = if wanted == 0 { Some(x.clone()) } else { None };
@@ -929,5 +931,22 @@ mod tests {
                 assert_close(&format!("{what} pooled"), &out.pooled, &ref_tensor(&want["pooled"]), TOL);
             }
         }
+    }
+
+    #[test]
+    fn runs_in_half_precision() {
+        let dir = fixture_dir("sdxl").join("text_encoder_2");
+        let want = &reference("sdxl")["text_encoders"]["text_encoder_2"];
+        let cfg = TextEncoderConfig::from_file(&dir.join("config.json")).unwrap();
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F16, &Device::Cpu) }
+            .unwrap();
+        let te = TextEncoder::new(vb, &cfg).unwrap();
+        let ids: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
+        let (b, n) = (ids.len(), ids[0].len());
+        let out = te.forward(&Tensor::from_vec(ids.concat(), (b, n), &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(out.pooled.dtype(), DType::F16);
+        let pooled = out.pooled.to_dtype(DType::F32).unwrap();
+        assert_close("sdxl/text_encoder_2 pooled, float16", &pooled, &ref_tensor(&want["pooled"]), 1e-2);
     }
 }

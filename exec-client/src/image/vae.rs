@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde_json::{Map, Value};
 
@@ -226,7 +226,8 @@ impl Module for AttentionBlock {
         let k = self.k.forward(&hs)?;
         let v = self.v.forward(&hs)?;
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // diffusers' VAE attention upcasts the softmax (`upcast_softmax=True`).
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let o = self.out.forward(&probs.matmul(&v)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
@@ -643,5 +644,21 @@ pub(crate) mod tests {
         }
         let xl = VaeConfig::from_file(&fixture_dir("sdxl").join("vae/config.json")).unwrap();
         assert_eq!((xl.scaling_factor, xl.force_upcast, xl.downscale), (0.13025, true, 2));
+    }
+
+    #[test]
+    fn runs_in_half_precision() {
+        let dir = fixture_dir("sd15").join("vae");
+        let cfg = VaeConfig::from_file(&dir.join("config.json")).unwrap();
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F16, &Device::Cpu) }.unwrap();
+        let vae = Vae::new(vb, &cfg).unwrap();
+        let r = &reference("sd15")["vae"];
+        let z = ref_tensor(&r["latents"]).to_dtype(DType::F16).unwrap();
+        let decoded = vae.decode(&z).unwrap();
+        assert_eq!(decoded.dtype(), DType::F16);
+        let decoded = decoded.to_dtype(DType::F32).unwrap();
+        assert_close("sd15 decode, float16", &decoded, &ref_tensor(&r["decode"]), 1e-2);
     }
 }
