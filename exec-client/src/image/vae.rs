@@ -22,6 +22,9 @@ use crate::lm_config::{read_json, ConfigError, Reader};
 /// The epsilon of every GroupNorm of diffusers' VAE encoder and decoder.
 const NORM_EPS: f64 = 1e-6;
 
+/// The most attention scores (per image) computed at once in the mid blocks.
+const ATTENTION_CHUNK: usize = 1 << 24;
+
 /// What `vae/config.json` says about the network and about the latent space.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaeConfig {
@@ -198,6 +201,8 @@ struct AttentionBlock {
     v: Linear,
     out: Linear,
     scale: f64,
+    /// At most this many scores at once (ATTENTION_CHUNK).
+    chunk: usize,
 }
 
 impl AttentionBlock {
@@ -214,6 +219,7 @@ impl AttentionBlock {
             v: projection(vb.pp(v), channels)?,
             out: projection(vb.pp(o), channels)?,
             scale: 1.0 / (channels as f64).sqrt(),
+            chunk: ATTENTION_CHUNK,
         })
     }
 }
@@ -225,10 +231,22 @@ impl Module for AttentionBlock {
         let q = self.q.forward(&hs)?;
         let k = self.k.forward(&hs)?;
         let v = self.v.forward(&hs)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        // diffusers' VAE attention upcasts the softmax (`upcast_softmax=True`).
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let o = self.out.forward(&probs.matmul(&v)?)?;
+        let kt = k.t()?;
+        // The pixels attend to each other: a 1024x1024 SDXL image has 16384
+        // latent pixels, a 1 GiB score matrix. Queries go by chunks of at
+        // most `chunk` scores (softmax is per query, so this changes
+        // nothing but the peak memory).
+        let n = h * w;
+        let rows = (self.chunk / n).clamp(1, n);
+        let mut parts = Vec::with_capacity(n.div_ceil(rows));
+        for start in (0..n).step_by(rows) {
+            let qc = q.narrow(1, start, rows.min(n - start))?;
+            let scores = (qc.matmul(&kt)? * self.scale)?;
+            // diffusers' VAE attention upcasts the softmax (`upcast_softmax=True`).
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            parts.push(probs.matmul(&v)?);
+        }
+        let o = self.out.forward(&Tensor::cat(&parts, 1)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -660,5 +678,21 @@ pub(crate) mod tests {
         assert_eq!(decoded.dtype(), DType::F16);
         let decoded = decoded.to_dtype(DType::F32).unwrap();
         assert_close("sd15 decode, float16", &decoded, &ref_tensor(&r["decode"]), 1e-2);
+    }
+
+    #[test]
+    fn attention_by_chunks_equals_attention_at_once() {
+        let dir = fixture_dir("sd15").join("vae");
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }.unwrap();
+        let mut attn = AttentionBlock::new(vb.pp("decoder.mid_block.attentions.0"), 32, 8).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 32, 5, 7), &Device::Cpu).unwrap();
+        let whole = attn.forward(&x).unwrap();
+        // 35 pixels by 3 queries at a time: 11 full chunks and one of 2.
+        attn.chunk = 3 * 35;
+        let chunked = attn.forward(&x).unwrap();
+        let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
