@@ -152,7 +152,7 @@ pub struct ConfigError {
 
 /// Keys every `PretrainedConfig` may carry that do not change the network a
 /// decoder computes (bookkeeping, training, generation defaults, labels).
-const NEUTRAL: &[&str] = &[
+pub(crate) const NEUTRAL: &[&str] = &[
     "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "architectures",
     "transformers_version", "model_type", "torch_dtype", "dtype", "use_cache", "initializer_range",
     "attention_dropout", "hidden_dropout", "bos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
