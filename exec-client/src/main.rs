@@ -115,10 +115,12 @@ enum Command {
     /// tokenizer) of about a given size, for tests and benchmarks.
     Synth {
         /// bert (runs the embed task); llama, mistral, qwen2, qwen3, phi3, gemma2 or
-        /// gpt2 (run the generate task).
-        #[arg(long, default_value = "bert")]
-        arch: Arch,
-        /// Target size of model.safetensors: 1MiB .. several GiB.
+        /// gpt2 (run the generate task); sd15, sd21 or sdxl (a diffusers
+        /// pipeline in those shapes, for the image task).
+        #[arg(long, default_value = "bert", value_parser = parse_arch)]
+        arch: SynthArch,
+        /// Target size of model.safetensors (of a pipeline: of all its weight
+        /// files): 1MiB .. several GiB; a pipeline at most its real size.
         #[arg(long, value_parser = parse_size)]
         size: u64,
         /// f32, f16 or bf16.
@@ -210,7 +212,16 @@ fn command(command: Command) -> Result<(), String> {
             let summary = check(&wf).map_err(|e| e.to_string())?;
             println!("{}: ok: {summary}", workflow.display());
         }
-        Command::Synth { arch, size, dtype, seed, output_dir } => {
+        Command::Synth { arch: SynthArch::Pipeline(arch), size, dtype, seed, output_dir } => {
+            let r = mora_exec::image::synth::generate(arch, size, dtype, seed, &output_dir)?;
+            println!(
+                "wrote {}: a pipeline of {} bytes of {dtype} weights ({:.3} of the real shapes' width)",
+                output_dir.display(),
+                r.bytes,
+                r.scale
+            );
+        }
+        Command::Synth { arch: SynthArch::Model(arch), size, dtype, seed, output_dir } => {
             let r = generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir)?;
             println!(
                 "wrote {}: {} bytes of {dtype} weights ({} tensors, hidden {}, {} layers)",
@@ -223,6 +234,20 @@ fn command(command: Command) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What `synth --arch` names: a model, or a diffusers pipeline.
+#[derive(Clone)]
+enum SynthArch {
+    Model(Arch),
+    Pipeline(mora_exec::image::synth::PipelineArch),
+}
+
+fn parse_arch(s: &str) -> Result<SynthArch, String> {
+    match mora_exec::image::synth::PipelineArch::parse(s) {
+        Some(p) => Ok(SynthArch::Pipeline(p)),
+        None => s.parse::<Arch>().map(SynthArch::Model).map_err(|e| format!("{e}, or a pipeline: sd15, sd21, sdxl")),
+    }
 }
 
 /// The first line of an error: candle appends a backtrace to its errors when

@@ -173,12 +173,19 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         };
         // Which of this step's weights an earlier step of this run acquired.
         let mut reused = Vec::new();
-        let keys: Vec<(String, Option<&'static str>)> = match step.model() {
-            None => Vec::new(),
-            Some(model) if step.task.runs_pipeline() => {
-                pipelines[model].components().into_iter().map(|c| (format!("{model}/{c}"), Some(c))).collect()
-            }
-            Some(model) => vec![(model.to_string(), None)],
+        // A pipeline's configs: read before the run for its first step, again
+        // for a later one (which may override the scheduler).
+        let config = match (step.model(), step.task.runs_pipeline()) {
+            (Some(model), true) => Some(match pipelines.remove(model) {
+                Some(c) => c,
+                None => pipeline_config(workflow, model, &step.task)?,
+            }),
+            _ => None,
+        };
+        let keys: Vec<(String, Option<&'static str>)> = match (step.model(), &config) {
+            (None, _) => Vec::new(),
+            (Some(model), Some(config)) => config.components().into_iter().map(|c| (format!("{model}/{c}"), Some(c))).collect(),
+            (Some(model), None) => vec![(model.to_string(), None)],
         };
         for (key, component) in &keys {
             reused.push(weights.contains_key(key.as_str()));
@@ -192,14 +199,13 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 weights.insert(key.clone(), acquire(source, spec, model)?);
             }
         }
-        let models = match (step.model(), keys.as_slice()) {
-            (None, _) => StepModels::None,
-            (Some(model), _) if step.task.runs_pipeline() => {
-                let config = pipelines.remove(model).map(Ok).unwrap_or_else(|| pipeline_config(workflow, model, &step.task))?;
+        let models = match (step.model(), config, keys.as_slice()) {
+            (None, _, _) => StepModels::None,
+            (Some(_), Some(config), _) => {
                 let parts = keys.iter().zip(&reused).map(|((k, c), r)| (c.expect("a component"), &weights[k.as_str()], *r)).collect();
                 StepModels::Pipeline(config, parts)
             }
-            (Some(_), [(k, _)]) => StepModels::One(&weights[k.as_str()], reused[0]),
+            (Some(_), None, [(k, _)]) => StepModels::One(&weights[k.as_str()], reused[0]),
             _ => unreachable!("one model, one key"),
         };
         let inputs = inputs.remove(step.name.as_str()).expect("read above");

@@ -179,8 +179,11 @@ fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Init {
+pub(crate) enum Init {
+    /// Uniform in ±1/√(last dimension): a linear layer's fan-in.
     Random,
+    /// Uniform in ±1/√(every dimension but the first): a convolution's fan-in.
+    RandomFanIn,
     Ones,
     Zeros,
 }
@@ -259,6 +262,60 @@ fn write_value(out: &mut Vec<u8>, v: f32, dtype: WeightDType) {
     }
 }
 
+/// Writes `tensors` with deterministic random values (by `seed` and each
+/// tensor's position) as a safetensors file in `dtype`.
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Init)], dtype: WeightDType, seed: u64) -> Result<(), String> {
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
+    let elem = dtype.tensor_dtype().size_in_bytes() as u64;
+    // Header: offsets follow from the shapes alone.
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt", "generator": "mora synth", "seed": seed.to_string()}));
+    let mut offset = 0u64;
+    for (name, shape, _) in tensors {
+        let len = shape.iter().product::<usize>() as u64 * elem;
+        header.insert(name.clone(), json!({"dtype": safetensors_dtype(dtype), "shape": shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("JSON header");
+    // Pad the header so tensor data starts 8-byte aligned, as writers do.
+    while !(8 + header.len()).is_multiple_of(8) {
+        header.push(b' ');
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
+    }
+    let file = File::create(path).map_err(|e| io("create", path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let werr = |e: std::io::Error| io("write", path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
+    w.write_all(&header).map_err(werr)?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    for (index, (_, shape, init)) in tensors.iter().enumerate() {
+        let mut rng = SplitMix(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let n: usize = shape.iter().product();
+        let scale = match init {
+            Init::RandomFanIn => 1.0 / (shape.iter().skip(1).product::<usize>().max(1) as f32).sqrt(),
+            _ => 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt(),
+        };
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(1 << 18);
+            buf.clear();
+            for _ in 0..chunk {
+                let v = match init {
+                    Init::Random | Init::RandomFanIn => rng.weight(scale),
+                    Init::Ones => 1.0,
+                    Init::Zeros => 0.0,
+                };
+                write_value(&mut buf, v, dtype);
+            }
+            w.write_all(&buf).map_err(werr)?;
+            left -= chunk;
+        }
+    }
+    w.flush().map_err(werr)
+}
+
 /// Writes the synthetic model into `dir` (created if needed).
 pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     if spec.target_bytes < MIN_BYTES {
@@ -275,51 +332,8 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     let d = fit(spec.arch, vocab, spec.target_bytes / elem);
     let tensors = tensors_of(spec.arch, d);
 
-    // Header: offsets follow from the shapes alone.
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt", "generator": "mora synth", "seed": spec.seed.to_string()}));
-    let mut offset = 0u64;
-    for (name, shape, _) in &tensors {
-        let len = shape.iter().product::<usize>() as u64 * elem;
-        header.insert(
-            name.clone(),
-            json!({"dtype": safetensors_dtype(spec.dtype), "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut header = serde_json::to_vec(&header).expect("JSON header");
-    // Pad the header so tensor data starts 8-byte aligned, as writers do.
-    while !(8 + header.len()).is_multiple_of(8) {
-        header.push(b' ');
-    }
     let weights_path = dir.join("model.safetensors");
-    let file = File::create(&weights_path).map_err(|e| io("create", &weights_path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let werr = |e: std::io::Error| io("write", &weights_path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
-    w.write_all(&header).map_err(werr)?;
-    let mut buf = Vec::with_capacity(1 << 20);
-    for (index, (_, shape, init)) in tensors.iter().enumerate() {
-        let mut rng = SplitMix(spec.seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        let n: usize = shape.iter().product();
-        let scale = 1.0 / (shape.last().copied().unwrap_or(1) as f32).sqrt();
-        let mut left = n;
-        while left > 0 {
-            let chunk = left.min(1 << 18);
-            buf.clear();
-            for _ in 0..chunk {
-                let v = match init {
-                    Init::Random => rng.weight(scale),
-                    Init::Ones => 1.0,
-                    Init::Zeros => 0.0,
-                };
-                write_value(&mut buf, v, spec.dtype);
-            }
-            w.write_all(&buf).map_err(werr)?;
-            left -= chunk;
-        }
-    }
-    w.flush().map_err(werr)?;
+    write_safetensors(&weights_path, &tensors, spec.dtype, spec.seed)?;
     let weights_bytes = fs::metadata(&weights_path).map_err(|e| io("stat", &weights_path, e))?.len();
 
     let torch_dtype = match spec.dtype {

@@ -505,6 +505,9 @@ impl Workflow {
             if let toml::de::DeValue::Table(keys) = own.get_ref() {
                 for key in keys.keys() {
                     let key = key.get_ref().as_ref();
+                    if kind.keys.iter().any(|group| group.contains(&key)) {
+                        continue;
+                    }
                     let owner = tasks::KINDS
                         .iter()
                         .filter(|k| k.name != kind.name)

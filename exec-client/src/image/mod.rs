@@ -15,6 +15,7 @@
 pub mod clip;
 pub mod pipeline;
 pub mod scheduler;
+pub mod synth;
 pub mod unet;
 pub mod vae;
 

@@ -104,7 +104,8 @@ impl PipelineConfig {
         };
         let mut text = Vec::new();
         for (enc, tok) in text_components {
-            let config = TextEncoderConfig::from_file(&root.join(enc).join("config.json")).map_err(|e| e.to_string())?;
+            let class = index.components.get(*enc).map(|(_, c)| c.as_str());
+            let config = TextEncoderConfig::from_file_with_class(&root.join(enc).join("config.json"), class).map_err(|e| e.to_string())?;
             let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
             text.push(TextPart { component: enc, config, tokenizer });
         }
