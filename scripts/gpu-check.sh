@@ -261,3 +261,87 @@ print(f"- after the tensors are gone, GPU leases: {released} (expected 0): {'PAS
 watch.close()
 PY
 fi
+
+# -- images: Stable Diffusion on the GPU ----------------------------------------
+echo
+echo "### Images: a Stable Diffusion pipeline on $DEVICE (weights held f16) vs the CPU (f32)"
+echo
+# png_diff A B: the largest difference of one channel of one pixel between two PNGs
+# (8-bit RGB, as mora-exec writes them), with the standard library alone.
+png_diff() {
+    python3 - "$1" "$2" <<'PY'
+import struct, sys, zlib
+def rgb(path):
+    data = open(path, "rb").read()
+    pos, w, h, idat = 8, 0, 0, b""
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8]); body = data[pos + 8:pos + 8 + n]; pos += 12 + n
+        if kind == b"IHDR": w, h = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT": idat += body
+    raw, stride, out, prev = zlib.decompress(idat), w * 3, [], bytearray(w * 3)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - 3] if i >= 3 else 0; b = prev[i]; c = prev[i - 3] if i >= 3 else 0
+            if f == 1: line[i] = (line[i] + a) & 255
+            elif f == 2: line[i] = (line[i] + b) & 255
+            elif f == 3: line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c; pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        out += line; prev = line
+    return out
+a, b = rgb(sys.argv[1]), rgb(sys.argv[2])
+print(max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else "size differs")
+PY
+}
+img_rows=()
+for shape in sd15 sd21 sdxl; do
+    fixture="$ROOT/tests/fixtures/image/pipelines/$shape"
+    for dev in "$DEVICE" cpu; do
+        dtype=f16; [[ $dev == cpu ]] && dtype=f32
+        cat >"$WORK/img-$shape-$dev.toml" <<TOML
+name = "img"
+[models.sd]
+path = "$fixture"
+device = "$dev"
+dtype = "$dtype"
+[[steps]]
+name = "cat"
+model = "sd"
+task = "image"
+prompt = "a photo of a cat, watercolor"
+steps = 4
+seed = 7
+output = "cat.png"
+TOML
+        "$BIN/mora-exec" run "$WORK/img-$shape-$dev.toml" -o "$WORK/img-$shape-$dev" >/dev/null 2>"$WORK/img-$shape-$dev.err" \
+            || { echo "- FAIL: $shape on $dev: $(tail -1 "$WORK/img-$shape-$dev.err")"; continue 2; }
+    done
+    img_rows+=("- $shape (diffusers-written tiny pipeline, 4 steps): largest pixel difference $DEVICE f16 vs cpu f32: $(png_diff "$WORK/img-$shape-$DEVICE/cat.png" "$WORK/img-$shape-cpu/cat.png") of 255")
+done
+printf '%s\n' "${img_rows[@]}"
+IMG_SIZE="${IMG_SIZE:-1900MiB}"
+log "synthetic SD 1.5 pipeline of $IMG_SIZE (f16)"
+"$BIN/mora-exec" synth --arch sd15 --size "$IMG_SIZE" --dtype f16 -o "$WORK/sd15-synth" >/dev/null
+cat >"$WORK/img-synth.toml" <<TOML
+name = "img"
+[models.sd]
+path = "$WORK/sd15-synth"
+device = "$DEVICE"
+dtype = "f16"
+[[steps]]
+name = "cat"
+model = "sd"
+task = "image"
+prompt = "a photo of a cat, watercolor"
+steps = 20
+width = 512
+height = 512
+seed = 7
+output = "cat.png"
+TOML
+run_once "$WORK/img-synth.toml" "$WORK/img-synth-cold" >/dev/null
+timed iw "$WORK/img-synth.toml"
+timed inc "$WORK/img-synth.toml" --no-cache
+echo "- synthetic SD 1.5 shapes ($IMG_SIZE f16), 20 steps at 512x512 on $DEVICE: warm wall $iw_wall ms, --no-cache wall $inc_wall ms ($(awk -v a="$iw_wall" -v b="$inc_wall" 'BEGIN { printf "%.2fx", a / b }'))"

@@ -207,3 +207,30 @@ fn bad_inputs_each_give_one_line_and_leave_the_daemon_serving() {
     let wf = workflow(&env, "after.toml", &good, ONE_STEP);
     run_ok(&env, &wf, "after", &[]);
 }
+
+#[test]
+fn synthetic_pipelines_of_every_shape_run_and_are_reproducible() {
+    let env = Env::with_daemon("image-synth");
+    for arch in ["sd15", "sd21", "sdxl"] {
+        let dir = env.synth(arch, arch, "24MiB", 3);
+        let again = env.synth(&format!("{arch}-again"), arch, "24MiB", 3);
+        for part in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"] {
+            assert_eq!(read(dir.join(part)), read(again.join(part)), "{arch} {part}: same seed, other bytes");
+        }
+        let steps = ONE_STEP.replace("steps = 3", "steps = 2\nwidth = 64\nheight = 64");
+        let wf = workflow(&env, &format!("{arch}.toml"), &dir, &steps);
+        run_ok(&env, &wf, &format!("{arch}-warm"), &[]);
+        run_ok(&env, &wf, &format!("{arch}-nocache"), &["--no-cache"]);
+        let png = read(env.scratch.join(format!("{arch}-warm/cat.png")));
+        assert_eq!(png, read(env.scratch.join(format!("{arch}-nocache/cat.png"))), "{arch}");
+        let doc = sidecar(env.scratch.join(format!("{arch}-warm/cat.json")));
+        assert_eq!((doc["width"].as_u64(), doc["height"].as_u64()), (Some(64), Some(64)), "{doc}");
+    }
+    // Above the real shapes' size is refused, with the size it has.
+    let out = std::process::Command::new(mora::bin("mora-exec"))
+        .args(["synth", "--arch", "sd15", "--size", "64GiB", "-o"])
+        .arg(env.scratch.join("too-big"))
+        .output()
+        .unwrap();
+    assert!(one_line_failure(&out).contains("above this architecture's real size"));
+}

@@ -107,6 +107,30 @@ def test_sentence_transformers_fed_from_mora_gives_the_same_embeddings(daemon):
         assert (fed.encode(texts) == ref.encode(texts)).all()
 
 
+def test_a_diffusers_unet_fed_from_a_pipeline_subfolder_matches_its_own_load(daemon):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    from pathlib import Path
+
+    pipe = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "image" / "pipelines" / "sd15"
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 77, 32, generator=gen)
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(pipe, subfolder="unet")
+        assert sd.name == str(pipe / "unet")
+        config = diffusers.UNet2DConditionModel.load_config(str(pipe), subfolder="unet")
+        fed = diffusers.UNet2DConditionModel.from_config(config)
+        fed.load_state_dict(sd, assign=True)
+        fed.eval()
+        assert fed.conv_in.weight.data_ptr() == sd["conv_in.weight"].data_ptr()
+        ref = diffusers.UNet2DConditionModel.from_pretrained(str(pipe), subfolder="unet", torch_dtype=torch.float32)
+        ref.eval()
+        with torch.no_grad():
+            got = fed(sample, 500, encoder_hidden_states=context).sample
+            want = ref(sample, 500, encoder_hidden_states=context).sample
+        assert torch.equal(got, want)
+
+
 def test_cuda_without_a_gpu_is_a_one_line_error(daemon):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the GPU check (scripts/gpu-check.sh) covers device=cuda")
