@@ -374,7 +374,7 @@ pub fn describe(r: &StepReport) -> String {
                 "{}: {} {} on {device} -> {} (weights: {}; pipeline built in {build_ms} ms; ran in {} ms)",
                 r.step,
                 r.items,
-                r.unit,
+                if r.items == 1 { r.unit.trim_end_matches('s') } else { r.unit },
                 r.output.display(),
                 parts.join("; "),
                 r.run_ms
