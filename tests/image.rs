@@ -234,3 +234,21 @@ fn synthetic_pipelines_of_every_shape_run_and_are_reproducible() {
         .unwrap();
     assert!(one_line_failure(&out).contains("above this architecture's real size"));
 }
+
+#[test]
+fn a_turbo_style_run_takes_one_step_without_guidance_and_another_scheduler() {
+    let env = Env::with_daemon("image-turbo");
+    for shape in ["sd21", "sdxl"] {
+        let steps = ONE_STEP
+            .replace("steps = 3", "steps = 1\nguidance_scale = 0.0\nscheduler = \"EulerAncestralDiscreteScheduler\"")
+            .replace("negative_prompt = \"blurry\"\n", "");
+        let wf = workflow(&env, &format!("{shape}.toml"), &fixture(shape), &steps);
+        run_ok(&env, &wf, &format!("{shape}-warm"), &[]);
+        run_ok(&env, &wf, &format!("{shape}-nocache"), &["--no-cache"]);
+        let png = read(env.scratch.join(format!("{shape}-warm/cat.png")));
+        assert_eq!(png, read(env.scratch.join(format!("{shape}-nocache/cat.png"))), "{shape}");
+        let doc = sidecar(env.scratch.join(format!("{shape}-warm/cat.json")));
+        assert_eq!(doc["scheduler"], "EulerAncestralDiscreteScheduler", "{doc}");
+        assert_eq!((doc["guidance_scale"].as_f64(), doc["denoising_steps"].as_u64()), (Some(0.0), Some(1)), "{doc}");
+    }
+}
