@@ -104,24 +104,28 @@ impl Class {
     }
 }
 
-/// Config keys read by the diffusers scheduler classes (0.42) this module
-/// does not run, or by one of its classes but not another: diffusers'
-/// `from_config` ignores those a class does not take, and so does Mora.
-const OTHER_CLASS_KEYS: &[&str] = &[
+/// The config keys of every diffusers scheduler class (the `__init__`
+/// arguments of the 47 scheduler classes of diffusers 0.42): diffusers'
+/// `from_config` ignores those the chosen class does not take, and so does
+/// Mora. A key outside this list is refused.
+const DIFFUSERS_SCHEDULER_KEYS: &[&str] = &[
     "algorithm_type", "alpha_cum_end", "alpha_cum_start", "base_image_seq_len", "base_shift", "beta_end",
-    "beta_schedule", "beta_start", "clip_denoised", "clip_sample", "clip_sample_range", "corrector_order",
-    "corrector_selection", "corrector_selection_tau", "disable_corrector", "dynamic_thresholding_ratio",
-    "euler_at_final", "final_sigmas_type", "flow_shift", "gamma_cum_end", "gamma_cum_start", "interpolation_type",
-    "invert_sigmas", "lambda_min_clipped", "lower_order_final", "max_image_seq_len", "max_shift", "noise_mode",
-    "num_train_timesteps", "num_vec_classes", "original_inference_steps", "predict_x0", "prediction_type",
-    "predictor_order", "rescale_betas_zero_snr", "rho", "s_churn", "s_max", "s_min", "s_noise", "sample_max_value",
-    "sampling_eps", "set_alpha_to_one", "shift", "shift_terminal", "sigma_data", "sigma_max", "sigma_min",
-    "sigma_schedule", "skip_prk_steps", "snr", "solver_order", "solver_p", "solver_type", "stochastic_sampling",
-    "steps_offset", "tau_func", "thresholding", "time_shift_type", "timestep_scaling", "timestep_spacing",
-    "timestep_type", "trained_betas", "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas",
-    "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas", "variance_type", "eta", "num_inference_steps",
-    "t_max", "t_min", "stages", "scaler", "sigma_max", "tail_steps", "correct_steps", "corrector_k",
-    "corrector_steps", "n_grid", "block_length", "mask_token_id", "masking_schedule", "gamma",
+    "beta_schedule", "beta_start", "block_length", "clip_denoised", "clip_sample", "clip_sample_range",
+    "correct_steps", "corrector_k", "corrector_order", "corrector_selection", "corrector_selection_tau",
+    "corrector_steps", "disable_corrector", "dynamic_thresholding_ratio", "editing_threshold", "entropy_bound",
+    "eps", "eta", "euler_at_final", "final_sigmas_type", "final_step_size_scale", "flow_shift", "gamma",
+    "gamma_cum_end", "gamma_cum_start", "interpolation_type", "invert_sigmas", "lambda_min_clipped",
+    "lower_order_final", "mask_token_id", "masking_schedule", "max_image_seq_len", "max_shift", "minimal_topk",
+    "n_grid", "noise_mode", "num_inference_steps", "num_policy_substeps", "num_train_timesteps", "num_vec_classes",
+    "original_inference_steps", "predict_x0", "prediction_type", "predictor_order", "rescale_betas_zero_snr", "rho",
+    "s", "s_churn", "s_max", "s_min", "s_noise", "sample_max_value", "sampling_eps", "scale_factors", "scaler",
+    "schedule_mode", "scheduler_type", "set_alpha_to_one", "shift", "shift_terminal", "sigma_data", "sigma_max",
+    "sigma_min", "sigma_schedule", "skip_prk_steps", "snr", "snr_shift_scale", "solver_order", "solver_p",
+    "solver_type", "stage_range", "stages", "steps_offset", "stochastic_sampling", "t_lim_ode", "t_lim_ode_below",
+    "t_max", "t_min", "tail_step_multiplier", "tail_steps", "tau_func", "threshold", "thresholding",
+    "time_shift_type", "timestep_scaling", "timestep_spacing", "timestep_type", "trained_betas", "tsr_k",
+    "tsr_sigma", "upscale_mode", "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas",
+    "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas", "variance_type",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,7 +421,7 @@ impl SchedulerSpec {
         }
         // Keys only other classes read are ignored, as diffusers ignores them.
         for k in map.keys() {
-            if !takes(k) && OTHER_CLASS_KEYS.contains(&k.as_str()) {
+            if !takes(k) && DIFFUSERS_SCHEDULER_KEYS.contains(&k.as_str()) {
                 r.take(k);
             }
         }
