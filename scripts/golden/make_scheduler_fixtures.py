@@ -264,6 +264,13 @@ CASES = [
                               lower_order_final=False, disable_corrector=[0, 2], final_sigmas_type="sigma_min",
                               timestep_spacing="leading"), None, 0.0),
     ("euler-sigma_min-final", dict(SDXL, final_sigmas_type="sigma_min", prediction_type="v_prediction"), None, 0.0),
+    ("sdxl-euler-karras", dict(SDXL, use_karras_sigmas=True), None, 0.0),
+    ("euler-exponential", dict(SDXL, use_exponential_sigmas=True, timestep_spacing="trailing", sigma_min=0.05,
+                               sigma_max=10.0), None, 0.0),
+    ("euler_ancestral-karras-ignored", dict(SDXL_TURBO, use_karras_sigmas=True), None, 0.0),
+    ("unipc-karras", dict(SD15, _class_name="UniPCMultistepScheduler", use_karras_sigmas=True), None, 0.0),
+    ("unipc-exponential", dict(SD21, _class_name="UniPCMultistepScheduler", use_exponential_sigmas=True,
+                               final_sigmas_type="sigma_min"), None, 0.0),
 ]
 
 

@@ -136,6 +136,15 @@ enum Spacing {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SigmaSchedule {
+    Default,
+    /// Karras et al.'s rho = 7 schedule between the ends.
+    Karras,
+    /// Log-linear between the ends.
+    Exponential,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Prediction {
     Epsilon,
     V,
@@ -167,6 +176,11 @@ pub struct SchedulerSpec {
     /// `clip_sample_range` when `clip_sample` is true.
     clip: Option<f32>,
     final_sigma_min: bool,
+    /// `use_karras_sigmas` / `use_exponential_sigmas` (Euler, UniPC).
+    sigma_schedule: SigmaSchedule,
+    /// `sigma_min`, `sigma_max`: the ends of those schedules, when set.
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
     continuous_timesteps: bool,
     variance: Variance,
     solver_order: usize,
@@ -285,6 +299,9 @@ impl SchedulerSpec {
             set_alpha_to_one: false,
             clip: None,
             final_sigma_min: false,
+            sigma_schedule: SigmaSchedule::Default,
+            sigma_min: None,
+            sigma_max: None,
             continuous_timesteps: false,
             variance: Variance::Small,
             solver_order: 2,
@@ -319,14 +336,26 @@ impl SchedulerSpec {
             r.opt_f64("clip_sample_range")?;
         }
         if takes("use_karras_sigmas") {
-            for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
-                if r.bool_or(key, false)? {
-                    return Err(bad(key, &"true", "only the default sigma schedule is implemented"));
-                }
+            if r.bool_or("use_beta_sigmas", false)? {
+                return Err(bad("use_beta_sigmas", &"true", "beta sigmas are not implemented (Karras and exponential are)"));
             }
-            // Read only by the Karras, exponential and beta sigma schedules.
-            r.opt_f64("sigma_min")?;
-            r.opt_f64("sigma_max")?;
+            let karras = r.bool_or("use_karras_sigmas", false)?;
+            let exponential = r.bool_or("use_exponential_sigmas", false)?;
+            spec.sigma_schedule = match (karras, exponential) {
+                (false, false) => SigmaSchedule::Default,
+                (true, false) => SigmaSchedule::Karras,
+                (false, true) => SigmaSchedule::Exponential,
+                (true, true) => {
+                    return Err(bad(
+                        "use_exponential_sigmas",
+                        &"true",
+                        "only one of `use_karras_sigmas` and `use_exponential_sigmas` can be true",
+                    ))
+                }
+            };
+            // Used only by the Karras and exponential schedules.
+            spec.sigma_min = r.opt_f64("sigma_min")?;
+            spec.sigma_max = r.opt_f64("sigma_max")?;
         }
         if takes("final_sigmas_type") {
             spec.final_sigma_min = match r.str_or("final_sigmas_type", "zero")?.as_str() {
@@ -619,6 +648,35 @@ fn interp(x: f64, fp: &[f32]) -> f64 {
     }
     let slope = (fp[j + 1] as f64 - fp[j] as f64) / 1.0;
     slope * (x - j as f64) + fp[j] as f64
+}
+
+impl SchedulerSpec {
+    /// diffusers' `_convert_to_karras` / `_convert_to_exponential`: `n`
+    /// sigmas from `sigma_max` (default `hi`) down to `sigma_min` (default `lo`).
+    fn convert_sigmas(&self, hi: f64, lo: f64, n: usize) -> Vec<f64> {
+        let lo = self.sigma_min.unwrap_or(lo);
+        let hi = self.sigma_max.unwrap_or(hi);
+        match self.sigma_schedule {
+            SigmaSchedule::Karras => {
+                let rho = 7.0f64;
+                let (min_inv, max_inv) = (lo.powf(1.0 / rho), hi.powf(1.0 / rho));
+                np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+            }
+            SigmaSchedule::Exponential => np_linspace(hi.ln(), lo.ln(), n).into_iter().map(f64::exp).collect(),
+            SigmaSchedule::Default => unreachable!("only called for Karras and exponential sigmas"),
+        }
+    }
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep of a sigma,
+/// interpolated in log-sigma (`log_sigmas` float32, ascending).
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let ls = sigma.max(1e-10).ln();
+    // `cumsum(dists >= 0).argmax()`: the last index at or below, else 0.
+    let low = log_sigmas.iter().rposition(|&l| ls - l as f64 >= 0.0).unwrap_or(0).min(log_sigmas.len() - 2);
+    let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
+    let w = ((lo as f64 - ls) / (lo - hi) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
 }
 
 fn f32_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -951,7 +1009,17 @@ impl Euler {
             Spacing::Trailing => trailing(n, steps).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect(),
         };
         let train = spec.train_sigmas();
-        let mut sigmas: Vec<f32> = ts.iter().map(|&t| interp(t as f64, &train) as f32).collect();
+        let interpolated: Vec<f64> = ts.iter().map(|&t| interp(t as f64, &train)).collect();
+        let (ts, mut sigmas): (Vec<f32>, Vec<f32>) = if spec.sigma_schedule == SigmaSchedule::Default {
+            (ts, interpolated.iter().map(|&s| s as f32).collect())
+        } else {
+            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
+            let converted = spec.convert_sigmas(interpolated[0], interpolated[steps - 1], steps);
+            (
+                converted.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect(),
+                converted.iter().map(|&s| s as f32).collect(),
+            )
+        };
         let ancestral = spec.class == Class::EulerAncestral;
         sigmas.push(if !ancestral && spec.final_sigma_min { train[0] } else { 0.0 });
         let timesteps = if !ancestral && spec.continuous_timesteps {
@@ -1100,8 +1168,25 @@ impl UniPc {
             Spacing::Trailing => trailing(n, steps).into_iter().map(|t| t.round_ties_even() - 1.0).collect(),
         };
         let train = spec.train_sigmas();
-        let mut sigmas: Vec<f32> = ts.iter().map(|&t| interp(t, &train) as f32).collect();
-        sigmas.push(if spec.final_sigma_min { train[0] } else { 0.0 });
+        let (ts, sigmas) = if spec.sigma_schedule == SigmaSchedule::Default {
+            let mut sigmas: Vec<f32> = ts.iter().map(|&t| interp(t, &train) as f32).collect();
+            sigmas.push(if spec.final_sigma_min { train[0] } else { 0.0 });
+            (ts, sigmas)
+        } else {
+            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
+            let converted = spec.convert_sigmas(train[n - 1] as f64, train[0] as f64, steps);
+            // Karras timesteps are rounded, exponential ones truncated (`.to(torch.int64)`).
+            let ts: Vec<f64> = converted
+                .iter()
+                .map(|&s| {
+                    let t = sigma_to_t(s, &log_sigmas);
+                    if spec.sigma_schedule == SigmaSchedule::Karras { t.round_ties_even() } else { t.trunc() }
+                })
+                .collect();
+            let last = if spec.final_sigma_min { converted[steps - 1] } else { 0.0 };
+            let sigmas: Vec<f32> = converted.iter().chain([&last]).map(|&s| s as f32).collect();
+            (ts, sigmas)
+        };
         Ok(UniPc {
             timesteps: ts,
             sigmas,
@@ -1381,7 +1466,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 26, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 31, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1396,9 +1481,13 @@ mod tests {
                 let steps = run["steps"].as_u64().unwrap() as usize;
                 let what = format!("{case} at {steps} steps");
                 let mut s = spec.build(steps).unwrap();
-                // Exact in float32 (serde_json may parse a double one unit off).
-                let f32s = |v: &[f64]| v.iter().map(|&t| t as f32).collect::<Vec<f32>>();
-                assert_eq!(f32s(s.timesteps()), f32s(&nums(&run["timesteps"])), "{what}: timesteps");
+                // Whole timesteps match exactly; fractional ones (Karras and
+                // exponential sigmas) within a float32 rounding or two.
+                let want = nums(&run["timesteps"]);
+                assert_eq!(s.timesteps().len(), want.len(), "{what}: timesteps {:?}", s.timesteps());
+                for (a, b) in s.timesteps().iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{what}: timesteps {:?} vs {want:?}", s.timesteps());
+                }
                 close(&format!("{what}: init_noise_sigma"), s.init_noise_sigma(), run["init_noise_sigma"].as_f64().unwrap());
                 assert_eq!(s.order() as u64, run["order"].as_u64().unwrap(), "{what}: order");
                 let mut sample = (latent() * s.init_noise_sigma()).unwrap();
@@ -1452,7 +1541,10 @@ mod tests {
 
     #[test]
     fn sigmas_match_diffusers() {
-        for case in ["sdxl-euler", "sd-turbo-euler", "linspace-euler", "zsnr-euler-trailing", "sd15-unipc", "unipc-noise-pred"] {
+        for case in [
+            "sdxl-euler", "sd-turbo-euler", "linspace-euler", "zsnr-euler-trailing", "sd15-unipc", "unipc-noise-pred",
+            "sdxl-euler-karras", "euler-exponential", "unipc-karras", "unipc-exponential",
+        ] {
             let fx: Value = serde_json::from_slice(&std::fs::read(dir().join(format!("{case}.json"))).unwrap()).unwrap();
             let spec = SchedulerSpec::from_json(fx["config"].as_object().unwrap(), "c.json", fx["override"].as_str()).unwrap();
             for run in fx["runs"].as_array().unwrap() {
@@ -1521,10 +1613,10 @@ mod tests {
         refused(&set(ddim(), "prediction_type", json!("flow_prediction")), None, "prediction_type");
         refused(&set(sd15().as_object().unwrap().clone(), "prediction_type", json!("sample")), None, "prediction_type");
         refused(&set(ddim(), "prediction_type", json!("sample")), Some("euler_a"), "prediction_type");
-        for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
-            refused(&set(euler(), key, json!(true)), None, key);
-            refused(&set(unipc(), key, json!(true)), None, key);
-        }
+        refused(&set(euler(), "use_beta_sigmas", json!(true)), None, "use_beta_sigmas");
+        refused(&set(unipc(), "use_beta_sigmas", json!(true)), None, "use_beta_sigmas");
+        let both = set(set(euler(), "use_karras_sigmas", json!(true)), "use_exponential_sigmas", json!(true));
+        refused(&both, None, "use_exponential_sigmas");
         refused(&set(euler(), "interpolation_type", json!("log_linear")), None, "interpolation_type");
         refused(&set(euler(), "final_sigmas_type", json!("max")), None, "final_sigmas_type");
         refused(&set(euler(), "timestep_type", json!("other")), None, "timestep_type");
@@ -1552,9 +1644,9 @@ mod tests {
     fn keys_of_other_classes_are_ignored_as_diffusers_does() {
         // SD 1.5's PNDM config carries DDIM's clip_sample; Karras sigmas
         // mean nothing to PNDM, but are refused once Euler is chosen.
-        let m = with(sd15(), json!({"use_karras_sigmas": true, "solver_order": 7}));
+        let m = with(sd15(), json!({"use_beta_sigmas": true, "solver_order": 7}));
         assert_eq!(SchedulerSpec::from_json(&m, "s.json", None).unwrap().class_name(), "PNDMScheduler");
-        refused(&m, Some("euler"), "use_karras_sigmas");
+        refused(&m, Some("euler"), "use_beta_sigmas");
         // Keys the chosen class takes are honoured: SD 1.5's clip_sample
         // false reaches DDIM, which defaults to true.
         let ddim = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some("ddim")).unwrap();
