@@ -173,6 +173,8 @@ pub struct SchedulerSpec {
     spacing: Spacing,
     steps_offset: usize,
     set_alpha_to_one: bool,
+    /// PNDM: PLMS steps only, no Runge-Kutta warm-up.
+    skip_prk: bool,
     /// `clip_sample_range` when `clip_sample` is true.
     clip: Option<f32>,
     final_sigma_min: bool,
@@ -297,6 +299,7 @@ impl SchedulerSpec {
             spacing,
             steps_offset,
             set_alpha_to_one: false,
+            skip_prk: true,
             clip: None,
             final_sigma_min: false,
             sigma_schedule: SigmaSchedule::Default,
@@ -315,12 +318,8 @@ impl SchedulerSpec {
         if takes("set_alpha_to_one") {
             spec.set_alpha_to_one = r.bool_or("set_alpha_to_one", class == Class::Ddim)?;
         }
-        if class == Class::Pndm && !r.bool_or("skip_prk_steps", false)? {
-            return Err(bad(
-                "skip_prk_steps",
-                &"false",
-                "PNDM's Runge-Kutta warm-up steps are not implemented; Mora runs PNDMScheduler with skip_prk_steps true (as Stable Diffusion ships it)",
-            ));
+        if class == Class::Pndm {
+            spec.skip_prk = r.bool_or("skip_prk_steps", false)?;
         }
         if takes("thresholding") {
             if r.bool_or("thresholding", false)? {
@@ -490,6 +489,11 @@ impl SchedulerSpec {
                 steps,
                 self.num_train,
                 self.class.name()
+            ));
+        }
+        if self.class == Class::Pndm && !self.skip_prk && steps < 4 {
+            return Err(format!(
+                "PNDMScheduler with skip_prk_steps false needs at least 4 steps (its Runge-Kutta warm-up spans the last four), not {steps}"
             ));
         }
         if self.spacing == Spacing::Leading && self.num_train / steps == 0 {
@@ -701,9 +705,16 @@ fn clamp(t: &Tensor, range: Option<f32>) -> candle_core::Result<Tensor> {
 
 // ---------------------------------------------------------------- PNDM
 
-/// `PNDMScheduler` with `skip_prk_steps`: linear multistep (PLMS) steps.
+/// `PNDMScheduler`: Runge-Kutta (PRK) warm-up steps unless `skip_prk_steps`,
+/// then linear multistep (PLMS) steps.
 struct Pndm {
     timesteps: Vec<f64>,
+    /// How many of the timesteps are Runge-Kutta ones (0 with `skip_prk_steps`).
+    prk: usize,
+    /// `num_train_timesteps // steps // 2`: the Runge-Kutta half step.
+    half: i64,
+    /// The Runge-Kutta weighted sum of model outputs (`cur_model_output`).
+    cur_model_output: Option<Tensor>,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     prediction: Prediction,
@@ -723,14 +734,29 @@ impl Pndm {
             Spacing::Trailing => trailing(n, steps).into_iter().rev().map(|t| t.round_ties_even() - 1.0).collect(),
         };
         let k = base.len();
-        let mut plms: Vec<f64> = base[..k - 1].to_vec();
-        if k >= 2 {
-            plms.push(base[k - 2]);
-        }
-        plms.push(base[k - 1]);
-        plms.reverse();
+        let half = (n / steps / 2) as f64;
+        let (timesteps, prk) = if spec.skip_prk {
+            let mut plms: Vec<f64> = base[..k - 1].to_vec();
+            if k >= 2 {
+                plms.push(base[k - 2]);
+            }
+            plms.push(base[k - 1]);
+            plms.reverse();
+            (plms, 0)
+        } else {
+            // `_timesteps[-4:].repeat(2) + tile([0, half], 4)`, then
+            // `[:-1].repeat(2)[1:-1][::-1]`, then the PLMS `_timesteps[:-3][::-1]`.
+            let pairs: Vec<f64> = base[k - 4..].iter().flat_map(|&t| [t, t + half]).collect();
+            let doubled: Vec<f64> = pairs[..7].iter().flat_map(|&t| [t, t]).collect();
+            let mut ts: Vec<f64> = doubled[1..13].iter().rev().copied().collect();
+            ts.extend(base[..k - 3].iter().rev());
+            (ts, 12)
+        };
         Pndm {
-            timesteps: plms,
+            timesteps,
+            prk,
+            half: half as i64,
+            cur_model_output: None,
             final_alpha_cumprod: if spec.set_alpha_to_one { 1.0 } else { spec.alphas_cumprod[0] },
             alphas_cumprod: spec.alphas_cumprod.clone(),
             prediction: spec.prediction,
@@ -776,6 +802,32 @@ impl Scheduler for Pndm {
         let dtype = sample.dtype();
         let mo = f32_tensor(model_output)?;
         let mut sample = f32_tensor(sample)?;
+        if self.counter < self.prk {
+            // step_prk
+            let diff = if self.counter % 2 == 1 { 0 } else { self.half };
+            let prev = self.timesteps[i] as i64 - diff;
+            let t = self.timesteps[self.counter / 4 * 4] as i64;
+            let sixth = mul(&mo, (1.0f64 / 6.0) as f32)?;
+            let third = || mul(&mo, (1.0f64 / 3.0) as f32);
+            let used = match self.counter % 4 {
+                0 => {
+                    self.cur_model_output = Some(sixth);
+                    self.ets.push(mo.clone());
+                    self.cur_sample = Some(sample.clone());
+                    mo
+                }
+                1 | 2 => {
+                    let acc = self.cur_model_output.take().expect("set at the group's first step");
+                    self.cur_model_output = Some((acc + third()?)?);
+                    mo
+                }
+                _ => (self.cur_model_output.take().expect("set at the group's first step") + sixth)?,
+            };
+            let base = self.cur_sample.clone().unwrap_or(sample);
+            let out = self.prev_sample(&base, t, prev, &used)?;
+            self.counter += 1;
+            return out.to_dtype(dtype);
+        }
         let mut t = self.timesteps[i] as i64;
         let mut prev = t - self.ratio;
         if self.counter != 1 {
@@ -1466,7 +1518,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 31, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 33, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1480,6 +1532,10 @@ mod tests {
             for run in fx["runs"].as_array().unwrap() {
                 let steps = run["steps"].as_u64().unwrap() as usize;
                 let what = format!("{case} at {steps} steps");
+                if run.get("error").is_some() {
+                    assert!(spec.build(steps).is_err(), "{what}: diffusers fails, Mora must refuse");
+                    continue;
+                }
                 let mut s = spec.build(steps).unwrap();
                 // Whole timesteps match exactly; fractional ones (Karras and
                 // exponential sigmas) within a float32 rounding or two.
@@ -1602,10 +1658,13 @@ mod tests {
             m.insert(k.into(), v);
             m
         };
-        refused(&set(sd15().as_object().unwrap().clone(), "skip_prk_steps", json!(false)), None, "skip_prk_steps");
+        // PNDM without skip_prk_steps (its default) runs Runge-Kutta warm-up
+        // steps, which need 4 steps at least.
         let mut no_skip = sd15().as_object().unwrap().clone();
         no_skip.remove("skip_prk_steps");
-        refused(&no_skip, None, "skip_prk_steps");
+        let prk = SchedulerSpec::from_json(&no_skip, "s.json", None).unwrap();
+        assert!(prk.build(3).is_err());
+        assert_eq!(prk.build(4).unwrap().timesteps().len(), 13);
         refused(&set(ddim(), "thresholding", json!(true)), None, "thresholding");
         refused(&set(unipc(), "thresholding", json!(true)), None, "thresholding");
         refused(&set(ddim(), "beta_schedule", json!("sigmoid")), None, "beta_schedule");
