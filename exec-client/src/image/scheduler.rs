@@ -178,6 +178,8 @@ pub struct SchedulerSpec {
     /// `clip_sample_range` when `clip_sample` is true.
     clip: Option<f32>,
     final_sigma_min: bool,
+    /// Euler's `interpolation_type` log_linear.
+    log_linear: bool,
     /// `use_karras_sigmas` / `use_exponential_sigmas` (Euler, UniPC).
     sigma_schedule: SigmaSchedule,
     /// `sigma_min`, `sigma_max`: the ends of those schedules, when set.
@@ -302,6 +304,7 @@ impl SchedulerSpec {
             skip_prk: true,
             clip: None,
             final_sigma_min: false,
+            log_linear: false,
             sigma_schedule: SigmaSchedule::Default,
             sigma_min: None,
             sigma_max: None,
@@ -365,16 +368,13 @@ impl SchedulerSpec {
         }
         match class {
             Class::Euler => {
-                match r.str_or("interpolation_type", "linear")?.as_str() {
-                    "linear" => {}
+                spec.log_linear = match r.str_or("interpolation_type", "linear")?.as_str() {
+                    "linear" => false,
+                    "log_linear" => true,
                     other => {
-                        return Err(bad(
-                            "interpolation_type",
-                            &format!("\"{other}\""),
-                            "only linear interpolation of the sigmas is implemented",
-                        ))
+                        return Err(bad("interpolation_type", &format!("\"{other}\""), "must be linear or log_linear"))
                     }
-                }
+                };
                 spec.continuous_timesteps = match r.str_or("timestep_type", "discrete")?.as_str() {
                     "discrete" => false,
                     // diffusers uses continuous timesteps only with v-prediction.
@@ -1061,12 +1061,23 @@ impl Euler {
             Spacing::Trailing => trailing(n, steps).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect(),
         };
         let train = spec.train_sigmas();
-        let interpolated: Vec<f64> = ts.iter().map(|&t| interp(t as f64, &train)).collect();
+        let interpolated: Vec<f64> = if spec.log_linear && spec.class == Class::Euler {
+            // `torch.linspace(log(sigmas[-1]), log(sigmas[0]), steps + 1).exp()`:
+            // one sigma more than timesteps (diffusers' schedule ends on the
+            // last of them, then the final sigma is appended after it).
+            torch_linspace_f32(train[n - 1].ln() as f64, train[0].ln() as f64, steps + 1)
+                .into_iter()
+                .map(|l| l.exp() as f64)
+                .collect()
+        } else {
+            ts.iter().map(|&t| interp(t as f64, &train)).collect()
+        };
         let (ts, mut sigmas): (Vec<f32>, Vec<f32>) = if spec.sigma_schedule == SigmaSchedule::Default {
             (ts, interpolated.iter().map(|&s| s as f32).collect())
         } else {
             let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-            let converted = spec.convert_sigmas(interpolated[0], interpolated[steps - 1], steps);
+            let last = interpolated[interpolated.len() - 1];
+            let converted = spec.convert_sigmas(interpolated[0], last, steps);
             (
                 converted.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect(),
                 converted.iter().map(|&s| s as f32).collect(),
@@ -1075,7 +1086,8 @@ impl Euler {
         let ancestral = spec.class == Class::EulerAncestral;
         sigmas.push(if !ancestral && spec.final_sigma_min { train[0] } else { 0.0 });
         let timesteps = if !ancestral && spec.continuous_timesteps {
-            sigmas[..steps].iter().map(|s| (0.25 * s.ln()) as f64).collect()
+            // `0.25 * log(sigma)` for every sigma but the final one.
+            sigmas[..sigmas.len() - 1].iter().map(|s| (0.25 * s.ln()) as f64).collect()
         } else {
             ts.iter().map(|&t| t as f64).collect()
         };
@@ -1518,7 +1530,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 33, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 36, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1599,7 +1611,8 @@ mod tests {
     fn sigmas_match_diffusers() {
         for case in [
             "sdxl-euler", "sd-turbo-euler", "linspace-euler", "zsnr-euler-trailing", "sd15-unipc", "unipc-noise-pred",
-            "sdxl-euler-karras", "euler-exponential", "unipc-karras", "unipc-exponential",
+            "sdxl-euler-karras", "euler-exponential", "unipc-karras", "unipc-exponential", "euler-log_linear",
+            "euler-log_linear-karras",
         ] {
             let fx: Value = serde_json::from_slice(&std::fs::read(dir().join(format!("{case}.json"))).unwrap()).unwrap();
             let spec = SchedulerSpec::from_json(fx["config"].as_object().unwrap(), "c.json", fx["override"].as_str()).unwrap();
@@ -1676,7 +1689,7 @@ mod tests {
         refused(&set(unipc(), "use_beta_sigmas", json!(true)), None, "use_beta_sigmas");
         let both = set(set(euler(), "use_karras_sigmas", json!(true)), "use_exponential_sigmas", json!(true));
         refused(&both, None, "use_exponential_sigmas");
-        refused(&set(euler(), "interpolation_type", json!("log_linear")), None, "interpolation_type");
+        refused(&set(euler(), "interpolation_type", json!("cubic")), None, "interpolation_type");
         refused(&set(euler(), "final_sigmas_type", json!("max")), None, "final_sigmas_type");
         refused(&set(euler(), "timestep_type", json!("other")), None, "timestep_type");
         refused(&set(ddim(), "variance_type", json!("learned_range")), Some("ddpm"), "variance_type");
