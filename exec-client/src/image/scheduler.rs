@@ -177,6 +177,8 @@ pub struct SchedulerSpec {
     skip_prk: bool,
     /// `clip_sample_range` when `clip_sample` is true.
     clip: Option<f32>,
+    /// `thresholding`: (`dynamic_thresholding_ratio`, `sample_max_value`).
+    threshold: Option<(f32, f32)>,
     final_sigma_min: bool,
     /// Euler's `interpolation_type` log_linear.
     log_linear: bool,
@@ -303,6 +305,7 @@ impl SchedulerSpec {
             set_alpha_to_one: false,
             skip_prk: true,
             clip: None,
+            threshold: None,
             final_sigma_min: false,
             log_linear: false,
             sigma_schedule: SigmaSchedule::Default,
@@ -325,12 +328,15 @@ impl SchedulerSpec {
             spec.skip_prk = r.bool_or("skip_prk_steps", false)?;
         }
         if takes("thresholding") {
-            if r.bool_or("thresholding", false)? {
-                return Err(bad("thresholding", &"true", "dynamic thresholding is not implemented"));
+            let on = r.bool_or("thresholding", false)?;
+            let ratio = r.opt_f64("dynamic_thresholding_ratio")?.unwrap_or(0.995);
+            let max = r.opt_f64("sample_max_value")?.unwrap_or(1.0);
+            if on {
+                if !(0.0..=1.0).contains(&ratio) {
+                    return Err(bad("dynamic_thresholding_ratio", &ratio, "must be between 0 and 1"));
+                }
+                spec.threshold = Some((ratio as f32, max as f32));
             }
-            // Read only by thresholding.
-            r.opt_f64("dynamic_thresholding_ratio")?;
-            r.opt_f64("sample_max_value")?;
         }
         if takes("clip_sample") && r.bool_or("clip_sample", true)? {
             spec.clip = Some(r.opt_f64("clip_sample_range")?.unwrap_or(1.0) as f32);
@@ -696,6 +702,32 @@ fn div(t: &Tensor, c: f32) -> candle_core::Result<Tensor> {
     t.broadcast_div(&Tensor::new(c, t.device())?)
 }
 
+/// diffusers' `_threshold_sample` (dynamic thresholding): per batch item,
+/// `s` is the `ratio` quantile of the absolute values (torch's linear
+/// quantile), clamped to `[1, max]`; the sample is clamped to `[-s, s]` and
+/// divided by `s`.
+fn threshold(x: &Tensor, ratio: f32, max: f32) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let flat = x.reshape((dims[0], ()))?;
+    let s: Vec<f32> = flat
+        .abs()?
+        .to_vec2::<f32>()?
+        .into_iter()
+        .map(|mut row| {
+            row.sort_by(f32::total_cmp);
+            // torch.quantile: rank in float32, then lerp between neighbours.
+            let rank = ratio * (row.len() - 1) as f32;
+            let (below, above) = (row[rank as usize], row[rank.ceil() as usize]);
+            let w = rank - rank.floor();
+            let q = if w < 0.5 { below + w * (above - below) } else { above - (above - below) * (1.0 - w) };
+            // torch.clamp(min=1, max=max): the upper bound wins when max < 1.
+            q.max(1.0).min(max)
+        })
+        .collect();
+    let s = Tensor::from_vec(s, (dims[0], 1), x.device())?;
+    flat.broadcast_maximum(&s.neg()?)?.broadcast_minimum(&s)?.broadcast_div(&s)?.reshape(dims)
+}
+
 fn clamp(t: &Tensor, range: Option<f32>) -> candle_core::Result<Tensor> {
     match range {
         Some(r) => t.clamp(-r, r),
@@ -884,6 +916,7 @@ struct Ddim {
     final_alpha_cumprod: f32,
     prediction: Prediction,
     clip: Option<f32>,
+    threshold: Option<(f32, f32)>,
     ratio: i64,
     eta: f64,
 }
@@ -896,6 +929,7 @@ impl Ddim {
             final_alpha_cumprod: if spec.set_alpha_to_one { 1.0 } else { spec.alphas_cumprod[0] },
             prediction: spec.prediction,
             clip: spec.clip,
+            threshold: spec.threshold,
             ratio: (spec.num_train / steps) as i64,
             eta: spec.eta,
         }
@@ -938,7 +972,10 @@ impl Scheduler for Ddim {
                 (mul(&mo, a.sqrt())? + mul(&x, b.sqrt())?)?,
             ),
         };
-        let x0 = clamp(&x0, self.clip)?;
+        let x0 = match self.threshold {
+            Some((ratio, max)) => threshold(&x0, ratio, max)?,
+            None => clamp(&x0, self.clip)?,
+        };
         let b_prev = 1.0 - a_prev;
         let variance = (b_prev / b) * (1.0 - a / a_prev);
         let std = (self.eta as f32) * variance.sqrt();
@@ -966,6 +1003,7 @@ struct Ddpm {
     alphas_cumprod: Vec<f32>,
     prediction: Prediction,
     clip: Option<f32>,
+    threshold: Option<(f32, f32)>,
     variance: Variance,
 }
 
@@ -976,6 +1014,7 @@ impl Ddpm {
             alphas_cumprod: spec.alphas_cumprod.clone(),
             prediction: spec.prediction,
             clip: spec.clip,
+            threshold: spec.threshold,
             variance: spec.variance,
         }
     }
@@ -1014,7 +1053,10 @@ impl Scheduler for Ddpm {
             Prediction::Sample => mo.clone(),
             Prediction::V => (mul(&x, a.sqrt())? - mul(&mo, b.sqrt())?)?,
         };
-        let x0 = clamp(&x0, self.clip)?;
+        let x0 = match self.threshold {
+            Some((ratio, max)) => threshold(&x0, ratio, max)?,
+            None => clamp(&x0, self.clip)?,
+        };
         let x0_coeff = (a_prev.sqrt() * cur_beta) / b;
         let cur_coeff = cur_alpha.sqrt() * b_prev / b;
         let mut out = (mul(&x0, x0_coeff)? + mul(&x, cur_coeff)?)?;
@@ -1158,6 +1200,7 @@ impl Scheduler for Euler {
 /// bh2, data (x0) or noise prediction.
 struct UniPc {
     timesteps: Vec<f64>,
+    threshold: Option<(f32, f32)>,
     sigmas: Vec<f32>,
     prediction: Prediction,
     order: usize,
@@ -1253,6 +1296,7 @@ impl UniPc {
         };
         Ok(UniPc {
             timesteps: ts,
+            threshold: spec.threshold,
             sigmas,
             prediction: spec.prediction,
             order: spec.solver_order,
@@ -1298,10 +1342,14 @@ impl UniPc {
     fn convert(&self, mo: &Tensor, x: &Tensor, i: usize) -> candle_core::Result<Tensor> {
         let (a, s) = alpha_sigma(self.sigmas[i]);
         if self.predict_x0 {
-            match self.prediction {
-                Prediction::Epsilon => div(&(x - mul(mo, s)?)?, a),
-                Prediction::Sample => Ok(mo.clone()),
-                Prediction::V => mul(x, a)? - mul(mo, s)?,
+            let x0 = match self.prediction {
+                Prediction::Epsilon => div(&(x - mul(mo, s)?)?, a)?,
+                Prediction::Sample => mo.clone(),
+                Prediction::V => (mul(x, a)? - mul(mo, s)?)?,
+            };
+            match self.threshold {
+                Some((ratio, max)) => threshold(&x0, ratio, max),
+                None => Ok(x0),
             }
         } else {
             match self.prediction {
@@ -1530,7 +1578,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 36, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 39, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1678,8 +1726,9 @@ mod tests {
         let prk = SchedulerSpec::from_json(&no_skip, "s.json", None).unwrap();
         assert!(prk.build(3).is_err());
         assert_eq!(prk.build(4).unwrap().timesteps().len(), 13);
-        refused(&set(ddim(), "thresholding", json!(true)), None, "thresholding");
-        refused(&set(unipc(), "thresholding", json!(true)), None, "thresholding");
+        let on = || set(ddim(), "thresholding", json!(true));
+        refused(&set(on(), "dynamic_thresholding_ratio", json!(1.5)), None, "dynamic_thresholding_ratio");
+        refused(&set(on(), "sample_max_value", json!("big")), None, "sample_max_value");
         refused(&set(ddim(), "beta_schedule", json!("sigmoid")), None, "beta_schedule");
         refused(&set(ddim(), "timestep_spacing", json!("uniform")), None, "timestep_spacing");
         refused(&set(ddim(), "prediction_type", json!("flow_prediction")), None, "prediction_type");
