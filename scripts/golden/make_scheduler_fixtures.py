@@ -23,8 +23,9 @@ function returning the next formula tensor.
 
 Recorded per run: the timesteps, `init_noise_sigma`, `order`, the sigmas
 where the class has them, per step the first 8 values, the sum and the sum
-of absolute values of the scaled model input and of the stepped sample, and
-the final sample: in full (9 significant digits, float32 round trip) at 20 steps, as the same
+of absolute values of the stepped sample and (Euler schedulers, where it is
+not the identity) of the scaled model input, and the final sample: in full
+(9 significant digits, a float32 round trip) at 20 steps, as the same
 figures otherwise.
 
 Rerun (from the repository root, with a Python that has diffusers and torch):
@@ -136,7 +137,9 @@ def run(cls, config, steps, eta, draws):
         model_in = s.scale_model_input(sample, t)
         out = fake_unet(model_in, t)
         sample = s.step(out, t, sample, **kwargs).prev_sample
-        record.append({"scaled": stats(model_in), "prev": stats(sample)})
+        # The scaled input only where scale_model_input is not the identity.
+        scaled = stats(model_in) if cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler) else None
+        record.append({"scaled": scaled, "prev": stats(sample)})
     ins = s.init_noise_sigma
     r = {
         "steps": steps,
