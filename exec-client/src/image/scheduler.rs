@@ -251,13 +251,20 @@ impl SchedulerSpec {
                     .into_iter()
                     .map(|b| b * b)
                     .collect(),
-                "squaredcos_cap_v2" => betas_for_alpha_bar(num_train),
+                "squaredcos_cap_v2" => betas_for_alpha_bar(num_train, cosine_alpha_bar),
+                // DDPM's two more.
+                "laplace" if class == Class::Ddpm => betas_for_alpha_bar(num_train, laplace_alpha_bar),
+                "sigmoid" if class == Class::Ddpm => torch_linspace_f32(-6.0, 6.0, num_train)
+                    .into_iter()
+                    .map(|x| 1.0 / (1.0 + (-x).exp()) * (beta_end - beta_start) as f32 + beta_start as f32)
+                    .collect(),
                 other => {
+                    let more = if class == Class::Ddpm { ", laplace, sigmoid" } else { "" };
                     return Err(bad(
                         "beta_schedule",
                         &format!("\"{other}\""),
-                        "Mora runs linear, scaled_linear and squaredcos_cap_v2",
-                    ))
+                        &format!("{} runs linear, scaled_linear, squaredcos_cap_v2{more}", class.name()),
+                    ));
                 }
             },
         };
@@ -584,9 +591,20 @@ fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     (0..steps).map(|i| if i < half { s + step * i as f32 } else { e - step * (steps - i - 1) as f32 }).collect()
 }
 
-/// diffusers' `betas_for_alpha_bar` with the cosine transform, max_beta 0.999.
-fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
-    let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+/// diffusers' cosine `alpha_bar_fn`.
+fn cosine_alpha_bar(t: f64) -> f64 {
+    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2)
+}
+
+/// diffusers' laplace `alpha_bar_fn`.
+fn laplace_alpha_bar(t: f64) -> f64 {
+    let lmb = -0.5 * 1f64.copysign(0.5 - t) * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
+    let snr = lmb.exp();
+    (snr / (1.0 + snr)).sqrt()
+}
+
+/// diffusers' `betas_for_alpha_bar`, max_beta 0.999, in float64 then float32.
+fn betas_for_alpha_bar(n: usize, f: fn(f64) -> f64) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -1578,7 +1596,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 39, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 41, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1735,6 +1753,8 @@ mod tests {
         refused(&set(on(), "dynamic_thresholding_ratio", json!(1.5)), None, "dynamic_thresholding_ratio");
         refused(&set(on(), "sample_max_value", json!("big")), None, "sample_max_value");
         refused(&set(ddim(), "beta_schedule", json!("sigmoid")), None, "beta_schedule");
+        refused(&set(ddim(), "beta_schedule", json!("laplace")), Some("euler"), "beta_schedule");
+        refused(&set(ddim(), "beta_schedule", json!("quadratic")), Some("ddpm"), "beta_schedule");
         refused(&set(ddim(), "timestep_spacing", json!("uniform")), None, "timestep_spacing");
         refused(&set(ddim(), "prediction_type", json!("flow_prediction")), None, "prediction_type");
         refused(&set(sd15().as_object().unwrap().clone(), "prediction_type", json!("sample")), None, "prediction_type");
