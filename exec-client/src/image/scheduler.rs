@@ -1,5 +1,5 @@
 //! The noise schedulers of Stable Diffusion pipelines, as diffusers computes
-//! them: `PNDMScheduler` (its PLMS path), `DDIMScheduler`,
+//! them: `PNDMScheduler` (PLMS, with or without Runge-Kutta warm-up), `DDIMScheduler`,
 //! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`,
 //! `DDPMScheduler` and `UniPCMultistepScheduler`, configured from the
 //! pipeline's `scheduler/scheduler_config.json`.
@@ -551,6 +551,9 @@ pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
 }
 
 /// A scheduler set for a number of steps, as diffusers' after `set_timesteps`.
+/// Steps are taken in order, from 0 or from the begin index of an
+/// image-to-image run: the multistep schedulers (PNDM, UniPC) keep the model
+/// outputs of the previous steps.
 pub trait Scheduler: Send {
     /// Timesteps the UNet is called with, in order (f64: Euler's can be fractional with linspace).
     fn timesteps(&self) -> &[f64];
@@ -1851,6 +1854,36 @@ mod tests {
         }
         let s = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some("ddim")).unwrap();
         assert!(s.build(1001).is_err());
+    }
+
+    #[test]
+    fn half_precision_samples_stay_half_and_close() {
+        // Steps compute in float32 and return the sample's dtype.
+        for class in ["pndm", "ddim", "euler", "euler_a", "ddpm", "unipc"] {
+            let spec = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some(class)).unwrap();
+            let run = |dtype: DType| {
+                let mut s = spec.build(10).unwrap();
+                let mut x = (latent() * s.init_noise_sigma()).unwrap().to_dtype(dtype).unwrap();
+                let mut d = 0usize;
+                for i in 0..s.timesteps().len() {
+                    let m = s.scale_model_input(&x, i).unwrap();
+                    assert_eq!(m.dtype(), dtype);
+                    let out = fake_unet(&m.to_dtype(DType::F32).unwrap(), s.timesteps()[i]).to_dtype(dtype).unwrap();
+                    x = s
+                        .step(&out, i, &x, &mut |_: &Shape| {
+                            d += 1;
+                            noise(d).to_dtype(dtype)
+                        })
+                        .unwrap();
+                    assert_eq!(x.dtype(), dtype);
+                }
+                values(&x.to_dtype(DType::F32).unwrap())
+            };
+            let (full, half) = (run(DType::F32), run(DType::F16));
+            let scale = full.iter().map(|v| v.abs()).sum::<f64>() / full.len() as f64;
+            let worst = full.iter().zip(&half).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+            assert!(worst < 2e-2 * (1.0 + scale), "{class}: f16 off by {worst} (scale {scale})");
+        }
     }
 
     #[test]
