@@ -512,13 +512,24 @@ impl SchedulerSpec {
         if self.spacing == Spacing::Leading && self.num_train / steps == 0 {
             return Err(format!("{steps} steps is more than the {} training timesteps", self.num_train));
         }
-        Ok(match self.class {
+        let s: Box<dyn Scheduler> = match self.class {
             Class::Pndm => Box::new(Pndm::new(self, steps)),
             Class::Ddim => Box::new(Ddim::new(self, steps)),
             Class::Ddpm => Box::new(Ddpm::new(self, steps)),
             Class::Euler | Class::EulerAncestral => Box::new(Euler::new(self, steps)),
             Class::UniPc => Box::new(UniPc::new(self, steps)?),
-        })
+        };
+        // PNDM, DDIM and DDPM index `alphas_cumprod` by timestep (diffusers
+        // fails with an IndexError past the end).
+        if matches!(self.class, Class::Pndm | Class::Ddim | Class::Ddpm) {
+            if let Some(t) = s.timesteps().iter().find(|&&t| t >= self.num_train as f64) {
+                return Err(format!(
+                    "{steps} steps with steps_offset {} reach timestep {t}, past the {} training timesteps",
+                    self.steps_offset, self.num_train
+                ));
+            }
+        }
+        Ok(s)
     }
 
     fn integer_timesteps(&self, steps: usize) -> Vec<f64> {
@@ -1854,6 +1865,12 @@ mod tests {
         }
         let s = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some("ddim")).unwrap();
         assert!(s.build(1001).is_err());
+        // Leading spacing with steps_offset 1 reaches timestep 1000 at 1000 steps.
+        assert!(s.build(999).is_ok());
+        for class in ["pndm", "ddim", "ddpm"] {
+            let s = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some(class)).unwrap();
+            assert!(s.build(1000).err().unwrap().contains("timestep 1000"), "{class}");
+        }
     }
 
     #[test]
