@@ -285,6 +285,8 @@ CASES = [
                           beta_end=0.02), None, 0.0),
     ("ddpm-laplace", dict(SD15, _class_name="DDPMScheduler", beta_schedule="laplace", timestep_spacing="linspace"),
      None, 0.0),
+    ("euler-beta", dict(SDXL, use_beta_sigmas=True), None, 0.0),
+    ("unipc-beta", dict(SD21, _class_name="UniPCMultistepScheduler", use_beta_sigmas=True), None, 0.0),
     ("sdxl-euler-karras", dict(SDXL, use_karras_sigmas=True), None, 0.0),
     ("euler-exponential", dict(SDXL, use_exponential_sigmas=True, timestep_spacing="trailing", sigma_min=0.05,
                                sigma_max=10.0), None, 0.0),

@@ -142,6 +142,8 @@ enum SigmaSchedule {
     Karras,
     /// Log-linear between the ends.
     Exponential,
+    /// Spaced by the quantiles of a Beta(0.6, 0.6) distribution.
+    Beta,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,20 +353,19 @@ impl SchedulerSpec {
             r.opt_f64("clip_sample_range")?;
         }
         if takes("use_karras_sigmas") {
-            if r.bool_or("use_beta_sigmas", false)? {
-                return Err(bad("use_beta_sigmas", &"true", "beta sigmas are not implemented (Karras and exponential are)"));
-            }
             let karras = r.bool_or("use_karras_sigmas", false)?;
             let exponential = r.bool_or("use_exponential_sigmas", false)?;
-            spec.sigma_schedule = match (karras, exponential) {
-                (false, false) => SigmaSchedule::Default,
-                (true, false) => SigmaSchedule::Karras,
-                (false, true) => SigmaSchedule::Exponential,
-                (true, true) => {
+            let beta = r.bool_or("use_beta_sigmas", false)?;
+            spec.sigma_schedule = match (karras, exponential, beta) {
+                (false, false, false) => SigmaSchedule::Default,
+                (true, false, false) => SigmaSchedule::Karras,
+                (false, true, false) => SigmaSchedule::Exponential,
+                (false, false, true) => SigmaSchedule::Beta,
+                _ => {
                     return Err(bad(
-                        "use_exponential_sigmas",
+                        if beta { "use_beta_sigmas" } else { "use_exponential_sigmas" },
                         &"true",
-                        "only one of `use_karras_sigmas` and `use_exponential_sigmas` can be true",
+                        "only one of `use_karras_sigmas`, `use_exponential_sigmas` and `use_beta_sigmas` can be true",
                     ))
                 }
             };
@@ -705,9 +706,104 @@ impl SchedulerSpec {
                 np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
             }
             SigmaSchedule::Exponential => np_linspace(hi.ln(), lo.ln(), n).into_iter().map(f64::exp).collect(),
+            // `sigma_min + ppf * (sigma_max - sigma_min)` for
+            // `ppf = scipy.stats.beta.ppf(1 - linspace(0, 1, n), 0.6, 0.6)`.
+            SigmaSchedule::Beta => np_linspace(0.0, 1.0, n)
+                .into_iter()
+                .map(|t| lo + beta_ppf(1.0 - t, 0.6, 0.6) * (hi - lo))
+                .collect(),
             SigmaSchedule::Default => unreachable!("only called for Karras and exponential sigmas"),
         }
     }
+}
+
+/// `ln Γ(x)` for x > 0 (Lanczos, g = 7, 9 terms; about 1e-15 relative).
+fn ln_gamma(x: f64) -> f64 {
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Γ(x) Γ(1 - x) = π / sin(πx).
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let t = x + 7.5;
+    let sum = C[0] + (1..9).map(|i| C[i] / (x + i as f64)).sum::<f64>();
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
+/// The regularized incomplete beta function `I_x(a, b)` (continued fraction,
+/// modified Lentz).
+fn beta_inc(a: f64, b: f64, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let front = (ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln()).exp();
+    let cf = |a: f64, b: f64, x: f64| {
+        let tiny = 1e-300;
+        let mut c = 1.0;
+        let mut d = 1.0 - (a + b) * x / (a + 1.0);
+        d = 1.0 / if d.abs() < tiny { tiny } else { d };
+        let mut h = d;
+        for m in 1..500 {
+            let m = m as f64;
+            for num in [
+                m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+                -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+            ] {
+                d = 1.0 + num * d;
+                d = 1.0 / if d.abs() < tiny { tiny } else { d };
+                c = 1.0 + num / c;
+                if c.abs() < tiny {
+                    c = tiny;
+                }
+                h *= d * c;
+            }
+            if (d * c - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        h
+    };
+    if x < (a + 1.0) / (a + b + 2.0) {
+        front * cf(a, b, x) / a
+    } else {
+        1.0 - front * cf(b, a, 1.0 - x) / b
+    }
+}
+
+/// The Beta(a, b) quantile function (`scipy.stats.beta.ppf`), by bisection.
+fn beta_ppf(p: f64, a: f64, b: f64) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if beta_inc(a, b, mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
 }
 
 /// diffusers' `_sigma_to_t`: the fractional training timestep of a sigma,
@@ -1610,7 +1706,7 @@ mod tests {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
-        assert!(files.len() >= 41, "fixtures missing: {}", files.len());
+        assert!(files.len() >= 43, "fixtures missing: {}", files.len());
         let mut report = Vec::new();
         for file in files {
             let fx: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -1697,7 +1793,7 @@ mod tests {
         for case in [
             "sdxl-euler", "sd-turbo-euler", "linspace-euler", "zsnr-euler-trailing", "sd15-unipc", "unipc-noise-pred",
             "sdxl-euler-karras", "euler-exponential", "unipc-karras", "unipc-exponential", "euler-log_linear",
-            "euler-log_linear-karras",
+            "euler-log_linear-karras", "euler-beta", "unipc-beta",
         ] {
             let fx: Value = serde_json::from_slice(&std::fs::read(dir().join(format!("{case}.json"))).unwrap()).unwrap();
             let spec = SchedulerSpec::from_json(fx["config"].as_object().unwrap(), "c.json", fx["override"].as_str()).unwrap();
@@ -1773,8 +1869,8 @@ mod tests {
         refused(&set(ddim(), "prediction_type", json!("flow_prediction")), None, "prediction_type");
         refused(&set(sd15().as_object().unwrap().clone(), "prediction_type", json!("sample")), None, "prediction_type");
         refused(&set(ddim(), "prediction_type", json!("sample")), Some("euler_a"), "prediction_type");
-        refused(&set(euler(), "use_beta_sigmas", json!(true)), None, "use_beta_sigmas");
-        refused(&set(unipc(), "use_beta_sigmas", json!(true)), None, "use_beta_sigmas");
+        let karras_beta = set(set(unipc(), "use_karras_sigmas", json!(true)), "use_beta_sigmas", json!(true));
+        refused(&karras_beta, None, "use_beta_sigmas");
         let both = set(set(euler(), "use_karras_sigmas", json!(true)), "use_exponential_sigmas", json!(true));
         refused(&both, None, "use_exponential_sigmas");
         refused(&set(euler(), "interpolation_type", json!("cubic")), None, "interpolation_type");
@@ -1804,7 +1900,7 @@ mod tests {
     fn keys_of_other_classes_are_ignored_as_diffusers_does() {
         // SD 1.5's PNDM config carries DDIM's clip_sample; Karras sigmas
         // mean nothing to PNDM, but are refused once Euler is chosen.
-        let m = with(sd15(), json!({"use_beta_sigmas": true, "solver_order": 7}));
+        let m = with(sd15(), json!({"use_beta_sigmas": true, "use_karras_sigmas": true, "solver_order": 7}));
         assert_eq!(SchedulerSpec::from_json(&m, "s.json", None).unwrap().class_name(), "PNDMScheduler");
         refused(&m, Some("euler"), "use_beta_sigmas");
         // Keys the chosen class takes are honoured: SD 1.5's clip_sample
@@ -1901,6 +1997,19 @@ mod tests {
             let worst = full.iter().zip(&half).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
             assert!(worst < 2e-2 * (1.0 + scale), "{class}: f16 off by {worst} (scale {scale})");
         }
+    }
+
+    #[test]
+    fn beta_quantiles_match_scipy() {
+        // scipy.stats.beta.ppf(p, 0.6, 0.6) and the symmetric identity.
+        for (p, want) in [(0.5, 0.5), (0.1, 0.039_584_405_588_780_85), (0.9, 0.960_415_594_411_219_2)] {
+            let got = beta_ppf(p, 0.6, 0.6);
+            assert!((got - want).abs() < 1e-9, "ppf({p}) = {got}, scipy {want}");
+        }
+        for p in [0.01, 0.2, 0.37, 0.73] {
+            assert!((beta_ppf(p, 0.6, 0.6) + beta_ppf(1.0 - p, 0.6, 0.6) - 1.0).abs() < 1e-12);
+        }
+        assert!((ln_gamma(0.6) - 0.398_233_858_069_234_9).abs() < 1e-13);
     }
 
     #[test]
