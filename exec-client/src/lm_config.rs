@@ -648,7 +648,7 @@ impl<'a> Reader<'a> {
         let used = self.used.borrow();
         match self.m.keys().find(|k| !used.contains(*k) && !neutral.contains(&k.as_str())) {
             Some(k) => Err(self.err(format!(
-                "key `{}{k}` is not one Mora knows for {what}; it may change the network, so the model is refused",
+                "key `{}{k}` is not one Mora knows for {what}; it may change what is computed, so it is refused",
                 self.prefix
             ))),
             None => Ok(()),

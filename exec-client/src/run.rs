@@ -203,7 +203,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
             (None, _, _) => StepModels::None,
             (Some(_), Some(config), _) => {
                 let parts = keys.iter().zip(&reused).map(|((k, c), r)| (c.expect("a component"), &weights[k.as_str()], *r)).collect();
-                StepModels::Pipeline(config, parts)
+                StepModels::Pipeline(Box::new(config), parts)
             }
             (Some(_), None, [(k, _)]) => StepModels::One(&weights[k.as_str()], reused[0]),
             _ => unreachable!("one model, one key"),

@@ -102,7 +102,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
             None => Ok(None),
             Some(k) => {
                 let v = cx.int(key, k, 8, "a whole number of pixels, a multiple of 8")? as usize;
-                if v % 8 != 0 {
+                if !v.is_multiple_of(8) {
                     return Err(cx.err(Some(k.span()), format!("`{key}` is {v}: it must be a multiple of 8 (the VAE's scale)")));
                 }
                 Ok(Some(v))

@@ -120,7 +120,7 @@ impl Task {
             (Task::Embed(s), StepModels::One(w, reused)) => embed::run(s, step, (w, reused), inputs, results),
             (Task::Rank(s), _) => rank::run(s, step, results),
             (Task::Generate(s), StepModels::One(w, reused)) => generate::run(s, step, (w, reused), results),
-            (Task::Image(s), StepModels::Pipeline(config, parts)) => image::run(s, step, config, &parts, inputs, results),
+            (Task::Image(s), StepModels::Pipeline(config, parts)) => image::run(s, step, *config, &parts, inputs, results),
             _ => unreachable!("run hands each task the models it declares"),
         }
     }
@@ -132,7 +132,7 @@ pub enum StepModels<'a> {
     /// One model's weights, and whether an earlier step acquired them.
     One(&'a Weights, bool),
     /// A pipeline's configs and its components' weights (component, weights, reused).
-    Pipeline(crate::image::pipeline::PipelineConfig, Vec<(&'static str, &'a Weights, bool)>),
+    Pipeline(Box<crate::image::pipeline::PipelineConfig>, Vec<(&'static str, &'a Weights, bool)>),
 }
 
 /// What a step read before the run began.
