@@ -14,7 +14,7 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
     assert_eq!(
         titles,
-        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models"]
+        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models", "7. Images: a Stable Diffusion pipeline"]
     );
     let md = std::fs::read_to_string(&config.report).expect("report written");
     for t in &titles {
@@ -25,6 +25,11 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let png = std::fs::read(config.chart_path()).expect("chart written");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(md.contains("![Headline comparisons"), "the report shows the chart");
+
+    // Scenario 7: warm and --no-cache timed; two pipelines share their text encoder and VAE.
+    let s7 = &report.sections[6];
+    assert_eq!(s7.tables[0].rows.len(), 2);
+    assert_eq!(s7.tables[1].rows[3][2], "4", "{:?}", s7.tables[1].rows);
 
     // Scenario 1: the Python peers ran, or the report says why not.
     let s1 = &report.sections[0];

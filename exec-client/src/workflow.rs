@@ -644,7 +644,7 @@ output = "embeddings.json"
         let bad_dtype = GOOD.replace("[models.minilm]\n", "[models.minilm]\ndtype = \"f8\"\n");
         assert!(parse(&bad_dtype).unwrap_err().to_string().contains("unknown dtype `f8`"));
         let bad_task = GOOD.replace("task = \"embed\"", "task = \"summarize\"");
-        assert!(parse(&bad_task).unwrap_err().to_string().contains("unknown task `summarize`: expected `embed`, `rank` or `generate`"));
+        assert!(parse(&bad_task).unwrap_err().to_string().contains("unknown task `summarize`: expected `embed`, `rank`, `generate` or `image`"));
     }
 
     #[test]
