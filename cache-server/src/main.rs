@@ -104,6 +104,10 @@ enum Command {
         /// Skip files matching this pattern (repeatable).
         #[arg(long, value_name = "GLOB")]
         exclude: Vec<String>,
+        /// Of a diffusers pipeline: the weight variant to fetch where a folder
+        /// has it (`fp16`: `*.fp16.safetensors` instead of the plain files).
+        #[arg(long)]
+        variant: Option<String>,
     },
     /// Evict a model now. Refused while a client holds a lease on it, or while it is pinned.
     Evict(Target),
@@ -189,7 +193,7 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Pull { model, include, exclude } => pull(&model, &include, &exclude)?,
+        Command::Pull { model, include, exclude, variant } => pull(&model, &include, &exclude, variant.as_deref())?,
         Command::Evict(t) => {
             let (models, bytes) = admin::change(&socket, Request::Evict { target: admin::selector(&t.model, t.dtype) })?;
             println!("evicted {} ({} freed)", models.join(", "), human_bytes(bytes));
@@ -221,13 +225,13 @@ fn run(command: Command, socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pull(model: &str, include: &[String], exclude: &[String]) -> anyhow::Result<()> {
+fn pull(model: &str, include: &[String], exclude: &[String], variant: Option<&str>) -> anyhow::Result<()> {
     use mora_common::hub::{FileFilter, Hub};
     if std::path::Path::new(model).is_dir() {
         anyhow::bail!("{model} is a local directory: pull takes a Hugging Face repo id (OWNER/NAME[@REVISION])");
     }
     let (repo, revision) = model.split_once('@').unwrap_or((model, "main"));
-    let filter = FileFilter::new(include, exclude)?;
+    let filter = FileFilter::new(include, exclude)?.with_variant(variant);
     let hub = Hub::from_env();
     let mut progress = mora_common::progress::PullProgress::new("mora-cache");
     let pulled = hub.pull(repo, revision, &filter, &mut |e| progress.event(e))?;

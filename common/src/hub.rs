@@ -96,6 +96,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
 pub struct FileFilter {
     /// No `--include` given: Mora's defaults, which know diffusers pipelines.
     default: bool,
+    /// The weight variant a pipeline is pulled for (`fp16`).
+    variant: Option<String>,
     include: Vec<glob::Pattern>,
     exclude: Vec<glob::Pattern>,
     shown: String,
@@ -120,6 +122,7 @@ impl FileFilter {
         }
         Ok(FileFilter {
             default: include.is_empty(),
+            variant: None,
             include: include_src.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
             exclude: exclude.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
             shown,
@@ -129,6 +132,13 @@ impl FileFilter {
     /// The default filter: what Mora runs.
     pub fn mora_default() -> FileFilter {
         FileFilter::new(&[], &[]).expect("the default patterns are valid")
+    }
+
+    /// For a weight variant (`fp16`): a pipeline's folders that hold it give
+    /// its files instead of the plain ones, as diffusers' `variant=` downloads.
+    pub fn with_variant(mut self, variant: Option<&str>) -> FileFilter {
+        self.variant = variant.map(str::to_string);
+        self
     }
 
     pub fn wants(&self, name: &str) -> bool {
@@ -147,25 +157,37 @@ impl FileFilter {
             return wanted;
         }
         let folder_of = |n: &str| n.split_once('/').map(|(f, _)| f.to_string());
-        let is_weights = |n: &str| n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json");
-        // A file of a variant: `NAME.VARIANT.safetensors`, `NAME.safetensors.index.VARIANT.json`.
-        let is_variant = |n: &str| {
+        let is_weights = |n: &str| n.ends_with(".safetensors") || (n.contains(".safetensors.index.") && n.ends_with(".json"));
+        // The variant of a weight file: `NAME.VARIANT.safetensors`,
+        // `NAME.VARIANT-00001-of-00002.safetensors`, `NAME.safetensors.index.VARIANT.json`.
+        let variant_of = |n: &str| -> Option<String> {
             let file = n.rsplit('/').next().unwrap_or(n);
-            ["model.", "diffusion_pytorch_model."].iter().any(|stem| {
-                file.strip_prefix(stem).is_some_and(|rest| rest != "safetensors" && rest != "safetensors.index.json")
-            })
+            let rest = ["model.", "diffusion_pytorch_model."].iter().find_map(|stem| file.strip_prefix(stem))?;
+            if rest == "safetensors" || rest == "safetensors.index.json" {
+                return None;
+            }
+            match rest.strip_prefix("safetensors.index.") {
+                Some(v) => v.strip_suffix(".json").map(str::to_string),
+                None => rest.split(['.', '-']).next().map(str::to_string),
+            }
+        };
+        let in_folder = |f: &str| names.iter().filter(move |o| folder_of(o).as_deref() == Some(f) && is_weights(o));
+        // Which weights a folder gives: the asked-for variant where it has
+        // it, else its plain files, else (only variants there) all of them.
+        let keeps = |f: &str, n: &str| -> bool {
+            let mine = variant_of(n);
+            if let Some(v) = &self.variant {
+                if in_folder(f).any(|o| variant_of(o).as_ref() == Some(v)) {
+                    return mine.as_ref() == Some(v);
+                }
+            }
+            mine.is_none() || !in_folder(f).any(|o| variant_of(o).is_none())
         };
         wanted
             .into_iter()
             .filter(|n| match folder_of(n) {
                 None => n == crate::model::PIPELINE_INDEX,
-                Some(f) => {
-                    PIPELINE_FOLDERS.contains(&f.as_str())
-                        && (!is_weights(n)
-                            || !is_variant(n)
-                            // A folder with only variant weights keeps them.
-                            || !names.iter().any(|o| folder_of(o).as_deref() == Some(f.as_str()) && is_weights(o) && !is_variant(o)))
-                }
+                Some(f) => PIPELINE_FOLDERS.contains(&f.as_str()) && (!is_weights(n) || keeps(&f, n)),
             })
             .collect()
     }
@@ -800,6 +822,16 @@ mod tests {
                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "unet/config.json",
                 "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                 // Only variants in vae/: they are what there is.
+                "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+            ]
+        );
+        // For the fp16 variant: its files where a folder has them, else the plain ones.
+        let fp16 = super::FileFilter::mora_default().with_variant(Some("fp16")).select(names.clone());
+        let weights: Vec<&str> = fp16.iter().filter(|n| n.contains(".safetensors")).map(String::as_str).collect();
+        assert_eq!(
+            weights,
+            [
+                "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
                 "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
             ]
         );

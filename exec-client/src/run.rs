@@ -229,7 +229,7 @@ pub fn pull_missing(workflow: &Workflow) -> Result<Vec<String>, ExecError> {
         }
         let mut progress = mora_common::progress::PullProgress::new("mora-exec");
         Hub::from_env()
-            .pull(repo, revision, &FileFilter::mora_default(), &mut |e| progress.event(e))
+            .pull(repo, revision, &FileFilter::mora_default().with_variant(spec.source.variant()), &mut |e| progress.event(e))
             .map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
         pulled.push(spec.source.display_name());
     }
