@@ -171,17 +171,21 @@ impl FileFilter {
                 None => rest.split(['.', '-']).next().map(str::to_string),
             }
         };
-        let in_folder = |f: &str| names.iter().filter(move |o| folder_of(o).as_deref() == Some(f) && is_weights(o));
+        // The variants of a folder's weight files (None: a plain file).
+        let variants_in = |f: &str| -> Vec<Option<String>> {
+            names.iter().filter(|o| folder_of(o).as_deref() == Some(f) && is_weights(o)).map(|o| variant_of(o)).collect()
+        };
         // Which weights a folder gives: the asked-for variant where it has
         // it, else its plain files, else (only variants there) all of them.
         let keeps = |f: &str, n: &str| -> bool {
             let mine = variant_of(n);
+            let there = variants_in(f);
             if let Some(v) = &self.variant {
-                if in_folder(f).any(|o| variant_of(o).as_ref() == Some(v)) {
+                if there.iter().any(|x| x.as_ref() == Some(v)) {
                     return mine.as_ref() == Some(v);
                 }
             }
-            mine.is_none() || !in_folder(f).any(|o| variant_of(o).is_none())
+            mine.is_none() || !there.iter().any(Option::is_none)
         };
         wanted
             .into_iter()
