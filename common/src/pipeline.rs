@@ -26,6 +26,9 @@ pub struct PipelineIndex {
     /// Each component present (its entry not `[null, null]`): folder name to
     /// (library, class), as `["diffusers", "UNet2DConditionModel"]`.
     pub components: BTreeMap<String, (String, String)>,
+    /// The pipeline's own settings: every other key not starting with `_`
+    /// (`force_zeros_for_empty_prompt`, `requires_aesthetics_score`, ...).
+    pub settings: serde_json::Map<String, Value>,
 }
 
 impl PipelineIndex {
@@ -46,13 +49,17 @@ impl PipelineIndex {
             .ok_or_else(|| bad("no `_class_name`: not a diffusers pipeline index".into()))?
             .to_string();
         let mut components = BTreeMap::new();
+        let mut settings = serde_json::Map::new();
         for (key, v) in map {
             if key.starts_with('_') {
                 continue;
             }
             // Components are `[library, class]`; other keys are the
             // pipeline's own settings (`requires_safety_checker`, ...).
-            let Some(pair) = v.as_array() else { continue };
+            let Some(pair) = v.as_array() else {
+                settings.insert(key.clone(), v.clone());
+                continue;
+            };
             match pair.as_slice() {
                 [Value::Null, Value::Null] => {}
                 [Value::String(l), Value::String(c)] => {
@@ -61,7 +68,7 @@ impl PipelineIndex {
                 _ => return Err(bad(format!("component `{key}` is not [library, class]: {v}"))),
             }
         }
-        Ok(Some(PipelineIndex { class_name, components }))
+        Ok(Some(PipelineIndex { class_name, components, settings }))
     }
 
     /// The components Mora holds in the cache, in load order.
@@ -117,6 +124,7 @@ mod tests {
         let index = PipelineIndex::read(&d).unwrap().unwrap();
         assert_eq!(index.class_name, "StableDiffusionXLPipeline");
         assert!(!index.components.contains_key("feature_extractor"));
+        assert_eq!(index.settings.get("force_zeros_for_empty_prompt"), Some(&Value::Bool(true)));
         assert_eq!(index.weighted(), vec!["text_encoder", "text_encoder_2", "unet", "vae"]);
         let parts = components(&ModelSource::dir(&d)).unwrap().unwrap();
         assert_eq!(parts[2], ("unet", ModelSource::dir(d.join("unet"))));

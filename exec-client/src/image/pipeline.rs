@@ -92,10 +92,9 @@ impl PipelineConfig {
                 return Err(format!("{}: component `{c}` is listed but its folder {} is missing", index_path.display(), root.join(c).display()));
             }
         }
-        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).map_err(|e| format!("{}: {e}", index_path.display()))?)
-            .map_err(|e| format!("{}: {e}", index_path.display()))?;
-        let force_zeros_for_empty_prompt = raw.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(family == Family::Sdxl);
-        if raw.get("requires_aesthetics_score").and_then(|v| v.as_bool()) == Some(true) {
+        let setting = |key: &str| index.settings.get(key).and_then(|v| v.as_bool());
+        let force_zeros_for_empty_prompt = setting("force_zeros_for_empty_prompt").unwrap_or(family == Family::Sdxl);
+        if setting("requires_aesthetics_score") == Some(true) {
             return Err(format!("{}: `requires_aesthetics_score` is true (an SDXL refiner): not supported", index_path.display()));
         }
         let text_components: &[(&'static str, &'static str)] = match family {
@@ -326,7 +325,6 @@ impl Pipeline {
                 if begin >= scheduler.timesteps().len() {
                     return Err(format!("`strength` {strength} leaves no denoising step out of {}: raise it or `steps`", req.steps));
                 }
-                scheduler.set_begin_index(begin);
                 let x = self.pixels_to_tensor(image)?;
                 let (mean, std) = self.vae.encode(&x).map_err(err)?;
                 let sample = draw(mean.shape()).map_err(err)?.to_dtype(self.vae_dtype).map_err(err)?;

@@ -555,7 +555,7 @@ impl SchedulerSpec {
 /// diffusers img2img pipelines' `get_timesteps(num_inference_steps, strength)`
 /// computes it: `init = min(int(steps * strength), steps)`,
 /// `t_start = max(steps - init, 0)`, and the run starts at `t_start * order`
-/// (also what the pipeline passes to `set_begin_index`). The image is noised
+/// (diffusers' `set_begin_index`). The image is noised
 /// with `add_noise` at that index.
 pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
     let init = ((steps as f64 * strength) as usize).min(steps);
@@ -569,9 +569,15 @@ pub fn img2img_start(steps: usize, strength: f64, order: usize) -> usize {
 pub trait Scheduler: Send {
     /// Timesteps the UNet is called with, in order (f64: Euler's can be fractional with linspace).
     fn timesteps(&self) -> &[f64];
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' scale_model_input for the i-th timestep.
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> candle_core::Result<Tensor>;
+    /// diffusers' `init_noise_sigma` (1 unless the scheduler says otherwise).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' scale_model_input for the i-th timestep (the sample
+    /// itself unless the scheduler scales it).
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One step at the i-th timestep. `noise` draws standard-normal noise of the given shape,
     /// on the sample's device and dtype, for the stochastic schedulers (ancestral, DDPM, DDIM with eta>0).
     fn step(
@@ -584,11 +590,12 @@ pub trait Scheduler: Send {
     /// diffusers' add_noise at the i-th timestep (image-to-image).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> candle_core::Result<Tensor>;
     /// diffusers' `scheduler.order`: 1 for all six classes (PNDM's PLMS
-    /// path included); img2img skips `t_start * order` entries.
-    fn order(&self) -> usize;
-    /// diffusers' set_begin_index (img2img starts part-way). Steps are
-    /// addressed by index here, so this only records where a run starts.
-    fn set_begin_index(&mut self, i: usize);
+    /// path included); img2img skips `t_start * order` entries. Steps are
+    /// addressed by index, so an image-to-image run needs no begin index:
+    /// it starts stepping at its first index.
+    fn order(&self) -> usize {
+        1
+    }
 }
 
 // ---------------------------------------------------------------- numerics
@@ -946,12 +953,6 @@ impl Scheduler for Pndm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
-    }
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -1023,10 +1024,6 @@ impl Scheduler for Pndm {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> candle_core::Result<Tensor> {
         add_noise_alphas(&self.alphas_cumprod, self.timesteps[i], original, noise)
     }
-    fn order(&self) -> usize {
-        1
-    }
-    fn set_begin_index(&mut self, _i: usize) {}
 }
 
 /// `sqrt(ac[t]) * original + sqrt(1 - ac[t]) * noise` (PNDM, DDIM, DDPM).
@@ -1067,12 +1064,6 @@ impl Ddim {
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
     }
     fn step(
         &mut self,
@@ -1118,10 +1109,6 @@ impl Scheduler for Ddim {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> candle_core::Result<Tensor> {
         add_noise_alphas(&self.alphas_cumprod, self.timesteps[i], original, noise)
     }
-    fn order(&self) -> usize {
-        1
-    }
-    fn set_begin_index(&mut self, _i: usize) {}
 }
 
 // ---------------------------------------------------------------- DDPM
@@ -1151,12 +1138,6 @@ impl Ddpm {
 impl Scheduler for Ddpm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
     }
     fn step(
         &mut self,
@@ -1203,10 +1184,6 @@ impl Scheduler for Ddpm {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> candle_core::Result<Tensor> {
         add_noise_alphas(&self.alphas_cumprod, self.timesteps[i], original, noise)
     }
-    fn order(&self) -> usize {
-        1
-    }
-    fn set_begin_index(&mut self, _i: usize) {}
 }
 
 // ---------------------------------------------------------------- Euler
@@ -1316,10 +1293,6 @@ impl Scheduler for Euler {
         let out = (f32_tensor(original)? + mul(&f32_tensor(noise)?, self.sigmas[i])?)?;
         out.to_dtype(original.dtype())
     }
-    fn order(&self) -> usize {
-        1
-    }
-    fn set_begin_index(&mut self, _i: usize) {}
 }
 
 // ---------------------------------------------------------------- UniPC
@@ -1563,12 +1536,6 @@ impl Scheduler for UniPc {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
-    }
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -1601,10 +1568,6 @@ impl Scheduler for UniPc {
         let out = (mul(&f32_tensor(original)?, a)? + mul(&f32_tensor(noise)?, s)?)?;
         out.to_dtype(original.dtype())
     }
-    fn order(&self) -> usize {
-        1
-    }
-    fn set_begin_index(&mut self, _i: usize) {}
 }
 
 #[cfg(test)]
@@ -1766,7 +1729,6 @@ mod tests {
                 let mut s = spec.build(steps).unwrap();
                 let start = img2img_start(steps, run["strength"].as_f64().unwrap(), s.order());
                 assert_eq!(start as u64, run["start"].as_u64().unwrap(), "{what}: start");
-                s.set_begin_index(start);
                 let mut sample = s.add_noise(&image_latent(), &noise(1000), start).unwrap();
                 worse(&mut worst, check(&format!("{what}: add_noise"), &sample, &run["noised"]));
                 let mut draws = 0usize;

@@ -233,8 +233,12 @@ fn configs(arch: PipelineArch, m: f64, vocab: usize, eos: usize) -> Configs {
 }
 
 /// A VarBuilder backend that hands out zero-cost broadcast tensors of the
-/// shapes asked for, and remembers each name and shape.
-struct Recorder(Mutex<Vec<(String, Vec<usize>)>>);
+/// shapes asked for, and remembers each name and shape in a list its
+/// creator keeps a handle on.
+struct Recorder(std::sync::Arc<Mutex<Vec<Recorded>>>);
+
+/// A tensor's name and shape.
+type Recorded = (String, Vec<usize>);
 
 impl candle_nn::var_builder::SimpleBackend for Recorder {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -252,24 +256,12 @@ impl candle_nn::var_builder::SimpleBackend for Recorder {
 }
 
 /// The tensors `build` reads, in the order it reads them (each once).
-fn record(build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>) -> Result<Vec<(String, Vec<usize>)>, String> {
-    let recorder = std::sync::Arc::new(Recorder(Mutex::new(Vec::new())));
-    struct Shared(std::sync::Arc<Recorder>);
-    impl candle_nn::var_builder::SimpleBackend for Shared {
-        fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get(s, name, h, dtype, dev)
-        }
-        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(name, dtype, dev)
-        }
-        fn contains_tensor(&self, name: &str) -> bool {
-            self.0.contains_tensor(name)
-        }
-    }
-    let vb = candle_nn::VarBuilder::from_backend(Box::new(Shared(recorder.clone())), DType::F32, Device::Cpu);
+fn record(build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>) -> Result<Vec<Recorded>, String> {
+    let recorded = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(Recorder(recorded.clone())), DType::F32, Device::Cpu);
     build(vb).map_err(|e| e.to_string())?;
     let mut seen = std::collections::HashSet::new();
-    let all = recorder.0.lock().expect("recorder").clone();
+    let all = recorded.lock().expect("recorder").clone();
     Ok(all.into_iter().filter(|(n, _)| seen.insert(n.clone())).collect())
 }
 

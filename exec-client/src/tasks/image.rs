@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::generate::fill;
 use super::{FloatDecl, Inputs, IntDecl, Kind, Results, StepContext, StepRun, Task};
 use crate::image::pipeline::{png_bytes, read_png, ImageRequest, Pipeline, PipelineConfig};
 use crate::run::{StepKind, StepReport};
@@ -190,10 +191,6 @@ pub fn image_paths(output: &Path, k: usize, n: usize) -> (PathBuf, PathBuf) {
     };
     let json = png.with_extension("json");
     (png, json)
-}
-
-fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Result<String, ExecError> {
-    super::generate::fill(pieces, step, results)
 }
 
 /// Runs the step on the pipeline whose components `parts` holds (name,
