@@ -556,11 +556,8 @@ pub(crate) mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    pub(crate) fn model_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mora-ckpt-test-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    pub(crate) fn model_dir(tag: &str) -> mora_common::scratch::Scratch {
+        mora_common::scratch::Scratch::new(tag)
     }
 
     fn host(loaded: &Loaded) -> &Segment {
@@ -765,7 +762,7 @@ pub(crate) mod tests {
             r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
-        let model = mora_common::ModelSource::Dir { path: d.clone(), variant: None }.resolve().unwrap();
+        let model = mora_common::ModelSource::Dir { path: d.to_path_buf(), variant: None }.resolve().unwrap();
         assert_eq!(model.weights.len(), 2);
         let loaded = load(&model, WeightDType::F32).unwrap();
         let map = host(&loaded).map().unwrap();
@@ -779,7 +776,7 @@ pub(crate) mod tests {
         let d = model_dir("dup-shards");
         write_safetensors(&d.join("s1.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[1.0]))]);
         write_safetensors(&d.join("s2.safetensors"), &[("a", "F32", vec![1], f32_bytes(&[2.0]))]);
-        let model = ResolvedModel { name: "t".into(), dir: d.clone(), weights: vec![d.join("s1.safetensors"), d.join("s2.safetensors")] };
+        let model = ResolvedModel { name: "t".into(), dir: d.to_path_buf(), weights: vec![d.join("s1.safetensors"), d.join("s2.safetensors")] };
         assert!(matches!(plan(&model, WeightDType::F32, Device::Cpu), Err(CheckpointError::DuplicateTensor { .. })));
     }
 

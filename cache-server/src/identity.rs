@@ -189,11 +189,10 @@ mod tests {
 
     #[test]
     fn a_remembered_resolution_follows_changes_to_the_files_it_read() {
-        let d = std::env::temp_dir().join(format!("mora-resolve-memo-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = mora_common::scratch::Scratch::new("resolve-memo");
         write_model(&d, b"first bytes");
         let (memo, files) = (ResolutionMemo::new(), IdentityMemo::new());
-        let source = ModelSource::Dir { path: d.clone(), variant: None };
+        let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
         let sha = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b));
         let (r, ids) = memo.identify(&source, &files).unwrap();
         assert_eq!((r.weights.clone(), ids), (vec![d.join(SINGLE_WEIGHTS)], vec![sha(b"first bytes")]));
@@ -226,8 +225,7 @@ mod tests {
 
     #[test]
     fn a_remembered_hub_reference_follows_its_ref() {
-        let hub = std::env::temp_dir().join(format!("mora-resolve-hub-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&hub);
+        let hub = mora_common::scratch::Scratch::new("resolve-hub");
         let repo = hub.join("models--o--m");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::create_dir_all(repo.join("blobs")).unwrap();
@@ -246,7 +244,7 @@ mod tests {
         snapshot("bbbb", &b);
         std::fs::write(repo.join("refs").join("main"), "aaaa").unwrap();
         let (memo, files) = (ResolutionMemo::new(), IdentityMemo::new());
-        let source = ModelSource::HfRepo { repo: "o/m".into(), revision: "main".into(), hub_cache: hub.clone(), subfolder: None, variant: None };
+        let source = ModelSource::HfRepo { repo: "o/m".into(), revision: "main".into(), hub_cache: hub.to_path_buf(), subfolder: None, variant: None };
         assert_eq!(memo.identify(&source, &files).unwrap().1, vec![format!("sha256:{a}")]);
         assert_eq!(memo.identify(&source, &files).unwrap().1, vec![format!("sha256:{a}")]);
         std::fs::write(repo.join("refs").join("main"), "bbbb").unwrap();
@@ -257,8 +255,7 @@ mod tests {
 
     #[test]
     fn hub_blob_is_identified_by_its_name_and_a_copy_by_its_hash() {
-        let d = std::env::temp_dir().join(format!("mora-id-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = mora_common::scratch::Scratch::new("id");
         std::fs::create_dir_all(d.join("blobs")).unwrap();
         let content = b"the same bytes";
         let sha = format!("{:x}", Sha256::digest(content));

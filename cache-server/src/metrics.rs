@@ -407,12 +407,13 @@ mod tests {
 
     const GPU: GpuUuid = GpuUuid([0x42; 16]);
 
-    fn model(tag: &str, n: usize) -> ModelSource {
+    fn model(tag: &str, n: usize) -> (mora_common::scratch::Scratch, ModelSource) {
         let d = model_dir(&format!("metrics-{tag}"));
         let seed = tag.len() as f32 * 7.0;
         let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
         write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
-        ModelSource::Dir { path: d, variant: None }
+        let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
+        (d, source)
     }
 
     /// The value of the sample written exactly as `series` (name and labels).
@@ -445,7 +446,7 @@ mod tests {
         assert!(text.contains(&format!("mora_gpu_info{{device=\"cuda:0\",uuid=\"{GPU}\",name=\"Fake GPU\"}} 1")), "{text}");
         assert!(text.contains(&format!("mora_build_info{{version=\"{}\",", env!("CARGO_PKG_VERSION"))), "{text}");
 
-        let m = model("counted", 1000);
+        let (_dir_m, m) = model("counted", 1000);
         let cold = acquire(&r, &m, Device::Cpu).await.unwrap();
         let warm = acquire(&r, &m, Device::Cpu).await.unwrap();
         let on_gpu = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
@@ -478,7 +479,7 @@ mod tests {
         assert_eq!(sample(&text, "mora_clients_connected"), 0.0);
 
         // Too big for the budget: refused before anything loads.
-        let big = model("too-big", 300_000);
+        let (_dir_big, big) = model("too-big", 300_000);
         assert!(acquire(&r, &big, Device::Cpu).await.is_err());
         let text = encode(&exposition).unwrap();
         assert_eq!(sample(&text, "mora_refusals_total{reason=\"budget\"}"), 1.0);

@@ -930,12 +930,13 @@ mod tests {
 
         /// A model directory with one f32 tensor of `n` values, its content
         /// unique to `tag` (equal contents would be one model to the cache).
-        fn model(tag: &str, n: usize) -> ModelSource {
+        fn model(tag: &str, n: usize) -> (mora_common::scratch::Scratch, ModelSource) {
             let d = model_dir(&format!("reg-{tag}"));
             let seed = (tag.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 1000) as f32;
             let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
             write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
-            ModelSource::Dir { path: d, variant: None }
+            let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
+            (d, source)
         }
 
         fn registry(gpu_budget: u64, keep_alive: KeepAlive) -> (Arc<Registry>, Arc<FakeGpus>) {
@@ -955,7 +956,7 @@ mod tests {
         #[tokio::test]
         async fn an_exported_allocation_is_not_freed_while_a_lease_is_open() {
             let (r, gpus) = registry(1 << 20, KeepAlive::Forever);
-            let m = model("lease", 1000);
+            let (_dir_m, m) = model("lease", 1000);
             let label = m.clone().resolve().unwrap().name;
             let grant = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
             assert!(matches!(grant.resident.storage.descriptor(), SegmentDescriptor::CudaIpc { gpu: GPU, .. }));
@@ -964,7 +965,7 @@ mod tests {
             // room frees it.
             assert_eq!(r.evict(&name(&m)).unwrap_err().kind, ErrorKind::Refused);
             assert!(r.clear().0.is_empty());
-            let big = model("lease-big", 300_000);
+            let (_dir_big, big) = model("lease-big", 300_000);
             assert_eq!(acquire(&r, &big, Device::Cuda(GPU)).await.err().unwrap().kind, ErrorKind::NoRoom);
             assert!(!gpus.freed(&label));
             drop(grant);
@@ -979,7 +980,7 @@ mod tests {
             // Keep-alive 0: the entry is evicted when its last lease ends;
             // the allocation must survive every earlier release.
             let (r, gpus) = registry(1 << 20, KeepAlive::For(Duration::ZERO));
-            let m = model("two-leases", 1000);
+            let (_dir_m, m) = model("two-leases", 1000);
             let label = m.clone().resolve().unwrap().name;
             let a = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
             let b = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
@@ -996,8 +997,8 @@ mod tests {
         async fn each_device_has_its_own_budget_and_evictions() {
             // Room on the GPU for one 4000-byte model (plus alignment), not two.
             let (r, _gpus) = registry(6000, KeepAlive::Forever);
-            let a = model("budget-a", 1000);
-            let b = model("budget-b", 1000);
+            let (_dir_a, a) = model("budget-a", 1000);
+            let (_dir_b, b) = model("budget-b", 1000);
             drop(acquire(&r, &a, Device::Cpu).await.unwrap());
             drop(acquire(&r, &a, Device::Cuda(GPU)).await.unwrap());
             drop(acquire(&r, &b, Device::Cuda(GPU)).await.unwrap());
@@ -1008,7 +1009,7 @@ mod tests {
             assert_eq!(r.used(Device::Cuda(GPU)), 4096);
             let status = r.gpu_status();
             assert_eq!((status[0].uuid, status[0].used, status[0].budget), (GPU, 4096, 6000));
-            let too_big = model("budget-big", 2000);
+            let (_dir_too_big, too_big) = model("budget-big", 2000);
             let e = acquire(&r, &too_big, Device::Cuda(GPU)).await.err().unwrap();
             assert_eq!(e.kind, ErrorKind::NoRoom);
             assert!(e.message.contains(&format!("on GPU {GPU}")) && e.message.contains("--gpu-reserve"), "{}", e.message);
@@ -1017,7 +1018,7 @@ mod tests {
         #[tokio::test]
         async fn a_gpu_the_daemon_does_not_see_is_a_bad_request_naming_the_ones_it_does() {
             let (r, gpus) = registry(1 << 20, KeepAlive::Forever);
-            let m = model("other-gpu", 10);
+            let (_dir_m, m) = model("other-gpu", 10);
             let other = GpuUuid([7; 16]);
             let e = acquire(&r, &m, Device::Cuda(other)).await.err().unwrap();
             assert_eq!(e.kind, ErrorKind::BadRequest);

@@ -170,15 +170,14 @@ fn lock_and_check(path: &Path) -> Result<File, BindError> {
 mod tests {
     use super::*;
 
-    fn dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mora-sock-test-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
+    fn dir(tag: &str) -> mora_common::scratch::Scratch {
+        mora_common::scratch::Scratch::new(tag)
     }
 
     #[test]
     fn creates_a_private_directory_and_socket() {
-        let d = dir("perm").join("nested");
+        let scratch = dir("perm");
+        let d = scratch.join("nested");
         let sock = d.join("cache.sock");
         let bound = bind(&sock).unwrap();
         assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
@@ -201,7 +200,8 @@ mod tests {
 
     #[test]
     fn live_socket_is_not_stolen() {
-        let sock = dir("live").join("cache.sock");
+        let d = dir("live");
+        let sock = d.join("cache.sock");
         let _first = bind(&sock).unwrap();
         let err = bind(&sock).err().expect("second bind must fail");
         let msg = err.to_string();

@@ -16,6 +16,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod protocol;
+pub mod scratch;
 pub mod segment;
 pub mod units;
 

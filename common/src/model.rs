@@ -403,11 +403,8 @@ mod tests {
     use std::ffi::OsString;
     use std::fs;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mora-model-test-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
+    fn tmpdir(tag: &str) -> crate::scratch::Scratch {
+        crate::scratch::Scratch::new(tag)
     }
 
     #[test]
@@ -512,7 +509,7 @@ mod tests {
         let e = weight_files(&only, None).unwrap_err();
         assert!(matches!(&e, ResolveError::OnlyVariants { variants, .. } if variants == &["fp16".to_string()]), "{e}");
         assert!(e.to_string().contains("variant = \"fp16\""), "{e}");
-        assert!(matches!(ModelSource::dir(&only).with_variant(Some("../x".into())).resolve(), Err(ResolveError::BadVariant(_))));
+        assert!(matches!(ModelSource::dir(only.to_path_buf()).with_variant(Some("../x".into())).resolve(), Err(ResolveError::BadVariant(_))));
     }
 
     #[test]

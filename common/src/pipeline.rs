@@ -110,8 +110,7 @@ mod tests {
 
     #[test]
     fn an_index_lists_present_components_and_skips_settings_and_absent_ones() {
-        let d = std::env::temp_dir().join(format!("mora-pipeline-test-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::scratch::Scratch::new("pipeline");
         std::fs::write(
             d.join(PIPELINE_INDEX),
             r#"{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",
@@ -126,7 +125,7 @@ mod tests {
         assert!(!index.components.contains_key("feature_extractor"));
         assert_eq!(index.settings.get("force_zeros_for_empty_prompt"), Some(&Value::Bool(true)));
         assert_eq!(index.weighted(), vec!["text_encoder", "text_encoder_2", "unet", "vae"]);
-        let parts = components(&ModelSource::dir(&d)).unwrap().unwrap();
+        let parts = components(&ModelSource::dir(d.to_path_buf())).unwrap().unwrap();
         assert_eq!(parts[2], ("unet", ModelSource::dir(d.join("unet"))));
         std::fs::write(d.join(PIPELINE_INDEX), r#"{"_class_name": "X", "unet": ["diffusers"]}"#).unwrap();
         assert!(PipelineIndex::read(&d).unwrap_err().contains("component `unet` is not [library, class]"));

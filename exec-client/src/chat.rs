@@ -165,10 +165,8 @@ fn strftime(format: &str, secs: i64) -> String {
 mod tests {
     use super::*;
 
-    fn dir_with(files: &[(&str, &str)]) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("mora-chat-{}-{}", std::process::id(), files.len()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+    fn dir_with(files: &[(&str, &str)]) -> mora_common::scratch::Scratch {
+        let d = mora_common::scratch::Scratch::new("chat");
         for (name, body) in files {
             std::fs::write(d.join(name), body).unwrap();
         }

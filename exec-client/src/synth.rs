@@ -628,10 +628,8 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
 
-    fn tmp(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mora-synth-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
+    fn tmp(tag: &str) -> mora_common::scratch::Scratch {
+        mora_common::scratch::Scratch::new(tag)
     }
 
     fn spec(arch: Arch, target_bytes: u64, dtype: WeightDType) -> SynthSpec {
@@ -658,11 +656,12 @@ mod tests {
 
     #[test]
     fn same_spec_gives_the_same_bytes_and_another_seed_does_not() {
-        let a = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &tmp("det-a")).unwrap();
-        let b = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &tmp("det-b")).unwrap();
+        let dirs = [tmp("det-a"), tmp("det-b"), tmp("det-c")];
+        let a = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &dirs[0]).unwrap();
+        let b = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &dirs[1]).unwrap();
         let mut other = spec(Arch::Bert, 256 << 10, WeightDType::F32);
         other.seed = 8;
-        let c = generate(&other, &tmp("det-c")).unwrap();
+        let c = generate(&other, &dirs[2]).unwrap();
         let read = |r: &SynthReport| fs::read(r.dir.join("model.safetensors")).unwrap();
         assert_eq!(read(&a), read(&b));
         assert_ne!(read(&a), read(&c));

@@ -655,8 +655,7 @@ output = "embeddings.json"
 
     #[test]
     fn texts_file_skips_blank_lines() {
-        let dir = std::env::temp_dir().join(format!("mora-wf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = mora_common::scratch::Scratch::new("wf");
         let f = dir.join("corpus.txt");
         std::fs::write(&f, "one\n\n two \nthree\n").unwrap();
         assert_eq!(Texts::File(f.clone()).load().unwrap(), vec!["one", " two ", "three"]);

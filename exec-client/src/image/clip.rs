@@ -877,7 +877,7 @@ mod tests {
         // sd21's folder holds both forms; each alone must give its ids.
         let src = fixture_dir("sd21").join("tokenizer");
         let want: Vec<Vec<u32>> = serde_json::from_value(reference("sd21")["tokenizers"]["tokenizer"]["ids"].clone()).unwrap();
-        let base = std::env::temp_dir().join(format!("mora-clip-forms-{}", std::process::id()));
+        let base = mora_common::scratch::Scratch::new("clip-forms");
         for (form, files) in [
             ("official", &["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"][..]),
             ("fast", &["tokenizer.json", "tokenizer_config.json"][..]),

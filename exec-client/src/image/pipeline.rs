@@ -503,7 +503,8 @@ mod tests {
         let image = RgbImage { width: 3, height: 2, pixels: (0..18).map(|i| (i * 14) as u8).collect() };
         let bytes = png_bytes(&image).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
-        let p = std::env::temp_dir().join(format!("mora-png-test-{}.png", std::process::id()));
+        let d = mora_common::scratch::Scratch::new("png");
+        let p = d.join("image.png");
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(read_png(&p).unwrap(), image);
         std::fs::write(&p, b"not a png").unwrap();
