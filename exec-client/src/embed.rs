@@ -177,8 +177,7 @@ impl SentenceEmbedder {
 
         crate::phases::mark("build model");
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| format!("cannot load {}: {e}", tok_path.display()))?;
+        let mut tokenizer = crate::tokenizer::load(&tok_path)?;
         // sentence-transformers' max_seq_length: in sentence_bert_config.json
         // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");

@@ -69,7 +69,7 @@ impl TextGenerator {
         let decoder = Decoder::load(&cfg, vb)
             .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("cannot load {}: {e}", tokenizer_path.display()))?;
+        let tokenizer = crate::tokenizer::load(&tokenizer_path)?;
         Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions })
     }
 
@@ -152,8 +152,8 @@ mod tests {
     use crate::synth::{generate, Arch, SynthSpec};
     use mora_common::manifest::WeightDType;
 
-    fn model(arch: Arch, tag: &str) -> (std::path::PathBuf, VarBuilder<'static>) {
-        let dir = std::env::temp_dir().join(format!("mora-gen-{}-{tag}", std::process::id()));
+    fn model(arch: Arch, tag: &str) -> (mora_common::scratch::Scratch, VarBuilder<'static>) {
+        let dir = mora_common::scratch::Scratch::new(tag);
         generate(&SynthSpec { arch, target_bytes: 1 << 20, dtype: WeightDType::F32, seed: 7 }, &dir).unwrap();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
