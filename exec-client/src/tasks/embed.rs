@@ -100,5 +100,8 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
         what: StepKind::model(w, build_ms, reused),
     };
     results.embedded.insert(step.name.to_string(), (texts, embeddings));
+    if w.device.is_cpu() {
+        super::drop_later(embedder);
+    }
     Ok(report)
 }

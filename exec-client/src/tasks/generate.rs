@@ -175,6 +175,9 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     super::write_json(step.output, &doc)?;
     crate::phases::mark("write output");
     results.texts.insert(step.name.to_string(), g.text);
+    if w.device.is_cpu() {
+        super::drop_later(generator);
+    }
     Ok(StepReport {
         step: step.name.to_string(),
         items: g.tokens,

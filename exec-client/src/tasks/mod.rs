@@ -269,6 +269,18 @@ fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>
 
 /// Writes text via a temporary file and a rename, so a reader never sees
 /// half a file; a newline ends it.
+/// Drops `v` on a thread of its own. Freeing a model's tokenizer (two maps of
+/// tens of thousands of strings for a BERT vocabulary) takes 3 to 5 ms after
+/// the result is written: a `mora-exec run` exits after its last step without
+/// waiting for it, and a long-lived process (the REPL, `watch`) still frees
+/// it, off the path to its next result. For a model on the CPU only: GPU
+/// tensors over a lent IPC handle must go before the handle closes, which the
+/// run does right after the step (`run.rs`).
+pub(crate) fn drop_later<T: Send + 'static>(v: T) {
+    // If no thread can be started, the closure, and `v` with it, is dropped here.
+    let _ = std::thread::Builder::new().name("mora-drop".into()).spawn(move || drop(v));
+}
+
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     let mut text = bytes.to_vec();
     text.push(b'\n');
@@ -292,4 +304,23 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError
 /// Writes a step's JSON result.
 pub fn write_json(path: &Path, doc: &serde_json::Value) -> Result<(), ExecError> {
     write_atomically(path, serde_json::to_string(doc).expect("JSON of plain values").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_dropped_later_is_dropped_on_another_thread() {
+        struct Tell(std::sync::mpsc::Sender<std::thread::ThreadId>);
+        impl Drop for Tell {
+            fn drop(&mut self) {
+                let _ = self.0.send(std::thread::current().id());
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop_later(Tell(tx));
+        let dropped_on = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the value is dropped");
+        assert_ne!(dropped_on, std::thread::current().id());
+    }
 }
