@@ -64,19 +64,34 @@ fn row(label: &str, unit: &str, (med, min, max): (f64, f64, f64), baseline: f64)
     println!("| {label} | {med:.1} {unit} | {min:.1} | {max:.1} | {:.2}x |", med / baseline);
 }
 
-/// Widening every bf16 tensor to f32 once, as a run on bf16-held weights does: (ms, MiB of bf16).
-fn widen_ms(bf16: &std::collections::HashMap<String, Tensor>, repeats: usize) -> ((f64, f64, f64), f64) {
+/// Widening every bf16 tensor to f32 once, as a run on bf16-held weights
+/// does, with candle's `to_dtype` and with Mora's conversion over every core
+/// (what a warm client does for large tensors): (candle ms, Mora ms, MiB of bf16).
+fn widen_ms(bf16: &std::collections::HashMap<String, Tensor>, repeats: usize) -> ((f64, f64, f64), (f64, f64, f64), f64) {
     let mib = bf16.values().map(|t| t.elem_count() * 2).sum::<usize>() as f64 / (1 << 20) as f64;
-    let times = (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            let w = cast(bf16, DType::F32);
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            drop(w);
-            ms
-        })
+    let time = |f: &dyn Fn()| {
+        let times = (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        stats(times)
+    };
+    let bytes: Vec<Vec<u8>> = bf16
+        .values()
+        .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<half::bf16>()).expect("bf16 values").iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
-    (stats(times), mib)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let candle = time(&|| drop(cast(bf16, DType::F32)));
+    let mora = time(&|| {
+        for b in &bytes {
+            let mut out = vec![0u8; b.len() * 2];
+            mora_common::convert::convert_parallel(b, mora_common::TensorDType::BF16, &mut out, mora_common::TensorDType::F32, threads);
+        }
+    });
+    (candle, mora, mib)
 }
 
 fn embeddings(args: &Args) {
@@ -137,8 +152,8 @@ fn embeddings(args: &Args) {
         n => format!("{n} of {} bf16 embeddings are not finite (NaN or infinite)", texts.len()),
     };
     let bf16 = cast(&stored, DType::BF16);
-    let ((w, wmin, wmax), mib) = widen_ms(&bf16, args.repeats);
-    println!("\nbf16 against f32 embeddings: {agreement}. Widening the {mib:.1} MiB of bf16 weights to f32 once: {w:.1} ms (min {wmin:.1}, max {wmax:.1}).");
+    let ((w, wmin, wmax), (m, mmin, mmax), mib) = widen_ms(&bf16, args.repeats);
+    println!("\nbf16 against f32 embeddings: {agreement}. Widening the {mib:.1} MiB of bf16 weights to f32 once: {w:.1} ms (min {wmin:.1}, max {wmax:.1}) with candle's `to_dtype`, {m:.1} ms (min {mmin:.1}, max {mmax:.1}) with Mora's conversion over every core.");
 }
 
 fn llama(size: &str) -> PathBuf {
@@ -186,8 +201,11 @@ fn tokens(args: &Args) {
         }
         let same = texts[0].iter().zip(&texts[1]).take_while(|(a, b)| a == b).count();
         let bf16 = cast(&stored, DType::BF16);
-        let ((w, wmin, wmax), mib) = widen_ms(&bf16, args.repeats);
-        println!("\nGreedy tokens equal for the first {same} of {}. Widening the {mib:.0} MiB of bf16 weights to f32 once: {w:.0} ms (min {wmin:.0}, max {wmax:.0}).", texts[0].len());
+        let ((w, wmin, wmax), (m, mmin, mmax), mib) = widen_ms(&bf16, args.repeats);
+        println!(
+            "\nGreedy tokens equal for the first {same} of {}. Widening the {mib:.0} MiB of bf16 weights to f32 once: {w:.0} ms (min {wmin:.0}, max {wmax:.0}) with candle's `to_dtype`, {m:.0} ms (min {mmin:.0}, max {mmax:.0}) with Mora's conversion over every core.",
+            texts[0].len()
+        );
     }
 }
 

@@ -6,6 +6,7 @@
 //! on the other; both depend on this crate.
 
 pub mod connection;
+pub mod convert;
 pub mod frame;
 pub mod gpu;
 pub mod hub;

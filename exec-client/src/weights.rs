@@ -185,9 +185,38 @@ impl MappedWeights {
     }
 }
 
+impl MappedWeights {
+    /// `name` in `dtype` on `dev`. A large f16 or bf16 tensor widened to f32
+    /// for the CPU (weights held in half precision, computed in f32) is
+    /// converted straight from the segment over every core, bit for bit what
+    /// candle's single-threaded `to_dtype` gives; anything else is `to_dtype`.
+    fn in_dtype(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        use mora_common::convert::{convert_parallel, MIN_PARALLEL_ELEMENTS};
+        if let (Device::Cpu, DType::F32, Some(t)) = (dev, dtype, self.index.get(name)) {
+            let elems = t.len as usize / 2;
+            if matches!(t.dtype, TensorDType::F16 | TensorDType::BF16) && elems >= MIN_PARALLEL_ELEMENTS {
+                let src = match &self.bytes {
+                    Bytes::Copied(mapping) => &mapping.as_slice()[t.offset as usize..(t.offset + t.len) as usize],
+                    // SAFETY: the manifest was validated against the segment,
+                    // whose mapping is kept until exit; the range is only read.
+                    Bytes::Lent { base, .. } => unsafe { std::slice::from_raw_parts((*base + t.offset as usize) as *const u8, t.len as usize) },
+                };
+                let mut out = vec![0f32; elems];
+                // SAFETY: the byte view covers exactly `out`, and every bit
+                // pattern written is a valid f32.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), elems * 4) };
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                convert_parallel(src, t.dtype, dst, TensorDType::F32, threads);
+                return Tensor::from_vec(out, t.shape.as_slice(), &Device::Cpu);
+            }
+        }
+        self.tensor(name, dev)?.to_dtype(dtype)
+    }
+}
+
 impl SimpleBackend for MappedWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let tensor = self.tensor(name, dev)?.to_dtype(dtype)?;
+        let tensor = self.in_dtype(name, dtype, dev)?;
         if tensor.shape() != &s {
             Err(candle_core::Error::UnexpectedShape {
                 msg: format!("shape mismatch for {name}"),
@@ -200,7 +229,7 @@ impl SimpleBackend for MappedWeights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.tensor(name, dev)?.to_dtype(dtype)
+        self.in_dtype(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
