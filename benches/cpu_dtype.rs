@@ -68,7 +68,7 @@ fn row(label: &str, unit: &str, (med, min, max): (f64, f64, f64), baseline: f64)
 /// does, with candle's `to_dtype` and with Mora's conversion over every core
 /// (what a warm client does for large tensors): (candle ms, Mora ms, MiB of bf16).
 fn widen_ms(bf16: &std::collections::HashMap<String, Tensor>, repeats: usize) -> ((f64, f64, f64), (f64, f64, f64), f64) {
-    let mib = bf16.values().map(|t| t.elem_count() * 2).sum::<usize>() as f64 / (1 << 20) as f64;
+    let mib = bf16.values().filter(|t| t.dtype() == DType::BF16).map(|t| t.elem_count() * 2).sum::<usize>() as f64 / (1 << 20) as f64;
     let time = |f: &dyn Fn()| {
         let times = (0..repeats)
             .map(|_| {
@@ -81,6 +81,7 @@ fn widen_ms(bf16: &std::collections::HashMap<String, Tensor>, repeats: usize) ->
     };
     let bytes: Vec<Vec<u8>> = bf16
         .values()
+        .filter(|t| t.dtype() == DType::BF16)
         .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<half::bf16>()).expect("bf16 values").iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
