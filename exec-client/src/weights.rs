@@ -183,9 +183,7 @@ impl MappedWeights {
             }
         }
     }
-}
 
-impl MappedWeights {
     /// `name` in `dtype` on `dev`. A large f16 or bf16 tensor widened to f32
     /// for the CPU (weights held in half precision, computed in f32) is
     /// converted straight from the segment over every core, bit for bit what

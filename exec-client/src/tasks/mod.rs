@@ -267,8 +267,6 @@ fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>
     .filter(|f: &f64| f.is_finite()))
 }
 
-/// Writes text via a temporary file and a rename, so a reader never sees
-/// half a file; a newline ends it.
 /// Drops `v` on a thread of its own. Freeing a model's tokenizer (two maps of
 /// tens of thousands of strings for a BERT vocabulary) takes 3 to 5 ms after
 /// the result is written: a `mora-exec run` exits after its last step without
@@ -281,6 +279,8 @@ pub(crate) fn drop_later<T: Send + 'static>(v: T) {
     let _ = std::thread::Builder::new().name("mora-drop".into()).spawn(move || drop(v));
 }
 
+/// Writes text via a temporary file and a rename, so a reader never sees
+/// half a file; a newline ends it.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     let mut text = bytes.to_vec();
     text.push(b'\n');
