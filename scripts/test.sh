@@ -9,6 +9,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# A run from a clean clone writes about 4 GiB (target/ 3 GiB, the test model
+# and Python environment, the CUDA compiler); say so before the disk fills.
+free_mib=$(( $(df -Pk . | awk 'NR == 2 { print $4 }') / 1024 ))
+if (( free_mib < 5 * 1024 )); then
+    echo "test.sh: warning: $free_mib MiB free on this disk; a run from a clean clone needs about 4 GiB" >&2
+fi
+
 scripts/system-packages.sh
 MORA_TEST_HF_CACHE="$(scripts/fetch-test-model.sh)"
 export MORA_TEST_HF_CACHE
