@@ -213,7 +213,7 @@ fn tokens(args: &Args) {
 fn main() {
     let args = Args::parse();
     println!("## CPU compute: bf16 against f32 (`cargo bench --bench cpu_dtype -- --repeats {}`)", args.repeats);
-    println!("\n{} CPU threads, candle {}.", std::thread::available_parallelism().map_or(1, |n| n.get()), "0.11");
+    println!("\n{} CPU threads, candle 0.11.", std::thread::available_parallelism().map_or(1, |n| n.get()));
     embeddings(&args);
     tokens(&args);
 }
