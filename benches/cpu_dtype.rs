@@ -84,7 +84,7 @@ fn widen_ms(bf16: &std::collections::HashMap<String, Tensor>, repeats: usize) ->
         .filter(|t| t.dtype() == DType::BF16)
         .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<half::bf16>()).expect("bf16 values").iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = mora_common::convert::cores();
     let candle = time(&|| drop(cast(bf16, DType::F32)));
     let mora = time(&|| {
         for b in &bytes {

@@ -438,8 +438,7 @@ pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u6
 /// Threads a chunk's conversion is spread over: every core but one, which
 /// the segment's writer or the GPU upload keeps busy.
 fn conversion_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).saturating_sub(1).max(1))
+    mora_common::convert::cores().saturating_sub(1).max(1)
 }
 
 #[cfg(test)]

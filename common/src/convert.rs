@@ -6,6 +6,13 @@
 use crate::manifest::TensorDType;
 use half::{bf16, f16};
 
+/// The cores this process may run on, asked once (`available_parallelism`
+/// reads the cgroup's quota files on every call).
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Below this many elements a conversion runs on the calling thread alone.
 pub const MIN_PARALLEL_ELEMENTS: usize = 1 << 18;
 

@@ -27,10 +27,6 @@ impl Scratch {
             .expect("chmod scratch dir");
         Scratch { path }
     }
-
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.path.join(p)
-    }
 }
 
 impl Deref for Scratch {

@@ -189,7 +189,7 @@ impl MappedWeights {
     /// converted straight from the segment over every core, bit for bit what
     /// candle's single-threaded `to_dtype` gives; anything else is `to_dtype`.
     fn in_dtype(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        use mora_common::convert::{convert_parallel, MIN_PARALLEL_ELEMENTS};
+        use mora_common::convert::{convert_parallel, cores, MIN_PARALLEL_ELEMENTS};
         if let (Device::Cpu, DType::F32, Some(t)) = (dev, dtype, self.index.get(name)) {
             let elems = t.len as usize / 2;
             if matches!(t.dtype, TensorDType::F16 | TensorDType::BF16) && elems >= MIN_PARALLEL_ELEMENTS {
@@ -203,8 +203,7 @@ impl MappedWeights {
                 // SAFETY: the byte view covers exactly `out`, and every bit
                 // pattern written is a valid f32.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), elems * 4) };
-                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-                convert_parallel(src, t.dtype, dst, TensorDType::F32, threads);
+                convert_parallel(src, t.dtype, dst, TensorDType::F32, cores());
                 return Tensor::from_vec(out, t.shape.as_slice(), &Device::Cpu);
             }
         }
