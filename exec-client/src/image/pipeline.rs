@@ -276,9 +276,22 @@ impl Pipeline {
         Ok((embeds, pooled.map(|p| p.to_dtype(self.dtype)).transpose().map_err(err)?))
     }
 
-    /// Makes one image. `progress(k)` is called after denoising step k (1-based)
-    /// of `denoising_steps(req)`.
+    /// Makes one image, its noise drawn from `Noise::new(req.seed)`.
+    /// `progress(k)` is called after denoising step k (1-based) of
+    /// `denoising_steps(req)`.
     pub fn generate(&self, req: &ImageRequest, progress: &mut dyn FnMut(usize)) -> Result<RgbImage, String> {
+        let mut noise = Noise::new(req.seed);
+        let latents = self.denoise(req, &mut |n| noise.normals(n), progress)?;
+        self.decode(&latents)
+    }
+
+    /// The prompt encoded and the denoising loop run, to the final latents.
+    /// `normals(n)` gives n standard-normal numbers; it is asked, in this
+    /// order, for the initial latents (text to image) or the noise added to
+    /// the starting picture's latents (image to image), then for the VAE
+    /// encoder's sample (image to image), then for each stochastic scheduler
+    /// step's noise.
+    fn denoise(&self, req: &ImageRequest, normals: &mut dyn FnMut(usize) -> Vec<f32>, progress: &mut dyn FnMut(usize)) -> Result<Tensor, String> {
         self.config.check_size(req.width, req.height)?;
         let guided = req.guidance_scale > 1.0;
         let (cond, cond_pooled) = self.encode(&req.prompt)?;
@@ -310,12 +323,11 @@ impl Pipeline {
         };
 
         let mut scheduler = self.config.scheduler.build(req.steps)?;
-        let mut noise = Noise::new(req.seed);
         let scale = self.config.vae.downscale;
         let shape = (1, self.config.unet.in_channels, req.height / scale, req.width / scale);
         let mut draw = |shape: &candle_core::Shape| -> candle_core::Result<Tensor> {
             let n = shape.elem_count();
-            Tensor::from_vec(noise.normals(n), shape.clone(), &self.device)?.to_dtype(self.dtype)
+            Tensor::from_vec(normals(n), shape.clone(), &self.device)?.to_dtype(self.dtype)
         };
         let initial = draw(&shape.into()).map_err(err)?;
         let (mut latents, begin) = match &req.init {
@@ -353,7 +365,7 @@ impl Pipeline {
             latents = scheduler.step(&pred, i, &latents, &mut draw).map_err(err)?;
             progress(k + 1);
         }
-        self.decode(&latents)
+        Ok(latents)
     }
 
     /// How many times the UNet runs for `req` (the progress bar's length).
@@ -496,6 +508,77 @@ mod tests {
         let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, variance {var}");
+    }
+
+    /// Whole runs of diffusers' own pipelines on the fixture pipelines
+    /// (tests/fixtures/image/pipelines/runs.json, written by
+    /// scripts/golden/make_pipeline_fixtures.py), replayed with diffusers'
+    /// random draws: the final latents agree within 1e-4 of their largest
+    /// value, and every pixel is diffusers' float rounded to 8 bits, give or
+    /// take one level where the float lies within 0.05 of a level of a rounding
+    /// boundary.
+    #[test]
+    fn every_fixture_run_matches_diffusers() {
+        use crate::image::vae::tests::{assert_close, fixture_dir, ref_tensor};
+        use mora_common::manifest::WeightDType;
+        use mora_common::{protocol, ModelSource};
+        let path = fixture_dir("runs.json");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let runs = doc["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 6);
+        for run in runs {
+            let name = run["name"].as_str().unwrap();
+            let root = fixture_dir(run["pipeline"].as_str().unwrap());
+            let config = PipelineConfig::read(&root, run["scheduler"].as_str()).unwrap();
+            let parts: Vec<(&str, Weights)> = config
+                .components()
+                .into_iter()
+                .map(|c| (c, Weights::in_process(&ModelSource::dir(&root).component(c), WeightDType::F32, protocol::Device::Cpu).unwrap()))
+                .collect();
+            let pipeline = Pipeline::build(config, |c| &parts.iter().find(|(n, _)| *n == c).unwrap().1).unwrap();
+            let (width, height) = (run["width"].as_u64().unwrap() as usize, run["height"].as_u64().unwrap() as usize);
+            let init = run["init_image"].as_array().map(|px| {
+                let pixels = px.iter().map(|v| v.as_u64().unwrap() as u8).collect();
+                (RgbImage { width, height, pixels }, run["strength"].as_f64().unwrap())
+            });
+            let req = ImageRequest {
+                prompt: run["prompt"].as_str().unwrap().to_string(),
+                negative_prompt: run["negative_prompt"].as_str().map(str::to_string),
+                steps: run["steps"].as_u64().unwrap() as usize,
+                guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+                width,
+                height,
+                seed: 0,
+                init,
+            };
+            let mut draws = run["draws"].as_array().unwrap().iter().map(|d| ref_tensor(d).flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let mut taken = 0;
+            let mut normals = |n: usize| {
+                let d = draws.next().unwrap_or_else(|| panic!("{name}: Mora drew more often than diffusers"));
+                assert_eq!(d.len(), n, "{name}: draw {taken} has another shape");
+                taken += 1;
+                d
+            };
+            let mut steps = 0;
+            let latents = pipeline.denoise(&req, &mut normals, &mut |k| steps = k).unwrap();
+            assert_eq!(taken, run["draws"].as_array().unwrap().len(), "{name}: Mora drew less often than diffusers");
+            assert_eq!(steps, pipeline.denoising_steps(&req).unwrap(), "{name}");
+            assert_close(&format!("{name} latents"), &latents, &ref_tensor(&run["latents"]), 1e-4);
+            let image = pipeline.decode(&latents).unwrap();
+            assert_eq!((image.width, image.height), (width, height), "{name}");
+            let want = ref_tensor(&run["image"]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(image.pixels.len(), want.len(), "{name}");
+            let mut off = 0;
+            for (i, (&got, &w)) in image.pixels.iter().zip(&want).enumerate() {
+                let exact = (w * 255.0).round();
+                if got as f32 != exact {
+                    let boundary = ((w * 255.0).fract() - 0.5).abs() < 0.05;
+                    assert!(boundary && (got as f32 - exact).abs() <= 1.0, "{name}: pixel {i} is {got}, diffusers {}", w * 255.0);
+                    off += 1;
+                }
+            }
+            eprintln!("{name}: {} of {} pixel values equal diffusers' rounded", want.len() - off, want.len());
+        }
     }
 
     #[test]
