@@ -155,6 +155,39 @@ fn components_shared_by_two_pipelines_are_held_once() {
 }
 
 #[test]
+fn a_pipeline_by_repo_id_reads_its_variant_where_a_folder_has_it() {
+    let env = Env::with_daemon("image-variant");
+    // A hub cache holding `org/pipe`: the SD 1.5-shaped fixture, its UNet only
+    // as the fp16 variant (the same bytes), as diffusers' `variant="fp16"`
+    // finds it: the variant where a folder has it, the plain files elsewhere.
+    let hub = env.scratch.join("hub");
+    let repo = hub.join("models--org--pipe");
+    let snap = repo.join("snapshots").join("0123abcd");
+    copy_dir(&fixture("sd15"), &snap);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    let unet = snap.join("unet");
+    std::fs::rename(unet.join("diffusion_pytorch_model.safetensors"), unet.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let by_repo = |file: &str, variant: &str| env.workflow(file, &format!("name = \"v\"\n[models.sd]\nrepo = \"org/pipe\"\n{variant}\n{ONE_STEP}"));
+    let exec = |wf: &Path, out: &str| env.exec_command(wf, out).env("HF_HUB_CACHE", &hub).output().unwrap();
+    let o = exec(&by_repo("variant.toml", "variant = \"fp16\""), "variant");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plain = workflow(&env, "plain.toml", &fixture("sd15"), ONE_STEP);
+    run_ok(&env, &plain, "plain", &[]);
+    assert_eq!(read(env.scratch.join("variant/cat.png")), read(env.scratch.join("plain/cat.png")));
+    let names: Vec<String> = env.ps().iter().flat_map(|e| e["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect::<Vec<_>>()).collect();
+    for part in ["org/pipe/text_encoder", "org/pipe/unet", "org/pipe/vae"] {
+        assert!(names.iter().any(|n| n == part), "{part} not in {names:?}");
+    }
+    // Without the variant, the UNet's folder says what it holds; a variant
+    // no folder holds is refused.
+    let line = one_line_failure(&exec(&by_repo("plain-repo.toml", ""), "none"));
+    assert!(line.contains("holds only the fp16 variant"), "{line}");
+    let line = one_line_failure(&exec(&by_repo("bf16.toml", "variant = \"bf16\""), "bf16"));
+    assert!(line.contains("holds no `bf16` variant"), "{line}");
+}
+
+#[test]
 fn bad_inputs_each_give_one_line_and_leave_the_daemon_serving() {
     let mut env = Env::with_daemon("image-bad");
     let good = fixture("sd15");

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::model::{ModelSource, ResolveError, PIPELINE_INDEX};
+use crate::model::{variant_name, weight_candidates, ModelSource, ResolveError, DIFFUSERS_WEIGHTS, PIPELINE_INDEX};
 
 /// The components with weights that Mora holds in the cache, in the order
 /// they are loaded. Other components of a pipeline (a safety checker, a
@@ -79,6 +79,11 @@ impl PipelineIndex {
 
 /// The pipeline `source` names, if its folder holds a `model_index.json`:
 /// a source for each of its components with weights, in load order.
+///
+/// With a weight variant (`fp16`), each component's files are picked as
+/// diffusers' pipeline loading picks them (`_identify_model_variants`): a
+/// folder that holds weights in that variant loads them, any other folder
+/// its plain weights; a pipeline with no folder in that variant is an error.
 pub fn components(source: &ModelSource) -> Result<Option<Vec<(&'static str, ModelSource)>>, ResolveError> {
     let dir = source.resolve_dir()?;
     let index = match PipelineIndex::read(&dir) {
@@ -86,7 +91,28 @@ pub fn components(source: &ModelSource) -> Result<Option<Vec<(&'static str, Mode
         Ok(None) => return Ok(None),
         Err(reason) => return Err(ResolveError::BadIndex { path: dir.join(PIPELINE_INDEX), reason }),
     };
-    Ok(Some(index.weighted().into_iter().map(|c| (c, source.component(c))).collect()))
+    let in_variant = |c: &str, v: &str| weight_candidates(&dir.join(c), Some(v)).iter().any(|f| f.is_file());
+    let parts: Vec<(&'static str, ModelSource)> = index
+        .weighted()
+        .into_iter()
+        .map(|c| match source.variant() {
+            Some(v) if !in_variant(c, v) => (c, source.component(c).with_variant(None)),
+            _ => (c, source.component(c)),
+        })
+        .collect();
+    if let Some(v) = source.variant() {
+        if !parts.is_empty() && parts.iter().all(|(_, p)| p.variant().is_none()) {
+            return Err(ResolveError::NoVariant { dir, variant: v.to_string(), example: format!("unet/{}", variant_name(DIFFUSERS_WEIGHTS, Some(v))) });
+        }
+    }
+    Ok(Some(parts))
+}
+
+/// The source of component `folder` of the pipeline `source`, as
+/// [`components`] picks it.
+pub fn component(source: &ModelSource, folder: &str) -> Result<ModelSource, ResolveError> {
+    let parts = components(source)?.unwrap_or_default();
+    Ok(parts.into_iter().find(|(c, _)| *c == folder).map_or_else(|| source.component(folder), |(_, s)| s))
 }
 
 /// Whether a selector naming `target` (`mora-cache evict NAME`) selects the
@@ -131,6 +157,33 @@ mod tests {
         assert!(PipelineIndex::read(&d).unwrap_err().contains("component `unet` is not [library, class]"));
         std::fs::remove_file(d.join(PIPELINE_INDEX)).unwrap();
         assert_eq!(PipelineIndex::read(&d).unwrap(), None);
+    }
+
+    #[test]
+    fn a_variant_is_read_where_a_component_folder_holds_it_as_diffusers_does() {
+        let d = crate::scratch::Scratch::new("pipeline-variant");
+        std::fs::write(
+            d.join(PIPELINE_INDEX),
+            r#"{"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
+        )
+        .unwrap();
+        for (folder, file) in [("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.fp16.safetensors"), ("vae", DIFFUSERS_WEIGHTS)] {
+            std::fs::create_dir_all(d.join(folder)).unwrap();
+            std::fs::write(d.join(folder).join(file), "x").unwrap();
+        }
+        let pipe = ModelSource::dir(d.to_path_buf()).with_variant(Some("fp16".into()));
+        let variants: Vec<(&str, Option<String>)> =
+            components(&pipe).unwrap().unwrap().into_iter().map(|(c, s)| (c, s.variant().map(str::to_string))).collect();
+        assert_eq!(variants, vec![("text_encoder", None), ("unet", Some("fp16".into())), ("vae", None)]);
+        assert_eq!(component(&pipe, "vae").unwrap(), ModelSource::dir(d.join("vae")));
+        assert_eq!(component(&pipe, "unet").unwrap().resolve().unwrap().weights, vec![d.join("unet/diffusion_pytorch_model.fp16.safetensors")]);
+        // A variant no folder holds is refused, naming it.
+        let e = components(&ModelSource::dir(d.to_path_buf()).with_variant(Some("bf16".into()))).unwrap_err();
+        assert!(e.to_string().contains("holds no `bf16` variant"), "{e}");
+        // Without a variant, every folder keeps its plain weights.
+        let plain = components(&ModelSource::dir(d.to_path_buf())).unwrap().unwrap();
+        assert!(plain.iter().all(|(_, s)| s.variant().is_none()));
     }
 
     #[test]

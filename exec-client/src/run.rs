@@ -193,7 +193,8 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
                 let model = step.model().expect("a step with weights names a model");
                 let spec = &workflow.models[model];
                 let source = match component {
-                    Some(c) => spec.source.component(c),
+                    Some(c) => mora_common::pipeline::component(&spec.source, c)
+                        .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?,
                     None => spec.source.clone(),
                 };
                 weights.insert(key.clone(), acquire(source, spec, model)?);
