@@ -116,7 +116,7 @@ fn wordpiece(text: &str) -> Option<Tokenizer> {
     // Each entry's saved `id` is not read: the crate only logs a warning
     // when it differs from the id the tokens get here, in the same order.
     let added: Vec<AddedToken> = part(s.added_tokens)?.unwrap_or_default();
-    tokenizer.add_tokens(&added);
+    tokenizer.add_tokens(added).ok()?;
     Some(tokenizer)
 }
 
