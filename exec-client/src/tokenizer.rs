@@ -1,22 +1,26 @@
 //! Loads a `tokenizer.json` as the `tokenizers` crate does, faster for
-//! WordPiece (the BERT family's model).
+//! WordPiece (the BERT family's model) and BPE (the byte-level BPE of every
+//! decoder family).
 //!
 //! `Tokenizer::from_file` reads the model section through a
 //! `serde_json::Value` (the crate tells the model kinds apart by a flattened
-//! `type`), so MiniLM's 30 522-entry vocabulary is parsed into a tree of
-//! values and converted again: about 25 ms of a 70 ms warm embedding run. Here
-//! the file is split into its sections without parsing them
-//! (`RawValue`), a WordPiece vocabulary goes straight into the map the model
-//! keeps, and the tokenizer is assembled with the crate's own builder and
-//! parts, in the order and with the checks of the crate's own deserializer
-//! (`tokenizer/serialization.rs`). Any other model (BPE, Unigram, WordLevel),
-//! or a file the fast path does not read, goes through `Tokenizer::from_file`
-//! itself, so errors and results are the crate's.
+//! `type`), so a vocabulary is parsed into a tree of values and converted
+//! again: about 25 ms of a 70 ms warm embedding run for MiniLM's 30 522
+//! tokens, a few hundred ms for a 128 000-token BPE with its merges. Here
+//! the file is split into its sections without parsing them (`RawValue`), a
+//! WordPiece or BPE model's fields go straight into the types its builder
+//! takes, and the tokenizer is assembled with the crate's own builders and
+//! parts, in the order and with the checks of the crate's own deserializers
+//! (`tokenizer/serialization.rs`, `models/*/serialization.rs`). Any other
+//! model (Unigram, WordLevel), or a file the fast path does not read, goes
+//! through `Tokenizer::from_file` itself, so errors and results are the
+//! crate's.
 
 use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokenizers::models::bpe::BPE;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
@@ -27,7 +31,7 @@ use tokenizers::{
 pub fn load(path: &Path) -> Result<Tokenizer, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-    match wordpiece(&text) {
+    match fast(&text) {
         Some(t) => Ok(t),
         None => Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| format!("cannot load {}: {e}", path.display())),
@@ -72,19 +76,25 @@ struct WordPieceFields {
     vocab: ahash::AHashMap<String, u32>,
 }
 
-/// The tokenizer, when its model is WordPiece and every section parses;
-/// `None` sends the file to the crate's own reader.
-fn wordpiece(text: &str) -> Option<Tokenizer> {
-    let s: Sections = serde_json::from_str(text).ok()?;
-    if s.version.is_some_and(|v| v != "1.0") {
-        return None;
-    }
-    // Only an explicit WordPiece: the crate reads a model without `type` by
-    // trying each kind in turn, which is left to it.
-    if serde_json::from_str::<Kind>(s.model.get()).ok()?.kind != Some("WordPiece") {
-        return None;
-    }
-    let w: WordPieceFields = serde_json::from_str(s.model.get()).ok()?;
+/// A BPE model: every field the crate reads (`models/bpe/serialization.rs`);
+/// a null or absent one leaves the builder's default.
+#[derive(Deserialize)]
+struct BpeFields<'a> {
+    dropout: Option<f32>,
+    unk_token: Option<String>,
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    fuse_unk: Option<bool>,
+    byte_fallback: Option<bool>,
+    ignore_merges: Option<bool>,
+    vocab: ahash::AHashMap<String, u32>,
+    #[serde(borrow)]
+    merges: &'a RawValue,
+}
+
+/// A WordPiece model as its builder makes it.
+fn wordpiece_model(model: &str) -> Option<ModelWrapper> {
+    let w: WordPieceFields = serde_json::from_str(model).ok()?;
     let model = WordPiece::builder()
         .vocab(w.vocab)
         .unk_token(w.unk_token)
@@ -92,6 +102,68 @@ fn wordpiece(text: &str) -> Option<Tokenizer> {
         .max_input_chars_per_word(w.max_input_chars_per_word)
         .build()
         .ok()?;
+    Some(ModelWrapper::WordPiece(model))
+}
+
+/// A BPE model as its builder makes it. Merges come in two forms: pairs
+/// (`[["a", "b"], ...]`, tokenizers 0.20 and later) and the legacy strings
+/// (`["a b", ...]`, split at their one space; `#version` lines skipped).
+fn bpe_model(model: &str) -> Option<ModelWrapper> {
+    let b: BpeFields = serde_json::from_str(model).ok()?;
+    let merges: Vec<(String, String)> = match serde_json::from_str(b.merges.get()) {
+        Ok(pairs) => pairs,
+        Err(_) => {
+            let lines: Vec<String> = serde_json::from_str(b.merges.get()).ok()?;
+            let mut merges = Vec::with_capacity(lines.len());
+            for line in lines.iter().filter(|l| !l.starts_with("#version")) {
+                let mut parts = line.split(' ');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
+                    _ => return None,
+                }
+            }
+            merges
+        }
+    };
+    let mut builder = BPE::builder().vocab_and_merges(b.vocab, merges);
+    if let Some(p) = b.dropout {
+        builder = builder.dropout(p);
+    }
+    if let Some(t) = b.unk_token {
+        builder = builder.unk_token(t);
+    }
+    if let Some(p) = b.continuing_subword_prefix {
+        builder = builder.continuing_subword_prefix(p);
+    }
+    if let Some(s) = b.end_of_word_suffix {
+        builder = builder.end_of_word_suffix(s);
+    }
+    if let Some(f) = b.fuse_unk {
+        builder = builder.fuse_unk(f);
+    }
+    if let Some(f) = b.byte_fallback {
+        builder = builder.byte_fallback(f);
+    }
+    if let Some(f) = b.ignore_merges {
+        builder = builder.ignore_merges(f);
+    }
+    Some(ModelWrapper::BPE(builder.build().ok()?))
+}
+
+/// The tokenizer, when its model is WordPiece or BPE and every section
+/// parses; `None` sends the file to the crate's own reader.
+fn fast(text: &str) -> Option<Tokenizer> {
+    let s: Sections = serde_json::from_str(text).ok()?;
+    if s.version.is_some_and(|v| v != "1.0") {
+        return None;
+    }
+    // Only an explicit `type`: the crate reads a model without one by
+    // trying each kind in turn, which is left to it.
+    let model = match serde_json::from_str::<Kind>(s.model.get()).ok()?.kind {
+        Some("WordPiece") => wordpiece_model(s.model.get())?,
+        Some("BPE") => bpe_model(s.model.get())?,
+        _ => return None,
+    };
     fn part<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<T>> {
         match raw {
             None => Some(None),
@@ -105,7 +177,7 @@ fn wordpiece(text: &str) -> Option<Tokenizer> {
         PostProcessorWrapper,
         DecoderWrapper,
     >::new()
-    .with_model(ModelWrapper::WordPiece(model))
+    .with_model(model)
     .with_normalizer(part(s.normalizer)?)
     .with_pre_tokenizer(part(s.pre_tokenizer)?)
     .with_post_processor(part(s.post_processor)?)
@@ -147,40 +219,93 @@ mod tests {
     /// Same tokenizer as the crate's reader: same serialised form (vocabulary,
     /// normaliser, pre-tokeniser, post-processor, decoder, added tokens,
     /// truncation, padding) and the same encodings, for every fixture.
-    #[test]
-    fn every_fixture_loads_as_the_crate_loads_it() {
-        let mut fast = 0;
-        for f in &fixtures() {
-            let text = std::fs::read_to_string(f).unwrap();
-            let ours = load(f).unwrap();
-            let theirs = Tokenizer::from_file(f).unwrap();
-            assert_eq!(
-                serde_json::to_string(&ours).unwrap(),
-                serde_json::to_string(&theirs).unwrap(),
-                "{}",
-                f.display()
-            );
-            let is_wordpiece = serde_json::from_str::<serde_json::Value>(&text).unwrap()["model"]
-                ["type"]
-                == "WordPiece";
-            assert_eq!(wordpiece(&text).is_some(), is_wordpiece, "{}", f.display());
-            fast += usize::from(is_wordpiece);
-            for t in TEXTS {
-                for special in [true, false] {
-                    let (a, b) = (
-                        ours.encode(*t, special).unwrap(),
-                        theirs.encode(*t, special).unwrap(),
-                    );
-                    assert_eq!(
-                        (a.get_ids(), a.get_offsets(), a.get_type_ids()),
-                        (b.get_ids(), b.get_offsets(), b.get_type_ids()),
-                        "{}: {t:?}",
-                        f.display()
-                    );
-                }
+    /// Asserts that `ours` is the tokenizer the crate reads from `f`.
+    fn same_as_the_crate(ours: &Tokenizer, f: &Path) {
+        let theirs = Tokenizer::from_file(f).unwrap();
+        assert_eq!(
+            serde_json::to_string(ours).unwrap(),
+            serde_json::to_string(&theirs).unwrap(),
+            "{}",
+            f.display()
+        );
+        for t in TEXTS {
+            for special in [true, false] {
+                let (a, b) = (
+                    ours.encode(*t, special).unwrap(),
+                    theirs.encode(*t, special).unwrap(),
+                );
+                assert_eq!(
+                    (a.get_ids(), a.get_offsets(), a.get_type_ids()),
+                    (b.get_ids(), b.get_offsets(), b.get_type_ids()),
+                    "{}: {t:?}",
+                    f.display()
+                );
             }
         }
-        assert!(fast >= 2, "the fixtures hold {fast} WordPiece tokenizers");
+    }
+
+    fn model_type(text: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v["model"]["type"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn every_fixture_loads_as_the_crate_loads_it() {
+        let mut read_here = std::collections::BTreeMap::new();
+        for f in &fixtures() {
+            let text = std::fs::read_to_string(f).unwrap();
+            same_as_the_crate(&load(f).unwrap(), f);
+            let kind = model_type(&text);
+            let expected = kind == "WordPiece" || kind == "BPE";
+            assert_eq!(fast(&text).is_some(), expected, "{}", f.display());
+            *read_here.entry(kind).or_insert(0) += usize::from(expected);
+        }
+        assert!(read_here["WordPiece"] >= 2 && read_here["BPE"] >= 10, "{read_here:?}");
+    }
+
+    #[test]
+    fn legacy_bpe_merges_load_as_the_crate_loads_them() {
+        // The same BPE tokenizers with their merges as "a b" strings, the
+        // form tokenizers wrote before 0.20, and a `#version` line.
+        let d = mora_common::scratch::Scratch::new("tok-legacy");
+        let mut n = 0;
+        for f in &fixtures() {
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            if v["model"]["type"] != "BPE" {
+                continue;
+            }
+            let pairs = v["model"]["merges"].as_array().unwrap().clone();
+            let mut lines = vec![serde_json::Value::from("#version: 0.2")];
+            lines.extend(pairs.iter().map(|p| serde_json::Value::from(format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))));
+            v["model"]["merges"] = lines.into();
+            let p = d.join(format!("legacy-{n}.json"));
+            std::fs::write(&p, v.to_string()).unwrap();
+            assert!(fast(&v.to_string()).is_some(), "{}", f.display());
+            same_as_the_crate(&load(&p).unwrap(), &p);
+            n += 1;
+        }
+        assert!(n >= 10, "{n} BPE fixtures");
+    }
+
+    #[test]
+    fn a_bpe_file_the_fast_path_cannot_read_gets_the_crate_s_error() {
+        let d = mora_common::scratch::Scratch::new("tok-bpe");
+        let p = d.join("tokenizer.json");
+        let write = |model: &str| std::fs::write(&p, format!(r#"{{"version": "1.0", "model": {model}}}"#)).unwrap();
+        let crate_error = |p: &Path| format!("cannot load {}: {}", p.display(), Tokenizer::from_file(p).unwrap_err());
+        for model in [
+            // A merge of three parts, a merge of a token not in the vocabulary,
+            // a dropout out of range, no merges.
+            r#"{"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b c"]}"#,
+            r#"{"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "c"]]}"#,
+            r#"{"type": "BPE", "dropout": 2.0, "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}"#,
+            r#"{"type": "BPE", "vocab": {"a": 0}}"#,
+        ] {
+            write(model);
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(fast(&text).is_none(), "{model}");
+            assert_eq!(load(&p).unwrap_err(), crate_error(&p), "{model}");
+        }
     }
 
     #[test]
