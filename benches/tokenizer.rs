@@ -8,8 +8,9 @@
 //! 30 522 tokens) and a synthetic byte-level BPE of Llama 3's shape (128 000
 //! tokens and 127 744 merges, the Llama 3 pre-tokenizer's split pattern, 256
 //! special tokens), with its merges as pairs (tokenizers 0.20 and later) and
-//! as "a b" strings (earlier releases), written to `.mora-bench/tokenizers`
-//! when missing. Give any `tokenizer.json` to time it instead. Each load is a
+//! as "a b" strings (earlier releases), and a synthetic Unigram of
+//! XLM-RoBERTa's size (250 002 pieces, the multilingual encoders' model),
+//! written to `.mora-bench/tokenizers` when missing. Give any `tokenizer.json` to time it instead. Each load is a
 //! fresh parse of a file that stays in the page cache. Medians over repeats,
 //! min and max; both readers' tokenizers are checked to serialise to the
 //! same JSON first.
@@ -71,7 +72,7 @@ fn main() {
         let snap = std::fs::read_dir(&snapshots).expect("test model snapshot").next().expect("a snapshot").expect("entry").path();
         let dir = mora::root().join(".mora-bench").join("tokenizers");
         let (pairs, legacy) = synthetic_bpe(&dir, 128_000);
-        vec![snap.join("tokenizer.json"), pairs, legacy]
+        vec![snap.join("tokenizer.json"), pairs, legacy, synthetic_unigram(&dir, 250_002)]
     } else {
         args.files.clone()
     };
@@ -183,4 +184,61 @@ fn synthetic_bpe(dir: &Path, size: usize) -> (PathBuf, PathBuf) {
     doc["model"]["merges"] = merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>().into();
     std::fs::write(&legacy, doc.to_string()).expect("write the synthetic BPE");
     (pairs, legacy)
+}
+
+/// Writes (once) a Unigram tokenizer of `size` pieces in the layout of the
+/// multilingual encoders (`<s>`, `<pad>`, `</s>`, `<unk>`, then pieces of
+/// one to ten letters after `▁`, Latin and beyond, with falling scores;
+/// Metaspace pre-tokenizer and decoder, `<s> $A </s>`); returns the file.
+fn synthetic_unigram(dir: &Path, size: usize) -> PathBuf {
+    let path = dir.join(format!("unigram-{size}.json"));
+    if path.is_file() {
+        return path;
+    }
+    std::fs::create_dir_all(dir).expect("create .mora-bench/tokenizers");
+    let letters: Vec<char> = ('a'..='z').chain('à'..='ÿ').chain('α'..='ω').chain('а'..='я').collect();
+    let specials = ["<s>", "<pad>", "</s>", "<unk>"];
+    let mut seen: std::collections::HashSet<String> = specials.iter().map(|s| s.to_string()).collect();
+    let mut vocab: Vec<serde_json::Value> = specials.iter().map(|s| serde_json::json!([s, 0.0])).collect();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    while vocab.len() < size {
+        let len = 1 + next(10);
+        let word: String = (0..len).map(|_| letters[next(letters.len())]).collect();
+        let piece = if next(4) == 0 { word } else { format!("\u{2581}{word}") };
+        if seen.insert(piece.clone()) {
+            let score = -(vocab.len() as f64) / 20_000.0 - 1.0;
+            vocab.push(serde_json::json!([piece, score]));
+        }
+    }
+    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "NFKC"},
+        "pre_tokenizer": metaspace,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {
+                "<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]},
+                "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}},
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": false}
+    });
+    std::fs::write(&path, doc.to_string()).expect("write the synthetic Unigram");
+    path
 }

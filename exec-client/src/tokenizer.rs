@@ -1,6 +1,6 @@
 //! Loads a `tokenizer.json` as the `tokenizers` crate does, faster for
-//! WordPiece (the BERT family's model) and BPE (the byte-level BPE of every
-//! decoder family).
+//! WordPiece (the BERT family's model), BPE (the byte-level BPE of every
+//! decoder family) and Unigram (the multilingual encoders' SentencePiece).
 //!
 //! `Tokenizer::from_file` reads the model section through a
 //! `serde_json::Value` (the crate tells the model kinds apart by a flattened
@@ -8,11 +8,11 @@
 //! again: about 25 ms of a 70 ms warm embedding run for MiniLM's 30 522
 //! tokens, a few hundred ms for a 128 000-token BPE with its merges. Here
 //! the file is split into its sections without parsing them (`RawValue`), a
-//! WordPiece or BPE model's fields go straight into the types its builder
-//! takes, and the tokenizer is assembled with the crate's own builders and
-//! parts, in the order and with the checks of the crate's own deserializers
-//! (`tokenizer/serialization.rs`, `models/*/serialization.rs`). Any other
-//! model (Unigram, WordLevel), or a file the fast path does not read, goes
+//! WordPiece, BPE or Unigram model's fields go straight into the types its
+//! constructor takes, and the tokenizer is assembled with the crate's own
+//! builders and parts, in the order and with the checks of the crate's own
+//! deserializers (`tokenizer/serialization.rs`, `models/*/serialization.rs`).
+//! Any other model (WordLevel), or a file the fast path does not read, goes
 //! through `Tokenizer::from_file` itself, so errors and results are the
 //! crate's.
 
@@ -21,6 +21,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokenizers::models::bpe::BPE;
+use tokenizers::models::unigram::Unigram;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
@@ -150,8 +151,25 @@ fn bpe_model(model: &str) -> Option<ModelWrapper> {
     Some(ModelWrapper::BPE(builder.build().ok()?))
 }
 
-/// The tokenizer, when its model is WordPiece or BPE and every section
-/// parses; `None` sends the file to the crate's own reader.
+/// A Unigram model: the fields the crate reads
+/// (`models/unigram/serialization.rs`); `byte_fallback` may be absent, not
+/// null, as there.
+#[derive(Deserialize)]
+struct UnigramFields {
+    vocab: Vec<(String, f64)>,
+    unk_id: Option<usize>,
+    #[serde(default)]
+    byte_fallback: bool,
+}
+
+/// A Unigram model as the crate makes it.
+fn unigram_model(model: &str) -> Option<ModelWrapper> {
+    let u: UnigramFields = serde_json::from_str(model).ok()?;
+    Some(ModelWrapper::Unigram(Unigram::from(u.vocab, u.unk_id, u.byte_fallback).ok()?))
+}
+
+/// The tokenizer, when its model is WordPiece, BPE or Unigram and every
+/// section parses; `None` sends the file to the crate's own reader.
 fn fast(text: &str) -> Option<Tokenizer> {
     let s: Sections = serde_json::from_str(text).ok()?;
     if s.version.is_some_and(|v| v != "1.0") {
@@ -162,6 +180,7 @@ fn fast(text: &str) -> Option<Tokenizer> {
     let model = match serde_json::from_str::<Kind>(s.model.get()).ok()?.kind {
         Some("WordPiece") => wordpiece_model(s.model.get())?,
         Some("BPE") => bpe_model(s.model.get())?,
+        Some("Unigram") => unigram_model(s.model.get())?,
         _ => return None,
     };
     fn part<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<T>> {
@@ -256,11 +275,11 @@ mod tests {
             let text = std::fs::read_to_string(f).unwrap();
             same_as_the_crate(&load(f).unwrap(), f);
             let kind = model_type(&text);
-            let expected = kind == "WordPiece" || kind == "BPE";
+            let expected = ["WordPiece", "BPE", "Unigram"].contains(&kind.as_str());
             assert_eq!(fast(&text).is_some(), expected, "{}", f.display());
             *read_here.entry(kind).or_insert(0) += usize::from(expected);
         }
-        assert!(read_here["WordPiece"] >= 2 && read_here["BPE"] >= 10, "{read_here:?}");
+        assert!(read_here["WordPiece"] >= 2 && read_here["BPE"] >= 10 && read_here["Unigram"] >= 2, "{read_here:?}");
     }
 
     #[test]
@@ -288,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bpe_file_the_fast_path_cannot_read_gets_the_crate_s_error() {
+    fn a_bpe_or_unigram_file_the_fast_path_cannot_read_gets_the_crate_s_error() {
         let d = mora_common::scratch::Scratch::new("tok-bpe");
         let p = d.join("tokenizer.json");
         let write = |model: &str| std::fs::write(&p, format!(r#"{{"version": "1.0", "model": {model}}}"#)).unwrap();
@@ -300,6 +319,11 @@ mod tests {
             r#"{"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "c"]]}"#,
             r#"{"type": "BPE", "dropout": 2.0, "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}"#,
             r#"{"type": "BPE", "vocab": {"a": 0}}"#,
+            // Unigram: an unknown id past the vocabulary, an empty
+            // vocabulary with an unknown id, a null byte_fallback.
+            r#"{"type": "Unigram", "unk_id": 5, "vocab": [["<unk>", 0.0], ["a", -1.0]]}"#,
+            r#"{"type": "Unigram", "unk_id": 0, "vocab": []}"#,
+            r#"{"type": "Unigram", "unk_id": 0, "byte_fallback": null, "vocab": [["<unk>", 0.0]]}"#,
         ] {
             write(model);
             let text = std::fs::read_to_string(&p).unwrap();
