@@ -101,6 +101,22 @@ fn main() {
     }
 }
 
+/// A deterministic generator (xorshift64): `next(n)` draws from 0..n.
+fn draws(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut state = seed;
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    }
+}
+
+/// An `added_tokens` entry for a special token, as tokenizers writes it.
+fn special_token(id: usize, content: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+}
+
 /// GPT-2's byte-to-character table: the 256 symbols of a byte-level BPE.
 fn byte_symbols() -> Vec<char> {
     let mut bytes: Vec<u32> = (b'!'..=b'~').chain(0xa1..=0xac).chain(0xae..=0xff).map(u32::from).collect();
@@ -131,13 +147,7 @@ fn synthetic_bpe(dir: &Path, size: usize) -> (PathBuf, PathBuf) {
     let mut tokens: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
     let mut vocab: std::collections::HashMap<String, usize> = tokens.iter().cloned().enumerate().map(|(i, t)| (t, i)).collect();
     let mut merges: Vec<(String, String)> = Vec::new();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut next = draws(0x9e37_79b9_7f4a_7c15);
     while tokens.len() < size {
         let pool = tokens.len().min(2000 + tokens.len() / 4);
         let (a, b) = (tokens[next(pool)].clone(), tokens[next(pool)].clone());
@@ -156,7 +166,7 @@ fn synthetic_bpe(dir: &Path, size: usize) -> (PathBuf, PathBuf) {
     let added: Vec<serde_json::Value> = special
         .iter()
         .enumerate()
-        .map(|(i, t)| serde_json::json!({"id": size + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, t)| special_token(size + i, t))
         .collect();
     let vocab_json: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i.into())).collect();
     let pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -200,13 +210,7 @@ fn synthetic_unigram(dir: &Path, size: usize) -> PathBuf {
     let specials = ["<s>", "<pad>", "</s>", "<unk>"];
     let mut seen: std::collections::HashSet<String> = specials.iter().map(|s| s.to_string()).collect();
     let mut vocab: Vec<serde_json::Value> = specials.iter().map(|s| serde_json::json!([s, 0.0])).collect();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut next = draws(0x2545_f491_4f6c_dd1d);
     while vocab.len() < size {
         let len = 1 + next(10);
         let word: String = (0..len).map(|_| letters[next(letters.len())]).collect();
@@ -220,7 +224,7 @@ fn synthetic_unigram(dir: &Path, size: usize) -> PathBuf {
     let added: Vec<serde_json::Value> = specials
         .iter()
         .enumerate()
-        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, t)| special_token(i, t))
         .collect();
     let doc = serde_json::json!({
         "version": "1.0",

@@ -108,13 +108,6 @@ pub fn components(source: &ModelSource) -> Result<Option<Vec<(&'static str, Mode
     Ok(Some(parts))
 }
 
-/// The source of component `folder` of the pipeline `source`, as
-/// [`components`] picks it.
-pub fn component(source: &ModelSource, folder: &str) -> Result<ModelSource, ResolveError> {
-    let parts = components(source)?.unwrap_or_default();
-    Ok(parts.into_iter().find(|(c, _)| *c == folder).map_or_else(|| source.component(folder), |(_, s)| s))
-}
-
 /// Whether a selector naming `target` (`mora-cache evict NAME`) selects the
 /// entry called `name`: the same name, or a component of the pipeline
 /// `target` names (`org/sd/unet` for `org/sd`, revisions alike).
@@ -173,11 +166,11 @@ mod tests {
             std::fs::write(d.join(folder).join(file), "x").unwrap();
         }
         let pipe = ModelSource::dir(d.to_path_buf()).with_variant(Some("fp16".into()));
-        let variants: Vec<(&str, Option<String>)> =
-            components(&pipe).unwrap().unwrap().into_iter().map(|(c, s)| (c, s.variant().map(str::to_string))).collect();
+        let parts = components(&pipe).unwrap().unwrap();
+        let variants: Vec<(&str, Option<String>)> = parts.iter().map(|(c, s)| (*c, s.variant().map(str::to_string))).collect();
         assert_eq!(variants, vec![("text_encoder", None), ("unet", Some("fp16".into())), ("vae", None)]);
-        assert_eq!(component(&pipe, "vae").unwrap(), ModelSource::dir(d.join("vae")));
-        assert_eq!(component(&pipe, "unet").unwrap().resolve().unwrap().weights, vec![d.join("unet/diffusion_pytorch_model.fp16.safetensors")]);
+        assert_eq!(parts[2].1, ModelSource::dir(d.join("vae")));
+        assert_eq!(parts[1].1.resolve().unwrap().weights, vec![d.join("unet/diffusion_pytorch_model.fp16.safetensors")]);
         // A variant no folder holds is refused, naming it.
         let e = components(&ModelSource::dir(d.to_path_buf()).with_variant(Some("bf16".into()))).unwrap_err();
         assert!(e.to_string().contains("holds no `bf16` variant"), "{e}");

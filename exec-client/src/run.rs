@@ -187,14 +187,21 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
             (Some(model), Some(config)) => config.components().into_iter().map(|c| (format!("{model}/{c}"), Some(c))).collect(),
             (Some(model), None) => vec![(model.to_string(), None)],
         };
+        // A pipeline's component sources, its index read once for the step
+        // (`components` picks each folder's variant as diffusers does).
+        let sources = match (step.model(), &config) {
+            (Some(model), Some(_)) => mora_common::pipeline::components(&workflow.models[model].source)
+                .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         for (key, component) in &keys {
             reused.push(weights.contains_key(key.as_str()));
             if !weights.contains_key(key.as_str()) {
                 let model = step.model().expect("a step with weights names a model");
                 let spec = &workflow.models[model];
                 let source = match component {
-                    Some(c) => mora_common::pipeline::component(&spec.source, c)
-                        .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?,
+                    Some(c) => sources.iter().find(|(n, _)| n == c).map_or_else(|| spec.source.component(c), |(_, s)| s.clone()),
                     None => spec.source.clone(),
                 };
                 weights.insert(key.clone(), acquire(source, spec, model)?);
