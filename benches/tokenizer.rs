@@ -11,9 +11,12 @@
 //! as "a b" strings (earlier releases), and a synthetic Unigram of
 //! XLM-RoBERTa's size (250 002 pieces, the multilingual encoders' model),
 //! written to `.mora-bench/tokenizers` when missing. Give any `tokenizer.json` to time it instead. Each load is a
-//! fresh parse of a file that stays in the page cache. Medians over repeats,
-//! min and max; both readers' tokenizers are checked to serialise to the
-//! same JSON first.
+//! fresh parse of a file that stays in the page cache. Then both encode the
+//! same texts (`examples/corpus.txt` and a few lines in other scripts), each
+//! repeat on a fresh copy of the tokenizer, so that no cache carries over
+//! from one repeat to the next. Medians over repeats, min and max; both
+//! readers' tokenizers are checked first to serialise to the same JSON and
+//! to give the same ids and offsets for every text.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,29 +79,67 @@ fn main() {
     } else {
         args.files.clone()
     };
-    println!("| tokenizer.json | model | size | crate, ms | Mora, ms | Mora / crate |");
-    println!("|---|---|---|---|---|---|");
+    let corpus = std::fs::read_to_string(mora::root().join("examples/corpus.txt")).expect("examples/corpus.txt");
+    let texts: Vec<&str> = corpus.lines().chain(OTHER_SCRIPTS.iter().copied()).collect();
+    println!("| tokenizer.json | model | size | load: crate, ms | Mora, ms | Mora / crate | encode {} texts: crate, ms | Mora, ms | Mora / crate |", texts.len());
+    println!("|---|---|---|---|---|---|---|---|---|");
     for file in &files {
         let crate_load = || tokenizers::Tokenizer::from_file(file).expect("the crate reads it");
         let mora_load = || mora_exec::tokenizer::load(file).expect("Mora reads it");
         let (a, b) = (crate_load(), mora_load());
         assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap(), "{}: the two readers disagree", file.display());
+        for t in &texts {
+            let (x, y) = (a.encode(*t, true).unwrap(), b.encode(*t, true).unwrap());
+            assert_eq!((x.get_ids(), x.get_offsets()), (y.get_ids(), y.get_offsets()), "{}: {t:?}", file.display());
+        }
         let kind = serde_json::to_value(a.get_model()).ok().and_then(|m| m["type"].as_str().map(str::to_string)).unwrap_or_default();
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
         let (c, m) = time_both(args.repeats, &crate_load, &mora_load);
+        // Each encode on a fresh copy: a copy starts with an empty cache.
+        let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap()).count(), &|t: &mora_exec::tokenizer::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap()).count());
+        let cell = |t: (f64, f64, f64)| format!("{:.1} ({:.1}-{:.1})", t.0, t.1, t.2);
+        let fine = |t: (f64, f64, f64)| format!("{:.2} ({:.2}-{:.2})", t.0, t.1, t.2);
         println!(
-            "| {} | {kind}, {} tokens | {size:.1} MiB | {:.1} ({:.1}-{:.1}) | {:.1} ({:.1}-{:.1}) | {:.2}x |",
+            "| {} | {kind}, {} tokens | {size:.1} MiB | {} | {} | {:.2}x | {} | {} | {:.2}x |",
             file.display(),
             a.get_vocab_size(true),
-            c.0,
-            c.1,
-            c.2,
-            m.0,
-            m.1,
-            m.2,
-            m.0 / c.0
+            cell(c),
+            cell(m),
+            m.0 / c.0,
+            fine(ec),
+            fine(em),
+            em.0 / ec.0
         );
     }
+}
+
+/// Lines in other scripts and with accents, for the encode timing.
+const OTHER_SCRIPTS: &[&str] = &[
+    "Ο άνθρωπος τρώει φαγητό στην αυλή του σπιτιού.",
+    "Женщина играет на скрипке в большом зале.",
+    "Le garçon mange une pièce de pain à côté de l'église.",
+    "数学 is 😀 ünïcödé; don't stop-believing... 12345.678",
+];
+
+/// `encode` on a fresh copy of each tokenizer (copied untimed), `repeats`
+/// times, interleaved as in `time_both`.
+fn time_fresh<A: Clone, B: Clone>(repeats: usize, a: &A, b: &B, ea: &dyn Fn(&A) -> usize, eb: &dyn Fn(&B) -> usize) -> ((f64, f64, f64), (f64, f64, f64)) {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for i in 0..=repeats {
+        let (ca, cb) = (a.clone(), b.clone());
+        let (x, y) = if i % 2 == 0 {
+            (ms(&|| ea(&ca)), ms(&|| eb(&cb)))
+        } else {
+            let y = ms(&|| eb(&cb));
+            (ms(&|| ea(&ca)), y)
+        };
+        // The first is a warm-up.
+        if i > 0 {
+            ta.push(x);
+            tb.push(y);
+        }
+    }
+    (median_min_max(ta), median_min_max(tb))
 }
 
 /// A deterministic generator (xorshift64): `next(n)` draws from 0..n.

@@ -11,7 +11,9 @@ use candle_transformers::models::bert::{BertModel, Config};
 use candle_transformers::models::modernbert::{self, ModernBert};
 use candle_transformers::models::xlm_roberta::{self, XLMRobertaModel};
 use serde::Deserialize;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
+
+use crate::tokenizer::Tokenizer;
 
 /// Texts embedded per forward pass.
 pub const BATCH: usize = 32;

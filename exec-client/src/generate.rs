@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use tokenizers::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 use crate::decoder::Decoder;
 use crate::lm_config;

@@ -1,6 +1,9 @@
 //! Loads a `tokenizer.json` as the `tokenizers` crate does, faster for
 //! WordPiece (the BERT family's model), BPE (the byte-level BPE of every
 //! decoder family) and Unigram (the multilingual encoders' SentencePiece).
+//! A Unigram model is Mora's own (`unigram.rs`), which tokenizes as the
+//! crate's does without building its byte trie; every other part is the
+//! crate's.
 //!
 //! `Tokenizer::from_file` reads the model section through a
 //! `serde_json::Value` (the crate tells the model kinds apart by a flattened
@@ -16,17 +19,96 @@
 //! through `Tokenizer::from_file` itself, so errors and results are the
 //! crate's.
 
-use std::path::Path;
+mod unigram;
 
-use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use tokenizers::models::bpe::BPE;
-use tokenizers::models::unigram::Unigram;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
-    PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
+    PreTokenizerWrapper, Token, TokenizerBuilder, TokenizerImpl,
 };
+
+/// The crate's tokenizer around a model that is the crate's or Mora's
+/// Unigram; it encodes and decodes with the crate's methods.
+pub type Tokenizer =
+    TokenizerImpl<Model, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+
+/// A tokenizer's model: one of the crate's, or Mora's Unigram.
+#[derive(Clone, Debug)]
+pub enum Model {
+    Crate(ModelWrapper),
+    Unigram(unigram::Unigram),
+}
+
+impl tokenizers::Model for Model {
+    type Trainer = tokenizers::models::TrainerWrapper;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
+        match self {
+            Model::Crate(m) => m.tokenize(sequence),
+            Model::Unigram(m) => m.tokenize(sequence),
+        }
+    }
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Model::Crate(m) => m.token_to_id(token),
+            Model::Unigram(m) => m.token_to_id(token),
+        }
+    }
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            Model::Crate(m) => m.id_to_token(id),
+            Model::Unigram(m) => m.id_to_token(id),
+        }
+    }
+    fn get_vocab(&self) -> HashMap<String, u32> {
+        match self {
+            Model::Crate(m) => m.get_vocab(),
+            Model::Unigram(m) => m.get_vocab(),
+        }
+    }
+    fn get_vocab_size(&self) -> usize {
+        match self {
+            Model::Crate(m) => m.get_vocab_size(),
+            Model::Unigram(m) => m.get_vocab_size(),
+        }
+    }
+    fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
+        match self {
+            Model::Crate(m) => m.save(folder, prefix),
+            Model::Unigram(m) => m.save(folder, prefix),
+        }
+    }
+    fn get_trainer(&self) -> Self::Trainer {
+        match self {
+            Model::Crate(m) => m.get_trainer(),
+            Model::Unigram(m) => m.get_trainer(),
+        }
+    }
+}
+
+/// Serialised as the crate serialises the model.
+impl Serialize for Model {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Model::Crate(m) => m.serialize(serializer),
+            Model::Unigram(m) => m.serialize(serializer),
+        }
+    }
+}
+
+/// Read by the crate's own deserializer, for the files the fast path
+/// leaves to it.
+impl<'de> Deserialize<'de> for Model {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ModelWrapper::deserialize(deserializer).map(Model::Crate)
+    }
+}
 
 /// Reads `path` into a tokenizer; the error names the file.
 pub fn load(path: &Path) -> Result<Tokenizer, String> {
@@ -94,7 +176,7 @@ struct BpeFields<'a> {
 }
 
 /// A WordPiece model as its builder makes it.
-fn wordpiece_model(model: &str) -> Option<ModelWrapper> {
+fn wordpiece_model(model: &str) -> Option<Model> {
     let w: WordPieceFields = serde_json::from_str(model).ok()?;
     let model = WordPiece::builder()
         .vocab(w.vocab)
@@ -103,13 +185,13 @@ fn wordpiece_model(model: &str) -> Option<ModelWrapper> {
         .max_input_chars_per_word(w.max_input_chars_per_word)
         .build()
         .ok()?;
-    Some(ModelWrapper::WordPiece(model))
+    Some(Model::Crate(ModelWrapper::WordPiece(model)))
 }
 
 /// A BPE model as its builder makes it. Merges come in two forms: pairs
 /// (`[["a", "b"], ...]`, tokenizers 0.20 and later) and the legacy strings
 /// (`["a b", ...]`, split at their one space; `#version` lines skipped).
-fn bpe_model(model: &str) -> Option<ModelWrapper> {
+fn bpe_model(model: &str) -> Option<Model> {
     let b: BpeFields = serde_json::from_str(model).ok()?;
     let merges: Vec<(String, String)> = match serde_json::from_str(b.merges.get()) {
         Ok(pairs) => pairs,
@@ -148,7 +230,7 @@ fn bpe_model(model: &str) -> Option<ModelWrapper> {
     if let Some(f) = b.ignore_merges {
         builder = builder.ignore_merges(f);
     }
-    Some(ModelWrapper::BPE(builder.build().ok()?))
+    Some(Model::Crate(ModelWrapper::BPE(builder.build().ok()?)))
 }
 
 /// A Unigram model: the fields the crate reads
@@ -162,10 +244,10 @@ struct UnigramFields {
     byte_fallback: bool,
 }
 
-/// A Unigram model as the crate makes it.
-fn unigram_model(model: &str) -> Option<ModelWrapper> {
+/// Mora's Unigram model, where the crate's `Unigram::from` would succeed.
+fn unigram_model(model: &str) -> Option<Model> {
     let u: UnigramFields = serde_json::from_str(model).ok()?;
-    Some(ModelWrapper::Unigram(Unigram::from(u.vocab, u.unk_id, u.byte_fallback).ok()?))
+    Some(Model::Unigram(unigram::Unigram::new(u.vocab, u.unk_id, u.byte_fallback)?))
 }
 
 /// The tokenizer, when its model is WordPiece, BPE or Unigram and every
@@ -190,7 +272,7 @@ fn fast(text: &str) -> Option<Tokenizer> {
         }
     }
     let builder = TokenizerBuilder::<
-        ModelWrapper,
+        Model,
         NormalizerWrapper,
         PreTokenizerWrapper,
         PostProcessorWrapper,
@@ -203,7 +285,7 @@ fn fast(text: &str) -> Option<Tokenizer> {
     .with_decoder(part(s.decoder)?)
     .with_truncation(part(s.truncation)?)
     .with_padding(part(s.padding)?);
-    let mut tokenizer: Tokenizer = builder.build().ok()?.into();
+    let mut tokenizer: Tokenizer = builder.build().ok()?;
     // Each entry's saved `id` is not read: the crate only logs a warning
     // when it differs from the id the tokens get here, in the same order.
     let added: Vec<AddedToken> = part(s.added_tokens)?.unwrap_or_default();
@@ -240,7 +322,7 @@ mod tests {
     /// truncation, padding) and the same encodings, for every fixture.
     /// Asserts that `ours` is the tokenizer the crate reads from `f`.
     fn same_as_the_crate(ours: &Tokenizer, f: &Path) {
-        let theirs = Tokenizer::from_file(f).unwrap();
+        let theirs = tokenizers::Tokenizer::from_file(f).unwrap();
         assert_eq!(
             serde_json::to_string(ours).unwrap(),
             serde_json::to_string(&theirs).unwrap(),
@@ -311,7 +393,7 @@ mod tests {
         let d = mora_common::scratch::Scratch::new("tok-bpe");
         let p = d.join("tokenizer.json");
         let write = |model: &str| std::fs::write(&p, format!(r#"{{"version": "1.0", "model": {model}}}"#)).unwrap();
-        let crate_error = |p: &Path| format!("cannot load {}: {}", p.display(), Tokenizer::from_file(p).unwrap_err());
+        let crate_error = |p: &Path| format!("cannot load {}: {}", p.display(), tokenizers::Tokenizer::from_file(p).unwrap_err());
         for model in [
             // A merge of three parts, a merge of a token not in the vocabulary,
             // a dropout out of range, no merges.
