@@ -19,7 +19,10 @@
 //! through `Tokenizer::from_file` itself, so errors and results are the
 //! crate's.
 
+mod bpe;
 mod unigram;
+
+use std::borrow::Cow;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,10 +41,11 @@ use tokenizers::{
 pub type Tokenizer =
     TokenizerImpl<Model, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
-/// A tokenizer's model: one of the crate's, or Mora's Unigram.
+/// A tokenizer's model: one of the crate's, or Mora's BPE or Unigram.
 #[derive(Clone, Debug)]
 pub enum Model {
     Crate(ModelWrapper),
+    Bpe(bpe::Bpe),
     Unigram(unigram::Unigram),
 }
 
@@ -51,42 +55,49 @@ impl tokenizers::Model for Model {
     fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
         match self {
             Model::Crate(m) => m.tokenize(sequence),
+            Model::Bpe(m) => m.tokenize(sequence),
             Model::Unigram(m) => m.tokenize(sequence),
         }
     }
     fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
             Model::Crate(m) => m.token_to_id(token),
+            Model::Bpe(m) => m.token_to_id(token),
             Model::Unigram(m) => m.token_to_id(token),
         }
     }
     fn id_to_token(&self, id: u32) -> Option<String> {
         match self {
             Model::Crate(m) => m.id_to_token(id),
+            Model::Bpe(m) => m.id_to_token(id),
             Model::Unigram(m) => m.id_to_token(id),
         }
     }
     fn get_vocab(&self) -> HashMap<String, u32> {
         match self {
             Model::Crate(m) => m.get_vocab(),
+            Model::Bpe(m) => m.get_vocab(),
             Model::Unigram(m) => m.get_vocab(),
         }
     }
     fn get_vocab_size(&self) -> usize {
         match self {
             Model::Crate(m) => m.get_vocab_size(),
+            Model::Bpe(m) => m.get_vocab_size(),
             Model::Unigram(m) => m.get_vocab_size(),
         }
     }
     fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
         match self {
             Model::Crate(m) => m.save(folder, prefix),
+            Model::Bpe(m) => m.save(folder, prefix),
             Model::Unigram(m) => m.save(folder, prefix),
         }
     }
     fn get_trainer(&self) -> Self::Trainer {
         match self {
             Model::Crate(m) => m.get_trainer(),
+            Model::Bpe(m) => m.get_trainer(),
             Model::Unigram(m) => m.get_trainer(),
         }
     }
@@ -97,6 +108,7 @@ impl Serialize for Model {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Model::Crate(m) => m.serialize(serializer),
+            Model::Bpe(m) => m.serialize(serializer),
             Model::Unigram(m) => m.serialize(serializer),
         }
     }
@@ -170,7 +182,8 @@ struct BpeFields<'a> {
     fuse_unk: Option<bool>,
     byte_fallback: Option<bool>,
     ignore_merges: Option<bool>,
-    vocab: ahash::AHashMap<String, u32>,
+    #[serde(borrow)]
+    vocab: &'a RawValue,
     #[serde(borrow)]
     merges: &'a RawValue,
 }
@@ -188,27 +201,55 @@ fn wordpiece_model(model: &str) -> Option<Model> {
     Some(Model::Crate(ModelWrapper::WordPiece(model)))
 }
 
-/// A BPE model as its builder makes it. Merges come in two forms: pairs
-/// (`[["a", "b"], ...]`, tokenizers 0.20 and later) and the legacy strings
-/// (`["a b", ...]`, split at their one space; `#version` lines skipped).
+/// Merges come in two forms: pairs (`[["a", "b"], ...]`, tokenizers 0.20 and
+/// later) and the legacy strings (`["a b", ...]`, split at their one space;
+/// `#version` lines skipped).
+fn merges(raw: &RawValue) -> Option<Vec<(bpe::Text<'_>, bpe::Text<'_>)>> {
+    if let Ok(pairs) = serde_json::from_str(raw.get()) {
+        return Some(pairs);
+    }
+    let lines: Vec<bpe::Text> = serde_json::from_str(raw.get()).ok()?;
+    let mut merges = Vec::with_capacity(lines.len());
+    // Each line has exactly one space. A line read without a copy lends its
+    // parts; an escaped one is copied.
+    for line in lines.into_iter().filter(|l| !l.0.starts_with("#version")) {
+        let (a, b) = line.0.split_once(' ')?;
+        if b.contains(' ') {
+            return None;
+        }
+        merges.push(match line.0 {
+            Cow::Borrowed(l) => {
+                let (a, b) = l.split_once(' ')?;
+                (bpe::Text(Cow::Borrowed(a)), bpe::Text(Cow::Borrowed(b)))
+            }
+            Cow::Owned(_) => (bpe::Text(Cow::Owned(a.to_string())), bpe::Text(Cow::Owned(b.to_string()))),
+        });
+    }
+    Some(merges)
+}
+
+/// A BPE model: Mora's, or the crate's where merges have a dropout (they
+/// are then random) or Mora's leaves the vocabulary to the crate.
 fn bpe_model(model: &str) -> Option<Model> {
     let b: BpeFields = serde_json::from_str(model).ok()?;
-    let merges: Vec<(String, String)> = match serde_json::from_str(b.merges.get()) {
-        Ok(pairs) => pairs,
-        Err(_) => {
-            let lines: Vec<String> = serde_json::from_str(b.merges.get()).ok()?;
-            let mut merges = Vec::with_capacity(lines.len());
-            for line in lines.iter().filter(|l| !l.starts_with("#version")) {
-                let mut parts = line.split(' ');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                    _ => return None,
-                }
-            }
-            merges
+    let merges = merges(b.merges)?;
+    if b.dropout.is_none() {
+        let vocab: bpe::Vocab = serde_json::from_str(b.vocab.get()).ok()?;
+        let options = bpe::Options {
+            unk_token: b.unk_token.clone(),
+            continuing_subword_prefix: b.continuing_subword_prefix.clone(),
+            end_of_word_suffix: b.end_of_word_suffix.clone(),
+            fuse_unk: b.fuse_unk.unwrap_or(false),
+            byte_fallback: b.byte_fallback.unwrap_or(false),
+            ignore_merges: b.ignore_merges.unwrap_or(false),
+        };
+        if let Some(m) = bpe::Bpe::new(vocab, &merges, options) {
+            return Some(Model::Bpe(m));
         }
-    };
-    let mut builder = BPE::builder().vocab_and_merges(b.vocab, merges);
+    }
+    let vocab: ahash::AHashMap<String, u32> = serde_json::from_str(b.vocab.get()).ok()?;
+    let merges = merges.into_iter().map(|(a, b)| (a.0.into_owned(), b.0.into_owned())).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
     if let Some(p) = b.dropout {
         builder = builder.dropout(p);
     }
