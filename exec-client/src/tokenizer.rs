@@ -1,26 +1,32 @@
 //! Loads a `tokenizer.json` as the `tokenizers` crate does, faster for
 //! WordPiece (the BERT family's model), BPE (the byte-level BPE of every
 //! decoder family) and Unigram (the multilingual encoders' SentencePiece).
-//! A Unigram model is Mora's own (`unigram.rs`), which tokenizes as the
-//! crate's does without building its byte trie; every other part is the
-//! crate's.
 //!
 //! `Tokenizer::from_file` reads the model section through a
 //! `serde_json::Value` (the crate tells the model kinds apart by a flattened
 //! `type`), so a vocabulary is parsed into a tree of values and converted
-//! again: about 25 ms of a 70 ms warm embedding run for MiniLM's 30 522
-//! tokens, a few hundred ms for a 128 000-token BPE with its merges. Here
-//! the file is split into its sections without parsing them (`RawValue`), a
-//! WordPiece, BPE or Unigram model's fields go straight into the types its
-//! constructor takes, and the tokenizer is assembled with the crate's own
-//! builders and parts, in the order and with the checks of the crate's own
-//! deserializers (`tokenizer/serialization.rs`, `models/*/serialization.rs`).
-//! Any other model (WordLevel), or a file the fast path does not read, goes
-//! through `Tokenizer::from_file` itself, so errors and results are the
-//! crate's.
+//! again, and its models then build maps of owned strings both ways (and a
+//! Unigram, a byte trie with a hash map in every node): about 25 ms of a warm
+//! embedding run for MiniLM's 30 522 tokens, 0.4 s for a 128 000-token BPE
+//! with its merges, 0.9 s for a 250 000-piece Unigram. Here the file is split
+//! into its sections without parsing them (`RawValue`), and a WordPiece, BPE
+//! or Unigram model is read into Mora's own model of that kind
+//! (`wordpiece.rs`, `bpe.rs`, `unigram.rs`, over `vocab.rs`), each of which
+//! tokenizes as the crate's does, step for step; their tests compare them
+//! with the crate's models on random vocabularies and texts. Everything
+//! else (normaliser, pre-tokeniser, post-processor, decoder, added tokens,
+//! truncation, padding) is the crate's, assembled with its builders in the
+//! order and with the checks of its own deserializers
+//! (`tokenizer/serialization.rs`, `models/*/serialization.rs`). A model Mora's
+//! leaves to the crate (a BPE with dropout, a vocabulary with a token or an
+//! id listed twice) is built by the crate's builder; any other model
+//! (WordLevel), or a file the fast path does not read, goes through the
+//! crate's reader itself, so errors and results are the crate's.
 
 mod bpe;
 mod unigram;
+mod vocab;
+mod wordpiece;
 
 use std::borrow::Cow;
 
@@ -41,12 +47,14 @@ use tokenizers::{
 pub type Tokenizer =
     TokenizerImpl<Model, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
-/// A tokenizer's model: one of the crate's, or Mora's BPE or Unigram.
+/// A tokenizer's model: Mora's BPE, Unigram or WordPiece, or one of the
+/// crate's where Mora's leaves it to the crate.
 #[derive(Clone, Debug)]
 pub enum Model {
     Crate(ModelWrapper),
     Bpe(bpe::Bpe),
     Unigram(unigram::Unigram),
+    WordPiece(wordpiece::WordPiece),
 }
 
 impl tokenizers::Model for Model {
@@ -57,6 +65,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.tokenize(sequence),
             Model::Bpe(m) => m.tokenize(sequence),
             Model::Unigram(m) => m.tokenize(sequence),
+            Model::WordPiece(m) => m.tokenize(sequence),
         }
     }
     fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -64,6 +73,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.token_to_id(token),
             Model::Bpe(m) => m.token_to_id(token),
             Model::Unigram(m) => m.token_to_id(token),
+            Model::WordPiece(m) => m.token_to_id(token),
         }
     }
     fn id_to_token(&self, id: u32) -> Option<String> {
@@ -71,6 +81,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.id_to_token(id),
             Model::Bpe(m) => m.id_to_token(id),
             Model::Unigram(m) => m.id_to_token(id),
+            Model::WordPiece(m) => m.id_to_token(id),
         }
     }
     fn get_vocab(&self) -> HashMap<String, u32> {
@@ -78,6 +89,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.get_vocab(),
             Model::Bpe(m) => m.get_vocab(),
             Model::Unigram(m) => m.get_vocab(),
+            Model::WordPiece(m) => m.get_vocab(),
         }
     }
     fn get_vocab_size(&self) -> usize {
@@ -85,6 +97,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.get_vocab_size(),
             Model::Bpe(m) => m.get_vocab_size(),
             Model::Unigram(m) => m.get_vocab_size(),
+            Model::WordPiece(m) => m.get_vocab_size(),
         }
     }
     fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
@@ -92,6 +105,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.save(folder, prefix),
             Model::Bpe(m) => m.save(folder, prefix),
             Model::Unigram(m) => m.save(folder, prefix),
+            Model::WordPiece(m) => m.save(folder, prefix),
         }
     }
     fn get_trainer(&self) -> Self::Trainer {
@@ -99,6 +113,7 @@ impl tokenizers::Model for Model {
             Model::Crate(m) => m.get_trainer(),
             Model::Bpe(m) => m.get_trainer(),
             Model::Unigram(m) => m.get_trainer(),
+            Model::WordPiece(m) => m.get_trainer(),
         }
     }
 }
@@ -110,6 +125,7 @@ impl Serialize for Model {
             Model::Crate(m) => m.serialize(serializer),
             Model::Bpe(m) => m.serialize(serializer),
             Model::Unigram(m) => m.serialize(serializer),
+            Model::WordPiece(m) => m.serialize(serializer),
         }
     }
 }
@@ -164,11 +180,12 @@ struct Kind<'a> {
 
 /// A WordPiece model: the four fields the crate requires.
 #[derive(Deserialize)]
-struct WordPieceFields {
+struct WordPieceFields<'a> {
     unk_token: String,
     continuing_subword_prefix: String,
     max_input_chars_per_word: usize,
-    vocab: ahash::AHashMap<String, u32>,
+    #[serde(borrow)]
+    vocab: &'a RawValue,
 }
 
 /// A BPE model: every field the crate reads (`models/bpe/serialization.rs`);
@@ -188,14 +205,21 @@ struct BpeFields<'a> {
     merges: &'a RawValue,
 }
 
-/// A WordPiece model as its builder makes it.
+/// A WordPiece model: Mora's, or the crate's where Mora's leaves the
+/// vocabulary to it.
 fn wordpiece_model(model: &str) -> Option<Model> {
     let w: WordPieceFields = serde_json::from_str(model).ok()?;
+    let vocab: vocab::Vocab = serde_json::from_str(w.vocab.get()).ok()?;
+    let (unk, prefix, max) = (w.unk_token, w.continuing_subword_prefix, w.max_input_chars_per_word);
+    if let Some(m) = wordpiece::WordPiece::new(vocab, unk.clone(), prefix.clone(), max) {
+        return Some(Model::WordPiece(m));
+    }
+    let vocab: ahash::AHashMap<String, u32> = serde_json::from_str(w.vocab.get()).ok()?;
     let model = WordPiece::builder()
-        .vocab(w.vocab)
-        .unk_token(w.unk_token)
-        .continuing_subword_prefix(w.continuing_subword_prefix)
-        .max_input_chars_per_word(w.max_input_chars_per_word)
+        .vocab(vocab)
+        .unk_token(unk)
+        .continuing_subword_prefix(prefix)
+        .max_input_chars_per_word(max)
         .build()
         .ok()?;
     Some(Model::Crate(ModelWrapper::WordPiece(model)))
@@ -204,11 +228,11 @@ fn wordpiece_model(model: &str) -> Option<Model> {
 /// Merges come in two forms: pairs (`[["a", "b"], ...]`, tokenizers 0.20 and
 /// later) and the legacy strings (`["a b", ...]`, split at their one space;
 /// `#version` lines skipped).
-fn merges(raw: &RawValue) -> Option<Vec<(bpe::Text<'_>, bpe::Text<'_>)>> {
+fn merges(raw: &RawValue) -> Option<Vec<(vocab::Text<'_>, vocab::Text<'_>)>> {
     if let Ok(pairs) = serde_json::from_str(raw.get()) {
         return Some(pairs);
     }
-    let lines: Vec<bpe::Text> = serde_json::from_str(raw.get()).ok()?;
+    let lines: Vec<vocab::Text> = serde_json::from_str(raw.get()).ok()?;
     let mut merges = Vec::with_capacity(lines.len());
     // Each line has exactly one space. A line read without a copy lends its
     // parts; an escaped one is copied.
@@ -220,9 +244,9 @@ fn merges(raw: &RawValue) -> Option<Vec<(bpe::Text<'_>, bpe::Text<'_>)>> {
         merges.push(match line.0 {
             Cow::Borrowed(l) => {
                 let (a, b) = l.split_once(' ')?;
-                (bpe::Text(Cow::Borrowed(a)), bpe::Text(Cow::Borrowed(b)))
+                (vocab::Text(Cow::Borrowed(a)), vocab::Text(Cow::Borrowed(b)))
             }
-            Cow::Owned(_) => (bpe::Text(Cow::Owned(a.to_string())), bpe::Text(Cow::Owned(b.to_string()))),
+            Cow::Owned(_) => (vocab::Text(Cow::Owned(a.to_string())), vocab::Text(Cow::Owned(b.to_string()))),
         });
     }
     Some(merges)
@@ -234,7 +258,7 @@ fn bpe_model(model: &str) -> Option<Model> {
     let b: BpeFields = serde_json::from_str(model).ok()?;
     let merges = merges(b.merges)?;
     if b.dropout.is_none() {
-        let vocab: bpe::Vocab = serde_json::from_str(b.vocab.get()).ok()?;
+        let vocab: vocab::Vocab = serde_json::from_str(b.vocab.get()).ok()?;
         let options = bpe::Options {
             unk_token: b.unk_token.clone(),
             continuing_subword_prefix: b.continuing_subword_prefix.clone(),
@@ -400,6 +424,10 @@ mod tests {
             let kind = model_type(&text);
             let expected = ["WordPiece", "BPE", "Unigram"].contains(&kind.as_str());
             assert_eq!(fast(&text).is_some(), expected, "{}", f.display());
+            // And the model is Mora's, not the crate's.
+            if let Some(t) = fast(&text) {
+                assert!(matches!(t.get_model(), Model::WordPiece(_) | Model::Bpe(_) | Model::Unigram(_)), "{}", f.display());
+            }
             *read_here.entry(kind).or_insert(0) += usize::from(expected);
         }
         assert!(read_here["WordPiece"] >= 2 && read_here["BPE"] >= 10 && read_here["Unigram"] >= 2, "{read_here:?}");

@@ -5,74 +5,24 @@
 //! The crate's builder keeps the vocabulary as a map of owned strings, builds
 //! a second map from id to string, and looks every merge's parts and result
 //! up in them: about 110 ms of a 270 ms load for a vocabulary of Llama 3's
-//! size, spent again by every fresh process. Here the tokens' texts are
-//! copied once into one string, an index of entries keyed by their text
-//! finds an id without a copy of each token, ids map to entries through a
-//! vector, and the merge map is the crate's (pair of ids to rank and new
-//! id). Tokenizing is the crate's `merge_word`, `Word::merge_all` and
+//! size, spent again by every fresh process. Here the vocabulary is a
+//! `Vocabulary` (`vocab.rs`: the tokens' texts copied once into one string,
+//! no map of owned strings either way), and the merge map is the crate's
+//! (pair of ids to rank and new id). Tokenizing is the crate's `merge_word`, `Word::merge_all` and
 //! `word_to_tokens` (`models/bpe/model.rs`, `word.rs`, tokenizers 0.23),
 //! step for step: the same priority of merges (lowest rank, then leftmost),
 //! the same check of stale entries, unknown characters fused or not, byte
-//! fallback. Merges with dropout are random and stay with the crate's model;
-//! so does a vocabulary with a token or an id listed twice, which the crate
-//! reads by the order of a hash map.
+//! fallback. Merges with dropout are random and stay with the crate's model,
+//! as does a vocabulary that `Vocabulary` leaves to the crate.
 
-use std::borrow::Cow;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
 
-use serde::de::{MapAccess, Visitor};
-use serde::ser::{SerializeMap, SerializeStruct};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-/// A string from the JSON text, borrowed where it has no escapes.
-pub struct Text<'a>(pub Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> std::result::Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v.to_string())))
-            }
-            fn visit_string<E>(self, v: String) -> std::result::Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(V)
-    }
-}
-
-/// A `vocab` object in file order: each token's text and id.
-pub struct Vocab<'a>(pub Vec<(Text<'a>, u32)>);
-
-impl<'de> Deserialize<'de> for Vocab<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Vocab<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of tokens to ids")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<Vocab<'de>, M::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(entry) = map.next_entry::<Text<'de>, u32>()? {
-                    entries.push(entry);
-                }
-                Ok(Vocab(entries))
-            }
-        }
-        deserializer.deserialize_map(V)
-    }
-}
+use super::vocab::{Text, Vocab, Vocabulary};
 
 /// The options of a BPE model, as the crate's builder takes them.
 #[derive(Default)]
@@ -87,15 +37,7 @@ pub struct Options {
 
 #[derive(Clone, Debug)]
 pub struct Bpe {
-    /// Every token's text, one after another.
-    text: String,
-    /// Each token's span of `text` and its id, in file order.
-    entries: Vec<(u32, u32, u32)>,
-    /// Entries keyed by their text.
-    index: hashbrown::HashTable<u32>,
-    hasher: ahash::RandomState,
-    /// The entry of each id (`u32::MAX` where no token has it).
-    by_id: Vec<u32>,
+    vocab: Vocabulary,
     /// A pair of ids to the merge's rank and the id it makes.
     merges: ahash::AHashMap<(u32, u32), (u32, u32)>,
     unk_token: Option<String>,
@@ -108,51 +50,12 @@ pub struct Bpe {
 
 impl Bpe {
     /// The model of `vocab` and `merges`, or `None` where the crate's builder
-    /// would fail or read the vocabulary by a hash map's order (a token or an
-    /// id listed twice), so that the crate's reader does it.
+    /// would fail or `Vocabulary` leaves the vocabulary to the crate, so that
+    /// the crate's reader does it.
     pub fn new(vocab: Vocab, merges: &[(Text, Text)], options: Options) -> Option<Bpe> {
-        let hasher = ahash::RandomState::new();
-        let mut text = String::with_capacity(vocab.0.iter().map(|(t, _)| t.0.len()).sum());
-        let mut entries = Vec::with_capacity(vocab.0.len());
-        let mut index = hashbrown::HashTable::with_capacity(vocab.0.len());
-        let mut max_id = 0;
-        for (token, id) in &vocab.0 {
-            let start = text.len() as u32;
-            text.push_str(&token.0);
-            let entry = entries.len() as u32;
-            entries.push((start, text.len() as u32, *id));
-            let token: &str = &token.0;
-            let spans = &entries;
-            let at = |e: u32| {
-                let (s, end, _) = spans[e as usize];
-                &text[s as usize..end as usize]
-            };
-            match index.entry(hasher.hash_one(token), |&e| at(e) == token, |&e| hasher.hash_one(at(e))) {
-                hashbrown::hash_table::Entry::Occupied(_) => return None,
-                hashbrown::hash_table::Entry::Vacant(v) => {
-                    v.insert(entry);
-                }
-            }
-            max_id = max_id.max(*id);
-        }
-        // A sparse vocabulary is left to the crate rather than given a
-        // vector of holes.
-        if max_id as usize > 2 * entries.len() + 1024 {
-            return None;
-        }
-        let mut by_id = vec![u32::MAX; if entries.is_empty() { 0 } else { max_id as usize + 1 }];
-        for (e, &(_, _, id)) in entries.iter().enumerate() {
-            if by_id[id as usize] != u32::MAX {
-                return None;
-            }
-            by_id[id as usize] = e as u32;
-        }
+        let vocab = Vocabulary::new(vocab)?;
         let mut bpe = Bpe {
-            text,
-            entries,
-            index,
-            hasher,
-            by_id,
+            vocab,
             merges: ahash::AHashMap::with_capacity(merges.len()),
             unk_token: options.unk_token,
             continuing_subword_prefix: options.continuing_subword_prefix,
@@ -177,24 +80,12 @@ impl Bpe {
         Some(bpe)
     }
 
-    fn at(&self, entry: u32) -> &str {
-        let (start, end, _) = self.entries[entry as usize];
-        &self.text[start as usize..end as usize]
-    }
-
-    /// The id of `token`.
     fn id(&self, token: &str) -> Option<u32> {
-        self.index
-            .find(self.hasher.hash_one(token), |&e| self.at(e) == token)
-            .map(|&e| self.entries[e as usize].2)
+        self.vocab.id(token)
     }
 
-    /// The text of `id`.
     fn token(&self, id: u32) -> Option<&str> {
-        match self.by_id.get(id as usize) {
-            Some(&e) if e != u32::MAX => Some(self.at(e)),
-            _ => None,
-        }
+        self.vocab.token(id)
     }
 
     /// The unknown token's id, or the crate's error where it has none.
@@ -377,11 +268,11 @@ impl tokenizers::Model for Bpe {
     }
 
     fn get_vocab(&self) -> HashMap<String, u32> {
-        self.entries.iter().enumerate().map(|(e, &(_, _, id))| (self.at(e as u32).to_string(), id)).collect()
+        self.vocab.to_map()
     }
 
     fn get_vocab_size(&self) -> usize {
-        self.entries.len()
+        self.vocab.len()
     }
 
     /// Writes `[name-]vocab.json` and `[name-]merges.txt` as the crate's
@@ -389,7 +280,7 @@ impl tokenizers::Model for Bpe {
     fn save(&self, folder: &Path, name: Option<&str>) -> Result<Vec<PathBuf>> {
         let named = |file: &str| folder.join(name.map_or(file.to_string(), |n| format!("{n}-{file}")));
         let (vocab_path, merges_path) = (named("vocab.json"), named("merges.txt"));
-        std::fs::write(&vocab_path, serde_json::to_string(&ById(self))?)?;
+        std::fs::write(&vocab_path, serde_json::to_string(&self.vocab)?)?;
         let mut merges = String::from("#version: 0.2\n");
         for (a, b) in self.ranked_merges() {
             merges.push_str(&format!("{a} {b}\n"));
@@ -415,21 +306,6 @@ impl Bpe {
     }
 }
 
-/// The vocabulary in id order, as the crate's `OrderedVocabIter` writes it.
-struct ById<'a>(&'a Bpe);
-
-impl Serialize for ById<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        for (id, &e) in self.0.by_id.iter().enumerate() {
-            if e != u32::MAX {
-                map.serialize_entry(self.0.at(e), &id)?;
-            }
-        }
-        map.end()
-    }
-}
-
 /// The crate's serialised form of a BPE model, field for field.
 impl Serialize for Bpe {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
@@ -442,7 +318,7 @@ impl Serialize for Bpe {
         model.serialize_field("fuse_unk", &self.fuse_unk)?;
         model.serialize_field("byte_fallback", &self.byte_fallback)?;
         model.serialize_field("ignore_merges", &self.ignore_merges)?;
-        model.serialize_field("vocab", &ById(self))?;
+        model.serialize_field("vocab", &self.vocab)?;
         model.serialize_field("merges", &self.ranked_merges())?;
         model.end()
     }
@@ -452,6 +328,7 @@ impl Serialize for Bpe {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::borrow::Cow;
     use tokenizers::models::bpe::BPE;
     use tokenizers::Model;
 
