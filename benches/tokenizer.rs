@@ -96,7 +96,7 @@ fn main() {
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
         let (c, m) = time_both(args.repeats, &crate_load, &mora_load);
         // Each encode on a fresh copy: a copy starts with an empty cache.
-        let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap()).count(), &|t: &mora_exec::tokenizer::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap()).count());
+        let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum(), &|t: &mora_exec::tokenizer::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum());
         let cell = |t: (f64, f64, f64)| format!("{:.1} ({:.1}-{:.1})", t.0, t.1, t.2);
         let fine = |t: (f64, f64, f64)| format!("{:.2} ({:.2}-{:.2})", t.0, t.1, t.2);
         println!(

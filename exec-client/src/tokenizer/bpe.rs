@@ -409,7 +409,7 @@ mod tests {
                 let prefix = prefix.then(|| "##".to_string());
                 let suffix = suffix.then(|| "</w>".to_string());
                 let mut tokens: Vec<String> = Vec::new();
-                let mut push = |tokens: &mut Vec<String>, t: String| {
+                let push = |tokens: &mut Vec<String>, t: String| {
                     if !tokens.contains(&t) {
                         tokens.push(t);
                     }
