@@ -29,7 +29,6 @@ mod vocab;
 mod wordpiece;
 
 use std::borrow::Cow;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -42,8 +41,8 @@ use tokenizers::{
     PreTokenizerWrapper, Token, TokenizerBuilder, TokenizerImpl,
 };
 
-/// The crate's tokenizer around a model that is the crate's or Mora's
-/// Unigram; it encodes and decodes with the crate's methods.
+/// The crate's tokenizer around a `Model`: it encodes and decodes with the
+/// crate's methods.
 pub type Tokenizer =
     TokenizerImpl<Model, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
@@ -57,76 +56,48 @@ pub enum Model {
     WordPiece(wordpiece::WordPiece),
 }
 
+/// `$call` on whichever model `$model` holds, named `$m`.
+macro_rules! each {
+    ($model:expr, $m:ident => $call:expr) => {
+        match $model {
+            Model::Crate($m) => $call,
+            Model::Bpe($m) => $call,
+            Model::Unigram($m) => $call,
+            Model::WordPiece($m) => $call,
+        }
+    };
+}
+
 impl tokenizers::Model for Model {
     type Trainer = tokenizers::models::TrainerWrapper;
 
     fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
-        match self {
-            Model::Crate(m) => m.tokenize(sequence),
-            Model::Bpe(m) => m.tokenize(sequence),
-            Model::Unigram(m) => m.tokenize(sequence),
-            Model::WordPiece(m) => m.tokenize(sequence),
-        }
+        each!(self, m => m.tokenize(sequence))
     }
     fn token_to_id(&self, token: &str) -> Option<u32> {
-        match self {
-            Model::Crate(m) => m.token_to_id(token),
-            Model::Bpe(m) => m.token_to_id(token),
-            Model::Unigram(m) => m.token_to_id(token),
-            Model::WordPiece(m) => m.token_to_id(token),
-        }
+        each!(self, m => m.token_to_id(token))
     }
     fn id_to_token(&self, id: u32) -> Option<String> {
-        match self {
-            Model::Crate(m) => m.id_to_token(id),
-            Model::Bpe(m) => m.id_to_token(id),
-            Model::Unigram(m) => m.id_to_token(id),
-            Model::WordPiece(m) => m.id_to_token(id),
-        }
+        each!(self, m => m.id_to_token(id))
     }
     fn get_vocab(&self) -> HashMap<String, u32> {
-        match self {
-            Model::Crate(m) => m.get_vocab(),
-            Model::Bpe(m) => m.get_vocab(),
-            Model::Unigram(m) => m.get_vocab(),
-            Model::WordPiece(m) => m.get_vocab(),
-        }
+        each!(self, m => m.get_vocab())
     }
     fn get_vocab_size(&self) -> usize {
-        match self {
-            Model::Crate(m) => m.get_vocab_size(),
-            Model::Bpe(m) => m.get_vocab_size(),
-            Model::Unigram(m) => m.get_vocab_size(),
-            Model::WordPiece(m) => m.get_vocab_size(),
-        }
+        each!(self, m => m.get_vocab_size())
     }
     fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
-        match self {
-            Model::Crate(m) => m.save(folder, prefix),
-            Model::Bpe(m) => m.save(folder, prefix),
-            Model::Unigram(m) => m.save(folder, prefix),
-            Model::WordPiece(m) => m.save(folder, prefix),
-        }
+        each!(self, m => m.save(folder, prefix))
     }
     fn get_trainer(&self) -> Self::Trainer {
-        match self {
-            Model::Crate(m) => m.get_trainer(),
-            Model::Bpe(m) => m.get_trainer(),
-            Model::Unigram(m) => m.get_trainer(),
-            Model::WordPiece(m) => m.get_trainer(),
-        }
+        each!(self, m => m.get_trainer())
     }
 }
 
 /// Serialised as the crate serialises the model.
 impl Serialize for Model {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Model::Crate(m) => m.serialize(serializer),
-            Model::Bpe(m) => m.serialize(serializer),
-            Model::Unigram(m) => m.serialize(serializer),
-            Model::WordPiece(m) => m.serialize(serializer),
-        }
+        each!(self, m => m.serialize(serializer))
     }
 }
 

@@ -456,7 +456,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(2048))]
         #[test]
         fn tokenizes_and_serialises_as_the_crate_s_bpe(
             spec in spec(),

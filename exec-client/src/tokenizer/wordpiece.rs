@@ -199,7 +199,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(2048))]
         #[test]
         fn tokenizes_as_the_crate_s_wordpiece(
             tokens in proptest::collection::btree_set("(##)?[abé数😀]{1,4}", 1..30),
