@@ -94,13 +94,6 @@ impl Unigram {
         let size = sentence.len();
         let unk_score = self.min_score - UNK_PENALTY;
         let mut best = vec![Best { id: 0, score: 0.0, starts_at: None }; size + 1];
-        let consider = |best: &mut [Best], from: usize, to: usize, id: usize, score: f64| {
-            let candidate = score + best[from].score;
-            let node = &mut best[to];
-            if node.starts_at.is_none() || candidate > node.score {
-                *node = Best { id, score: candidate, starts_at: Some(from) };
-            }
-        };
         let mut starts_at = 0;
         while starts_at < size {
             let rest = &sentence[starts_at..];
@@ -111,7 +104,11 @@ impl Unigram {
             // yields them.
             for end in ends.take_while(|&end| end <= self.longest) {
                 if let Some(id) = self.id(&rest[..end]) {
-                    consider(&mut best, starts_at, starts_at + end, id as usize, self.vocab[id as usize].1);
+                    let candidate = self.vocab[id as usize].1 + best[starts_at].score;
+                    let node = &mut best[starts_at + end];
+                    if node.starts_at.is_none() || candidate > node.score {
+                        *node = Best { id: id as usize, score: candidate, starts_at: Some(starts_at) };
+                    }
                     has_single_node |= end == mblen;
                 }
             }
