@@ -8,9 +8,9 @@
 //! size, spent again by every fresh process. Here the vocabulary is a
 //! `Vocabulary` (`vocab.rs`: the tokens' texts copied once into one string,
 //! no map of owned strings either way), and the merge map is the crate's
-//! (pair of ids to rank and new id). Tokenizing is the crate's `merge_word`, `Word::merge_all` and
-//! `word_to_tokens` (`models/bpe/model.rs`, `word.rs`, tokenizers 0.23),
-//! step for step: the same priority of merges (lowest rank, then leftmost),
+//! (pair of ids to rank and new id). Tokenizing is the crate's `merge_word`,
+//! `Word::merge_all` and `word_to_tokens` (`models/bpe/model.rs`, `word.rs`,
+//! tokenizers 0.23), step for step: the same priority of merges (lowest rank, then leftmost),
 //! the same check of stale entries, unknown characters fused or not, byte
 //! fallback. Merges with dropout are random and stay with the crate's model,
 //! as does a vocabulary that `Vocabulary` leaves to the crate.
