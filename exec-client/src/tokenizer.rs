@@ -329,6 +329,18 @@ fn fast(text: &str) -> Option<Tokenizer> {
     Some(tokenizer)
 }
 
+/// Asserts that Mora's model and the crate's give the same tokens (ids,
+/// texts, offsets) for `text`, or the same error: the check every model's
+/// tests make.
+#[cfg(test)]
+fn same_tokens(ours: &impl tokenizers::Model, theirs: &impl tokenizers::Model, text: &str) {
+    match (ours.tokenize(text), theirs.tokenize(text)) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "{text:?}"),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text:?}"),
+        (a, b) => panic!("{text:?}: ours {a:?}, the crate's {b:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

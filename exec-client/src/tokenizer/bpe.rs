@@ -327,6 +327,7 @@ impl Serialize for Bpe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::same_tokens as same;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::models::bpe::BPE;
@@ -378,15 +379,6 @@ mod tests {
                 b = b.end_of_word_suffix(s.clone());
             }
             b.build().unwrap()
-        }
-    }
-
-    /// Same tokens (ids, texts, offsets), or the same error.
-    fn same(ours: &Bpe, theirs: &BPE, text: &str) {
-        match (ours.tokenize(text), theirs.tokenize(text)) {
-            (Ok(a), Ok(b)) => assert_eq!(a, b, "{text:?}"),
-            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text:?}"),
-            (a, b) => panic!("{text:?}: ours {a:?}, the crate's {b:?}"),
         }
     }
 

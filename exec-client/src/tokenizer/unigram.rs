@@ -227,6 +227,7 @@ impl Serialize for Unigram {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::same_tokens as same;
     use proptest::prelude::*;
     use tokenizers::Model;
 
@@ -235,15 +236,6 @@ mod tests {
             Unigram::new(vocab.to_vec(), unk_id, byte_fallback).unwrap(),
             tokenizers::models::unigram::Unigram::from(vocab.to_vec(), unk_id, byte_fallback).unwrap(),
         )
-    }
-
-    /// Same tokens (ids, texts, offsets), or an error on both sides.
-    fn same(ours: &Unigram, theirs: &tokenizers::models::unigram::Unigram, text: &str) {
-        match (ours.tokenize(text), theirs.tokenize(text)) {
-            (Ok(a), Ok(b)) => assert_eq!(a, b, "{text:?}"),
-            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text:?}"),
-            (a, b) => panic!("{text:?}: ours {a:?}, the crate's {b:?}"),
-        }
     }
 
     fn pieces(list: &[(&str, f64)]) -> Vec<(String, f64)> {

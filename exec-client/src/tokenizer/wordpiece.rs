@@ -129,6 +129,7 @@ impl Serialize for WordPiece {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::same_tokens as same;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::Model;
@@ -150,14 +151,6 @@ mod tests {
             .build()
             .unwrap();
         (ours, theirs)
-    }
-
-    fn same(ours: &WordPiece, theirs: &tokenizers::models::wordpiece::WordPiece, text: &str) {
-        match (ours.tokenize(text), theirs.tokenize(text)) {
-            (Ok(a), Ok(b)) => assert_eq!(a, b, "{text:?}"),
-            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text:?}"),
-            (a, b) => panic!("{text:?}: ours {a:?}, the crate's {b:?}"),
-        }
     }
 
     fn strings(list: &[&str]) -> Vec<String> {
