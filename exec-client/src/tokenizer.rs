@@ -207,17 +207,19 @@ fn merges(raw: &RawValue) -> Option<Vec<(vocab::Text<'_>, vocab::Text<'_>)>> {
     let mut merges = Vec::with_capacity(lines.len());
     // Each line has exactly one space. A line read without a copy lends its
     // parts; an escaped one is copied.
+    fn one_space(l: &str) -> Option<(&str, &str)> {
+        l.split_once(' ').filter(|(_, b)| !b.contains(' '))
+    }
     for line in lines.into_iter().filter(|l| !l.0.starts_with("#version")) {
-        let (a, b) = line.0.split_once(' ')?;
-        if b.contains(' ') {
-            return None;
-        }
         merges.push(match line.0 {
             Cow::Borrowed(l) => {
-                let (a, b) = l.split_once(' ')?;
+                let (a, b) = one_space(l)?;
                 (vocab::Text(Cow::Borrowed(a)), vocab::Text(Cow::Borrowed(b)))
             }
-            Cow::Owned(_) => (vocab::Text(Cow::Owned(a.to_string())), vocab::Text(Cow::Owned(b.to_string()))),
+            Cow::Owned(l) => {
+                let (a, b) = one_space(&l)?;
+                (vocab::Text(Cow::Owned(a.to_string())), vocab::Text(Cow::Owned(b.to_string())))
+            }
         });
     }
     Some(merges)
