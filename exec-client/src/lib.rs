@@ -38,6 +38,7 @@ pub mod repl;
 pub mod run;
 pub mod synth;
 pub mod tasks;
+pub mod threads;
 pub mod tokenizer;
 pub mod watch;
 pub mod weights;

@@ -141,6 +141,8 @@ static ALLOCATOR: mora_exec::lent::LentAware = mora_exec::lent::LentAware;
 
 fn main() -> ExitCode {
     mora_exec::phases::start();
+    // Before any thread starts: the environment is not safe to change after.
+    mora_exec::threads::settle();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")
