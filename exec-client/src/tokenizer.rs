@@ -9,8 +9,8 @@
 //! Unigram, a byte trie with a hash map in every node): about 25 ms of a warm
 //! embedding run for MiniLM's 30 522 tokens, 0.4 s for a 128 000-token BPE
 //! with its merges, 0.9 s for a 250 000-piece Unigram. Here the file is split
-//! into its sections without parsing them (`RawValue`), and a WordPiece, BPE
-//! or Unigram model is read into Mora's own model of that kind
+//! into its sections without parsing them (`RawValue`), the model section
+//! into its fields in the same pass, and a WordPiece, BPE or Unigram model is read into Mora's own model of that kind
 //! (`wordpiece.rs`, `bpe.rs`, `unigram.rs`, over `vocab.rs`), each of which
 //! tokenizes as the crate's does, step for step; their tests compare them
 //! with the crate's models on random vocabularies and texts. Everything
@@ -135,57 +135,77 @@ struct Sections<'a> {
     #[serde(borrow)]
     pre_tokenizer: Option<&'a RawValue>,
     #[serde(borrow)]
-    model: &'a RawValue,
+    model: ModelFields<'a>,
     #[serde(borrow)]
     decoder: Option<&'a RawValue>,
     #[serde(borrow)]
     post_processor: Option<&'a RawValue>,
 }
 
-/// The model's kind.
+/// The model section, read in the same pass as the rest of the file: its
+/// `type` and every field a WordPiece, BPE or Unigram reads, each kept
+/// unparsed (`null` included) until the kind says how to read it. The
+/// vocabulary is then parsed once; reading the `type` first and the fields
+/// after would scan it three times.
 #[derive(Deserialize)]
-struct Kind<'a> {
+struct ModelFields<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    vocab: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    merges: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    unk_token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    continuing_subword_prefix: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    max_input_chars_per_word: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    end_of_word_suffix: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    dropout: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    fuse_unk: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    byte_fallback: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ignore_merges: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    unk_id: Option<&'a RawValue>,
 }
 
-/// A WordPiece model: the four fields the crate requires.
-#[derive(Deserialize)]
-struct WordPieceFields<'a> {
-    unk_token: String,
-    continuing_subword_prefix: String,
-    max_input_chars_per_word: usize,
-    #[serde(borrow)]
-    vocab: &'a RawValue,
+/// A field that is there, unparsed, `null` included (`Option<&RawValue>`
+/// alone reads `null` as absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
-/// A BPE model: every field the crate reads (`models/bpe/serialization.rs`);
-/// a null or absent one leaves the builder's default.
-#[derive(Deserialize)]
-struct BpeFields<'a> {
-    dropout: Option<f32>,
-    unk_token: Option<String>,
-    continuing_subword_prefix: Option<String>,
-    end_of_word_suffix: Option<String>,
-    fuse_unk: Option<bool>,
-    byte_fallback: Option<bool>,
-    ignore_merges: Option<bool>,
-    #[serde(borrow)]
-    vocab: &'a RawValue,
-    #[serde(borrow)]
-    merges: &'a RawValue,
+/// A field the model requires (`null` only where `T` accepts it).
+fn required<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    serde_json::from_str(raw?.get()).ok()
+}
+
+/// An optional field: absent or `null` is `Some(None)`; `None` when it does
+/// not parse.
+fn optional<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<T>> {
+    match raw {
+        None => Some(None),
+        Some(r) => serde_json::from_str(r.get()).ok(),
+    }
 }
 
 /// A WordPiece model: Mora's, or the crate's where Mora's leaves the
-/// vocabulary to it.
-fn wordpiece_model(model: &str) -> Option<Model> {
-    let w: WordPieceFields = serde_json::from_str(model).ok()?;
-    let vocab: vocab::Vocab = serde_json::from_str(w.vocab.get()).ok()?;
-    let (unk, prefix, max) = (w.unk_token, w.continuing_subword_prefix, w.max_input_chars_per_word);
-    if let Some(m) = wordpiece::WordPiece::new(vocab, unk.clone(), prefix.clone(), max) {
-        return Some(Model::WordPiece(m));
+/// vocabulary to it. The four fields the crate requires.
+fn wordpiece_model(m: &ModelFields) -> Option<Model> {
+    let unk: String = required(m.unk_token)?;
+    let prefix: String = required(m.continuing_subword_prefix)?;
+    let max: usize = required(m.max_input_chars_per_word)?;
+    let vocab: vocab::Vocab = required(m.vocab)?;
+    if let Some(model) = wordpiece::WordPiece::new(vocab, unk.clone(), prefix.clone(), max) {
+        return Some(Model::WordPiece(model));
     }
-    let vocab: ahash::AHashMap<String, u32> = serde_json::from_str(w.vocab.get()).ok()?;
+    let vocab: ahash::AHashMap<String, u32> = required(m.vocab)?;
     let model = WordPiece::builder()
         .vocab(vocab)
         .unk_token(unk)
@@ -225,13 +245,34 @@ fn merges(raw: &RawValue) -> Option<Vec<(vocab::Text<'_>, vocab::Text<'_>)>> {
     Some(merges)
 }
 
+/// A BPE model's fields: every one the crate reads
+/// (`models/bpe/serialization.rs`); a null or absent one leaves the
+/// builder's default.
+struct BpeFields {
+    dropout: Option<f32>,
+    unk_token: Option<String>,
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    fuse_unk: Option<bool>,
+    byte_fallback: Option<bool>,
+    ignore_merges: Option<bool>,
+}
+
 /// A BPE model: Mora's, or the crate's where merges have a dropout (they
 /// are then random) or Mora's leaves the vocabulary to the crate.
-fn bpe_model(model: &str) -> Option<Model> {
-    let b: BpeFields = serde_json::from_str(model).ok()?;
-    let merges = merges(b.merges)?;
+fn bpe_model(m: &ModelFields) -> Option<Model> {
+    let b = BpeFields {
+        dropout: optional(m.dropout)?,
+        unk_token: optional(m.unk_token)?,
+        continuing_subword_prefix: optional(m.continuing_subword_prefix)?,
+        end_of_word_suffix: optional(m.end_of_word_suffix)?,
+        fuse_unk: optional(m.fuse_unk)?,
+        byte_fallback: optional(m.byte_fallback)?,
+        ignore_merges: optional(m.ignore_merges)?,
+    };
+    let merges = merges(m.merges?)?;
     if b.dropout.is_none() {
-        let vocab: vocab::Vocab = serde_json::from_str(b.vocab.get()).ok()?;
+        let vocab: vocab::Vocab = required(m.vocab)?;
         let options = bpe::Options {
             unk_token: b.unk_token.clone(),
             continuing_subword_prefix: b.continuing_subword_prefix.clone(),
@@ -240,11 +281,11 @@ fn bpe_model(model: &str) -> Option<Model> {
             byte_fallback: b.byte_fallback.unwrap_or(false),
             ignore_merges: b.ignore_merges.unwrap_or(false),
         };
-        if let Some(m) = bpe::Bpe::new(vocab, &merges, options) {
-            return Some(Model::Bpe(m));
+        if let Some(model) = bpe::Bpe::new(vocab, &merges, options) {
+            return Some(Model::Bpe(model));
         }
     }
-    let vocab: ahash::AHashMap<String, u32> = serde_json::from_str(b.vocab.get()).ok()?;
+    let vocab: ahash::AHashMap<String, u32> = required(m.vocab)?;
     let merges = merges.into_iter().map(|(a, b)| (a.0.into_owned(), b.0.into_owned())).collect();
     let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
     if let Some(p) = b.dropout {
@@ -271,21 +312,17 @@ fn bpe_model(model: &str) -> Option<Model> {
     Some(Model::Crate(ModelWrapper::BPE(builder.build().ok()?)))
 }
 
-/// A Unigram model: the fields the crate reads
-/// (`models/unigram/serialization.rs`); `byte_fallback` may be absent, not
-/// null, as there.
-#[derive(Deserialize)]
-struct UnigramFields {
-    vocab: Vec<(String, f64)>,
-    unk_id: Option<usize>,
-    #[serde(default)]
-    byte_fallback: bool,
-}
-
-/// Mora's Unigram model, where the crate's `Unigram::from` would succeed.
-fn unigram_model(model: &str) -> Option<Model> {
-    let u: UnigramFields = serde_json::from_str(model).ok()?;
-    Some(Model::Unigram(unigram::Unigram::new(u.vocab, u.unk_id, u.byte_fallback)?))
+/// Mora's Unigram model, where the crate's `Unigram::from` would succeed:
+/// the fields the crate reads (`models/unigram/serialization.rs`);
+/// `byte_fallback` may be absent, not null, as there.
+fn unigram_model(m: &ModelFields) -> Option<Model> {
+    let vocab: Vec<(String, f64)> = required(m.vocab)?;
+    let unk_id: Option<usize> = optional(m.unk_id)?;
+    let byte_fallback: bool = match m.byte_fallback {
+        None => false,
+        raw => required(raw)?,
+    };
+    Some(Model::Unigram(unigram::Unigram::new(vocab, unk_id, byte_fallback)?))
 }
 
 /// The tokenizer, when its model is WordPiece, BPE or Unigram and every
@@ -297,18 +334,12 @@ fn fast(text: &str) -> Option<Tokenizer> {
     }
     // Only an explicit `type`: the crate reads a model without one by
     // trying each kind in turn, which is left to it.
-    let model = match serde_json::from_str::<Kind>(s.model.get()).ok()?.kind {
-        Some("WordPiece") => wordpiece_model(s.model.get())?,
-        Some("BPE") => bpe_model(s.model.get())?,
-        Some("Unigram") => unigram_model(s.model.get())?,
+    let model = match s.model.kind {
+        Some("WordPiece") => wordpiece_model(&s.model)?,
+        Some("BPE") => bpe_model(&s.model)?,
+        Some("Unigram") => unigram_model(&s.model)?,
         _ => return None,
     };
-    fn part<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<T>> {
-        match raw {
-            None => Some(None),
-            Some(r) => serde_json::from_str(r.get()).ok(),
-        }
-    }
     let builder = TokenizerBuilder::<
         Model,
         NormalizerWrapper,
@@ -317,16 +348,16 @@ fn fast(text: &str) -> Option<Tokenizer> {
         DecoderWrapper,
     >::new()
     .with_model(model)
-    .with_normalizer(part(s.normalizer)?)
-    .with_pre_tokenizer(part(s.pre_tokenizer)?)
-    .with_post_processor(part(s.post_processor)?)
-    .with_decoder(part(s.decoder)?)
-    .with_truncation(part(s.truncation)?)
-    .with_padding(part(s.padding)?);
+    .with_normalizer(optional(s.normalizer)?)
+    .with_pre_tokenizer(optional(s.pre_tokenizer)?)
+    .with_post_processor(optional(s.post_processor)?)
+    .with_decoder(optional(s.decoder)?)
+    .with_truncation(optional(s.truncation)?)
+    .with_padding(optional(s.padding)?);
     let mut tokenizer: Tokenizer = builder.build().ok()?;
     // Each entry's saved `id` is not read: the crate only logs a warning
     // when it differs from the id the tokens get here, in the same order.
-    let added: Vec<AddedToken> = part(s.added_tokens)?.unwrap_or_default();
+    let added: Vec<AddedToken> = optional(s.added_tokens)?.unwrap_or_default();
     tokenizer.add_tokens(added).ok()?;
     Some(tokenizer)
 }
@@ -440,6 +471,35 @@ mod tests {
             n += 1;
         }
         assert!(n >= 10, "{n} BPE fixtures");
+    }
+
+    #[test]
+    fn a_model_section_with_its_type_last_or_nulls_the_crate_allows_loads_as_the_crate_loads_it() {
+        // The model section is read in one pass, before its kind is known:
+        // its `type` may come after the vocabulary, and BPE's optional
+        // fields may be null.
+        let d = mora_common::scratch::Scratch::new("tok-order");
+        let mut kinds = std::collections::BTreeSet::new();
+        for (n, f) in fixtures().iter().enumerate() {
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            let model = v["model"].as_object_mut().unwrap();
+            let kind = model.remove("type").unwrap();
+            if kind == "BPE" {
+                for key in ["unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback", "ignore_merges"] {
+                    model.entry(key).or_insert(serde_json::Value::Null);
+                }
+            }
+            let fields = serde_json::to_string(model).unwrap();
+            v["model"] = serde_json::Value::Null;
+            let text = v.to_string().replace(r#""model":null"#, &format!(r#""model":{},"type":{kind}}}"#, &fields[..fields.len() - 1]));
+            let p = d.join(format!("{n}.json"));
+            std::fs::write(&p, &text).unwrap();
+            let ours = fast(&text).unwrap_or_else(|| panic!("{}", f.display()));
+            assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_) | Model::Unigram(_)), "{}", f.display());
+            same_as_the_crate(&ours, &p);
+            kinds.insert(kind.as_str().unwrap().to_string());
+        }
+        assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["BPE", "Unigram", "WordPiece"]);
     }
 
     #[test]
