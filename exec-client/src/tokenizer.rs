@@ -10,8 +10,9 @@
 //! embedding run for MiniLM's 30 522 tokens, 0.4 s for a 128 000-token BPE
 //! with its merges, 0.9 s for a 250 000-piece Unigram. Here the file is split
 //! into its sections without parsing them (`RawValue`), the model section
-//! into its fields in the same pass, and a WordPiece, BPE or Unigram model is read into Mora's own model of that kind
-//! (`wordpiece.rs`, `bpe.rs`, `unigram.rs`, over `vocab.rs`), each of which
+//! into its fields in the same pass, and a WordPiece, BPE or Unigram model
+//! is read into Mora's own model of that kind (`wordpiece.rs`, `bpe.rs`,
+//! `unigram.rs`, over `vocab.rs`), each of which
 //! tokenizes as the crate's does, step for step; their tests compare them
 //! with the crate's models on random vocabularies and texts. Everything
 //! else (normaliser, pre-tokeniser, post-processor, decoder, added tokens,
