@@ -280,8 +280,9 @@ pub struct Section {
 }
 
 impl Section {
-    fn markdown(&self, out: &mut String) {
-        let _ = writeln!(out, "## {}\n\n{}\n", self.title, self.about);
+    /// The section, its heading followed by `provenance` (which run wrote it).
+    fn markdown(&self, out: &mut String, provenance: &str) {
+        let _ = writeln!(out, "## {}\n\n{provenance}\n\n{}\n", self.title, self.about);
         for t in &self.tables {
             t.markdown(out);
         }
@@ -353,36 +354,97 @@ pub fn run(config: &Config) -> Result<Report, String> {
         print!("{}", section.plain());
         report.sections.push(section);
     }
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# Benchmarks\n\n\
-         Written by `{}` on {started} in {:.0} s. Every figure times whole processes, spawn to exit, \
-         as a user runs them, unless its table says otherwise. Contenders of one table run interleaved \
-         (A B A B ...) after one warm-up run each; figures are the median over the repeats, with min \
-         and max beside; the ratio is each contender's median over the baseline's (first row). \
-         Targets are the goals of the project, reported, not asserted. The analysis after the \
-         figures is written by hand and kept when the harness rewrites this file.\n",
-        config.command,
-        t0.elapsed().as_secs_f64()
-    );
-    let _ = writeln!(md, "Machine: {}\n", machine());
+    let elapsed = t0.elapsed().as_secs_f64();
     if let Some(dir) = config.report.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
+    let old = std::fs::read_to_string(&config.report).ok();
+    // The chart shows scenarios 1 and 2 side by side: a run of only one of
+    // them keeps the chart an earlier run drew rather than draw half of it.
     let chart = config.chart_path();
-    if chart::draw(&report.headline, &chart)? {
-        let name = chart.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let _ = writeln!(md, "![Headline comparisons: scenario 1 and 2]({name})\n");
-    }
-    for s in &report.sections {
-        s.markdown(&mut md);
-    }
-    let kept = std::fs::read_to_string(&config.report).ok().and_then(|old| old.find(KEPT).map(|i| old[i..].to_string()));
-    md.push_str(kept.as_deref().unwrap_or(KEPT));
+    let whole_chart = [1, 2].iter().all(|n| config.scenarios.contains(n));
+    let drawn = (whole_chart || !chart.exists()) && chart::draw(&report.headline, &chart)?;
+    let numbers: Vec<String> = config.scenarios.iter().map(u32::to_string).collect();
+    let provenance = format!(
+        "*Written by `{}` on {started} ({elapsed:.0} s for {} {}){}: {}.*",
+        config.command,
+        if numbers.len() == 1 { "section" } else { "sections" },
+        numbers.join(", "),
+        if drawn { "; the chart above is from this run" } else { "" },
+        machine()
+    );
+    let fresh: Vec<(u32, String)> = config
+        .scenarios
+        .iter()
+        .zip(&report.sections)
+        .map(|(&n, s)| {
+            let mut md = String::new();
+            s.markdown(&mut md, &provenance);
+            (n, md)
+        })
+        .collect();
+    let image = drawn.then(|| chart.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+    let every = (1..=7).all(|n| config.scenarios.contains(&n));
+    let md = assemble(old.as_deref(), &fresh, every, image.as_deref());
     std::fs::write(&config.report, md).map_err(|e| format!("write {}: {e}", config.report.display()))?;
     eprintln!("mora-bench: wrote {}", config.report.display());
     Ok(report)
+}
+
+/// The head of a report written from scratch; each section then says which
+/// run wrote it.
+const HEAD: &str = "# Benchmarks\n\n\
+    Each section says which run wrote it, on which machine. Every figure times whole processes, \
+    spawn to exit, as a user runs them, unless its table says otherwise. Contenders of one table \
+    run interleaved (A B A B ...) after one warm-up run each; figures are the median over the \
+    repeats, with min and max beside; the ratio is each contender's median over the baseline's \
+    (first row). Targets are the goals of the project, reported, not asserted. The analysis after \
+    the figures is written by hand and kept when the harness rewrites this file.\n\n";
+
+/// The scenario a `## N. Title` heading starts, if the line is one.
+fn scenario_heading(line: &str) -> Option<u32> {
+    line.strip_prefix("## ")?.split_once(". ")?.0.parse().ok()
+}
+
+/// The report: the `fresh` sections (scenario number, Markdown) in place of
+/// the old report's, the old report's other sections kept, so that running
+/// some scenarios rewrites only theirs; its head (with the chart's image
+/// line) kept unless `every` scenario ran; its hand-written tail from
+/// [`KEPT`] on kept. `image` is the chart's file name when this run drew it.
+fn assemble(old: Option<&str>, fresh: &[(u32, String)], every: bool, image: Option<&str>) -> String {
+    let old = old.unwrap_or("");
+    let (figures, kept) = match old.find(KEPT) {
+        Some(i) => (&old[..i], &old[i..]),
+        None => (old, KEPT),
+    };
+    let mut head = String::new();
+    let mut sections: Vec<(u32, String)> = Vec::new();
+    for line in figures.split_inclusive('\n') {
+        if let Some(n) = scenario_heading(line) {
+            sections.push((n, String::new()));
+        }
+        match sections.last_mut() {
+            Some((_, text)) => text.push_str(line),
+            None => head.push_str(line),
+        }
+    }
+    if every || sections.is_empty() {
+        head = HEAD.to_string();
+    }
+    if let Some(name) = image {
+        if !head.contains(&format!("]({name})")) {
+            let _ = writeln!(head, "![Headline comparisons: scenario 1 and 2]({name})\n");
+        }
+    }
+    sections.retain(|(n, _)| !fresh.iter().any(|(f, _)| f == n));
+    sections.extend(fresh.iter().cloned());
+    sections.sort_by_key(|(n, _)| *n);
+    let mut md = head;
+    for (_, text) in &sections {
+        md.push_str(text);
+    }
+    md.push_str(kept);
+    md
 }
 
 /// The last line a process printed on stderr, for a one-line error.
@@ -503,6 +565,35 @@ mod tests {
         assert!(!Target::at_most("x", 0.6, 0.5).met);
         assert!(Target::at_least("x", 0.9, 0.8).met);
         assert!(!Target::at_least("x", 0.7, 0.8).met);
+    }
+
+    #[test]
+    fn a_run_of_some_scenarios_rewrites_only_theirs() {
+        let old = format!(
+            "# Benchmarks\n\nhand-edited head\n\n![chart](benchmarks.png)\n\n\
+             ## 1. Repeat\n\nold one\n\n## 2. Size\n\nold two\n\n## 5. Soak\n\nold five\n\n{KEPT}\n## Analysis\n\nby hand\n"
+        );
+        let fresh = vec![(1, "## 1. Repeat\n\nnew one\n\n".to_string()), (4, "## 4. Many\n\nnew four\n\n".to_string())];
+        let md = assemble(Some(&old), &fresh, false, None);
+        assert!(md.starts_with("# Benchmarks\n\nhand-edited head\n\n![chart](benchmarks.png)\n\n## 1. Repeat\n\nnew one"), "{md}");
+        let order: Vec<u32> = md.lines().filter_map(scenario_heading).collect();
+        assert_eq!(order, [1, 2, 4, 5]);
+        assert!(md.contains("old two") && md.contains("old five") && md.contains("new four"));
+        assert!(!md.contains("old one"));
+        assert!(md.ends_with(&format!("{KEPT}\n## Analysis\n\nby hand\n")));
+    }
+
+    #[test]
+    fn a_run_of_every_scenario_or_a_new_report_gets_a_fresh_head_and_the_chart() {
+        let fresh: Vec<(u32, String)> = (1..=7).map(|n| (n, format!("## {n}. S\n\nnew\n\n"))).collect();
+        let old = format!("# Benchmarks\n\nstale head\n\n## 3. S\n\nold\n\n{KEPT}tail\n");
+        let md = assemble(Some(&old), &fresh, true, Some("benchmarks.png"));
+        assert!(md.starts_with(HEAD) && !md.contains("stale head") && !md.contains("old\n"));
+        assert!(md.contains("](benchmarks.png)\n\n## 1. S"));
+        assert!(md.ends_with(&format!("{KEPT}tail\n")));
+        let md = assemble(None, &fresh[..1], false, None);
+        assert!(md.starts_with(HEAD) && md.ends_with(KEPT));
+        assert_eq!(md.lines().filter_map(scenario_heading).count(), 1);
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub fn repeat(config: &Config, headline: &mut Headline) -> Result<Section, Strin
         notes.push(format!("Mora's and sentence-transformers' embeddings agree: lowest cosine {:.6}.", min_cosine(&mora, &py)));
     }
     headline.repeat = m.names.iter().enumerate().map(|(i, n)| (n.clone(), m.stats(i).median)).collect();
+    let breakdown = phases(&env, &wf, config.runs)?;
     Ok(Section {
         title: "1. Repeat one workflow".into(),
         about: "all-MiniLM-L6-v2 (f32, 86.7 MiB) embedding two texts, as (a) `mora-exec run` with a warm daemon, \
@@ -141,10 +142,68 @@ pub fn repeat(config: &Config, headline: &mut Headline) -> Result<Section, Strin
                 sentence-transformers, as users do today, and (d) a persistent Python worker with the model loaded \
                 (a request over a pipe: the floor that process isolation costs against)."
             .into(),
-        tables: vec![table],
+        tables: vec![table, breakdown],
         targets,
         notes,
     })
+}
+
+/// `phases: parse 0.41 ms, build model 0.30 ms (total 31.20 ms in main)`,
+/// as `mora-exec` prints it with `MORA_PHASES=1`: each phase and its
+/// milliseconds, and the total.
+fn parse_phases(line: &str) -> Option<(Vec<(String, f64)>, f64)> {
+    let (list, total) = line.strip_prefix("phases: ")?.split_once(" (total ")?;
+    let ms = |s: &str| s.strip_suffix(" ms")?.rsplit_once(' ').map(|(name, v)| (name.to_string(), v.parse::<f64>()));
+    let phases = list.split(", ").map(|p| ms(p).and_then(|(n, v)| Some((n, v.ok()?)))).collect::<Option<Vec<_>>>()?;
+    let total = total.strip_suffix(" ms in main)")?.parse().ok()?;
+    Some((phases, total))
+}
+
+/// Where a warm run's time goes: `runs` more warm runs with `MORA_PHASES=1`,
+/// each phase's median, the time in `main`, and spawn to exit (the rest is
+/// exec, dynamic linking and exit).
+fn phases(env: &Env, wf: &Path, runs: usize) -> Result<Table, String> {
+    let mut by_phase: Vec<(String, Vec<f64>)> = Vec::new();
+    let (mut main, mut wall) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        let o = env.exec_command(wf, "out-phases").env("MORA_PHASES", "1").stdin(Stdio::null()).output().map_err(|e| format!("spawn: {e}"))?;
+        wall.push(t.elapsed().as_secs_f64() * 1e3);
+        if !o.status.success() {
+            return Err(super::last_line(&o.stderr));
+        }
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let (list, total) = stderr
+            .lines()
+            .find_map(parse_phases)
+            .ok_or_else(|| format!("mora-exec printed no phases with MORA_PHASES=1: {}", super::last_line(&o.stderr)))?;
+        for (name, ms) in list {
+            match by_phase.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(ms),
+                None => by_phase.push((name, vec![ms])),
+            }
+        }
+        main.push(total);
+    }
+    let mut table = Table::new(
+        &format!(
+            "Where the warm run's time goes: {runs} more warm runs with `MORA_PHASES=1` (see the analysis), \
+             each phase's median over the runs; the medians of the phases need not add up to the median in `main`."
+        ),
+        &["phase", "median", "min", "max"],
+    );
+    let mut row = |name: &str, v: Vec<f64>| {
+        let s = Stats::of(&v);
+        table.row(vec![name.to_string(), fmt_ms(s.median), fmt_ms(s.min), fmt_ms(s.max)]);
+    };
+    for (name, v) in by_phase {
+        row(&name, v);
+    }
+    let outside: Vec<f64> = wall.iter().zip(&main).map(|(w, m)| w - m).collect();
+    row("in `main`", main);
+    row("exec, dynamic linking, exit (spawn to exit less `main`)", outside);
+    row("spawn to exit", wall);
+    Ok(table)
 }
 
 /// How a checkpoint is stored and what the daemon is asked to hold it in.
@@ -759,4 +818,19 @@ pub fn images(config: &Config) -> Result<Section, String> {
             fmt_ratio(shared / (bytes_a + bytes_b))
         )],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_phases;
+
+    #[test]
+    fn phases_are_read_as_mora_exec_prints_them() {
+        let (list, total) =
+            parse_phases("phases: parse workflow 0.54 ms, connect 0.34 ms, build model 12.00 ms (total 41.90 ms in main)").unwrap();
+        assert_eq!(list, [("parse workflow".to_string(), 0.54), ("connect".to_string(), 0.34), ("build model".to_string(), 12.0)]);
+        assert_eq!(total, 41.9);
+        assert!(parse_phases("mora-exec: wrote outputs/embeddings.json").is_none());
+        assert!(parse_phases("phases: connect x ms (total 1.00 ms in main)").is_none());
+    }
 }
