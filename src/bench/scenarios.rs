@@ -12,13 +12,19 @@ use crate::{bin, embed_workflow, read_embeddings, root, Env};
 
 const TEXTS: [&str; 2] = ["A man is eating food.", "A man is eating a piece of bread."];
 
-/// Runs `cmd` to the end; `Err` is the last line it printed on stderr.
-fn run_ok(cmd: &mut Command) -> Result<(), String> {
+/// Runs `cmd` to the end and returns what it printed; `Err` is the last line
+/// it printed on stderr when it failed.
+fn run_output(cmd: &mut Command) -> Result<std::process::Output, String> {
     let o = cmd.stdin(Stdio::null()).output().map_err(|e| format!("spawn: {e}"))?;
     if o.status.success() {
-        return Ok(());
+        return Ok(o);
     }
     Err(super::last_line(&o.stderr))
+}
+
+/// Runs `cmd` to the end; `Err` is the last line it printed on stderr.
+fn run_ok(cmd: &mut Command) -> Result<(), String> {
+    run_output(cmd).map(drop)
 }
 
 fn toml_str(p: &Path) -> String {
@@ -167,11 +173,8 @@ fn phases(env: &Env, wf: &Path, runs: usize) -> Result<Table, String> {
     let (mut main, mut wall) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
-        let o = env.exec_command(wf, "out-phases").env("MORA_PHASES", "1").stdin(Stdio::null()).output().map_err(|e| format!("spawn: {e}"))?;
+        let o = run_output(env.exec_command(wf, "out-phases").env("MORA_PHASES", "1"))?;
         wall.push(t.elapsed().as_secs_f64() * 1e3);
-        if !o.status.success() {
-            return Err(super::last_line(&o.stderr));
-        }
         let stderr = String::from_utf8_lossy(&o.stderr);
         let (list, total) = stderr
             .lines()
