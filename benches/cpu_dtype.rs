@@ -101,7 +101,7 @@ fn embeddings(args: &Args) {
     // A fresh process's first inference against the same call repeated: the
     // two texts of examples/embed.toml, in f32.
     let pair: Vec<String> = vec!["A man is eating food.".into(), "A man is eating a piece of bread.".into()];
-    let e = SentenceEmbedder::load(&dir, VarBuilder::from_tensors(cast(&stored, DType::F32), DType::F32, &Device::Cpu)).expect("build the embedder");
+    let e = SentenceEmbedder::load(&dir, VarBuilder::from_tensors(cast(&stored, DType::F32), DType::F32, &Device::Cpu), None).expect("build the embedder");
     let mut times: Vec<f64> = (0..=args.repeats.max(10))
         .map(|_| {
             let t = Instant::now();

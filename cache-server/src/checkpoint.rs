@@ -182,6 +182,45 @@ impl Storage {
     }
 }
 
+/// The model's `dir/tokenizer.json` prepared for clients
+/// (`mora_common::vocab::Prepared`: its vocabulary ready to read in place)
+/// in a sealed segment, lent with the weights; `None` where there is no
+/// such file or it is not one Mora prepares (a client then reads the file
+/// itself, as it always may). Never fails a load.
+pub fn prepare_tokenizer(name: &str, dir: &Path) -> Option<Segment> {
+    let file = dir.join("tokenizer.json");
+    if !file.is_file() {
+        return None;
+    }
+    let start = Instant::now();
+    let words = match mora_common::vocab::Prepared::build(&file) {
+        Ok(Some(words)) => words,
+        Ok(None) => {
+            tracing::debug!(model = %name, "tokenizer.json left to clients: not a WordPiece or BPE vocabulary Mora prepares");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(model = %name, error = %e, "cannot read tokenizer.json; clients read it themselves");
+            return None;
+        }
+    };
+    let bytes: &[u8] = bytemuck::cast_slice(&words);
+    let sealed = SegmentWriter::create("mora-tokenizer", bytes.len() as u64).and_then(|mut w| {
+        w.as_mut_slice().copy_from_slice(bytes);
+        w.seal()
+    });
+    match sealed {
+        Ok(segment) => {
+            tracing::info!(model = %name, kib = bytes.len() / 1024, ms = start.elapsed().as_millis() as u64, "tokenizer prepared");
+            Some(segment)
+        }
+        Err(e) => {
+            tracing::warn!(model = %name, error = %e, "cannot seal the prepared tokenizer; clients read tokenizer.json themselves");
+            None
+        }
+    }
+}
+
 /// A model read into its storage.
 pub struct Loaded {
     pub manifest: Manifest,

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 use mora_common::manifest::WeightDType;
 use mora_common::model::ResolveError;
+use mora_common::segment::Segment;
 use mora_common::protocol::{
     Device, ErrorKind, ErrorReply, GpuStatus, LeaseId, ModelState, ModelStatus, Selector,
 };
@@ -64,6 +65,9 @@ pub struct Resident {
     pub manifest: Manifest,
     pub storage: Storage,
     pub load_ms: u64,
+    /// The model's `tokenizer.json` prepared for clients, in host memory
+    /// whatever the device (`checkpoint::prepare_tokenizer`).
+    pub tokenizer: Option<Segment>,
 }
 
 /// How the cache is bounded.
@@ -545,6 +549,7 @@ impl Registry {
                                 self.gpus.clone(),
                                 key.clone(),
                                 resolved.name.clone(),
+                                resolved.dir.clone(),
                                 p,
                                 p_state,
                                 tx,
@@ -686,6 +691,7 @@ impl Registry {
         gpus: Option<Arc<dyn GpuMemory>>,
         key: Key,
         name: String,
+        dir: PathBuf,
         plan: checkpoint::Plan,
         progress: Arc<Progress>,
         tx: watch::Sender<LoadResult>,
@@ -699,13 +705,14 @@ impl Registry {
                 (Device::Cuda(uuid), Some(g)) => Target::Gpu(g.as_ref(), uuid),
                 (Device::Cuda(uuid), None) => return Err(internal(format!("no GPU {uuid} to load {n} on"))),
             };
-            checkpoint::load_plan(&n, plan, target, &progress.done).map_err(|e| checkpoint_error(&n, e))
+            let loaded = checkpoint::load_plan(&n, plan, target, &progress.done).map_err(|e| checkpoint_error(&n, e))?;
+            Ok((loaded, checkpoint::prepare_tokenizer(&n, &dir)))
         })
             .await
             .unwrap_or_else(|e| Err(internal(format!("loading {name} failed: {e}"))));
         let mut guard = lock(&inner);
         let outcome = match result {
-            Ok(loaded) => {
+            Ok((loaded, tokenizer)) => {
                 let secs = loaded.elapsed.as_secs_f64().max(1e-9);
                 tracing::info!(
                     model = %name,
@@ -720,6 +727,7 @@ impl Registry {
                     load_ms: loaded.elapsed.as_millis() as u64,
                     manifest: loaded.manifest,
                     storage: loaded.storage,
+                    tokenizer,
                 });
                 match guard.entries.get_mut(&key) {
                     Some(e) => {

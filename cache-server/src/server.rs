@@ -208,7 +208,7 @@ impl Daemon {
                     message: format!("this daemon serves uid {uid} only, and you are uid {}", peer.uid()),
                     daemon_pid: std::process::id(),
                 };
-                write_response(&mut stream, &reply, None).await.ok()
+                write_response(&mut stream, &reply, &[]).await.ok()
             };
             let _ = tokio::time::timeout(HELLO_TIMEOUT, refuse).await;
             return;
@@ -259,7 +259,7 @@ impl Daemon {
                         kind: ErrorKind::BadRequest,
                         message: format!("malformed request: {e}"),
                     });
-                    if write_response(&mut stream, &reply, None).await.is_err() {
+                    if write_response(&mut stream, &reply, &[]).await.is_err() {
                         break;
                     }
                     continue;
@@ -290,11 +290,11 @@ impl Daemon {
         let pid = std::process::id();
         if hello.version != PROTOCOL_VERSION {
             let reply = HelloReply::version_mismatch(PROTOCOL_VERSION, hello.version, pid);
-            let _ = write_response(stream, &reply, None).await;
+            let _ = write_response(stream, &reply, &[]).await;
             return Err(reply.message.into());
         }
         let reply = HelloReply { version: PROTOCOL_VERSION, accepted: true, message: String::new(), daemon_pid: pid };
-        write_response(stream, &reply, None).await.map_err(|e| HandshakeFailed::from(e.to_string()))?;
+        write_response(stream, &reply, &[]).await.map_err(|e| HandshakeFailed::from(e.to_string()))?;
         Ok(hello.client)
     }
 
@@ -320,20 +320,27 @@ impl Daemon {
                             segment: r.storage.descriptor(),
                             loaded_now: grant.loaded_now,
                             load_ms: if grant.loaded_now { r.load_ms } else { 0 },
+                            tokenizer: r.tokenizer.as_ref().map(|t| t.len()),
                         });
                         tracing::info!(pid, model = %name, lease = grant.lease.id(), warm = !grant.loaded_now, "lease granted");
-                        let segment_fd = match &r.storage {
-                            Storage::Host(segment) => Some(segment.fd().try_clone_to_owned().map_err(FrameError::Io)?),
-                            Storage::Gpu(_) => None,
-                        };
+                        // The segment's descriptor (host memory), then the
+                        // prepared tokenizer's, in the order `Acquired::descriptors` takes them.
+                        let mut fds = Vec::new();
+                        if let Storage::Host(segment) = &r.storage {
+                            fds.push(segment.fd().try_clone_to_owned().map_err(FrameError::Io)?);
+                        }
+                        if let Some(t) = &r.tokenizer {
+                            fds.push(t.fd().try_clone_to_owned().map_err(FrameError::Io)?);
+                        }
                         // The lease is recorded before the reply goes out, so
                         // a client that dies while reading it still releases it.
                         leases.insert(grant.lease.id(), grant.lease);
-                        write_response(stream, &reply, segment_fd.as_ref().map(|fd| fd.as_fd())).await
+                        let fds: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+                        write_response(stream, &reply, &fds).await
                     }
                     Err(e) => {
                         tracing::info!(pid, model = %name, error = %e.message, "acquire refused");
-                        write_response(stream, &Response::Error(e), None).await
+                        write_response(stream, &Response::Error(e), &[]).await
                     }
                 }
             }
@@ -357,32 +364,32 @@ impl Daemon {
                     }
                     Err(e) => Response::Error(e),
                 };
-                write_response(stream, &reply, None).await
+                write_response(stream, &reply, &[]).await
             }
             Request::Evict { target } => {
                 let reply = match self.registry.evict(&target) {
                     Ok((models, bytes)) => Response::Changed { models, bytes },
                     Err(e) => Response::Error(e),
                 };
-                write_response(stream, &reply, None).await
+                write_response(stream, &reply, &[]).await
             }
             Request::Pin { target } => {
                 let reply = match self.registry.set_pinned(&target, true) {
                     Ok(models) => Response::Changed { models, bytes: 0 },
                     Err(e) => Response::Error(e),
                 };
-                write_response(stream, &reply, None).await
+                write_response(stream, &reply, &[]).await
             }
             Request::Unpin { target } => {
                 let reply = match self.registry.set_pinned(&target, false) {
                     Ok(models) => Response::Changed { models, bytes: 0 },
                     Err(e) => Response::Error(e),
                 };
-                write_response(stream, &reply, None).await
+                write_response(stream, &reply, &[]).await
             }
             Request::Clear => {
                 let (models, bytes) = self.registry.clear();
-                write_response(stream, &Response::Changed { models, bytes }, None).await
+                write_response(stream, &Response::Changed { models, bytes }, &[]).await
             }
             Request::Release { lease } => {
                 let reply = match leases.remove(&lease) {
@@ -395,7 +402,7 @@ impl Daemon {
                         })
                     }
                 };
-                write_response(stream, &reply, None).await
+                write_response(stream, &reply, &[]).await
             }
             Request::List => {
                 let limits = self.registry.limits();
@@ -407,11 +414,11 @@ impl Daemon {
                     gpus: self.registry.gpu_status(),
                     models: self.registry.list(),
                 };
-                write_response(stream, &Response::Status(status), None).await
+                write_response(stream, &Response::Status(status), &[]).await
             }
             Request::Stop => {
                 tracing::info!(pid, "stop requested");
-                write_response(stream, &Response::Stopping, None).await
+                write_response(stream, &Response::Stopping, &[]).await
             }
         }
     }
@@ -445,7 +452,7 @@ impl Daemon {
                         if last != Some(done) {
                             last = Some(done);
                             let report = Response::Progress { name: name.to_string(), done, total };
-                            write_response(stream, &report, None).await?;
+                            write_response(stream, &report, &[]).await?;
                         }
                     }
                 }
@@ -484,12 +491,12 @@ async fn read_frame(stream: &mut UnixStream) -> Result<Vec<u8>, FrameError> {
 async fn write_response<T: serde::Serialize>(
     stream: &mut UnixStream,
     msg: &T,
-    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<(), FrameError> {
     let bytes = frame::encode(msg)?;
     let mut sent = 0;
-    if let Some(fd) = fd {
-        sent = stream.async_io(Interest::WRITABLE, || frame::send_with_fd(&*stream, &bytes, fd)).await?;
+    if !fds.is_empty() {
+        sent = stream.async_io(Interest::WRITABLE, || frame::send_with_fds(&*stream, &bytes, fds)).await?;
     }
     stream.write_all(&bytes[sent..]).await?;
     Ok(())

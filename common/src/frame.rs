@@ -64,11 +64,11 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
-/// Writes one frame, attaching `fd` (if any) to its first byte.
-pub fn write_frame(stream: &UnixStream, frame: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), FrameError> {
+/// Writes one frame, attaching `fds` (if any) to its first byte.
+pub fn write_frame(stream: &UnixStream, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
     let mut sent = 0;
-    if let Some(fd) = fd {
-        sent = send_with_fd(stream, frame, fd)?;
+    if !fds.is_empty() {
+        sent = send_with_fds(stream, frame, fds)?;
     }
     let mut rest = &frame[sent..];
     while !rest.is_empty() {
@@ -78,15 +78,18 @@ pub fn write_frame(stream: &UnixStream, frame: &[u8], fd: Option<BorrowedFd<'_>>
     Ok(())
 }
 
-/// Sends a prefix of `bytes` (at least one byte) with `fd` attached and
-/// returns how many bytes went. Works on any stream socket, blocking or not;
-/// on a non-blocking one it may fail with `WouldBlock`, sending nothing.
-pub fn send_with_fd(socket: impl AsFd, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
-    let fds = [fd];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+/// Most descriptors one frame carries (a reader takes this many).
+pub const MAX_FDS: usize = 4;
+
+/// Sends a prefix of `bytes` (at least one byte) with `fds` attached (at
+/// most [`MAX_FDS`]) and returns how many bytes went. Works on any stream
+/// socket, blocking or not; on a non-blocking one it may fail with
+/// `WouldBlock`, sending nothing.
+pub fn send_with_fds(socket: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(io::Error::other("ancillary buffer too small for one descriptor"));
+    if fds.len() > MAX_FDS || !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(format!("cannot attach {} descriptors to one frame", fds.len())));
     }
     let n = sendmsg(socket, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
     Ok(n)
@@ -110,12 +113,12 @@ pub fn read_message<T: DeserializeOwned>(stream: &UnixStream, fds: &mut Vec<Owne
 
 /// Encodes and writes one message.
 pub fn write_message<T: Serialize>(stream: &UnixStream, msg: &T) -> Result<(), FrameError> {
-    write_frame(stream, &encode(msg)?, None)
+    write_frame(stream, &encode(msg)?, &[])
 }
 
 fn recv_exact(stream: &UnixStream, mut buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
     while !buf.is_empty() {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let msg = match recvmsg(stream, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC) {
             Ok(m) => m,
@@ -203,7 +206,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let (r, mut w) = std::io::pipe().unwrap();
         let frame = encode(&Request::List).unwrap();
-        write_frame(&a, &frame, Some(r.as_fd())).unwrap();
+        write_frame(&a, &frame, &[r.as_fd()]).unwrap();
         let mut fds = Vec::new();
         let payload = read_frame(&b, &mut fds).unwrap();
         assert_eq!(decode::<Request>(&payload).unwrap(), Request::List);

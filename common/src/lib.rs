@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod scratch;
 pub mod segment;
 pub mod units;
+pub mod vocab;
 
 pub use manifest::{Manifest, TensorDType, TensorEntry};
 pub use model::{ModelSource, ResolvedModel};

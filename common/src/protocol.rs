@@ -15,7 +15,7 @@ use crate::model::ModelSource;
 use crate::units::KeepAlive;
 
 /// Bumped whenever [`Request`] or [`Response`] change shape.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side accepts (16 MiB). A manifest of a model with
 /// 100 000 tensors fits comfortably; a length above this is a corrupt or
@@ -209,7 +209,8 @@ pub struct Selector {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Answer to [`Request::Acquire`]. The frame that carries it also carries
-    /// the segment's file descriptor (SCM_RIGHTS) when `segment` says so.
+    /// file descriptors (SCM_RIGHTS): the segment's when `segment` says so,
+    /// then the prepared tokenizer's when `tokenizer` says so.
     Acquired(Acquired),
     /// Sent, zero or more times, before the answer to an acquire or load
     /// that waits on a load taking longer than a moment: bytes of `name`
@@ -240,6 +241,30 @@ pub struct Acquired {
     pub loaded_now: bool,
     /// How long the load took, when `loaded_now`.
     pub load_ms: u64,
+    /// Bytes of the sealed memfd holding the model's `tokenizer.json` as the
+    /// daemon prepared it (`crate::vocab::Prepared`), when it did.
+    pub tokenizer: Option<u64>,
+}
+
+impl Acquired {
+    /// Splits the descriptors that came with this reply into the segment's
+    /// (for a memfd segment) and the prepared tokenizer's (when there is
+    /// one), in that order; an error when there are more or fewer.
+    pub fn descriptors(&self, fds: Vec<std::os::fd::OwnedFd>) -> Result<(Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>), String> {
+        let segment = matches!(self.segment, SegmentDescriptor::Memfd { .. });
+        let tokenizer = self.tokenizer.is_some();
+        let expected = segment as usize + tokenizer as usize;
+        if fds.len() != expected {
+            return Err(format!(
+                "the daemon lent {} with {} file descriptors where its reply announces {expected}",
+                self.name,
+                fds.len()
+            ));
+        }
+        let mut fds = fds.into_iter();
+        let segment = if segment { fds.next() } else { None };
+        Ok((segment, fds.next()))
+    }
 }
 
 /// The handle `cuIpcGetMemHandle` fills in: opaque bytes that let another
@@ -473,11 +498,38 @@ mod tests {
                 segment: seg.clone(),
                 loaded_now: false,
                 load_ms: 0,
+                tokenizer: Some(1_200_000),
             });
             assert_eq!(round_trip(&resp), resp);
         }
         for d in [Device::Cpu, Device::Cuda(UUID)] {
             assert_eq!(round_trip(&d), d);
+        }
+    }
+
+    #[test]
+    fn an_acquired_reply_takes_exactly_the_descriptors_it_announces() {
+        let fd = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let reply = |segment, tokenizer| Acquired {
+            lease: 1,
+            name: "m".into(),
+            dir: "/m".into(),
+            manifest: Manifest::default(),
+            segment,
+            loaded_now: false,
+            load_ms: 0,
+            tokenizer,
+        };
+        let host = SegmentDescriptor::Memfd { len: 8 };
+        let gpu = SegmentDescriptor::CudaIpc { handle: IpcHandle([0; 64]), gpu: UUID, len: 8 };
+        let got = |a: &Acquired, n: usize| a.descriptors((0..n).map(|_| fd()).collect()).map(|(s, t)| (s.is_some(), t.is_some()));
+        assert_eq!(got(&reply(host.clone(), None), 1), Ok((true, false)));
+        assert_eq!(got(&reply(host.clone(), Some(4)), 2), Ok((true, true)));
+        assert_eq!(got(&reply(gpu.clone(), Some(4)), 1), Ok((false, true)));
+        assert_eq!(got(&reply(gpu.clone(), None), 0), Ok((false, false)));
+        for (a, n) in [(reply(host.clone(), None), 2), (reply(host, Some(4)), 1), (reply(gpu, None), 1)] {
+            let e = got(&a, n).unwrap_err();
+            assert!(e.contains("file descriptors where its reply announces"), "{e}");
         }
     }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
 
 use crate::tokenizer::Tokenizer;
+use mora_common::vocab::Prepared;
 
 /// Texts embedded per forward pass.
 pub const BATCH: usize = 32;
@@ -137,7 +138,7 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
 
 impl SentenceEmbedder {
     /// Builds the encoder from `vb` and the small files in `dir`.
-    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
+    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
         let device = vb.device().clone();
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_json(&config_path)?;
@@ -179,7 +180,7 @@ impl SentenceEmbedder {
 
         crate::phases::mark("build model");
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = crate::tokenizer::load(&tok_path)?;
+        let mut tokenizer = crate::tokenizer::load(&tok_path, tokenizer)?;
         // sentence-transformers' max_seq_length: in sentence_bert_config.json
         // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");

@@ -10,6 +10,7 @@ use std::time::Instant;
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use crate::tokenizer::Tokenizer;
+use mora_common::vocab::Prepared;
 
 use crate::decoder::Decoder;
 use crate::lm_config;
@@ -63,13 +64,14 @@ pub struct TextGenerator {
 }
 
 impl TextGenerator {
-    /// Builds the model `dir/config.json` declares from `vb`.
-    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
+    /// Builds the model `dir/config.json` declares from `vb`; `tokenizer`,
+    /// the daemon's prepared `tokenizer.json`, when it lent one.
+    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
         let cfg = lm_config::read(dir).map_err(|e| e.to_string())?;
         let decoder = Decoder::load(&cfg, vb)
             .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = crate::tokenizer::load(&tokenizer_path)?;
+        let tokenizer = crate::tokenizer::load(&tokenizer_path, tokenizer)?;
         Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions })
     }
 
@@ -166,15 +168,15 @@ mod tests {
             let (dir, vb) = model(arch, &format!("{arch:?}"));
             let greedy = SamplingSpec { temperature: 0.0, top_p: None, seed: 0 };
             let mut pieces = String::new();
-            let a = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, greedy, |p| pieces.push_str(p)).unwrap();
-            let b = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, greedy, |_| {}).unwrap();
+            let a = TextGenerator::load(&dir, vb.clone(), None).unwrap().generate("the man is", true, 12, greedy, |p| pieces.push_str(p)).unwrap();
+            let b = TextGenerator::load(&dir, vb.clone(), None).unwrap().generate("the man is", true, 12, greedy, |_| {}).unwrap();
             assert_eq!(a, Generated { tokens_per_s: a.tokens_per_s, ..b.clone() }, "{arch:?}");
             assert_eq!(pieces, a.text);
             assert!(a.tokens <= 12);
             // Sampling: the same seed gives the same text.
             let hot = SamplingSpec { temperature: 1.0, top_p: Some(0.9), seed: 42 };
-            let c = TextGenerator::load(&dir, vb.clone()).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
-            let d = TextGenerator::load(&dir, vb).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
+            let c = TextGenerator::load(&dir, vb.clone(), None).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
+            let d = TextGenerator::load(&dir, vb, None).unwrap().generate("the man is", true, 12, hot, |_| {}).unwrap();
             assert_eq!(c.text, d.text);
         }
     }
@@ -182,13 +184,13 @@ mod tests {
     #[test]
     fn too_long_a_request_and_a_foreign_model_are_refused() {
         let (dir, vb) = model(Arch::Llama, "limits");
-        let e = TextGenerator::load(&dir, vb)
+        let e = TextGenerator::load(&dir, vb, None)
             .unwrap()
             .generate("x", true, 10_000, SamplingSpec { temperature: 0.0, top_p: None, seed: 0 }, |_| {})
             .unwrap_err();
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
         let (bert, vb) = model(Arch::Bert, "bert");
-        let e = TextGenerator::load(&bert, vb).err().unwrap();
+        let e = TextGenerator::load(&bert, vb, None).err().unwrap();
         assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"), "{e}");
     }
 }

@@ -673,7 +673,7 @@ mod tests {
         generate(&spec(Arch::Bert, 1 << 20, WeightDType::F32), &dir).unwrap();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let e = crate::embed::SentenceEmbedder::load(&dir, vb).unwrap();
+        let e = crate::embed::SentenceEmbedder::load(&dir, vb, None).unwrap();
         let out = e.embed(&["the cat sat on the mat".into(), "a dog".into()]).unwrap();
         assert_eq!(out.len(), 2);
         let norm: f32 = out[0].iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -26,8 +26,9 @@
 
 mod bpe;
 mod unigram;
-mod vocab;
 mod wordpiece;
+
+use mora_common::vocab::{self, Prepared, Vocabulary};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -110,11 +111,21 @@ impl<'de> Deserialize<'de> for Model {
     }
 }
 
-/// Reads `path` into a tokenizer; the error names the file.
-pub fn load(path: &Path) -> Result<Tokenizer, String> {
+/// Reads `path` into a tokenizer; the error names the file. With `lent`,
+/// the tokenizer the daemon prepared from this file (`mora_common::vocab`),
+/// its vocabulary is read in place and only the rest of the file is parsed,
+/// from the prepared skeleton: the same tokenizer, without parsing and
+/// hashing the vocabulary again. A prepared tokenizer of another file, or of
+/// this one before it changed, is not used.
+pub fn load(path: &Path, lent: Option<&Prepared>) -> Result<Tokenizer, String> {
+    if let Some(p) = lent.filter(|p| p.is_of(path)) {
+        if let Some(t) = fast(p.skeleton(), Some(p.vocabulary())) {
+            return Ok(t);
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-    match fast(&text) {
+    match fast(&text, None) {
         Some(t) => Ok(t),
         None => Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| format!("cannot load {}: {e}", path.display())),
@@ -197,14 +208,18 @@ fn optional<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<
 }
 
 /// A WordPiece model: Mora's, or the crate's where Mora's leaves the
-/// vocabulary to it. The four fields the crate requires.
-fn wordpiece_model(m: &ModelFields) -> Option<Model> {
+/// vocabulary to it. The four fields the crate requires. With `lent`, the
+/// model's vocabulary (the file's is then `{}`).
+fn wordpiece_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> {
     let unk: String = required(m.unk_token)?;
     let prefix: String = required(m.continuing_subword_prefix)?;
     let max: usize = required(m.max_input_chars_per_word)?;
-    let vocab: vocab::Vocab = required(m.vocab)?;
-    if let Some(model) = wordpiece::WordPiece::new(vocab, unk.clone(), prefix.clone(), max) {
-        return Some(Model::WordPiece(model));
+    let vocab = match lent {
+        Some(v) => Some(v.clone()),
+        None => Vocabulary::new(required(m.vocab)?),
+    };
+    if let Some(vocab) = vocab {
+        return Some(Model::WordPiece(wordpiece::WordPiece::new(vocab, unk, prefix, max)));
     }
     let vocab: ahash::AHashMap<String, u32> = required(m.vocab)?;
     let model = WordPiece::builder()
@@ -260,8 +275,10 @@ struct BpeFields {
 }
 
 /// A BPE model: Mora's, or the crate's where merges have a dropout (they
-/// are then random) or Mora's leaves the vocabulary to the crate.
-fn bpe_model(m: &ModelFields) -> Option<Model> {
+/// are then random) or Mora's leaves the vocabulary to the crate. With
+/// `lent`, the model's vocabulary (the file's is then `{}`), and never the
+/// crate's model, which would read the file's.
+fn bpe_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> {
     let b = BpeFields {
         dropout: optional(m.dropout)?,
         unk_token: optional(m.unk_token)?,
@@ -273,7 +290,6 @@ fn bpe_model(m: &ModelFields) -> Option<Model> {
     };
     let merges = merges(m.merges?)?;
     if b.dropout.is_none() {
-        let vocab: vocab::Vocab = required(m.vocab)?;
         let options = bpe::Options {
             unk_token: b.unk_token.clone(),
             continuing_subword_prefix: b.continuing_subword_prefix.clone(),
@@ -282,9 +298,16 @@ fn bpe_model(m: &ModelFields) -> Option<Model> {
             byte_fallback: b.byte_fallback.unwrap_or(false),
             ignore_merges: b.ignore_merges.unwrap_or(false),
         };
-        if let Some(model) = bpe::Bpe::new(vocab, &merges, options) {
+        let vocab = match lent {
+            Some(v) => Some(v.clone()),
+            None => Vocabulary::new(required(m.vocab)?),
+        };
+        if let Some(model) = vocab.and_then(|v| bpe::Bpe::new(v, &merges, options)) {
             return Some(Model::Bpe(model));
         }
+    }
+    if lent.is_some() {
+        return None;
     }
     let vocab: ahash::AHashMap<String, u32> = required(m.vocab)?;
     let merges = merges.into_iter().map(|(a, b)| (a.0.into_owned(), b.0.into_owned())).collect();
@@ -327,8 +350,9 @@ fn unigram_model(m: &ModelFields) -> Option<Model> {
 }
 
 /// The tokenizer, when its model is WordPiece, BPE or Unigram and every
-/// section parses; `None` sends the file to the crate's own reader.
-fn fast(text: &str) -> Option<Tokenizer> {
+/// section parses; `None` sends the file to the crate's own reader. With
+/// `lent`, `text` is a prepared skeleton and `lent` its vocabulary.
+fn fast(text: &str, lent: Option<&Vocabulary>) -> Option<Tokenizer> {
     let s: Sections = serde_json::from_str(text).ok()?;
     if s.version.is_some_and(|v| v != "1.0") {
         return None;
@@ -336,9 +360,9 @@ fn fast(text: &str) -> Option<Tokenizer> {
     // Only an explicit `type`: the crate reads a model without one by
     // trying each kind in turn, which is left to it.
     let model = match s.model.kind {
-        Some("WordPiece") => wordpiece_model(&s.model)?,
-        Some("BPE") => bpe_model(&s.model)?,
-        Some("Unigram") => unigram_model(&s.model)?,
+        Some("WordPiece") => wordpiece_model(&s.model, lent)?,
+        Some("BPE") => bpe_model(&s.model, lent)?,
+        Some("Unigram") if lent.is_none() => unigram_model(&s.model)?,
         _ => return None,
     };
     let builder = TokenizerBuilder::<
@@ -437,17 +461,79 @@ mod tests {
         let mut read_here = std::collections::BTreeMap::new();
         for f in &fixtures() {
             let text = std::fs::read_to_string(f).unwrap();
-            same_as_the_crate(&load(f).unwrap(), f);
+            same_as_the_crate(&load(f, None).unwrap(), f);
             let kind = model_type(&text);
             let expected = ["WordPiece", "BPE", "Unigram"].contains(&kind.as_str());
-            assert_eq!(fast(&text).is_some(), expected, "{}", f.display());
+            assert_eq!(fast(&text, None).is_some(), expected, "{}", f.display());
             // And the model is Mora's, not the crate's.
-            if let Some(t) = fast(&text) {
+            if let Some(t) = fast(&text, None) {
                 assert!(matches!(t.get_model(), Model::WordPiece(_) | Model::Bpe(_) | Model::Unigram(_)), "{}", f.display());
             }
             *read_here.entry(kind).or_insert(0) += usize::from(expected);
         }
         assert!(read_here["WordPiece"] >= 2 && read_here["BPE"] >= 10 && read_here["Unigram"] >= 2, "{read_here:?}");
+    }
+
+    /// The tokenizer the daemon prepares from `f` (`Prepared::build`), as
+    /// a client reads it from the sealed segment.
+    fn prepared(f: &Path) -> Option<Prepared> {
+        let words = Prepared::build(f).unwrap()?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut segment = mora_common::segment::SegmentWriter::create("test-tokenizer", bytes.len() as u64).unwrap();
+        segment.as_mut_slice().copy_from_slice(&bytes);
+        Prepared::read(std::sync::Arc::new(segment.seal().unwrap().map().unwrap()))
+    }
+
+    #[test]
+    fn a_tokenizer_the_daemon_prepared_loads_as_the_file_does() {
+        // Every WordPiece and BPE fixture (the kinds the daemon prepares):
+        // the lent vocabulary and skeleton give the crate's tokenizer, with
+        // Mora's model, and nothing of the file is read.
+        let mut n = 0;
+        for f in &fixtures() {
+            let kind = model_type(&std::fs::read_to_string(f).unwrap());
+            let Some(p) = prepared(f) else {
+                assert!(!["WordPiece", "BPE"].contains(&kind.as_str()), "{} not prepared", f.display());
+                continue;
+            };
+            assert!(p.is_of(f));
+            let ours = fast(p.skeleton(), Some(p.vocabulary())).unwrap_or_else(|| panic!("{}", f.display()));
+            assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_)), "{}", f.display());
+            same_as_the_crate(&ours, f);
+            same_as_the_crate(&load(f, Some(&p)).unwrap(), f);
+            n += 1;
+        }
+        assert!(n >= 12, "{n} fixtures prepared");
+    }
+
+    #[test]
+    fn a_prepared_tokenizer_of_another_or_a_changed_file_is_not_used() {
+        let d = mora_common::scratch::Scratch::new("tok-prepared");
+        let bert = fixtures().into_iter().find(|f| f.to_string_lossy().contains("bert-tf5")).unwrap();
+        let gpt2 = fixtures().into_iter().find(|f| f.to_string_lossy().contains("gpt2-tf5")).unwrap();
+        let p = d.join("tokenizer.json");
+        std::fs::copy(&bert, &p).unwrap();
+        let lent = prepared(&p).unwrap();
+        // Another file: its own tokenizer, not the lent one.
+        same_as_the_crate(&load(&gpt2, Some(&lent)).unwrap(), &gpt2);
+        // The same file, changed after the daemon prepared it.
+        std::fs::copy(&gpt2, &p).unwrap();
+        same_as_the_crate(&load(&p, Some(&lent)).unwrap(), &p);
+    }
+
+    #[test]
+    fn a_prepared_bpe_whose_merges_mora_leaves_to_the_crate_is_read_from_the_file() {
+        // Dropout makes merges random, so the crate's own model reads them;
+        // it needs the file's vocabulary, which the skeleton lacks.
+        let d = mora_common::scratch::Scratch::new("tok-dropout");
+        let p = d.join("tokenizer.json");
+        std::fs::write(&p, r#"{"version": "1.0", "model": {"type": "BPE", "dropout": 0.5, "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}}"#)
+            .unwrap();
+        let lent = prepared(&p).unwrap();
+        assert!(fast(lent.skeleton(), Some(lent.vocabulary())).is_none());
+        let t = load(&p, Some(&lent)).unwrap();
+        assert!(matches!(t.get_model(), Model::Crate(_)));
+        assert_eq!(t.get_vocab_size(false), 3);
     }
 
     #[test]
@@ -467,8 +553,8 @@ mod tests {
             v["model"]["merges"] = lines.into();
             let p = d.join(format!("legacy-{n}.json"));
             std::fs::write(&p, v.to_string()).unwrap();
-            assert!(fast(&v.to_string()).is_some(), "{}", f.display());
-            same_as_the_crate(&load(&p).unwrap(), &p);
+            assert!(fast(&v.to_string(), None).is_some(), "{}", f.display());
+            same_as_the_crate(&load(&p, None).unwrap(), &p);
             n += 1;
         }
         assert!(n >= 10, "{n} BPE fixtures");
@@ -495,7 +581,7 @@ mod tests {
             let text = v.to_string().replace(r#""model":null"#, &format!(r#""model":{},"type":{kind}}}"#, &fields[..fields.len() - 1]));
             let p = d.join(format!("{n}.json"));
             std::fs::write(&p, &text).unwrap();
-            let ours = fast(&text).unwrap_or_else(|| panic!("{}", f.display()));
+            let ours = fast(&text, None).unwrap_or_else(|| panic!("{}", f.display()));
             assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_) | Model::Unigram(_)), "{}", f.display());
             same_as_the_crate(&ours, &p);
             kinds.insert(kind.as_str().unwrap().to_string());
@@ -524,8 +610,8 @@ mod tests {
         ] {
             write(model);
             let text = std::fs::read_to_string(&p).unwrap();
-            assert!(fast(&text).is_none(), "{model}");
-            assert_eq!(load(&p).unwrap_err(), crate_error(&p), "{model}");
+            assert!(fast(&text, None).is_none(), "{model}");
+            assert_eq!(load(&p, None).unwrap_err(), crate_error(&p), "{model}");
         }
     }
 
@@ -539,14 +625,14 @@ mod tests {
             r#"{"version": "1.0", "model": {"type": "WordPiece", "unk_token": "[UNK]"}}"#,
         )
         .unwrap();
-        let e = load(&p).unwrap_err();
+        let e = load(&p, None).unwrap_err();
         assert!(
             e.starts_with(&format!("cannot load {}: ", p.display())) && e.contains("missing field"),
             "{e}"
         );
         std::fs::write(&p, "{").unwrap();
-        assert!(load(&p).unwrap_err().contains("EOF"));
-        assert!(load(&d.join("absent.json"))
+        assert!(load(&p, None).unwrap_err().contains("EOF"));
+        assert!(load(&d.join("absent.json"), None)
             .unwrap_err()
             .contains("No such file"));
     }

@@ -22,6 +22,7 @@ use mora_common::manifest::{TensorDType, WeightDType};
 use mora_common::protocol::{self, LeaseId, Request, Response, SegmentDescriptor};
 use mora_common::segment::{Mapping, Segment};
 use mora_common::units::KeepAlive;
+use mora_common::vocab::Prepared;
 use mora_common::{Manifest, ModelSource, TensorEntry};
 
 use crate::ExecError;
@@ -49,6 +50,8 @@ pub struct Weights {
     /// Making lent weights usable once the daemon answered: mapping the
     /// memfd, or opening the CUDA IPC handle and wrapping the tensors.
     pub map: Duration,
+    /// The model's `tokenizer.json` as the daemon prepared it, when it lent one.
+    pub tokenizer: Option<Prepared>,
     store: Store,
 }
 
@@ -251,7 +254,7 @@ impl Weights {
         let candle_dev = candle_device(device)?;
         let device_open = opening.elapsed();
         let request = Request::Acquire { source, dtype, device, keep_alive };
-        let (response, mut fds) = conn.call_showing_load(&request, "mora-exec").map_err(|e| {
+        let (response, fds) = conn.call_showing_load(&request, "mora-exec").map_err(|e| {
             use mora_common::connection::CallError;
             use mora_common::frame::FrameError;
             match e {
@@ -270,17 +273,11 @@ impl Weights {
             other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
         };
         acquired.segment.check_device(device).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
+        let (segment_fd, tokenizer_fd) = acquired.descriptors(fds).map_err(ExecError::Protocol)?;
         let len = acquired.segment.len();
         let store = match acquired.segment {
             SegmentDescriptor::Memfd { .. } => {
-                let fd = match (fds.pop(), fds.is_empty()) {
-                    (Some(fd), true) => fd,
-                    _ => {
-                        return Err(ExecError::Protocol(format!(
-                            "the daemon lent {name} without exactly one segment descriptor"
-                        )))
-                    }
-                };
+                let fd = segment_fd.expect("a memfd segment comes with its descriptor");
                 let segment = Segment::from_received(fd, len).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
                 if acquired.manifest.segment_len != len {
                     return Err(ExecError::Protocol(format!(
@@ -295,9 +292,6 @@ impl Weights {
             }
             #[cfg(feature = "cuda")]
             SegmentDescriptor::CudaIpc { handle, .. } => {
-                if !fds.is_empty() {
-                    return Err(ExecError::Protocol(format!("{name}: a GPU segment came with a file descriptor")));
-                }
                 let (tensors, mapping) = crate::cuda::import(handle, len, &acquired.manifest, &candle_dev)
                     .map_err(|e| ExecError::Model(format!("{name}: {e}")))?;
                 Store::Gpu { tensors, _mapping: mapping }
@@ -307,9 +301,19 @@ impl Weights {
                 return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
             }
         };
+        // A prepared tokenizer that cannot be read is not an error: the
+        // tokenizer is then read from the file, as without one.
+        let tokenizer = match (tokenizer_fd, acquired.tokenizer) {
+            (Some(fd), Some(len)) => Segment::from_received(fd, len)
+                .and_then(|s| s.map())
+                .ok()
+                .and_then(|m| Prepared::read(Arc::new(m))),
+            _ => None,
+        };
         crate::phases::mark("map");
         Ok(Weights {
             name: acquired.name,
+            tokenizer,
             dir: acquired.dir,
             dtype,
             provenance: Provenance::Daemon {
@@ -358,6 +362,7 @@ impl Weights {
             device: dev,
             device_open,
             map: Duration::ZERO,
+            tokenizer: None,
             store: Store::Loaded(tensors),
         })
     }

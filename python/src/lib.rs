@@ -269,7 +269,7 @@ impl Connection {
         let name = source.display_name();
         let request = Request::Acquire { source, dtype, device, keep_alive };
         let answer = self.with(py, |c| c.call_showing_load(&request, "mora"))?;
-        let (response, mut fds) = answer.map_err(|e| call_error(py, e, &format!("the load of {name}")))?;
+        let (response, fds) = answer.map_err(|e| call_error(py, e, &format!("the load of {name}")))?;
         let a = match response {
             Response::Acquired(a) => a,
             Response::Error(e) => return Err(daemon_error(py, e.kind, e.message)),
@@ -282,20 +282,17 @@ impl Connection {
             return Err(broken(format!("manifest describes {} bytes, segment has {len}", a.manifest.segment_len)));
         }
         a.manifest.validate().map_err(|e| broken(format!("bad manifest: {e}")))?;
+        // The prepared tokenizer's descriptor, if any, is closed here: Python
+        // tokenizers read tokenizer.json themselves.
+        let (segment_fd, _tokenizer) = a.descriptors(fds).map_err(broken)?;
         let (fd, ipc_handle) = match a.segment {
             SegmentDescriptor::Memfd { .. } => {
-                let fd = match (fds.pop(), fds.is_empty()) {
-                    (Some(fd), true) => fd,
-                    _ => return Err(broken("lent without exactly one segment descriptor".into())),
-                };
+                let fd = segment_fd.expect("a memfd segment comes with its descriptor");
                 let segment = Segment::from_received(fd, len).map_err(|e| broken(e.to_string()))?;
                 let owned = segment.fd().try_clone_to_owned().map_err(|e| broken(format!("cannot keep the segment: {e}")))?;
                 (Some(owned.into_raw_fd()), None)
             }
             SegmentDescriptor::CudaIpc { handle, .. } => {
-                if !fds.is_empty() {
-                    return Err(broken("a GPU segment came with a file descriptor".into()));
-                }
                 (None, Some(PyBytes::new(py, &handle.0).unbind()))
             }
         };

@@ -82,7 +82,7 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     // attention mask into NaN in f16 (0 × -inf), and f32 keeps GPU and CPU
     // outputs within 1e-4 of each other.
     let vb = w.var_builder(candle_core::DType::F32);
-    let embedder = crate::embed::SentenceEmbedder::load(&w.dir, vb).map_err(ExecError::Model)?;
+    let embedder = crate::embed::SentenceEmbedder::load(&w.dir, vb, w.tokenizer.as_ref()).map_err(ExecError::Model)?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("tokenizer");
     let start = Instant::now();

@@ -151,7 +151,7 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     // f32 on the CPU (candle's CPU kernels are f32 first); on a GPU, the
     // dtype the weights are held in.
     let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
-    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute)).map_err(ExecError::Model)?;
+    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute), w.tokenizer.as_ref()).map_err(ExecError::Model)?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("build model");
     let start = Instant::now();

@@ -22,7 +22,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-use super::vocab::{Text, Vocab, Vocabulary};
+use mora_common::vocab::{Text, Vocabulary};
 
 /// The options of a BPE model, as the crate's builder takes them.
 #[derive(Default)]
@@ -49,11 +49,10 @@ pub struct Bpe {
 }
 
 impl Bpe {
-    /// The model of `vocab` and `merges`, or `None` where the crate's builder
-    /// would fail or `Vocabulary` leaves the vocabulary to the crate, so that
-    /// the crate's reader does it.
-    pub fn new(vocab: Vocab, merges: &[(Text, Text)], options: Options) -> Option<Bpe> {
-        let vocab = Vocabulary::new(vocab)?;
+    /// The model of `vocab` (read from the file, or lent by the daemon) and
+    /// `merges`, or `None` where the crate's builder would fail, so that the
+    /// crate's reader does it.
+    pub fn new(vocab: Vocabulary, merges: &[(Text, Text)], options: Options) -> Option<Bpe> {
         let mut bpe = Bpe {
             vocab,
             merges: ahash::AHashMap::with_capacity(merges.len()),
@@ -328,6 +327,7 @@ impl Serialize for Bpe {
 mod tests {
     use super::*;
     use crate::tokenizer::same_tokens as same;
+    use mora_common::vocab::Vocab;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::models::bpe::BPE;
@@ -359,7 +359,7 @@ mod tests {
                 byte_fallback: self.byte_fallback,
                 ignore_merges: self.ignore_merges,
             };
-            Bpe::new(vocab, &merges, options)
+            Bpe::new(Vocabulary::new(vocab)?, &merges, options)
         }
 
         fn theirs(&self) -> BPE {

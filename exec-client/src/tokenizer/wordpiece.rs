@@ -15,7 +15,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-use super::vocab::{Vocab, Vocabulary};
+use mora_common::vocab::Vocabulary;
 
 /// The crate's error when the unknown token is not in the vocabulary, with
 /// its message.
@@ -32,10 +32,9 @@ pub struct WordPiece {
 }
 
 impl WordPiece {
-    /// The model, or `None` where `Vocabulary` leaves the vocabulary to the
-    /// crate.
-    pub fn new(vocab: Vocab, unk_token: String, continuing_subword_prefix: String, max_input_chars_per_word: usize) -> Option<WordPiece> {
-        Some(WordPiece { vocab: Vocabulary::new(vocab)?, unk_token, continuing_subword_prefix, max_input_chars_per_word })
+    /// The model over `vocab` (read from the file, or lent by the daemon).
+    pub fn new(vocab: Vocabulary, unk_token: String, continuing_subword_prefix: String, max_input_chars_per_word: usize) -> WordPiece {
+        WordPiece { vocab, unk_token, continuing_subword_prefix, max_input_chars_per_word }
     }
 
     /// The whole word as the unknown token.
@@ -130,18 +129,21 @@ impl Serialize for WordPiece {
 mod tests {
     use super::*;
     use crate::tokenizer::same_tokens as same;
+    use mora_common::vocab::Vocab;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::Model;
 
     fn both(tokens: &[String], unk: &str, prefix: &str, max: usize) -> (WordPiece, tokenizers::models::wordpiece::WordPiece) {
         let ours = WordPiece::new(
-            Vocab(tokens.iter().enumerate().map(|(i, t)| (super::super::vocab::Text(Cow::Borrowed(t.as_str())), i as u32)).collect()),
+            Vocabulary::new(Vocab(
+                tokens.iter().enumerate().map(|(i, t)| (mora_common::vocab::Text(Cow::Borrowed(t.as_str())), i as u32)).collect(),
+            ))
+            .unwrap(),
             unk.to_string(),
             prefix.to_string(),
             max,
-        )
-        .unwrap();
+        );
         let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let theirs = tokenizers::models::wordpiece::WordPiece::builder()
             .vocab(vocab)
