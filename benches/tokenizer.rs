@@ -85,7 +85,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for file in &files {
         let crate_load = || tokenizers::Tokenizer::from_file(file).expect("the crate reads it");
-        let mora_load = || mora_exec::tokenizer::load(file, None).expect("Mora reads it");
+        let mora_load = || mora_exec::tokenizer::load(file).expect("Mora reads it");
         let (a, b) = (crate_load(), mora_load());
         assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap(), "{}: the two readers disagree", file.display());
         for t in &texts {

@@ -28,9 +28,12 @@ fn cached_and_no_cache_outputs_are_bitwise_identical() {
     let wf = env.workflow("embed.toml", &embed_workflow(&PAIR));
     let cached = env.exec(&wf, "cached", &[]);
     assert_ok(&cached);
+    // The daemon lent its prepared tokenizer, and it was used.
+    assert!(stdout(&cached).contains("tokenizer prepared by the daemon"), "{}", stdout(&cached));
     let baseline = env.exec(&wf, "baseline", &["--no-cache"]);
     assert_ok(&baseline);
     assert!(stdout(&baseline).contains("no cache"), "{}", stdout(&baseline));
+    assert!(!stdout(&baseline).contains("tokenizer prepared"), "{}", stdout(&baseline));
     let a = std::fs::read(env.scratch.join("cached/embeddings.json")).unwrap();
     let b = std::fs::read(env.scratch.join("baseline/embeddings.json")).unwrap();
     assert!(!a.is_empty());

@@ -114,6 +114,8 @@ fn generation_is_deterministic_streams_and_matches_no_cache() {
         let stdout = String::from_utf8_lossy(&cached.stdout);
         assert!(stdout.starts_with(&t), "{tag}: {stdout}");
         assert!(stdout.contains("complete: ") && stdout.contains(" tokens with "), "{stdout}");
+        // Its byte-level BPE came prepared by the daemon.
+        assert!(stdout.contains("tokenizer prepared by the daemon"), "{stdout}");
     }
     let greedy = text("greedy-cached");
     assert_ne!(greedy, text("sampled-cached"), "sampling at temperature 0.9 picked the greedy tokens every time");

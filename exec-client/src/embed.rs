@@ -43,6 +43,8 @@ pub struct SentenceEmbedder {
     normalize: bool,
     /// Where the weights are: inputs go there too.
     device: Device,
+    /// The tokenizer is the one the daemon prepared and lent.
+    pub tokenizer_lent: bool,
 }
 
 #[derive(Deserialize)]
@@ -180,7 +182,7 @@ impl SentenceEmbedder {
 
         crate::phases::mark("build model");
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = crate::tokenizer::load(&tok_path, tokenizer)?;
+        let (mut tokenizer, tokenizer_lent) = crate::tokenizer::load_lent(&tok_path, tokenizer)?;
         // sentence-transformers' max_seq_length: in sentence_bert_config.json
         // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");
@@ -207,7 +209,7 @@ impl SentenceEmbedder {
             ..Default::default()
         }));
         let (pooling, normalize) = pooling_of(dir)?;
-        Ok(SentenceEmbedder { model, tokenizer, pooling, normalize, device })
+        Ok(SentenceEmbedder { model, tokenizer, pooling, normalize, device, tokenizer_lent })
     }
 
     pub fn pooling(&self) -> (Pooling, bool) {

@@ -61,6 +61,8 @@ pub struct TextGenerator {
     tokenizer: Tokenizer,
     eos: Vec<u32>,
     max_positions: usize,
+    /// The tokenizer is the one the daemon prepared and lent.
+    pub tokenizer_lent: bool,
 }
 
 impl TextGenerator {
@@ -71,8 +73,8 @@ impl TextGenerator {
         let decoder = Decoder::load(&cfg, vb)
             .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = crate::tokenizer::load(&tokenizer_path, tokenizer)?;
-        Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions })
+        let (tokenizer, tokenizer_lent) = crate::tokenizer::load_lent(&tokenizer_path, tokenizer)?;
+        Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions, tokenizer_lent })
     }
 
     /// Generates up to `max_tokens` after `prompt`, stopping at an

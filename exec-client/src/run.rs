@@ -96,6 +96,8 @@ pub enum StepKind {
         build_ms: u64,
         /// The weights were acquired by an earlier step of the same run.
         reused: bool,
+        /// The tokenizer was the one the daemon prepared and lent.
+        tokenizer_lent: bool,
     },
     /// A rank step: `items` queries against a corpus of `corpus` texts.
     Rank { corpus: usize, top_k: usize },
@@ -115,7 +117,7 @@ impl StepKind {
     }
 
     /// A step that ran a model on `w`.
-    pub fn model(w: &Weights, build_ms: u64, reused: bool) -> StepKind {
+    pub fn model(w: &Weights, build_ms: u64, reused: bool, tokenizer_lent: bool) -> StepKind {
         StepKind::Model {
             model: w.name.clone(),
             weights: w.provenance.clone(),
@@ -125,6 +127,7 @@ impl StepKind {
             in_place: w.in_place(),
             build_ms,
             reused,
+            tokenizer_lent,
         }
     }
 }
@@ -336,7 +339,7 @@ pub fn describe(r: &StepReport) -> String {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     match &r.what {
-        StepKind::Model { model, weights, device, device_open, map, in_place, build_ms, reused } => {
+        StepKind::Model { model, weights, device, device_open, map, in_place, build_ms, reused, tokenizer_lent } => {
             let source = match weights {
                 _ if *reused => "already held by this run".to_string(),
                 Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
@@ -357,8 +360,9 @@ pub fn describe(r: &StepReport) -> String {
                 }
                 Provenance::InProcess { .. } => String::new(),
             };
+            let tokenizer = if *tokenizer_lent { "tokenizer prepared by the daemon; " } else { "" };
             format!(
-                "{}: {} {} with {model} on {device} -> {} (weights {source}; {opened}{mapped}model built in {build_ms} ms; ran in {} ms)",
+                "{}: {} {} with {model} on {device} -> {} (weights {source}; {opened}{mapped}{tokenizer}model built in {build_ms} ms; ran in {} ms)",
                 r.step,
                 r.items,
                 r.unit,

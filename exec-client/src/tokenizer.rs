@@ -111,18 +111,23 @@ impl<'de> Deserialize<'de> for Model {
     }
 }
 
-/// Reads `path` into a tokenizer; the error names the file. With `lent`,
-/// the tokenizer the daemon prepared from this file (`mora_common::vocab`),
-/// its vocabulary is read in place and only the rest of the file is parsed,
-/// from the prepared skeleton: the same tokenizer, without parsing and
-/// hashing the vocabulary again. A prepared tokenizer of another file, or of
-/// this one before it changed, is not used.
-pub fn load(path: &Path, lent: Option<&Prepared>) -> Result<Tokenizer, String> {
+/// [`load`], or with `lent`, the tokenizer the daemon prepared from this
+/// file (`mora_common::vocab`), its vocabulary read in place and only the
+/// rest of the file parsed, from the prepared skeleton: the same tokenizer,
+/// without parsing and hashing the vocabulary again. A prepared tokenizer of
+/// another file, or of this one before it changed, is not used. True when
+/// the lent one was.
+pub fn load_lent(path: &Path, lent: Option<&Prepared>) -> Result<(Tokenizer, bool), String> {
     if let Some(p) = lent.filter(|p| p.is_of(path)) {
         if let Some(t) = fast(p.skeleton(), Some(p.vocabulary())) {
-            return Ok(t);
+            return Ok((t, true));
         }
     }
+    load(path).map(|t| (t, false))
+}
+
+/// Reads `path` into a tokenizer; the error names the file.
+pub fn load(path: &Path) -> Result<Tokenizer, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
     match fast(&text, None) {
@@ -461,7 +466,7 @@ mod tests {
         let mut read_here = std::collections::BTreeMap::new();
         for f in &fixtures() {
             let text = std::fs::read_to_string(f).unwrap();
-            same_as_the_crate(&load(f, None).unwrap(), f);
+            same_as_the_crate(&load(f).unwrap(), f);
             let kind = model_type(&text);
             let expected = ["WordPiece", "BPE", "Unigram"].contains(&kind.as_str());
             assert_eq!(fast(&text, None).is_some(), expected, "{}", f.display());
@@ -500,7 +505,9 @@ mod tests {
             let ours = fast(p.skeleton(), Some(p.vocabulary())).unwrap_or_else(|| panic!("{}", f.display()));
             assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_)), "{}", f.display());
             same_as_the_crate(&ours, f);
-            same_as_the_crate(&load(f, Some(&p)).unwrap(), f);
+            let (t, lent) = load_lent(f, Some(&p)).unwrap();
+            assert!(lent, "{}", f.display());
+            same_as_the_crate(&t, f);
             n += 1;
         }
         assert!(n >= 12, "{n} fixtures prepared");
@@ -514,11 +521,16 @@ mod tests {
         let p = d.join("tokenizer.json");
         std::fs::copy(&bert, &p).unwrap();
         let lent = prepared(&p).unwrap();
+        assert!(load_lent(&p, Some(&lent)).unwrap().1);
         // Another file: its own tokenizer, not the lent one.
-        same_as_the_crate(&load(&gpt2, Some(&lent)).unwrap(), &gpt2);
+        let (t, used) = load_lent(&gpt2, Some(&lent)).unwrap();
+        assert!(!used);
+        same_as_the_crate(&t, &gpt2);
         // The same file, changed after the daemon prepared it.
         std::fs::copy(&gpt2, &p).unwrap();
-        same_as_the_crate(&load(&p, Some(&lent)).unwrap(), &p);
+        let (t, used) = load_lent(&p, Some(&lent)).unwrap();
+        assert!(!used);
+        same_as_the_crate(&t, &p);
     }
 
     #[test]
@@ -531,7 +543,8 @@ mod tests {
             .unwrap();
         let lent = prepared(&p).unwrap();
         assert!(fast(lent.skeleton(), Some(lent.vocabulary())).is_none());
-        let t = load(&p, Some(&lent)).unwrap();
+        let (t, used) = load_lent(&p, Some(&lent)).unwrap();
+        assert!(!used);
         assert!(matches!(t.get_model(), Model::Crate(_)));
         assert_eq!(t.get_vocab_size(false), 3);
     }
@@ -554,7 +567,7 @@ mod tests {
             let p = d.join(format!("legacy-{n}.json"));
             std::fs::write(&p, v.to_string()).unwrap();
             assert!(fast(&v.to_string(), None).is_some(), "{}", f.display());
-            same_as_the_crate(&load(&p, None).unwrap(), &p);
+            same_as_the_crate(&load(&p).unwrap(), &p);
             n += 1;
         }
         assert!(n >= 10, "{n} BPE fixtures");
@@ -611,7 +624,7 @@ mod tests {
             write(model);
             let text = std::fs::read_to_string(&p).unwrap();
             assert!(fast(&text, None).is_none(), "{model}");
-            assert_eq!(load(&p, None).unwrap_err(), crate_error(&p), "{model}");
+            assert_eq!(load(&p).unwrap_err(), crate_error(&p), "{model}");
         }
     }
 
@@ -625,14 +638,14 @@ mod tests {
             r#"{"version": "1.0", "model": {"type": "WordPiece", "unk_token": "[UNK]"}}"#,
         )
         .unwrap();
-        let e = load(&p, None).unwrap_err();
+        let e = load(&p).unwrap_err();
         assert!(
             e.starts_with(&format!("cannot load {}: ", p.display())) && e.contains("missing field"),
             "{e}"
         );
         std::fs::write(&p, "{").unwrap();
-        assert!(load(&p, None).unwrap_err().contains("EOF"));
-        assert!(load(&d.join("absent.json"), None)
+        assert!(load(&p).unwrap_err().contains("EOF"));
+        assert!(load(&d.join("absent.json"))
             .unwrap_err()
             .contains("No such file"));
     }

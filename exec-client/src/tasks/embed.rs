@@ -97,7 +97,7 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
         unit: "texts",
         output: step.output.to_path_buf(),
         run_ms,
-        what: StepKind::model(w, build_ms, reused),
+        what: StepKind::model(w, build_ms, reused, embedder.tokenizer_lent),
     };
     results.embedded.insert(step.name.to_string(), (texts, embeddings));
     if w.device.is_cpu() {

@@ -175,6 +175,7 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     super::write_json(step.output, &doc)?;
     crate::phases::mark("write output");
     results.texts.insert(step.name.to_string(), g.text);
+    let tokenizer_lent = generator.tokenizer_lent;
     if w.device.is_cpu() {
         super::drop_later(generator);
     }
@@ -184,6 +185,6 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
         unit: "tokens",
         output: step.output.to_path_buf(),
         run_ms,
-        what: StepKind::model(w, build_ms, reused),
+        what: StepKind::model(w, build_ms, reused, tokenizer_lent),
     })
 }
