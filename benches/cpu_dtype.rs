@@ -121,7 +121,7 @@ fn embeddings(args: &Args) {
     let mut f32_rate = 0.0;
     for (label, dtype) in [("f32 weights, f32 compute", DType::F32), ("bf16 weights, bf16 compute", DType::BF16)] {
         let vb = VarBuilder::from_tensors(cast(&stored, dtype), dtype, &Device::Cpu);
-        let e = SentenceEmbedder::load(&dir, vb).expect("build the embedder");
+        let e = SentenceEmbedder::load(&dir, vb, None).expect("build the embedder");
         let first = e.embed(&texts).expect("embed");
         let rates = (0..args.repeats)
             .map(|_| {
@@ -184,7 +184,7 @@ fn tokens(args: &Args) {
         let mut texts = Vec::new();
         for (label, dtype) in [("f32 weights, f32 compute", DType::F32), ("bf16 weights, bf16 compute", DType::BF16)] {
             let vb = VarBuilder::from_tensors(cast(&stored, dtype), dtype, &Device::Cpu);
-            let mut g = TextGenerator::load(&dir, vb).expect("build the generator");
+            let mut g = TextGenerator::load(&dir, vb, None).expect("build the generator");
             let mut rates = Vec::new();
             for i in 0..=args.repeats {
                 let out = g.generate("the man is", true, args.tokens, greedy, |_| {}).expect("generate");

@@ -16,7 +16,10 @@
 //! repeat on a fresh copy of the tokenizer, so that no cache carries over
 //! from one repeat to the next. Medians over repeats, min and max; both
 //! readers' tokenizers are checked first to serialise to the same JSON and
-//! to give the same ids and offsets for every text.
+//! to give the same ids and offsets for every text. For a file the daemon
+//! prepares (WordPiece, BPE), also its prepared size and the load a warm
+//! run does with it (`tokenizer::load_lent`), timed against Mora's own load
+//! of the file.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,8 +84,11 @@ fn main() {
     };
     let corpus = std::fs::read_to_string(mora::root().join("examples/corpus.txt")).expect("examples/corpus.txt");
     let texts: Vec<&str> = corpus.lines().chain(OTHER_SCRIPTS.iter().copied()).collect();
-    println!("| tokenizer.json | model | size | load: crate, ms | Mora, ms | Mora / crate | encode {} texts: crate, ms | Mora, ms | Mora / crate |", texts.len());
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| tokenizer.json | model | size | load: crate, ms | Mora, ms | Mora / crate | prepared by the daemon: size | load, ms | encode {} texts: crate, ms | Mora, ms | Mora / crate |",
+        texts.len()
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for file in &files {
         let crate_load = || tokenizers::Tokenizer::from_file(file).expect("the crate reads it");
         let mora_load = || mora_exec::tokenizer::load(file).expect("Mora reads it");
@@ -95,12 +101,31 @@ fn main() {
         let kind = serde_json::to_value(a.get_model()).ok().and_then(|m| m["type"].as_str().map(str::to_string)).unwrap_or_default();
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
         let (c, m) = time_both(args.repeats, &crate_load, &mora_load);
+        // What a warm run does with the tokenizer the daemon prepared (read
+        // here from a heap copy of its words, not a fresh process's mapping).
+        let prepared = mora_common::vocab::Prepared::build(file).expect("read the file").map(|words| {
+            let mib = words.len() as f64 * 4.0 / (1 << 20) as f64;
+            (mora_common::vocab::Prepared::read(std::sync::Arc::new(words)).expect("read back"), mib)
+        });
+        let (prepared_size, prepared_ms) = match &prepared {
+            Some((p, mib)) => {
+                let lent_load = || {
+                    let (t, lent) = mora_exec::tokenizer::load_lent(file, Some(p)).expect("Mora reads it");
+                    assert!(lent, "{}: the prepared tokenizer was not used", file.display());
+                    t
+                };
+                assert_eq!(a.to_string(false).unwrap(), lent_load().to_string(false).unwrap(), "{}: prepared differs", file.display());
+                let (_, l) = time_both(args.repeats, &mora_load, &lent_load);
+                (format!("{mib:.1} MiB"), format!("{:.1} ({:.1}-{:.1})", l.0, l.1, l.2))
+            }
+            None => ("not prepared".to_string(), "-".to_string()),
+        };
         // Each encode on a fresh copy: a copy starts with an empty cache.
         let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum(), &|t: &mora_exec::tokenizer::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum());
         let cell = |t: (f64, f64, f64)| format!("{:.1} ({:.1}-{:.1})", t.0, t.1, t.2);
         let fine = |t: (f64, f64, f64)| format!("{:.2} ({:.2}-{:.2})", t.0, t.1, t.2);
         println!(
-            "| {} | {kind}, {} tokens | {size:.1} MiB | {} | {} | {:.2}x | {} | {} | {:.2}x |",
+            "| {} | {kind}, {} tokens | {size:.1} MiB | {} | {} | {:.2}x | {prepared_size} | {prepared_ms} | {} | {} | {:.2}x |",
             file.display(),
             a.get_vocab_size(true),
             cell(c),
