@@ -228,12 +228,16 @@ pub struct Loaded {
     /// Bytes read from the checkpoint files.
     pub bytes_read: u64,
     pub elapsed: Duration,
+    /// The model's `tokenizer.json` prepared for clients ([`prepare_tokenizer`]).
+    pub tokenizer: Option<Segment>,
 }
 
 /// What a load will produce, known from the headers alone.
 pub struct Plan {
     pub manifest: Manifest,
     stored: Vec<(PathBuf, StoredTensor)>,
+    /// The model's directory, where its `tokenizer.json` is prepared from.
+    dir: PathBuf,
 }
 
 impl Plan {
@@ -268,7 +272,7 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType, device: Device) -> Result
         stored.iter().map(|(_, t)| (t.name.clone(), held_dtype(t.dtype, dtype), t.shape.clone())),
         alignment(device),
     );
-    Ok(Plan { manifest, stored })
+    Ok(Plan { manifest, stored, dir: model.dir.clone() })
 }
 
 /// Bytes read per `pread`, and how often progress moves.
@@ -401,7 +405,10 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
             (Storage::Gpu(buffer), bytes_read)
         }
     };
-    Ok(Loaded { manifest: plan.manifest, storage, bytes_read, elapsed: start.elapsed() })
+    // The load's time is the weights'; the tokenizer logs its own.
+    let elapsed = start.elapsed();
+    let tokenizer = prepare_tokenizer(name, &plan.dir);
+    Ok(Loaded { manifest: plan.manifest, storage, bytes_read, elapsed, tokenizer })
 }
 
 /// Whether host segments are filled through a mapping rather than with
@@ -636,7 +643,7 @@ pub(crate) mod tests {
                 let progress = AtomicU64::new(0);
                 let (storage, bytes_read) = load_host("t", &p, mapped, &progress).unwrap();
                 assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
-                Loaded { manifest: p.manifest, storage, bytes_read, elapsed: Duration::ZERO }
+                Loaded { manifest: p.manifest, storage, bytes_read, elapsed: Duration::ZERO, tokenizer: None }
             };
             let (mapped, written) = (load_with(true), load_with(false));
             assert_eq!(contents(&mapped), contents(&written), "{dtype}");
@@ -764,6 +771,25 @@ pub(crate) mod tests {
         assert!(err.contains(&p.display().to_string()) && err.contains("not JSON"), "{err}");
         std::fs::write(&p, u64::MAX.to_le_bytes()).unwrap();
         assert!(read_header(&p).unwrap_err().to_string().contains("limit"));
+    }
+
+    #[test]
+    fn a_wordpiece_or_bpe_tokenizer_is_prepared_sealed_and_anything_else_left_to_clients() {
+        let d = model_dir("tokenizer");
+        assert!(prepare_tokenizer("m", &d).is_none(), "no tokenizer.json");
+        let file = d.join("tokenizer.json");
+        let wordpiece = r#"{"version":"1.0","model":{"type":"WordPiece","unk_token":"[UNK]","vocab":{"[UNK]":0,"the":1}}}"#;
+        std::fs::write(&file, wordpiece).unwrap();
+        let segment = prepare_tokenizer("m", &d).expect("prepared");
+        // Sealed as every lent segment is: a client adopts it only so.
+        let received = Segment::from_received(segment.fd().try_clone_to_owned().unwrap(), segment.len()).unwrap();
+        let p = mora_common::vocab::Prepared::read(std::sync::Arc::new(received.map().unwrap())).expect("reads back");
+        assert!(p.is_of(&file));
+        assert_eq!(p.vocabulary().id("the"), Some(1));
+        for other in [wordpiece.replace("WordPiece", "Unigram"), "{not json".to_string()] {
+            std::fs::write(&file, other).unwrap();
+            assert!(prepare_tokenizer("m", &d).is_none());
+        }
     }
 
     #[test]

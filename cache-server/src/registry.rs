@@ -549,7 +549,6 @@ impl Registry {
                                 self.gpus.clone(),
                                 key.clone(),
                                 resolved.name.clone(),
-                                resolved.dir.clone(),
                                 p,
                                 p_state,
                                 tx,
@@ -691,7 +690,6 @@ impl Registry {
         gpus: Option<Arc<dyn GpuMemory>>,
         key: Key,
         name: String,
-        dir: PathBuf,
         plan: checkpoint::Plan,
         progress: Arc<Progress>,
         tx: watch::Sender<LoadResult>,
@@ -705,14 +703,13 @@ impl Registry {
                 (Device::Cuda(uuid), Some(g)) => Target::Gpu(g.as_ref(), uuid),
                 (Device::Cuda(uuid), None) => return Err(internal(format!("no GPU {uuid} to load {n} on"))),
             };
-            let loaded = checkpoint::load_plan(&n, plan, target, &progress.done).map_err(|e| checkpoint_error(&n, e))?;
-            Ok((loaded, checkpoint::prepare_tokenizer(&n, &dir)))
+            checkpoint::load_plan(&n, plan, target, &progress.done).map_err(|e| checkpoint_error(&n, e))
         })
             .await
             .unwrap_or_else(|e| Err(internal(format!("loading {name} failed: {e}"))));
         let mut guard = lock(&inner);
         let outcome = match result {
-            Ok((loaded, tokenizer)) => {
+            Ok(loaded) => {
                 let secs = loaded.elapsed.as_secs_f64().max(1e-9);
                 tracing::info!(
                     model = %name,
@@ -727,7 +724,7 @@ impl Registry {
                     load_ms: loaded.elapsed.as_millis() as u64,
                     manifest: loaded.manifest,
                     storage: loaded.storage,
-                    tokenizer,
+                    tokenizer: loaded.tokenizer,
                 });
                 match guard.entries.get_mut(&key) {
                     Some(e) => {
