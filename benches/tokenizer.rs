@@ -116,7 +116,7 @@ fn main() {
                 };
                 assert_eq!(a.to_string(false).unwrap(), lent_load().to_string(false).unwrap(), "{}: prepared differs", file.display());
                 let (_, l) = time_both(args.repeats, &mora_load, &lent_load);
-                (format!("{mib:.1} MiB"), format!("{:.1} ({:.1}-{:.1})", l.0, l.1, l.2))
+                (format!("{mib:.1} MiB"), format!("{:.2} ({:.2}-{:.2})", l.0, l.1, l.2))
             }
             None => ("not prepared".to_string(), "-".to_string()),
         };

@@ -128,6 +128,7 @@ pub fn repeat(config: &Config, headline: &mut Headline) -> Result<Section, Strin
     let warm = m.stats(1).median;
     if m.names.len() == 4 {
         targets.push(Target::at_most("warm run / python subprocess per run", warm / m.stats(2).median, 0.05));
+        targets.push(Target::at_most("warm run / persistent python worker", warm / m.stats(3).median, 1.2));
         notes.push(format!(
             "The persistent Python worker, the latency floor of a process that never exits, answers in {}; \
              a warm `mora-exec run` costs {} more ({}) for a fresh process per run.",
