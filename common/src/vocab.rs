@@ -12,10 +12,11 @@
 //!
 //! Because the block holds no pointers and its hash does not depend on the
 //! process, a block built once can be read by any process: the daemon
-//! builds a [`Prepared`] tokenizer when it loads a model (the vocabulary,
-//! and `tokenizer.json` with the vocabulary cut out), seals it in a memfd
-//! and lends it with the weights, and a warm run reads the vocabulary in
-//! place instead of parsing and hashing it again (docs/decisions.md).
+//! builds a [`Prepared`] tokenizer when it loads a model (the vocabulary, a
+//! BPE's merges as a [`Merges`] block of the same kind, and `tokenizer.json`
+//! with both cut out), seals it in a memfd and lends it with the weights,
+//! and a warm run reads them in place instead of parsing and hashing them
+//! again (docs/decisions.md).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -100,6 +101,12 @@ fn hash(bytes: &[u8]) -> u64 {
         last[..rest.len()].copy_from_slice(rest);
         h = step(h, u64::from_le_bytes(last));
     }
+    mix(h)
+}
+
+/// The final mix of [`hash`] (MurmurHash3's), alone the hash of a merge's
+/// pair of ids.
+fn mix(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
@@ -303,11 +310,156 @@ impl Serialize for Vocabulary {
     }
 }
 
+/// Words of a merge table's header: merges, slots.
+const MERGES_HEADER: usize = 2;
+
+/// A BPE model's merges: a pair of ids to the merge's rank and the id it
+/// makes, as one block of words like a [`Vocabulary`]: `[merges, slots]`,
+/// then `slots` entries of `[a, b, rank, new id]` (`a` = `HOLE` where
+/// empty; `slots` a power of two at least twice the merges).
+#[derive(Clone)]
+pub struct Merges {
+    words: Arc<dyn Words>,
+    table: Range<usize>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Merges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merges").field("merges", &self.len).finish()
+    }
+}
+
+impl Merges {
+    /// The merges of `list` over `vocab`, as the crate's BPE builder makes
+    /// them: each merge's parts by id, its rank its place in the list, and
+    /// the id of `a` then `b` less the continuing prefix's `prefix_len`
+    /// bytes. A pair listed twice keeps the later rank, as the crate's map
+    /// does. `None` where a part or a result is not in the vocabulary (the
+    /// crate's builder fails there).
+    pub fn new(vocab: &Vocabulary, list: &[(Text, Text)], prefix_len: usize) -> Option<Merges> {
+        let words = Merges::build(vocab, list, prefix_len)?;
+        Merges::read(Arc::new(words), 0).map(|(m, _)| m)
+    }
+
+    fn build(vocab: &Vocabulary, list: &[(Text, Text)], prefix_len: usize) -> Option<Vec<u32>> {
+        let slots = (2 * list.len()).max(8).next_power_of_two();
+        let table = MERGES_HEADER..MERGES_HEADER + 4 * slots;
+        let mut words = vec![HOLE; table.end];
+        let mut len = 0;
+        let mut joined = String::new();
+        for (rank, (a, b)) in list.iter().enumerate() {
+            let (a, b): (&str, &str) = (&a.0, &b.0);
+            let (a_id, b_id) = (vocab.id(a)?, vocab.id(b)?);
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b.get(prefix_len..)?);
+            let new_id = vocab.id(&joined)?;
+            let mut slot = Merges::slot(a_id, b_id, slots);
+            loop {
+                let at = table.start + 4 * slot;
+                if words[at] == HOLE {
+                    len += 1;
+                } else if words[at] != a_id || words[at + 1] != b_id {
+                    slot = (slot + 1) & (slots - 1);
+                    continue;
+                }
+                words[at..at + 4].copy_from_slice(&[a_id, b_id, rank as u32, new_id]);
+                break;
+            }
+        }
+        words[..MERGES_HEADER].copy_from_slice(&[len as u32, slots as u32]);
+        Some(words)
+    }
+
+    fn slot(a: u32, b: u32, slots: usize) -> usize {
+        mix((a as u64) << 32 | b as u64) as usize & (slots - 1)
+    }
+
+    /// The merges whose block starts at word `at` of `words`, and the word
+    /// after its end (see [`Vocabulary::read`]).
+    fn read(words: Arc<dyn Words>, at: usize) -> Option<(Merges, usize)> {
+        let w = words.words();
+        let head = w.get(at..at.checked_add(MERGES_HEADER)?)?;
+        let (len, slots) = (head[0] as usize, head[1] as usize);
+        if !slots.is_power_of_two() || slots < 2 * len {
+            return None;
+        }
+        let table = at + MERGES_HEADER..at + MERGES_HEADER + 4 * slots;
+        if table.end > w.len() {
+            return None;
+        }
+        let end = table.end;
+        Some((Merges { words, table, len }, end))
+    }
+
+    /// The rank of merging `a` then `b`, and the id it makes.
+    pub fn get(&self, a: u32, b: u32) -> Option<(u32, u32)> {
+        let table = &self.words.words()[self.table.clone()];
+        let slots = table.len() / 4;
+        let mut slot = Merges::slot(a, b, slots);
+        for _ in 0..slots {
+            let e = &table[4 * slot..4 * slot + 4];
+            if e[0] == HOLE {
+                return None;
+            }
+            if e[0] == a && e[1] == b {
+                return Some((e[2], e[3]));
+            }
+            slot = (slot + 1) & (slots - 1);
+        }
+        None
+    }
+
+    /// Every merge, as `((a, b), (rank, new id))`, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = ((u32, u32), (u32, u32))> + '_ {
+        self.words.words()[self.table.clone()].chunks_exact(4).filter(|e| e[0] != HOLE).map(|e| ((e[0], e[1]), (e[2], e[3])))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A BPE's `merges` as `tokenizer.json` lists them, in either form: pairs
+/// (`[["a", "b"], ...]`, tokenizers 0.20 and later) or the legacy strings
+/// (`["a b", ...]`, split at their one space; `#version` lines skipped).
+/// Strings are borrowed where they have no escapes.
+pub fn merge_list(raw: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
+    if let Ok(pairs) = serde_json::from_str(raw) {
+        return Some(pairs);
+    }
+    let lines: Vec<Text> = serde_json::from_str(raw).ok()?;
+    let mut merges = Vec::with_capacity(lines.len());
+    // Each line has exactly one space. A line read without a copy lends its
+    // parts; an escaped one is copied.
+    fn one_space(l: &str) -> Option<(&str, &str)> {
+        l.split_once(' ').filter(|(_, b)| !b.contains(' '))
+    }
+    for line in lines.into_iter().filter(|l| !l.0.starts_with("#version")) {
+        merges.push(match line.0 {
+            Cow::Borrowed(l) => {
+                let (a, b) = one_space(l)?;
+                (Text(Cow::Borrowed(a)), Text(Cow::Borrowed(b)))
+            }
+            Cow::Owned(l) => {
+                let (a, b) = one_space(&l)?;
+                (Text(Cow::Owned(a.to_string())), Text(Cow::Owned(b.to_string())))
+            }
+        });
+    }
+    Some(merges)
+}
+
 /// "MTOK": the first word of a prepared tokenizer.
 const PREPARED_MAGIC: u32 = 0x4b4f_544d;
 /// Bumped whenever the layout of a prepared tokenizer or of a vocabulary,
 /// or the hash, changes: a client reads only the version it was built with.
-const PREPARED_VERSION: u32 = 1;
+const PREPARED_VERSION: u32 = 2;
 
 /// What identifies the `tokenizer.json` a tokenizer was prepared from:
 /// device, inode, size and modification time, as `stat` gives them.
@@ -316,17 +468,18 @@ fn identity(meta: &std::fs::Metadata) -> [u64; 5] {
 }
 
 /// A `tokenizer.json` prepared by the daemon: its WordPiece or BPE
-/// vocabulary as a [`Vocabulary`], and the file's text with the
-/// vocabulary replaced by `{}` (the skeleton), from which a client builds
-/// the rest (normaliser, pre-tokeniser, merges, post-processor, decoder,
-/// added tokens) as it would from the file. Laid out as
-/// `[magic, version, identity (5 × 2 words), skeleton bytes]`, the
-/// skeleton, then the vocabulary.
+/// vocabulary as a [`Vocabulary`], a BPE's merges as [`Merges`], and the
+/// file's text with the vocabulary replaced by `{}` and the prepared merges
+/// by `[]` (the skeleton), from which a client builds the rest (normaliser,
+/// pre-tokeniser, post-processor, decoder, added tokens) as it would from
+/// the file. Laid out as `[magic, version, identity (5 × 2 words), skeleton
+/// bytes]`, the skeleton, the vocabulary, then `[1]` and the merges, or `[0]`.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     identity: [u64; 5],
     skeleton: Arc<str>,
     vocabulary: Vocabulary,
+    merges: Option<Merges>,
 }
 
 impl Prepared {
@@ -341,6 +494,7 @@ impl Prepared {
     }
 
     fn build_from(text: &str, identity: [u64; 5]) -> Option<Vec<u32>> {
+        use serde_json::value::RawValue;
         #[derive(Deserialize)]
         struct File<'a> {
             #[serde(borrow)]
@@ -351,17 +505,42 @@ impl Prepared {
             #[serde(rename = "type", borrow)]
             kind: Option<Cow<'a, str>>,
             #[serde(borrow)]
-            vocab: Option<&'a serde_json::value::RawValue>,
+            vocab: Option<&'a RawValue>,
+            #[serde(borrow)]
+            merges: Option<&'a RawValue>,
+            continuing_subword_prefix: Option<String>,
         }
         let file: File = serde_json::from_str(text).ok()?;
-        if !matches!(file.model.kind.as_deref(), Some("WordPiece" | "BPE")) {
-            return None;
-        }
-        let raw = file.model.vocab?.get();
-        let vocab: Vocab = serde_json::from_str(raw).ok()?;
+        let bpe = match file.model.kind.as_deref() {
+            Some("WordPiece") => false,
+            Some("BPE") => true,
+            _ => return None,
+        };
+        let vocab_raw = file.model.vocab?.get();
+        let vocab: Vocab = serde_json::from_str(vocab_raw).ok()?;
         let block = Vocabulary::build(&vocab)?;
-        let start = raw.as_ptr() as usize - text.as_ptr() as usize;
-        let skeleton = [&text[..start], "{}", &text[start + raw.len()..]].concat();
+        // A BPE's merges too, where they build (else they stay in the
+        // skeleton, and the client reads them as from the file).
+        let mut cuts = vec![(vocab_raw, "{}")];
+        let mut merges = None;
+        if let (true, Some(raw)) = (bpe, file.model.merges) {
+            let vocabulary = Vocabulary::read(Arc::new(block.clone()), 0)?.0;
+            let prefix_len = file.model.continuing_subword_prefix.as_ref().map_or(0, String::len);
+            if let Some(m) = merge_list(raw.get()).and_then(|list| Merges::build(&vocabulary, &list, prefix_len)) {
+                merges = Some(m);
+                cuts.push((raw.get(), "[]"));
+            }
+        }
+        let offset = |raw: &str| raw.as_ptr() as usize - text.as_ptr() as usize;
+        cuts.sort_by_key(|(raw, _)| offset(raw));
+        let mut skeleton = String::with_capacity(text.len());
+        let mut from = 0;
+        for (raw, with) in cuts {
+            skeleton.push_str(&text[from..offset(raw)]);
+            skeleton.push_str(with);
+            from = offset(raw) + raw.len();
+        }
+        skeleton.push_str(&text[from..]);
         let mut words = vec![PREPARED_MAGIC, PREPARED_VERSION];
         for part in identity {
             words.extend([part as u32, (part >> 32) as u32]);
@@ -371,6 +550,13 @@ impl Prepared {
         words.resize(at + skeleton.len().div_ceil(4), 0);
         bytemuck::cast_slice_mut::<u32, u8>(&mut words[at..])[..skeleton.len()].copy_from_slice(skeleton.as_bytes());
         words.extend_from_slice(&block);
+        match merges {
+            Some(m) => {
+                words.push(1);
+                words.extend_from_slice(&m);
+            }
+            None => words.push(0),
+        }
         Some(words)
     }
 
@@ -390,8 +576,13 @@ impl Prepared {
         let end = at + skeleton_len.div_ceil(4);
         let bytes = bytemuck::cast_slice::<u32, u8>(w.get(at..end)?);
         let skeleton: Arc<str> = std::str::from_utf8(&bytes[..skeleton_len]).ok()?.into();
-        let (vocabulary, _) = Vocabulary::read(words.clone(), end)?;
-        Some(Prepared { identity, skeleton, vocabulary })
+        let (vocabulary, end) = Vocabulary::read(words.clone(), end)?;
+        let merges = match *w.get(end)? {
+            0 => None,
+            1 => Some(Merges::read(words.clone(), end + 1)?.0),
+            _ => return None,
+        };
+        Some(Prepared { identity, skeleton, vocabulary, merges })
     }
 
     /// Whether this was prepared from `file` as it is now (same device,
@@ -408,6 +599,12 @@ impl Prepared {
 
     pub fn vocabulary(&self) -> &Vocabulary {
         &self.vocabulary
+    }
+
+    /// A BPE's merges, when they were prepared (the skeleton's `merges` is
+    /// then `[]`).
+    pub fn merges(&self) -> Option<&Merges> {
+        self.merges.as_ref()
     }
 }
 
@@ -449,6 +646,50 @@ mod tests {
             assert_eq!(v.token(i as u32), Some(t.as_str()));
         }
         assert_eq!(v.id("tok20000"), None);
+    }
+
+    fn text(t: &'static str) -> Text<'static> {
+        Text(Cow::Borrowed(t))
+    }
+
+    #[test]
+    fn merges_map_a_pair_of_ids_to_its_rank_and_result_as_the_crate_s_builder() {
+        let v = Vocabulary::new(vocab(&[("a", 0), ("b", 1), ("ab", 2), ("##b", 3), ("abb", 4), ("c", 5)])).unwrap();
+        let m = Merges::new(&v, &[(text("a"), text("b")), (text("ab"), text("b"))], 0).unwrap();
+        assert_eq!((m.get(0, 1), m.get(2, 1), m.get(1, 0), m.len()), (Some((0, 2)), Some((1, 4)), None, 2));
+        // The continuing prefix is dropped from the second part.
+        let m = Merges::new(&v, &[(text("a"), text("##b"))], 2).unwrap();
+        assert_eq!(m.get(0, 3), Some((0, 2)));
+        // A pair listed twice keeps its later rank; listed once per pair.
+        let m = Merges::new(&v, &[(text("a"), text("b")), (text("c"), text("c")), (text("a"), text("b"))], 0);
+        assert!(m.is_none(), "cc is not in the vocabulary");
+        let m = Merges::new(&v, &[(text("a"), text("b")), (text("ab"), text("b")), (text("a"), text("b"))], 0).unwrap();
+        assert_eq!((m.get(0, 1), m.len()), (Some((2, 2)), 2));
+        let mut all: Vec<_> = m.iter().collect();
+        all.sort();
+        assert_eq!(all, [((0, 1), (2, 2)), ((2, 1), (1, 4))]);
+        assert!(Merges::new(&v, &[(text("a"), text("x"))], 0).is_none());
+    }
+
+    #[test]
+    fn merge_lists_read_in_both_forms() {
+        let pairs = merge_list(r#"[["a","b"],["ab","c"]]"#).unwrap();
+        let legacy = merge_list(r##"["#version: 0.2","a b","ab c"]"##).unwrap();
+        let flat = |l: Vec<(Text, Text)>| l.into_iter().map(|(a, b)| (a.0.into_owned(), b.0.into_owned())).collect::<Vec<_>>();
+        assert_eq!(flat(pairs), flat(legacy));
+        assert!(merge_list(r#"["a b c"]"#).is_none());
+    }
+
+    #[test]
+    fn a_prepared_bpe_lends_its_merges_and_cuts_them_from_the_skeleton() {
+        let bpe = r#"{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":[["a","b"]],"dropout":null}}"#;
+        let p = Prepared::read(Arc::new(Prepared::build_from(bpe, [0; 5]).unwrap())).unwrap();
+        assert_eq!(p.skeleton(), r#"{"model":{"type":"BPE","vocab":{},"merges":[],"dropout":null}}"#);
+        assert_eq!(p.merges().unwrap().get(0, 1), Some((0, 2)));
+        // Merges that do not build stay in the skeleton for the client.
+        let broken = bpe.replace(r#"[["a","b"]]"#, r#"[["a","x"]]"#);
+        let p = Prepared::read(Arc::new(Prepared::build_from(&broken, [0; 5]).unwrap())).unwrap();
+        assert!(p.merges().is_none() && p.skeleton().contains(r#"[["a","x"]]"#));
     }
 
     const FILE: &str = r#"{"version":"1.0","model":{"type":"WordPiece","unk_token":"[UNK]","vocab":{"[UNK]":0,"a":1,"\u00e9":2},"max_input_chars_per_word":100}}"#;

@@ -30,7 +30,6 @@ mod wordpiece;
 
 use mora_common::vocab::{self, Prepared, Vocabulary};
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -119,7 +118,7 @@ impl<'de> Deserialize<'de> for Model {
 /// the lent one was.
 pub fn load_lent(path: &Path, lent: Option<&Prepared>) -> Result<(Tokenizer, bool), String> {
     if let Some(p) = lent.filter(|p| p.is_of(path)) {
-        if let Some(t) = fast(p.skeleton(), Some(p.vocabulary())) {
+        if let Some(t) = fast(p.skeleton(), Some(p)) {
             return Ok((t, true));
         }
     }
@@ -237,35 +236,6 @@ fn wordpiece_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> 
     Some(Model::Crate(ModelWrapper::WordPiece(model)))
 }
 
-/// Merges come in two forms: pairs (`[["a", "b"], ...]`, tokenizers 0.20 and
-/// later) and the legacy strings (`["a b", ...]`, split at their one space;
-/// `#version` lines skipped).
-fn merges(raw: &RawValue) -> Option<Vec<(vocab::Text<'_>, vocab::Text<'_>)>> {
-    if let Ok(pairs) = serde_json::from_str(raw.get()) {
-        return Some(pairs);
-    }
-    let lines: Vec<vocab::Text> = serde_json::from_str(raw.get()).ok()?;
-    let mut merges = Vec::with_capacity(lines.len());
-    // Each line has exactly one space. A line read without a copy lends its
-    // parts; an escaped one is copied.
-    fn one_space(l: &str) -> Option<(&str, &str)> {
-        l.split_once(' ').filter(|(_, b)| !b.contains(' '))
-    }
-    for line in lines.into_iter().filter(|l| !l.0.starts_with("#version")) {
-        merges.push(match line.0 {
-            Cow::Borrowed(l) => {
-                let (a, b) = one_space(l)?;
-                (vocab::Text(Cow::Borrowed(a)), vocab::Text(Cow::Borrowed(b)))
-            }
-            Cow::Owned(l) => {
-                let (a, b) = one_space(&l)?;
-                (vocab::Text(Cow::Owned(a.to_string())), vocab::Text(Cow::Owned(b.to_string())))
-            }
-        });
-    }
-    Some(merges)
-}
-
 /// A BPE model's fields: every one the crate reads
 /// (`models/bpe/serialization.rs`); a null or absent one leaves the
 /// builder's default.
@@ -281,9 +251,10 @@ struct BpeFields {
 
 /// A BPE model: Mora's, or the crate's where merges have a dropout (they
 /// are then random) or Mora's leaves the vocabulary to the crate. With
-/// `lent`, the model's vocabulary (the file's is then `{}`), and never the
+/// `lent`, the model's vocabulary (the file's is then `{}`) and its merges
+/// when they were prepared (the file's are then `[]`), and never the
 /// crate's model, which would read the file's.
-fn bpe_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> {
+fn bpe_model(m: &ModelFields, lent: Option<&Prepared>) -> Option<Model> {
     let b = BpeFields {
         dropout: optional(m.dropout)?,
         unk_token: optional(m.unk_token)?,
@@ -293,7 +264,7 @@ fn bpe_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> {
         byte_fallback: optional(m.byte_fallback)?,
         ignore_merges: optional(m.ignore_merges)?,
     };
-    let merges = merges(m.merges?)?;
+    let merges = vocab::merge_list(m.merges?.get())?;
     if b.dropout.is_none() {
         let options = bpe::Options {
             unk_token: b.unk_token.clone(),
@@ -303,11 +274,19 @@ fn bpe_model(m: &ModelFields, lent: Option<&Vocabulary>) -> Option<Model> {
             byte_fallback: b.byte_fallback.unwrap_or(false),
             ignore_merges: b.ignore_merges.unwrap_or(false),
         };
+        let prefix_len = b.continuing_subword_prefix.as_ref().map_or(0, String::len);
         let vocab = match lent {
-            Some(v) => Some(v.clone()),
+            Some(p) => Some(p.vocabulary().clone()),
             None => Vocabulary::new(required(m.vocab)?),
         };
-        if let Some(model) = vocab.and_then(|v| bpe::Bpe::new(v, &merges, options)) {
+        let model = vocab.and_then(|v| {
+            let merges = match lent.and_then(Prepared::merges) {
+                Some(lent) => lent.clone(),
+                None => vocab::Merges::new(&v, &merges, prefix_len)?,
+            };
+            Some(bpe::Bpe::new(v, merges, options))
+        });
+        if let Some(model) = model {
             return Some(Model::Bpe(model));
         }
     }
@@ -356,8 +335,8 @@ fn unigram_model(m: &ModelFields) -> Option<Model> {
 
 /// The tokenizer, when its model is WordPiece, BPE or Unigram and every
 /// section parses; `None` sends the file to the crate's own reader. With
-/// `lent`, `text` is a prepared skeleton and `lent` its vocabulary.
-fn fast(text: &str, lent: Option<&Vocabulary>) -> Option<Tokenizer> {
+/// `lent`, `text` is its skeleton.
+fn fast(text: &str, lent: Option<&Prepared>) -> Option<Tokenizer> {
     let s: Sections = serde_json::from_str(text).ok()?;
     if s.version.is_some_and(|v| v != "1.0") {
         return None;
@@ -365,7 +344,7 @@ fn fast(text: &str, lent: Option<&Vocabulary>) -> Option<Tokenizer> {
     // Only an explicit `type`: the crate reads a model without one by
     // trying each kind in turn, which is left to it.
     let model = match s.model.kind {
-        Some("WordPiece") => wordpiece_model(&s.model, lent)?,
+        Some("WordPiece") => wordpiece_model(&s.model, lent.map(Prepared::vocabulary))?,
         Some("BPE") => bpe_model(&s.model, lent)?,
         Some("Unigram") if lent.is_none() => unigram_model(&s.model)?,
         _ => return None,
@@ -502,7 +481,9 @@ mod tests {
                 continue;
             };
             assert!(p.is_of(f));
-            let ours = fast(p.skeleton(), Some(p.vocabulary())).unwrap_or_else(|| panic!("{}", f.display()));
+            // A BPE's merges came prepared too, cut out of the skeleton.
+            assert_eq!(p.merges().is_some(), kind == "BPE", "{}", f.display());
+            let ours = fast(p.skeleton(), Some(&p)).unwrap_or_else(|| panic!("{}", f.display()));
             assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_)), "{}", f.display());
             same_as_the_crate(&ours, f);
             let (t, lent) = load_lent(f, Some(&p)).unwrap();
@@ -542,7 +523,7 @@ mod tests {
         std::fs::write(&p, r#"{"version": "1.0", "model": {"type": "BPE", "dropout": 0.5, "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}}"#)
             .unwrap();
         let lent = prepared(&p).unwrap();
-        assert!(fast(lent.skeleton(), Some(lent.vocabulary())).is_none());
+        assert!(fast(lent.skeleton(), Some(&lent)).is_none());
         let (t, used) = load_lent(&p, Some(&lent)).unwrap();
         assert!(!used);
         assert!(matches!(t.get_model(), Model::Crate(_)));
@@ -568,6 +549,12 @@ mod tests {
             std::fs::write(&p, v.to_string()).unwrap();
             assert!(fast(&v.to_string(), None).is_some(), "{}", f.display());
             same_as_the_crate(&load(&p).unwrap(), &p);
+            // And as the daemon prepares them: merges lent, cut from the skeleton.
+            let lent = prepared(&p).unwrap();
+            assert!(lent.merges().is_some(), "{}", f.display());
+            let (t, used) = load_lent(&p, Some(&lent)).unwrap();
+            assert!(used);
+            same_as_the_crate(&t, &p);
             n += 1;
         }
         assert!(n >= 10, "{n} BPE fixtures");

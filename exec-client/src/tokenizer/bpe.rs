@@ -22,7 +22,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-use mora_common::vocab::{Text, Vocabulary};
+use mora_common::vocab::{Merges, Vocabulary};
 
 /// The options of a BPE model, as the crate's builder takes them.
 #[derive(Default)]
@@ -39,7 +39,7 @@ pub struct Options {
 pub struct Bpe {
     vocab: Vocabulary,
     /// A pair of ids to the merge's rank and the id it makes.
-    merges: ahash::AHashMap<(u32, u32), (u32, u32)>,
+    merges: Merges,
     unk_token: Option<String>,
     continuing_subword_prefix: Option<String>,
     end_of_word_suffix: Option<String>,
@@ -49,34 +49,20 @@ pub struct Bpe {
 }
 
 impl Bpe {
-    /// The model of `vocab` (read from the file, or lent by the daemon) and
-    /// `merges`, or `None` where the crate's builder would fail, so that the
-    /// crate's reader does it.
-    pub fn new(vocab: Vocabulary, merges: &[(Text, Text)], options: Options) -> Option<Bpe> {
-        let mut bpe = Bpe {
+    /// The model of `vocab` and `merges` (read from the file with
+    /// `Merges::new`, which fails where the crate's builder would, or lent
+    /// by the daemon).
+    pub fn new(vocab: Vocabulary, merges: Merges, options: Options) -> Bpe {
+        Bpe {
             vocab,
-            merges: ahash::AHashMap::with_capacity(merges.len()),
+            merges,
             unk_token: options.unk_token,
             continuing_subword_prefix: options.continuing_subword_prefix,
             end_of_word_suffix: options.end_of_word_suffix,
             fuse_unk: options.fuse_unk,
             byte_fallback: options.byte_fallback,
             ignore_merges: options.ignore_merges,
-        };
-        // The merged token is `a` then `b` without the continuing prefix's
-        // length, as the crate's builder joins them.
-        let prefix_len = bpe.continuing_subword_prefix.as_ref().map_or(0, String::len);
-        let mut joined = String::new();
-        for (rank, (a, b)) in merges.iter().enumerate() {
-            let (a, b): (&str, &str) = (&a.0, &b.0);
-            let (a_id, b_id) = (bpe.id(a)?, bpe.id(b)?);
-            joined.clear();
-            joined.push_str(a);
-            joined.push_str(b.get(prefix_len..)?);
-            let new_id = bpe.id(&joined)?;
-            bpe.merges.insert((a_id, b_id), (rank as u32, new_id));
         }
-        Some(bpe)
     }
 
     fn id(&self, token: &str) -> Option<u32> {
@@ -165,7 +151,7 @@ impl Bpe {
         let mut queue: BinaryHeap<Merge> = symbols
             .windows(2)
             .enumerate()
-            .filter_map(|(pos, w)| self.merges.get(&(w[0].c, w[1].c)).map(|&(rank, new_id)| Merge { pos, rank, new_id }))
+            .filter_map(|(pos, w)| self.merges.get(w[0].c, w[1].c).map(|(rank, new_id)| Merge { pos, rank, new_id }))
             .collect();
         while let Some(top) = queue.pop() {
             if symbols[top.pos].len == 0 || symbols[top.pos].next == -1 {
@@ -174,7 +160,7 @@ impl Bpe {
             let next_pos = symbols[top.pos].next as usize;
             let right = symbols[next_pos];
             // An entry made stale by an earlier merge.
-            if self.merges.get(&(symbols[top.pos].c, right.c)).is_none_or(|&(_, new_id)| new_id != top.new_id) {
+            if self.merges.get(symbols[top.pos].c, right.c).is_none_or(|(_, new_id)| new_id != top.new_id) {
                 continue;
             }
             let current = &mut symbols[top.pos];
@@ -188,13 +174,13 @@ impl Bpe {
             let current = symbols[top.pos];
             if current.prev >= 0 {
                 let prev = symbols[current.prev as usize];
-                if let Some(&(rank, new_id)) = self.merges.get(&(prev.c, current.c)) {
+                if let Some((rank, new_id)) = self.merges.get(prev.c, current.c) {
                     queue.push(Merge { pos: current.prev as usize, rank, new_id });
                 }
             }
             let next = current.next as usize;
             if next < symbols.len() {
-                if let Some(&(rank, new_id)) = self.merges.get(&(current.c, symbols[next].c)) {
+                if let Some((rank, new_id)) = self.merges.get(current.c, symbols[next].c) {
                     queue.push(Merge { pos: top.pos, rank, new_id });
                 }
             }
@@ -296,11 +282,11 @@ impl tokenizers::Model for Bpe {
 impl Bpe {
     /// The merges by rank, as the texts of their two parts.
     fn ranked_merges(&self) -> Vec<(&str, &str)> {
-        let mut merges: Vec<(&(u32, u32), u32)> = self.merges.iter().map(|(pair, &(rank, _))| (pair, rank)).collect();
+        let mut merges: Vec<((u32, u32), u32)> = self.merges.iter().map(|(pair, (rank, _))| (pair, rank)).collect();
         merges.sort_unstable_by_key(|m| m.1);
         merges
             .into_iter()
-            .map(|(&(a, b), _)| (self.token(a).unwrap_or_default(), self.token(b).unwrap_or_default()))
+            .map(|((a, b), _)| (self.token(a).unwrap_or_default(), self.token(b).unwrap_or_default()))
             .collect()
     }
 }
@@ -327,7 +313,7 @@ impl Serialize for Bpe {
 mod tests {
     use super::*;
     use crate::tokenizer::same_tokens as same;
-    use mora_common::vocab::Vocab;
+    use mora_common::vocab::{Text, Vocab};
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::models::bpe::BPE;
@@ -359,7 +345,9 @@ mod tests {
                 byte_fallback: self.byte_fallback,
                 ignore_merges: self.ignore_merges,
             };
-            Bpe::new(Vocabulary::new(vocab)?, &merges, options)
+            let vocab = Vocabulary::new(vocab)?;
+            let merges = Merges::new(&vocab, &merges, self.prefix.as_ref().map_or(0, String::len))?;
+            Some(Bpe::new(vocab, merges, options))
         }
 
         fn theirs(&self) -> BPE {
