@@ -164,9 +164,19 @@ impl Vocabulary {
 
     /// The block of words of `vocab` (see [`Vocabulary::new`] for `None`).
     fn build(vocab: &Vocab) -> Option<Vec<u32>> {
-        let len = vocab.0.len();
-        let text_len: usize = vocab.0.iter().map(|(t, _)| t.0.len()).sum();
-        let max_id = vocab.0.iter().map(|&(_, id)| id).max().unwrap_or(0);
+        Vocabulary::build_from(vocab.0.iter().map(|(t, id)| (t.0.as_ref(), *id)), false)
+    }
+
+    /// The block of `tokens`; with `last_wins`, a token listed again takes
+    /// the table's entry with its later id (a Unigram's pieces, where the
+    /// crate's map does the same), else it is refused.
+    fn build_from<'t>(tokens: impl Iterator<Item = (&'t str, u32)> + Clone, last_wins: bool) -> Option<Vec<u32>> {
+        let (mut len, mut text_len, mut max_id) = (0usize, 0usize, 0u32);
+        for (t, id) in tokens.clone() {
+            len += 1;
+            text_len += t.len();
+            max_id = max_id.max(id);
+        }
         if u32::try_from(text_len).is_err() || max_id as usize > 2 * len + 1024 {
             return None;
         }
@@ -178,23 +188,27 @@ impl Vocabulary {
         let mut words = vec![HOLE; text.end];
         words[..HEADER].copy_from_slice(&[len as u32, slots as u32, ids as u32, text_len as u32]);
         let mut bytes = Vec::with_capacity(text_len);
-        for (token, id) in &vocab.0 {
-            let token = token.0.as_bytes();
+        for (token, id) in tokens {
+            let token = token.as_bytes();
             let (start, end) = (bytes.len() as u32, (bytes.len() + token.len()) as u32);
             let mut slot = hash(token) as usize & (slots - 1);
             loop {
                 let at = table.start + 3 * slot;
                 let s = words[at];
                 if s == HOLE {
-                    words[at..at + 3].copy_from_slice(&[start, end, *id]);
+                    words[at..at + 3].copy_from_slice(&[start, end, id]);
                     break;
                 }
                 if &bytes[s as usize..words[at + 1] as usize] == token {
-                    return None;
+                    if !last_wins {
+                        return None;
+                    }
+                    words[at + 2] = id;
+                    break;
                 }
                 slot = (slot + 1) & (slots - 1);
             }
-            let span = by_id.start + 2 * *id as usize;
+            let span = by_id.start + 2 * id as usize;
             if words[span] != HOLE {
                 return None;
             }
@@ -204,6 +218,26 @@ impl Vocabulary {
         bytes.resize(4 * text.len(), 0);
         bytemuck::cast_slice_mut::<u32, u8>(&mut words[text]).copy_from_slice(&bytes);
         Some(words)
+    }
+
+    /// A Unigram model's pieces, ids in list order, and their scores: the
+    /// vocabulary (a piece listed twice found under its later id, as in the
+    /// crate's map) and a [`Scores`] block. `None` only where the pieces'
+    /// text passes 4 GiB.
+    pub fn pieces(list: &[(Text, f64)]) -> Option<(Vocabulary, Scores)> {
+        let (vocabulary, scores) = Vocabulary::build_pieces(list)?;
+        Some((Vocabulary::read(Arc::new(vocabulary), 0)?.0, Scores::read(Arc::new(scores), 0)?.0))
+    }
+
+    fn build_pieces(list: &[(Text, f64)]) -> Option<(Vec<u32>, Vec<u32>)> {
+        let vocabulary = Vocabulary::build_from(list.iter().enumerate().map(|(id, (t, _))| (t.0.as_ref(), id as u32)), true)?;
+        let mut scores = Vec::with_capacity(1 + 2 * list.len());
+        scores.push(u32::try_from(list.len()).ok()?);
+        for (_, score) in list {
+            let bits = score.to_bits();
+            scores.extend([bits as u32, (bits >> 32) as u32]);
+        }
+        Some((vocabulary, scores))
     }
 
     /// The vocabulary whose block starts at word `at` of `words`, and the
@@ -307,6 +341,46 @@ impl Serialize for Vocabulary {
             }
         }
         map.end()
+    }
+}
+
+/// A Unigram model's score of each piece, by id: `[pieces]`, then each
+/// score's bits as two words, low first.
+#[derive(Clone)]
+pub struct Scores {
+    words: Arc<dyn Words>,
+    table: Range<usize>,
+}
+
+impl std::fmt::Debug for Scores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scores").field("pieces", &self.len()).finish()
+    }
+}
+
+impl Scores {
+    fn read(words: Arc<dyn Words>, at: usize) -> Option<(Scores, usize)> {
+        let len = *words.words().get(at)? as usize;
+        let table = at + 1..at + 1 + 2 * len;
+        if table.end > words.words().len() {
+            return None;
+        }
+        let end = table.end;
+        Some((Scores { words, table }, end))
+    }
+
+    /// The score of piece `id`.
+    pub fn get(&self, id: usize) -> Option<f64> {
+        let w = self.words.words()[self.table.clone()].get(2 * id..2 * id + 2)?;
+        Some(f64::from_bits(w[0] as u64 | (w[1] as u64) << 32))
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len() / 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
     }
 }
 
@@ -459,7 +533,7 @@ pub fn merge_list(raw: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
 const PREPARED_MAGIC: u32 = 0x4b4f_544d;
 /// Bumped whenever the layout of a prepared tokenizer or of a vocabulary,
 /// or the hash, changes: a client reads only the version it was built with.
-const PREPARED_VERSION: u32 = 2;
+const PREPARED_VERSION: u32 = 3;
 
 /// What identifies the `tokenizer.json` a tokenizer was prepared from:
 /// device, inode, size and modification time, as `stat` gives them.
@@ -467,26 +541,29 @@ fn identity(meta: &std::fs::Metadata) -> [u64; 5] {
     [meta.dev(), meta.ino(), meta.size(), meta.mtime() as u64, meta.mtime_nsec() as u64]
 }
 
-/// A `tokenizer.json` prepared by the daemon: its WordPiece or BPE
-/// vocabulary as a [`Vocabulary`], a BPE's merges as [`Merges`], and the
-/// file's text with the vocabulary replaced by `{}` and the prepared merges
-/// by `[]` (the skeleton), from which a client builds the rest (normaliser,
+/// A `tokenizer.json` prepared by the daemon: its WordPiece, BPE or Unigram
+/// vocabulary as a [`Vocabulary`], a BPE's merges as [`Merges`], a
+/// Unigram's scores as [`Scores`], and the file's text with the vocabulary
+/// replaced by `{}` (`[]` for a Unigram) and the prepared merges by `[]`
+/// (the skeleton), from which a client builds the rest (normaliser,
 /// pre-tokeniser, post-processor, decoder, added tokens) as it would from
 /// the file. Laid out as `[magic, version, identity (5 × 2 words), skeleton
-/// bytes]`, the skeleton, the vocabulary, then `[1]` and the merges, or `[0]`.
+/// bytes]`, the skeleton, the vocabulary, then `[1]` and the merges, `[2]`
+/// and the scores, or `[0]`.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     identity: [u64; 5],
     skeleton: Arc<str>,
     vocabulary: Vocabulary,
     merges: Option<Merges>,
+    scores: Option<Scores>,
 }
 
 impl Prepared {
-    /// The words of `file` prepared; `Ok(None)` when its model is neither
-    /// WordPiece nor BPE, or its vocabulary is one [`Vocabulary::new`]
-    /// leaves to the crate, or the file does not parse (the client's own
-    /// reader then gives the error).
+    /// The words of `file` prepared; `Ok(None)` when its model is not
+    /// WordPiece, BPE or Unigram, or its vocabulary is one
+    /// [`Vocabulary::new`] leaves to the crate, or the file does not parse
+    /// (the client's own reader then gives the error).
     pub fn build(file: &Path) -> std::io::Result<Option<Vec<u32>>> {
         let meta = std::fs::metadata(file)?;
         let text = std::fs::read_to_string(file)?;
@@ -511,23 +588,32 @@ impl Prepared {
             continuing_subword_prefix: Option<String>,
         }
         let file: File = serde_json::from_str(text).ok()?;
-        let bpe = match file.model.kind.as_deref() {
-            Some("WordPiece") => false,
-            Some("BPE") => true,
+        let kind = file.model.kind.as_deref();
+        let vocab_raw = file.model.vocab?.get();
+        // What follows the vocabulary's block: a tag, then its own block.
+        let mut tail = vec![0];
+        let (block, mut cuts) = match kind {
+            Some("WordPiece" | "BPE") => {
+                let vocab: Vocab = serde_json::from_str(vocab_raw).ok()?;
+                (Vocabulary::build(&vocab)?, vec![(vocab_raw, "{}")])
+            }
+            Some("Unigram") => {
+                let list: Vec<(Text, f64)> = serde_json::from_str(vocab_raw).ok()?;
+                let (block, scores) = Vocabulary::build_pieces(&list)?;
+                tail = vec![2];
+                tail.extend_from_slice(&scores);
+                (block, vec![(vocab_raw, "[]")])
+            }
             _ => return None,
         };
-        let vocab_raw = file.model.vocab?.get();
-        let vocab: Vocab = serde_json::from_str(vocab_raw).ok()?;
-        let block = Vocabulary::build(&vocab)?;
         // A BPE's merges too, where they build (else they stay in the
         // skeleton, and the client reads them as from the file).
-        let mut cuts = vec![(vocab_raw, "{}")];
-        let mut merges = None;
-        if let (true, Some(raw)) = (bpe, file.model.merges) {
+        if let (Some("BPE"), Some(raw)) = (kind, file.model.merges) {
             let vocabulary = Vocabulary::read(Arc::new(block.clone()), 0)?.0;
             let prefix_len = file.model.continuing_subword_prefix.as_ref().map_or(0, String::len);
             if let Some(m) = merge_list(raw.get()).and_then(|list| Merges::build(&vocabulary, &list, prefix_len)) {
-                merges = Some(m);
+                tail = vec![1];
+                tail.extend_from_slice(&m);
                 cuts.push((raw.get(), "[]"));
             }
         }
@@ -550,13 +636,7 @@ impl Prepared {
         words.resize(at + skeleton.len().div_ceil(4), 0);
         bytemuck::cast_slice_mut::<u32, u8>(&mut words[at..])[..skeleton.len()].copy_from_slice(skeleton.as_bytes());
         words.extend_from_slice(&block);
-        match merges {
-            Some(m) => {
-                words.push(1);
-                words.extend_from_slice(&m);
-            }
-            None => words.push(0),
-        }
+        words.extend_from_slice(&tail);
         Some(words)
     }
 
@@ -577,12 +657,14 @@ impl Prepared {
         let bytes = bytemuck::cast_slice::<u32, u8>(w.get(at..end)?);
         let skeleton: Arc<str> = std::str::from_utf8(&bytes[..skeleton_len]).ok()?.into();
         let (vocabulary, end) = Vocabulary::read(words.clone(), end)?;
-        let merges = match *w.get(end)? {
-            0 => None,
-            1 => Some(Merges::read(words.clone(), end + 1)?.0),
+        let (mut merges, mut scores) = (None, None);
+        match *w.get(end)? {
+            0 => {}
+            1 => merges = Some(Merges::read(words.clone(), end + 1)?.0),
+            2 => scores = Some(Scores::read(words.clone(), end + 1)?.0),
             _ => return None,
-        };
-        Some(Prepared { identity, skeleton, vocabulary, merges })
+        }
+        Some(Prepared { identity, skeleton, vocabulary, merges, scores })
     }
 
     /// Whether this was prepared from `file` as it is now (same device,
@@ -605,6 +687,12 @@ impl Prepared {
     /// then `[]`).
     pub fn merges(&self) -> Option<&Merges> {
         self.merges.as_ref()
+    }
+
+    /// A Unigram's scores (its vocabulary is then the pieces', and the
+    /// skeleton's `vocab` is `[]`).
+    pub fn scores(&self) -> Option<&Scores> {
+        self.scores.as_ref()
     }
 }
 
@@ -692,6 +780,18 @@ mod tests {
         assert!(p.merges().is_none() && p.skeleton().contains(r#"[["a","x"]]"#));
     }
 
+    #[test]
+    fn a_prepared_unigram_lends_its_pieces_and_scores() {
+        let unigram = r#"{"model":{"type":"Unigram","unk_id":0,"vocab":[["<unk>",0.0],["a",-1.5],["b",-2.25],["a",-0.5]]}}"#;
+        let p = Prepared::read(Arc::new(Prepared::build_from(unigram, [0; 5]).unwrap())).unwrap();
+        assert_eq!(p.skeleton(), r#"{"model":{"type":"Unigram","unk_id":0,"vocab":[]}}"#);
+        assert!(p.merges().is_none());
+        let (v, scores) = (p.vocabulary(), p.scores().unwrap());
+        // A piece listed twice: its later id, as the crate's map has it.
+        assert_eq!((v.len(), v.id("a"), v.token(1), v.token(3)), (4, Some(3), Some("a"), Some("a")));
+        assert_eq!((scores.len(), scores.get(2), scores.get(3), scores.get(4)), (4, Some(-2.25), Some(-0.5), None));
+    }
+
     const FILE: &str = r#"{"version":"1.0","model":{"type":"WordPiece","unk_token":"[UNK]","vocab":{"[UNK]":0,"a":1,"\u00e9":2},"max_input_chars_per_word":100}}"#;
 
     #[test]
@@ -707,9 +807,11 @@ mod tests {
     }
 
     #[test]
-    fn only_wordpiece_and_bpe_files_are_prepared() {
+    fn only_wordpiece_bpe_and_unigram_files_are_prepared() {
         assert!(Prepared::build_from(&FILE.replace("WordPiece", "BPE"), [0; 5]).is_some());
+        // A Unigram's vocabulary is a list of pieces and scores, not a map.
         assert!(Prepared::build_from(&FILE.replace("WordPiece", "Unigram"), [0; 5]).is_none());
+        assert!(Prepared::build_from(&FILE.replace("WordPiece", "WordLevel"), [0; 5]).is_none());
         assert!(Prepared::build_from(&FILE.replace("\"a\":1", "\"a\":0"), [0; 5]).is_none());
         assert!(Prepared::build_from("{not json", [0; 5]).is_none());
     }

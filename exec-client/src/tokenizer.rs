@@ -323,14 +323,21 @@ fn bpe_model(m: &ModelFields, lent: Option<&Prepared>) -> Option<Model> {
 /// Mora's Unigram model, where the crate's `Unigram::from` would succeed:
 /// the fields the crate reads (`models/unigram/serialization.rs`);
 /// `byte_fallback` may be absent, not null, as there.
-fn unigram_model(m: &ModelFields) -> Option<Model> {
-    let vocab: Vec<(String, f64)> = required(m.vocab)?;
+/// With `lent`, the pieces and scores (the file's `vocab` is then `[]`).
+fn unigram_model(m: &ModelFields, lent: Option<&Prepared>) -> Option<Model> {
     let unk_id: Option<usize> = optional(m.unk_id)?;
     let byte_fallback: bool = match m.byte_fallback {
         None => false,
         raw => required(raw)?,
     };
-    Some(Model::Unigram(unigram::Unigram::new(vocab, unk_id, byte_fallback)?))
+    let (pieces, scores) = match lent {
+        Some(p) => (p.vocabulary().clone(), p.scores()?.clone()),
+        None => {
+            let list: Vec<(vocab::Text, f64)> = required(m.vocab)?;
+            Vocabulary::pieces(&list)?
+        }
+    };
+    Some(Model::Unigram(unigram::Unigram::new(pieces, scores, unk_id, byte_fallback)?))
 }
 
 /// The tokenizer, when its model is WordPiece, BPE or Unigram and every
@@ -346,7 +353,7 @@ fn fast(text: &str, lent: Option<&Prepared>) -> Option<Tokenizer> {
     let model = match s.model.kind {
         Some("WordPiece") => wordpiece_model(&s.model, lent.map(Prepared::vocabulary))?,
         Some("BPE") => bpe_model(&s.model, lent)?,
-        Some("Unigram") if lent.is_none() => unigram_model(&s.model)?,
+        Some("Unigram") => unigram_model(&s.model, lent)?,
         _ => return None,
     };
     let builder = TokenizerBuilder::<
@@ -476,22 +483,19 @@ mod tests {
         let mut n = 0;
         for f in &fixtures() {
             let kind = model_type(&std::fs::read_to_string(f).unwrap());
-            let Some(p) = prepared(f) else {
-                assert!(!["WordPiece", "BPE"].contains(&kind.as_str()), "{} not prepared", f.display());
-                continue;
-            };
+            let p = prepared(f).unwrap_or_else(|| panic!("{} not prepared", f.display()));
             assert!(p.is_of(f));
             // A BPE's merges came prepared too, cut out of the skeleton.
             assert_eq!(p.merges().is_some(), kind == "BPE", "{}", f.display());
             let ours = fast(p.skeleton(), Some(&p)).unwrap_or_else(|| panic!("{}", f.display()));
-            assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_)), "{}", f.display());
+            assert!(matches!(ours.get_model(), Model::WordPiece(_) | Model::Bpe(_) | Model::Unigram(_)), "{}", f.display());
             same_as_the_crate(&ours, f);
             let (t, lent) = load_lent(f, Some(&p)).unwrap();
             assert!(lent, "{}", f.display());
             same_as_the_crate(&t, f);
             n += 1;
         }
-        assert!(n >= 12, "{n} fixtures prepared");
+        assert!(n >= 30, "{n} fixtures prepared");
     }
 
     #[test]

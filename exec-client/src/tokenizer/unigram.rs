@@ -4,9 +4,10 @@
 //!
 //! The crate's `Unigram::from` pushes every piece into a trie with a hash
 //! map in every node: for XLM-RoBERTa's 250 002 pieces, about 0.8 s of a
-//! warm run's start, spent again by every fresh process. Here the pieces go
-//! into one hash index (piece to id, as the crate keeps beside its trie,
-//! holding ids only: the pieces stay in the vocabulary), and
+//! warm run's start, spent again by every fresh process. Here the pieces are
+//! a `Vocabulary` (`mora_common::vocab`: the pieces' text once, an index of
+//! piece to id as the crate keeps beside its trie, ids to pieces) with their
+//! `Scores` beside it, both read from the file or lent by the daemon, and
 //! the prefixes of the text that are pieces are found by looking up each
 //! prefix up to the longest piece's length. A piece is valid UTF-8, so only
 //! prefixes ending on a character boundary can be pieces, which are the
@@ -18,7 +19,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::ser::SerializeStruct;
+use mora_common::vocab::{Scores, Vocabulary};
+use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
@@ -33,12 +35,11 @@ struct MissingUnkId;
 
 #[derive(Clone, Debug)]
 pub struct Unigram {
-    /// Each piece and its score, in id order.
-    vocab: Vec<(String, f64)>,
-    /// Ids by their piece; a piece listed twice has its last id, as in the
-    /// crate's map.
-    ids: hashbrown::HashTable<u32>,
-    hasher: ahash::RandomState,
+    /// Each piece by id, and the id of each piece (a piece listed twice
+    /// has its last id, as in the crate's map).
+    pieces: Vocabulary,
+    /// Each piece's score, by id.
+    scores: Scores,
     unk_id: Option<usize>,
     byte_fallback: bool,
     min_score: f64,
@@ -47,36 +48,34 @@ pub struct Unigram {
 }
 
 impl Unigram {
-    /// The model of `vocab`, or `None` where the crate's `Unigram::from`
-    /// fails (an empty vocabulary or an `unk_id` past it), so that the
-    /// crate's reader gives its own error.
-    pub fn new(vocab: Vec<(String, f64)>, unk_id: Option<usize>, byte_fallback: bool) -> Option<Unigram> {
-        if unk_id.is_some_and(|u| u >= vocab.len()) {
+    /// The model of `pieces` and their `scores` (`Vocabulary::pieces`, from
+    /// the file or lent by the daemon), or `None` where the crate's
+    /// `Unigram::from` fails (an empty vocabulary or an `unk_id` past it),
+    /// so that the crate's reader gives its own error, or where the two do
+    /// not match.
+    pub fn new(pieces: Vocabulary, scores: Scores, unk_id: Option<usize>, byte_fallback: bool) -> Option<Unigram> {
+        if unk_id.is_some_and(|u| u >= scores.len()) || pieces.len() != scores.len() {
             return None;
         }
-        let hasher = ahash::RandomState::new();
-        let mut ids = hashbrown::HashTable::with_capacity(vocab.len());
         let mut min_score = f64::INFINITY;
         let mut longest = 0;
-        for (id, (piece, score)) in vocab.iter().enumerate() {
-            let hash = hasher.hash_one(piece.as_str());
-            match ids.entry(hash, |&i: &u32| vocab[i as usize].0 == *piece, |&i: &u32| hasher.hash_one(vocab[i as usize].0.as_str())) {
-                hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = id as u32,
-                hashbrown::hash_table::Entry::Vacant(e) => {
-                    e.insert(id as u32);
-                }
+        for id in 0..scores.len() {
+            let score = scores.get(id)?;
+            if score < min_score {
+                min_score = score;
             }
-            if *score < min_score {
-                min_score = *score;
-            }
-            longest = longest.max(piece.len());
+            longest = longest.max(pieces.token(id as u32)?.len());
         }
-        Some(Unigram { vocab, ids, hasher, unk_id, byte_fallback, min_score, longest })
+        Some(Unigram { pieces, scores, unk_id, byte_fallback, min_score, longest })
     }
 
     /// The id of `piece`, as the crate's map gives it.
     fn id(&self, piece: &str) -> Option<u32> {
-        self.ids.find(self.hasher.hash_one(piece), |&i| self.vocab[i as usize].0 == piece).copied()
+        self.pieces.id(piece)
+    }
+
+    fn score(&self, id: u32) -> f64 {
+        self.scores.get(id as usize).unwrap_or(f64::NEG_INFINITY)
     }
 
     /// The best segmentation of `sentence` as byte ranges, consecutive
@@ -104,7 +103,7 @@ impl Unigram {
             // yields them.
             for end in ends.take_while(|&end| end <= self.longest) {
                 if let Some(id) = self.id(&rest[..end]) {
-                    let candidate = self.vocab[id as usize].1 + best[starts_at].score;
+                    let candidate = self.score(id) + best[starts_at].score;
                     let node = &mut best[starts_at + end];
                     if node.starts_at.is_none() || candidate > node.score {
                         *node = Best { id: id as usize, score: candidate, starts_at: Some(starts_at) };
@@ -186,15 +185,15 @@ impl tokenizers::Model for Unigram {
     }
 
     fn id_to_token(&self, id: u32) -> Option<String> {
-        self.vocab.get(id as usize).map(|(piece, _)| piece.clone())
+        self.pieces.token(id).map(str::to_string)
     }
 
     fn get_vocab(&self) -> HashMap<String, u32> {
-        self.ids.iter().map(|&id| (self.vocab[id as usize].0.clone(), id)).collect()
+        self.pieces.to_map()
     }
 
     fn get_vocab_size(&self) -> usize {
-        self.vocab.len()
+        self.scores.len()
     }
 
     /// Writes `[name-]unigram.json` as the crate's model does.
@@ -218,9 +217,23 @@ impl Serialize for Unigram {
         let mut model = serializer.serialize_struct("Unigram", 4)?;
         model.serialize_field("type", "Unigram")?;
         model.serialize_field("unk_id", &self.unk_id)?;
-        model.serialize_field("vocab", &self.vocab)?;
+        model.serialize_field("vocab", &InOrder(self))?;
         model.serialize_field("byte_fallback", &self.byte_fallback)?;
         model.end()
+    }
+}
+
+/// The pieces and scores in id order, as the crate writes them.
+struct InOrder<'a>(&'a Unigram);
+
+impl Serialize for InOrder<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let u = self.0;
+        let mut seq = serializer.serialize_seq(Some(u.scores.len()))?;
+        for id in 0..u.scores.len() as u32 {
+            seq.serialize_element(&(u.pieces.token(id).unwrap_or_default(), u.score(id)))?;
+        }
+        seq.end()
     }
 }
 
@@ -228,12 +241,21 @@ impl Serialize for Unigram {
 mod tests {
     use super::*;
     use crate::tokenizer::same_tokens as same;
+    use mora_common::vocab::Text;
     use proptest::prelude::*;
+    use std::borrow::Cow;
     use tokenizers::Model;
+
+    /// Mora's model of `vocab`, as read from a file.
+    fn of(vocab: &[(String, f64)], unk_id: Option<usize>, byte_fallback: bool) -> Option<Unigram> {
+        let list: Vec<(Text, f64)> = vocab.iter().map(|(p, s)| (Text(Cow::Borrowed(p.as_str())), *s)).collect();
+        let (pieces, scores) = Vocabulary::pieces(&list)?;
+        Unigram::new(pieces, scores, unk_id, byte_fallback)
+    }
 
     fn both(vocab: &[(String, f64)], unk_id: Option<usize>, byte_fallback: bool) -> (Unigram, tokenizers::models::unigram::Unigram) {
         (
-            Unigram::new(vocab.to_vec(), unk_id, byte_fallback).unwrap(),
+            of(vocab, unk_id, byte_fallback).unwrap(),
             tokenizers::models::unigram::Unigram::from(vocab.to_vec(), unk_id, byte_fallback).unwrap(),
         )
     }
@@ -276,8 +298,8 @@ mod tests {
         same(&ours, &theirs, "aa");
         assert_eq!(ours.token_to_id("a"), Some(4));
         // Where the crate refuses the vocabulary, so does this model.
-        assert!(Unigram::new(vec![], Some(0), false).is_none());
-        assert!(Unigram::new(pieces(&[("a", 0.0)]), Some(1), false).is_none());
+        assert!(of(&[], Some(0), false).is_none());
+        assert!(of(&pieces(&[("a", 0.0)]), Some(1), false).is_none());
     }
 
     #[test]
