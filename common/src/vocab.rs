@@ -320,6 +320,11 @@ impl Vocabulary {
         self.len == 0
     }
 
+    /// The longest token's length in bytes.
+    pub fn longest(&self) -> usize {
+        self.spans().flatten().map(|(s, e)| e.saturating_sub(s) as usize).max().unwrap_or(0)
+    }
+
     /// Token to id, as the crate's `get_vocab` gives it.
     pub fn to_map(&self) -> HashMap<String, u32> {
         self.entries().filter_map(|(s, e, id)| Some((self.at(s, e)?.to_string(), id))).collect()

@@ -58,14 +58,13 @@ impl Unigram {
             return None;
         }
         let mut min_score = f64::INFINITY;
-        let mut longest = 0;
         for id in 0..scores.len() {
             let score = scores.get(id)?;
             if score < min_score {
                 min_score = score;
             }
-            longest = longest.max(pieces.token(id as u32)?.len());
         }
+        let longest = pieces.longest();
         Some(Unigram { pieces, scores, unk_id, byte_fallback, min_score, longest })
     }
 
