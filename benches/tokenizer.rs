@@ -17,7 +17,7 @@
 //! from one repeat to the next. Medians over repeats, min and max; both
 //! readers' tokenizers are checked first to serialise to the same JSON and
 //! to give the same ids and offsets for every text. For a file the daemon
-//! prepares (WordPiece, BPE), also its prepared size and the load a warm
+//! prepares (WordPiece, BPE, Unigram), also its prepared size and the load a warm
 //! run does with it (`tokenizer::load_lent`), timed against Mora's own load
 //! of the file.
 

@@ -196,7 +196,7 @@ pub fn prepare_tokenizer(name: &str, dir: &Path) -> Option<Segment> {
     let words = match mora_common::vocab::Prepared::build(&file) {
         Ok(Some(words)) => words,
         Ok(None) => {
-            tracing::debug!(model = %name, "tokenizer.json left to clients: not a WordPiece or BPE vocabulary Mora prepares");
+            tracing::debug!(model = %name, "tokenizer.json left to clients: not a WordPiece, BPE or Unigram vocabulary Mora prepares");
             return None;
         }
         Err(e) => {

@@ -477,9 +477,9 @@ mod tests {
 
     #[test]
     fn a_tokenizer_the_daemon_prepared_loads_as_the_file_does() {
-        // Every WordPiece and BPE fixture (the kinds the daemon prepares):
-        // the lent vocabulary and skeleton give the crate's tokenizer, with
-        // Mora's model, and nothing of the file is read.
+        // Every fixture (WordPiece, BPE, Unigram: the kinds the daemon
+        // prepares): the lent blocks and skeleton give the crate's
+        // tokenizer, with Mora's model, and nothing of the file is read.
         let mut n = 0;
         for f in &fixtures() {
             let kind = model_type(&std::fs::read_to_string(f).unwrap());
