@@ -177,7 +177,8 @@ impl Vocabulary {
             text_len += t.len();
             max_id = max_id.max(id);
         }
-        if u32::try_from(text_len).is_err() || max_id as usize > 2 * len + 1024 {
+        // Every offset below `HOLE`, which marks an empty slot.
+        if text_len >= HOLE as usize || max_id as usize > 2 * len + 1024 {
             return None;
         }
         let slots = (2 * len).max(8).next_power_of_two();
