@@ -204,14 +204,9 @@ pub fn prepare_tokenizer(name: &str, dir: &Path) -> Option<Segment> {
             return None;
         }
     };
-    let bytes: &[u8] = bytemuck::cast_slice(&words);
-    let sealed = SegmentWriter::create("mora-tokenizer", bytes.len() as u64).and_then(|mut w| {
-        w.as_mut_slice().copy_from_slice(bytes);
-        w.seal()
-    });
-    match sealed {
+    match mora_common::vocab::Prepared::seal(&words) {
         Ok(segment) => {
-            tracing::info!(model = %name, kib = bytes.len() / 1024, ms = start.elapsed().as_millis() as u64, "tokenizer prepared");
+            tracing::info!(model = %name, kib = segment.len() / 1024, ms = start.elapsed().as_millis() as u64, "tokenizer prepared");
             Some(segment)
         }
         Err(e) => {

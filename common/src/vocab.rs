@@ -612,10 +612,11 @@ impl Prepared {
             }
             _ => return None,
         };
+        let block = Arc::new(block);
         // A BPE's merges too, where they build (else they stay in the
         // skeleton, and the client reads them as from the file).
         if let (Some("BPE"), Some(raw)) = (kind, file.model.merges) {
-            let vocabulary = Vocabulary::read(Arc::new(block.clone()), 0)?.0;
+            let vocabulary = Vocabulary::read(block.clone(), 0)?.0;
             let prefix_len = file.model.continuing_subword_prefix.as_ref().map_or(0, String::len);
             if let Some(m) = merge_list(raw.get()).and_then(|list| Merges::build(&vocabulary, &list, prefix_len)) {
                 tail = vec![1];
@@ -644,6 +645,15 @@ impl Prepared {
         words.extend_from_slice(&block);
         words.extend_from_slice(&tail);
         Some(words)
+    }
+
+    /// `words` (what [`Prepared::build`] gives) in a sealed memfd, as the
+    /// daemon lends them.
+    pub fn seal(words: &[u32]) -> Result<crate::segment::Segment, crate::segment::SegmentError> {
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        let mut segment = crate::segment::SegmentWriter::create("mora-tokenizer", bytes.len() as u64)?;
+        segment.as_mut_slice().copy_from_slice(bytes);
+        segment.seal()
     }
 
     /// Reads a prepared tokenizer from `words` (a lent segment's mapping);

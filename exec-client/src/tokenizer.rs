@@ -469,10 +469,7 @@ mod tests {
     /// a client reads it from the sealed segment.
     fn prepared(f: &Path) -> Option<Prepared> {
         let words = Prepared::build(f).unwrap()?;
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut segment = mora_common::segment::SegmentWriter::create("test-tokenizer", bytes.len() as u64).unwrap();
-        segment.as_mut_slice().copy_from_slice(&bytes);
-        Prepared::read(std::sync::Arc::new(segment.seal().unwrap().map().unwrap()))
+        Prepared::read(std::sync::Arc::new(Prepared::seal(&words).unwrap().map().unwrap()))
     }
 
     #[test]
