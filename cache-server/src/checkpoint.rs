@@ -4,9 +4,11 @@
 //! read, so a truncated or corrupt file is refused with a reason instead of
 //! being half-loaded. Data is read with `pread` in chunks (no mmap of the
 //! source file: a file truncated under a mapping would kill the daemon with
-//! SIGBUS), converting floating-point tensors to the requested dtype, into a
-//! [`Sink`]: the segment's own mapping, or pinned staging buffers that are
-//! copied to the GPU while the next chunk is read.
+//! SIGBUS), converting floating-point tensors to the requested dtype. A host
+//! segment is filled by every core at once, each thread reading, converting
+//! and writing a chunk of its own ([`fill_host`]); a GPU load goes in order
+//! through a [`Sink`], pinned staging buffers that are copied to the device
+//! while the next chunk is read.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use mora_common::convert::{convert_parallel, MIN_PARALLEL_ELEMENTS};
 use mora_common::manifest::{tensor_bytes, Manifest, TensorDType, WeightDType, DEVICE_TENSOR_ALIGN, TENSOR_ALIGN};
 use mora_common::protocol::{Device, SegmentDescriptor};
-use mora_common::segment::{huge_pages_only_on_advice, Segment, SegmentError, SegmentFile, SegmentWriter};
+use mora_common::segment::{shared_memory_huge_pages, Segment, SegmentError, SegmentFile, SegmentWriter};
 use mora_common::ResolvedModel;
 
 use crate::gpu::{DeviceBuffer, GpuMemory};
@@ -276,16 +278,18 @@ pub const READ_CHUNK: usize = 16 << 20;
 /// Bytes past the current chunk that the kernel is asked to read ahead.
 const READ_AHEAD: u64 = 2 * READ_CHUNK as u64;
 
-/// Bytes per chunk when a host segment is filled with `pwrite`: small
-/// enough that a converted chunk is still in the CPU's cache when the writer
-/// thread copies it into the segment.
+/// Bytes per chunk when a host segment is filled: small enough that a
+/// converted chunk is still in the CPU's cache when it is copied into the
+/// segment, and that the chunks spread evenly over the workers.
 pub const WRITE_CHUNK: usize = 4 << 20;
 
-/// Chunks in flight between the reading thread and the writing one.
-const WRITE_BUFFERS: usize = 3;
+/// At most this many threads fill one host segment. Page allocation in the
+/// kernel is what they share; more than two were not measured.
+const MAX_FILL_THREADS: usize = 8;
 
 /// Where [`fill`] puts the bytes it reads: a buffer per chunk, filled then
-/// handed back.
+/// handed back. The GPU upload is one; host segments are filled by
+/// [`fill_host`] instead, from several threads.
 pub trait Sink {
     /// A buffer for the `len` bytes at `offset` of the segment.
     fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError>;
@@ -297,73 +301,231 @@ pub trait Sink {
     }
 }
 
-/// A host segment being written through a mapping: chunks are read straight
-/// into it.
-struct MappedSink<'a>(&'a mut [u8]);
-
-impl Sink for MappedSink<'_> {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
-        Ok(&mut self.0[offset as usize..offset as usize + len])
-    }
-    fn filled(&mut self) -> Result<(), CheckpointError> {
-        Ok(())
-    }
+/// A piece of one tensor: `elems` elements from element `first` of
+/// `plan.stored[tensor]`.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    tensor: usize,
+    first: u64,
+    elems: u64,
 }
 
-/// A host segment filled with `pwrite`: chunks are read (and converted) into
-/// a few reused buffers on the loading thread and written into the segment by
-/// another, so reading, converting and page allocation overlap.
-struct WrittenSink {
-    /// Empty buffers coming back from the writer.
-    free: std::sync::mpsc::Receiver<Vec<u8>>,
-    to_writer: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
-    current: Option<(u64, Vec<u8>)>,
-}
-
-impl Sink for WrittenSink {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
-        // A closed channel means the writer stopped on an error, which
-        // `fill_written` reports.
-        let mut buf = self.free.recv().map_err(|_| CheckpointError::Write(io::Error::other("the writer stopped")))?;
-        buf.resize(len, 0);
-        Ok(&mut self.current.insert((offset, buf)).1)
-    }
-    fn filled(&mut self) -> Result<(), CheckpointError> {
-        let chunk = self.current.take().expect("buffer() before filled()");
-        let to_writer = self.to_writer.as_ref().expect("open until the end");
-        to_writer.send(chunk).map_err(|_| CheckpointError::Write(io::Error::other("the writer stopped")))
-    }
-    fn chunk(&self) -> usize {
-        WRITE_CHUNK
-    }
-}
-
-/// Fills `segment` with `pwrite` from a writer thread while this thread reads
-/// and converts the next chunks.
-fn fill_written(plan: &Plan, segment: &SegmentFile, progress: &AtomicU64) -> Result<u64, CheckpointError> {
-    let (to_writer, chunks) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_BUFFERS);
-    let (give_back, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_BUFFERS);
-    for _ in 0..WRITE_BUFFERS {
-        give_back.send(Vec::with_capacity(WRITE_CHUNK)).expect("room for every buffer");
-    }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<()> {
-            for (offset, buf) in chunks {
-                segment.write_all_at(&buf, offset)?;
-                let _ = give_back.send(buf);
+impl Plan {
+    /// Every tensor cut into chunks of at most `bytes` in the file and in
+    /// the segment (at least one element), in the order of the files and of
+    /// the segment.
+    fn chunks(&self, bytes: usize) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        for (tensor, ((_, t), entry)) in self.stored.iter().zip(&self.manifest.tensors).enumerate() {
+            let size = t.dtype.size_in_bytes().max(entry.dtype.size_in_bytes()) as u64;
+            let per_chunk = (bytes as u64 / size).max(1);
+            let elems = entry.len / entry.dtype.size_in_bytes() as u64;
+            let mut first = 0;
+            while first < elems {
+                let n = per_chunk.min(elems - first);
+                chunks.push(Chunk { tensor, first, elems: n });
+                first += n;
             }
-            Ok(())
-        });
-        let mut sink = WrittenSink { free, to_writer: Some(to_writer), current: None };
-        let filled = fill(plan, &mut sink, progress);
-        // Closing the channel lets the writer finish what is queued and stop.
-        drop(sink);
-        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
-        match (filled, written) {
-            (_, Err(e)) => Err(CheckpointError::Write(e)),
-            (filled, Ok(())) => filled,
         }
-    })
+        chunks
+    }
+
+    /// Where `chunk` goes in the segment, and its length there.
+    fn place(&self, chunk: Chunk) -> (u64, usize) {
+        let entry = &self.manifest.tensors[chunk.tensor];
+        let size = entry.dtype.size_in_bytes() as u64;
+        (entry.offset + chunk.first * size, (chunk.elems * size) as usize)
+    }
+
+    /// Bytes the load reads from the checkpoint files.
+    fn bytes_stored(&self) -> u64 {
+        self.stored.iter().map(|(_, t)| t.len).sum()
+    }
+
+    /// Reads `chunk` into `out` (its bytes in the segment), converting
+    /// through `scratch` on up to `threads` threads where the stored dtype is
+    /// not the held one. Asks the kernel first to read on past the chunk, so
+    /// that the disk works while this chunk is converted and written: a cold
+    /// load then takes the longer of the two, not their sum
+    /// (docs/benchmarks.md, analysis).
+    fn read_chunk(&self, chunk: Chunk, files: &Files, out: &mut [u8], scratch: &mut Vec<u8>, threads: usize) -> Result<(), CheckpointError> {
+        let (path, t) = &self.stored[chunk.tensor];
+        let held = self.manifest.tensors[chunk.tensor].dtype;
+        let file = files.get(path);
+        let io_err = |source: io::Error| CheckpointError::Io { path: path.clone(), source };
+        let src_size = t.dtype.size_in_bytes() as u64;
+        let at = t.file_offset + chunk.first * src_size;
+        let len = chunk.elems * src_size;
+        if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD) {
+            let _ = rustix::fs::fadvise(file, at + len, Some(ahead), rustix::fs::Advice::WillNeed);
+        }
+        if t.dtype == held {
+            file.read_exact_at(out, at).map_err(io_err)
+        } else {
+            scratch.resize(len as usize, 0);
+            file.read_exact_at(scratch, at).map_err(io_err)?;
+            convert_parallel(scratch, t.dtype, out, held, threads.min(chunk.elems as usize / MIN_PARALLEL_ELEMENTS));
+            Ok(())
+        }
+    }
+}
+
+/// The plan's checkpoint files, each opened once and shared by every
+/// loading thread, so that the kernel's read-ahead sees one reader going
+/// through the file rather than several each skipping the others' chunks.
+struct Files(Vec<(PathBuf, File)>);
+
+impl Files {
+    fn open(plan: &Plan) -> Result<Files, CheckpointError> {
+        let mut files: Vec<(PathBuf, File)> = Vec::new();
+        for (path, _) in &plan.stored {
+            if !files.iter().any(|(p, _)| p == path) {
+                let f = File::open(path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+                files.push((path.clone(), f));
+            }
+        }
+        Ok(Files(files))
+    }
+
+    fn get(&self, path: &Path) -> &File {
+        &self.0.iter().find(|(p, _)| p == path).expect("every file of the plan is open").1
+    }
+}
+
+/// Where [`fill_host`] puts a host segment's bytes.
+enum HostSink<'a> {
+    /// The segment's own writable mapping: each thread reads its chunks
+    /// straight into it.
+    Mapping(&'a mut [u8]),
+    /// The segment's memfd: chunks are read (and converted) into buffers by
+    /// every thread but one, which writes them with `pwrite`.
+    Written(&'a SegmentFile),
+}
+
+/// Fills a host segment from `threads` threads (at least one), each taking
+/// the next chunk in file order, so that reads, conversions and the
+/// kernel's page allocation run on every core at once. Into a mapping each
+/// thread reads and converts its chunks in place (page faults on one file
+/// run in parallel); with `pwrite` one thread writes what the others read
+/// and convert, since the kernel takes the file's lock for each write and
+/// a second writer would only wait on it (docs/decisions.md). The first
+/// error stops every thread and is returned. Returns the bytes read.
+fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
+    use std::sync::mpsc::sync_channel;
+    use std::sync::Mutex;
+    let files = Files::open(plan)?;
+    let chunks = plan.chunks(WRITE_CHUNK);
+    let chunk_count = chunks.len().max(1);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    let fail = |e: CheckpointError| {
+        failed.store(true, Ordering::Relaxed);
+        first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    };
+    // Runs `work` on `n` threads, this one among them; a panic is an error.
+    let run = |n: usize, work: &(dyn Fn() + Sync)| {
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..n).map(|_| scope.spawn(work)).collect();
+            work();
+            for t in others {
+                if t.join().is_err() {
+                    fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
+                }
+            }
+        })
+    };
+    match sink {
+        HostSink::Mapping(mut rest) => {
+            // Chunks follow one another in the segment, so the mapping
+            // splits into disjoint pieces, one per chunk.
+            let mut jobs = Vec::with_capacity(chunks.len());
+            let mut at = 0u64;
+            for c in chunks {
+                let (offset, len) = plan.place(c);
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut((offset - at) as usize);
+                let (piece, tail) = tail.split_at_mut(len);
+                rest = tail;
+                at = offset + len as u64;
+                jobs.push((c, piece));
+            }
+            let jobs = Mutex::new(jobs.into_iter());
+            run(threads.clamp(1, chunk_count), &|| {
+                let mut scratch = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let Some((chunk, out)) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
+                    match plan.read_chunk(chunk, &files, out, &mut scratch, 1) {
+                        Ok(()) => progress.fetch_add(out.len() as u64, Ordering::Relaxed),
+                        Err(e) => return fail(e),
+                    };
+                }
+            });
+        }
+        HostSink::Written(segment) => {
+            let readers = threads.saturating_sub(1).clamp(1, chunk_count);
+            // Two buffers a reader, so that each can fill one while the
+            // writer writes the other, and one more for the writer to take
+            // up as soon as it is done.
+            let buffers = 2 * readers + 1;
+            let (to_writer, written) = sync_channel::<(u64, Vec<u8>)>(buffers);
+            let (give_back, free) = sync_channel::<Vec<u8>>(buffers);
+            for _ in 0..buffers {
+                give_back.send(Vec::with_capacity(WRITE_CHUNK)).expect("room for every buffer");
+            }
+            let (free, jobs) = (Mutex::new(free), Mutex::new(chunks.into_iter()));
+            let read = |to_writer: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>| {
+                let mut scratch = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(chunk) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
+                    // The writer gives every buffer back, even after an error.
+                    let Ok(mut buf) = free.lock().unwrap_or_else(|e| e.into_inner()).recv() else { break };
+                    let (offset, len) = plan.place(chunk);
+                    buf.resize(len, 0);
+                    if let Err(e) = plan.read_chunk(chunk, &files, &mut buf, &mut scratch, 1) {
+                        return fail(e);
+                    }
+                    if to_writer.send((offset, buf)).is_err() {
+                        break;
+                    }
+                }
+            };
+            let read = &read;
+            std::thread::scope(|scope| {
+                let reading: Vec<_> = (0..readers)
+                    .map(|_| {
+                        let to_writer = to_writer.clone();
+                        scope.spawn(move || read(to_writer))
+                    })
+                    .collect();
+                // The readers' channel closes when the last of them is done.
+                drop(to_writer);
+                for (offset, buf) in written {
+                    if !failed.load(Ordering::Relaxed) {
+                        match segment.write_all_at(&buf, offset) {
+                            Ok(()) => {
+                                progress.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            }
+                            Err(e) => fail(CheckpointError::Write(e)),
+                        }
+                    }
+                    let _ = give_back.send(buf);
+                }
+                for t in reading {
+                    if t.join().is_err() {
+                        fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
+                    }
+                }
+            });
+        }
+    }
+    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(plan.bytes_stored()),
+    }
+}
+
+/// Threads that fill a host segment: one per core, up to [`MAX_FILL_THREADS`].
+fn fill_threads() -> usize {
+    mora_common::convert::cores().min(MAX_FILL_THREADS)
 }
 
 impl<S: crate::gpu::Upload + ?Sized> Sink for Box<S> {
@@ -391,7 +553,7 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         // mapping is filled: its 2 MiB pages cost less than `pwrite`'s 4 KiB
         // ones. Everywhere else `pwrite` is faster, since the kernel does
         // not zero a page that a write fills (docs/decisions.md).
-        Target::Host => load_host(name, &plan, fill_by_mapping(), progress)?,
+        Target::Host => load_host(name, &plan, fill_by_mapping(), fill_threads(), progress)?,
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
             let mut upload = buffer.upload().map_err(CheckpointError::Gpu)?;
@@ -414,72 +576,39 @@ fn fill_by_mapping() -> bool {
     match std::env::var("MORA_SEGMENT_FILL").as_deref() {
         Ok("mapped") => true,
         Ok("written") => false,
-        _ => huge_pages_only_on_advice(),
+        _ => shared_memory_huge_pages(),
     }
 }
 
-/// A host segment filled through a mapping (`mapped`) or with `pwrite`.
-fn load_host(name: &str, plan: &Plan, mapped: bool, progress: &AtomicU64) -> Result<(Storage, u64), CheckpointError> {
+/// A host segment filled through a mapping (`mapped`) or with `pwrite`,
+/// from `threads` threads.
+fn load_host(name: &str, plan: &Plan, mapped: bool, threads: usize, progress: &AtomicU64) -> Result<(Storage, u64), CheckpointError> {
     let len = plan.manifest.segment_len;
     if mapped {
         let mut writer = SegmentWriter::create(&format!("mora:{name}"), len)?;
-        let bytes_read = fill(plan, &mut MappedSink(writer.as_mut_slice()), progress)?;
+        let bytes_read = fill_host(plan, HostSink::Mapping(writer.as_mut_slice()), threads, progress)?;
         Ok((Storage::Host(writer.seal()?), bytes_read))
     } else {
         let segment = SegmentFile::create(&format!("mora:{name}"), len)?;
-        let bytes_read = fill_written(plan, &segment, progress)?;
+        let bytes_read = fill_host(plan, HostSink::Written(&segment), threads, progress)?;
         Ok((Storage::Host(segment.seal()?), bytes_read))
     }
 }
 
 /// Reads every tensor of `plan` into `sink` in chunks of at most the sink's
-/// [`Sink::chunk`] bytes, converting floats on the way; returns the bytes read.
+/// [`Sink::chunk`] bytes, in order, converting floats on the way over every
+/// core but one (which the sink's own copy keeps busy); returns the bytes read.
 pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u64, CheckpointError> {
-    let mut bytes_read = 0u64;
-    let mut open: Option<(PathBuf, File)> = None;
-    let mut scratch = Vec::new();
-    for ((path, t), entry) in plan.stored.iter().zip(&plan.manifest.tensors) {
-        if open.as_ref().map(|(p, _)| p != path).unwrap_or(true) {
-            let f = File::open(path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
-            open = Some((path.clone(), f));
-        }
-        let file = &open.as_ref().expect("opened above").1;
-        let io_err = |source: io::Error| CheckpointError::Io { path: path.clone(), source };
-        let (src_size, dst_size) = (t.dtype.size_in_bytes() as u64, entry.dtype.size_in_bytes() as u64);
-        let elems = entry.len / dst_size;
-        let per_chunk = (sink.chunk() as u64 / src_size.max(dst_size)).max(1);
-        let mut done = 0u64;
-        while done < elems {
-            let n = per_chunk.min(elems - done);
-            let at = t.file_offset + done * src_size;
-            // Start reading the next chunks from disk in the background while
-            // this one is converted and written: a cold load then takes the
-            // longer of the two, not their sum (docs/benchmarks.md, analysis).
-            if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD) {
-                let _ = rustix::fs::fadvise(file, at + n * src_size, Some(ahead), rustix::fs::Advice::WillNeed);
-            }
-            let out = sink.buffer(entry.offset + done * dst_size, (n * dst_size) as usize)?;
-            if t.dtype == entry.dtype {
-                file.read_exact_at(out, at).map_err(io_err)?;
-            } else {
-                scratch.resize((n * src_size) as usize, 0);
-                file.read_exact_at(&mut scratch, at).map_err(io_err)?;
-                let threads = conversion_threads().min(n as usize / MIN_PARALLEL_ELEMENTS);
-                convert_parallel(&scratch, t.dtype, out, entry.dtype, threads);
-            }
-            sink.filled()?;
-            progress.fetch_add(n * dst_size, Ordering::Relaxed);
-            done += n;
-        }
-        bytes_read += t.len;
+    let threads = mora_common::convert::cores().saturating_sub(1).max(1);
+    let (files, mut scratch) = (Files::open(plan)?, Vec::new());
+    for chunk in plan.chunks(sink.chunk()) {
+        let (offset, len) = plan.place(chunk);
+        let out = sink.buffer(offset, len)?;
+        plan.read_chunk(chunk, &files, out, &mut scratch, threads)?;
+        sink.filled()?;
+        progress.fetch_add(len as u64, Ordering::Relaxed);
     }
-    Ok(bytes_read)
-}
-
-/// Threads a chunk's conversion is spread over: every core but one, which
-/// the segment's writer or the GPU upload keeps busy.
-fn conversion_threads() -> usize {
-    mora_common::convert::cores().saturating_sub(1).max(1)
+    Ok(plan.bytes_stored())
 }
 
 #[cfg(test)]
@@ -633,16 +762,21 @@ pub(crate) mod tests {
         );
         let model = resolved(&d);
         for dtype in [WeightDType::F32, WeightDType::BF16, WeightDType::F16] {
-            let load_with = |mapped: bool| {
+            let load_with = |mapped: bool, threads: usize| {
                 let p = plan(&model, dtype, Device::Cpu).unwrap();
                 let progress = AtomicU64::new(0);
-                let (storage, bytes_read) = load_host("t", &p, mapped, &progress).unwrap();
+                let (storage, bytes_read) = load_host("t", &p, mapped, threads, &progress).unwrap();
                 assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
                 Loaded { manifest: p.manifest, storage, bytes_read, elapsed: Duration::ZERO, tokenizer: None }
             };
-            let (mapped, written) = (load_with(true), load_with(false));
-            assert_eq!(contents(&mapped), contents(&written), "{dtype}");
-            assert_eq!(mapped.bytes_read, written.bytes_read);
+            // One thread, and more threads than chunks: every split of the
+            // work gives the same bytes, through a mapping or with `pwrite`.
+            let written = load_with(false, 1);
+            for (mapped, threads) in [(true, 1), (true, 3), (false, 2), (false, 64)] {
+                let other = load_with(mapped, threads);
+                assert_eq!(contents(&other), contents(&written), "{dtype}, mapped {mapped}, {threads} threads");
+                assert_eq!(other.bytes_read, written.bytes_read);
+            }
             // A tensor stored in the dtype asked for is the file's bytes.
             let kept = contents(&written);
             let by_name = |name: &str| kept.iter().find(|t| t.0 == name).unwrap().2.clone();
@@ -651,6 +785,26 @@ pub(crate) mod tests {
                 WeightDType::F32 => assert_eq!(by_name("f"), f32_bytes(&f)),
                 WeightDType::BF16 => assert_eq!(by_name("bf"), bf),
                 WeightDType::F16 => assert_eq!(by_name("hf"), hf),
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_that_shrinks_after_planning_fails_the_load_on_every_path() {
+        // Several chunks, so that threads are busy when one of them fails.
+        let n = 3 * WRITE_CHUNK / 4;
+        let d = model_dir("shrunk");
+        let file = d.join("model.safetensors");
+        write_safetensors(&file, &[("a", "BF16", vec![n], vec![1; 2 * n]), ("b", "F32", vec![n], vec![2; 4 * n])]);
+        let model = resolved(&d);
+        let full = std::fs::read(&file).unwrap();
+        for dtype in [WeightDType::F32, WeightDType::BF16] {
+            for (mapped, threads) in [(true, 1), (true, 3), (false, 1), (false, 3)] {
+                let p = plan(&model, dtype, Device::Cpu).unwrap();
+                std::fs::write(&file, &full[..full.len() - 4 * n]).unwrap();
+                let err = load_host("t", &p, mapped, threads, &AtomicU64::new(0)).err().expect("a shrunk file cannot load");
+                assert!(matches!(&err, CheckpointError::Io { path, .. } if *path == file), "{err}");
+                std::fs::write(&file, &full).unwrap();
             }
         }
     }

@@ -129,15 +129,15 @@ impl SegmentWriter {
         let (fd, len) = new_memfd(name, len)?;
         let map = RawMapping::new(fd.as_fd(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED)?;
         // Ask for transparent huge pages (taken where the machine allows them
-        // for shared memory: `shmem_enabled` set to `advise` or more), then
-        // allocate every page up front: one system call instead of a fault
-        // per page as the load writes (docs/decisions.md). Both are hints;
-        // a kernel without MADV_POPULATE_WRITE (before 5.14) faults instead.
+        // for shared memory: `shmem_enabled` set to `advise` or more). Pages
+        // are allocated as they are first written, by whichever thread writes
+        // them, so a segment filled from several threads is also allocated
+        // and zeroed by all of them (docs/decisions.md). A hint: the mapping
+        // works the same without.
         // SAFETY: the range is exactly the mapping just made, which nothing
-        // else uses yet; neither advice changes its contents (zeroes).
+        // else uses yet; the advice does not change its contents (zeroes).
         unsafe {
             let _ = madvise(map.ptr.as_ptr().cast(), map.len, Advice::LinuxHugepage);
-            let _ = madvise(map.ptr.as_ptr().cast(), map.len, Advice::LinuxPopulateWrite);
         }
         Ok(SegmentWriter { fd, map })
     }
@@ -200,15 +200,23 @@ impl SegmentFile {
     }
 }
 
-/// Whether this kernel gives shared memory huge pages only to mappings that
-/// ask for them (`shmem_enabled` is `advise`). Then a segment filled through
-/// a mapping with `MADV_HUGEPAGE` gets 2 MiB pages and one filled with
-/// `pwrite` does not; under every other setting `pwrite` gets whatever a
-/// mapping would.
-pub fn huge_pages_only_on_advice() -> bool {
+/// Whether this kernel may give shared memory huge pages: the setting in
+/// `shmem_enabled` is `advise` (only to mappings that ask, with
+/// `MADV_HUGEPAGE`), `within_size`, `always` or `force`, rather than `never`
+/// or `deny`. Then a segment is filled through a mapping that asks for them,
+/// from several threads at once; otherwise with `pwrite`, whose pages the
+/// kernel need not zero (docs/decisions.md).
+pub fn shared_memory_huge_pages() -> bool {
     std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-        .map(|s| s.contains("[advise]"))
+        .map(|s| huge_pages_in(&s))
         .unwrap_or(false)
+}
+
+/// [`shared_memory_huge_pages`] for the contents of `shmem_enabled`, where
+/// the setting in force is the one in brackets.
+fn huge_pages_in(shmem_enabled: &str) -> bool {
+    let chosen = shmem_enabled.split_whitespace().find_map(|w| w.strip_prefix('[')?.strip_suffix(']'));
+    matches!(chosen, Some("advise" | "within_size" | "always" | "force"))
 }
 
 impl Segment {
@@ -280,6 +288,22 @@ impl Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_pages_are_expected_under_every_setting_but_never_and_deny() {
+        let line = |chosen: &str| {
+            ["always", "within_size", "advise", "never", "deny", "force"]
+                .map(|s| if s == chosen { format!("[{s}]") } else { s.to_string() })
+                .join(" ")
+                + "\n"
+        };
+        for (setting, huge) in [("always", true), ("within_size", true), ("advise", true), ("force", true), ("never", false), ("deny", false)] {
+            assert_eq!(huge_pages_in(&line(setting)), huge, "{setting}");
+        }
+        // A kernel without shared-memory huge pages has no such file; an
+        // unreadable one is taken as `never`.
+        assert!(!huge_pages_in(""));
+    }
 
     #[test]
     fn sealed_segment_keeps_its_bytes_and_refuses_writes() {
