@@ -5,8 +5,8 @@
 //! being half-loaded. Data is read with `pread` in chunks (no mmap of the
 //! source file: a file truncated under a mapping would kill the daemon with
 //! SIGBUS), converting floating-point tensors to the requested dtype. A host
-//! segment is filled by every core at once, each thread reading, converting
-//! and writing a chunk of its own ([`fill_host`]); a GPU load goes in order
+//! segment is filled by every core at once, each thread reading and
+//! converting chunks of its own ([`fill_host`]); a GPU load goes in order
 //! through a [`Sink`], pinned staging buffers that are copied to the device
 //! while the next chunk is read.
 
