@@ -344,10 +344,9 @@ impl Plan {
 
     /// Reads `chunk` into `out` (its bytes in the segment), converting
     /// through `scratch` on up to `threads` threads where the stored dtype is
-    /// not the held one. Asks the kernel first to read on past the chunk, so
-    /// that the disk works while this chunk is converted and written: a cold
-    /// load then takes the longer of the two, not their sum
-    /// (docs/benchmarks.md, analysis).
+    /// not the held one. Where `files` say so, asks the kernel first to read
+    /// on past the chunk, so that the disk works while this one chunk is
+    /// converted and uploaded ([`Files::open`]).
     fn read_chunk(&self, chunk: Chunk, files: &Files, out: &mut [u8], scratch: &mut Vec<u8>, threads: usize) -> Result<(), CheckpointError> {
         let (path, t) = &self.stored[chunk.tensor];
         let held = self.manifest.tensors[chunk.tensor].dtype;
@@ -356,7 +355,7 @@ impl Plan {
         let src_size = t.dtype.size_in_bytes() as u64;
         let at = t.file_offset + chunk.first * src_size;
         let len = chunk.elems * src_size;
-        if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD) {
+        if let Some(ahead) = std::num::NonZeroU64::new(READ_AHEAD).filter(|_| files.read_ahead) {
             let _ = rustix::fs::fadvise(file, at + len, Some(ahead), rustix::fs::Advice::WillNeed);
         }
         if t.dtype == held {
@@ -373,22 +372,34 @@ impl Plan {
 /// The plan's checkpoint files, each opened once and shared by every
 /// loading thread, so that the kernel's read-ahead sees one reader going
 /// through the file rather than several each skipping the others' chunks.
-struct Files(Vec<(PathBuf, File)>);
+struct Files {
+    files: Vec<(PathBuf, File)>,
+    /// Whether each chunk's read first asks for the next [`READ_AHEAD`]
+    /// bytes (`POSIX_FADV_WILLNEED`).
+    read_ahead: bool,
+}
 
 impl Files {
-    fn open(plan: &Plan) -> Result<Files, CheckpointError> {
+    /// Opens every file of `plan`, each advised as read in order
+    /// (`POSIX_FADV_SEQUENTIAL`: the kernel's own read-ahead, doubled). A
+    /// host fill leaves the rest to the kernel, since its threads keep reads
+    /// in flight while others convert and write; explicit read-ahead made
+    /// its cold loads slower (docs/decisions.md). The GPU upload, one thread
+    /// that reads, converts and copies in turn, still asks (`read_ahead`).
+    fn open(plan: &Plan, read_ahead: bool) -> Result<Files, CheckpointError> {
         let mut files: Vec<(PathBuf, File)> = Vec::new();
         for (path, _) in &plan.stored {
             if !files.iter().any(|(p, _)| p == path) {
                 let f = File::open(path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Sequential);
                 files.push((path.clone(), f));
             }
         }
-        Ok(Files(files))
+        Ok(Files { files, read_ahead })
     }
 
     fn get(&self, path: &Path) -> &File {
-        &self.0.iter().find(|(p, _)| p == path).expect("every file of the plan is open").1
+        &self.files.iter().find(|(p, _)| p == path).expect("every file of the plan is open").1
     }
 }
 
@@ -413,7 +424,7 @@ enum HostSink<'a> {
 fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     use std::sync::mpsc::sync_channel;
     use std::sync::Mutex;
-    let files = Files::open(plan)?;
+    let files = Files::open(plan, false)?;
     let chunks = plan.chunks(WRITE_CHUNK);
     let chunk_count = chunks.len().max(1);
     let failed = std::sync::atomic::AtomicBool::new(false);
@@ -600,7 +611,7 @@ fn load_host(name: &str, plan: &Plan, mapped: bool, threads: usize, progress: &A
 /// core but one (which the sink's own copy keeps busy); returns the bytes read.
 pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     let threads = mora_common::convert::cores().saturating_sub(1).max(1);
-    let (files, mut scratch) = (Files::open(plan)?, Vec::new());
+    let (files, mut scratch) = (Files::open(plan, true)?, Vec::new());
     for chunk in plan.chunks(sink.chunk()) {
         let (offset, len) = plan.place(chunk);
         let out = sink.buffer(offset, len)?;
