@@ -499,16 +499,10 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
                     }
                 }
             };
-            let read = &read;
             std::thread::scope(|scope| {
-                let reading: Vec<_> = (0..readers)
-                    .map(|_| {
-                        let to_writer = to_writer.clone();
-                        scope.spawn(move || read(to_writer))
-                    })
-                    .collect();
-                // The readers' channel closes when the last of them is done.
-                drop(to_writer);
+                // The readers run on threads of their own; their channel
+                // closes when the last of them is done.
+                let reading = scope.spawn(move || run(readers, &|| read(to_writer.clone())));
                 for (offset, buf) in written {
                     if !failed.load(Ordering::Relaxed) {
                         match segment.write_all_at(&buf, offset) {
@@ -520,10 +514,8 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
                     }
                     let _ = give_back.send(buf);
                 }
-                for t in reading {
-                    if t.join().is_err() {
-                        fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
-                    }
+                if reading.join().is_err() {
+                    fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
                 }
             });
         }
