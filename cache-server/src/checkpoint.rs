@@ -6,16 +6,17 @@
 //! source file: a file truncated under a mapping would kill the daemon with
 //! SIGBUS), converting floating-point tensors to the requested dtype. A host
 //! segment is filled by every core at once, each thread reading and
-//! converting chunks of its own ([`fill_host`]); a GPU load goes in order
-//! through a [`Sink`], pinned staging buffers that are copied to the device
-//! while the next chunk is read.
+//! converting chunks of its own ([`fill_host`]); a GPU load the same way
+//! into pinned staging buffers, each copied to the device while its thread
+//! reads the next chunk ([`fill_device`]).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mora_common::convert::{convert_parallel, MIN_PARALLEL_ELEMENTS};
@@ -24,7 +25,7 @@ use mora_common::protocol::{Device, SegmentDescriptor};
 use mora_common::segment::{shared_memory_huge_pages, Segment, SegmentError, SegmentFile, SegmentWriter};
 use mora_common::ResolvedModel;
 
-use crate::gpu::{DeviceBuffer, GpuMemory};
+use crate::gpu::{DeviceBuffer, GpuMemory, Upload};
 
 /// Safetensors headers above this size are refused before they are read:
 /// a header of a model with 100 000 tensors is about 10 MiB (docs/decisions.md).
@@ -272,34 +273,20 @@ pub fn plan(model: &ResolvedModel, dtype: WeightDType, device: Device) -> Result
     Ok(Plan { manifest, stored, dir: model.dir.clone() })
 }
 
-/// Bytes read per `pread`, and how often progress moves.
-pub const READ_CHUNK: usize = 16 << 20;
+/// Bytes past the current chunk that the kernel is asked to read ahead,
+/// where one thread loads alone.
+const READ_AHEAD: u64 = 32 << 20;
 
-/// Bytes past the current chunk that the kernel is asked to read ahead.
-const READ_AHEAD: u64 = 2 * READ_CHUNK as u64;
-
-/// Bytes per chunk when a host segment is filled: small enough that a
-/// converted chunk is still in the CPU's cache when it is copied into the
-/// segment, and that the chunks spread evenly over the workers.
+/// Bytes per chunk when a host segment or a GPU allocation is filled, and
+/// how often progress moves: small enough that a converted chunk is still
+/// in the CPU's cache when it is copied on, and that the chunks spread
+/// evenly over the workers.
 pub const WRITE_CHUNK: usize = 4 << 20;
 
-/// At most this many threads fill one host segment. Page allocation in the
-/// kernel is what they share; more than two were not measured.
+/// At most this many threads fill one segment or GPU allocation. Page
+/// allocation in the kernel is what they share on the host; more than two
+/// were not measured.
 const MAX_FILL_THREADS: usize = 8;
-
-/// Where [`fill`] puts the bytes it reads: a buffer per chunk, filled then
-/// handed back. The GPU upload is one; host segments are filled by
-/// [`fill_host`] instead, from several threads.
-pub trait Sink {
-    /// A buffer for the `len` bytes at `offset` of the segment.
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError>;
-    /// The buffer last returned holds its bytes.
-    fn filled(&mut self) -> Result<(), CheckpointError>;
-    /// The largest chunk this sink wants, in bytes of the segment.
-    fn chunk(&self) -> usize {
-        READ_CHUNK
-    }
-}
 
 /// A piece of one tensor: `elems` elements from element `first` of
 /// `plan.stored[tensor]`.
@@ -423,28 +410,12 @@ enum HostSink<'a> {
 /// error stops every thread and is returned. Returns the bytes read.
 fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     use std::sync::mpsc::sync_channel;
-    use std::sync::Mutex;
     let files = Files::open(plan, false)?;
     let chunks = plan.chunks(WRITE_CHUNK);
     let chunk_count = chunks.len().max(1);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let first_error = Mutex::new(None);
-    let fail = |e: CheckpointError| {
-        failed.store(true, Ordering::Relaxed);
-        first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
-    };
-    // Runs `work` on `n` threads, this one among them; a panic is an error.
-    let run = |n: usize, work: &(dyn Fn() + Sync)| {
-        std::thread::scope(|scope| {
-            let others: Vec<_> = (1..n).map(|_| scope.spawn(work)).collect();
-            work();
-            for t in others {
-                if t.join().is_err() {
-                    fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
-                }
-            }
-        })
-    };
+    let failure = Failure::default();
+    let (fail, failed) = (|e: CheckpointError| failure.set(e), || failure.is_set());
+    let run = |n: usize, work: &(dyn Fn() + Sync)| failure.run(n, work);
     match sink {
         HostSink::Mapping(mut rest) => {
             // Chunks follow one another in the segment, so the mapping
@@ -462,7 +433,7 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             let jobs = Mutex::new(jobs.into_iter());
             run(threads.clamp(1, chunk_count), &|| {
                 let mut scratch = Vec::new();
-                while !failed.load(Ordering::Relaxed) {
+                while !failed() {
                     let Some((chunk, out)) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
                     match plan.read_chunk(chunk, &files, out, &mut scratch, 1) {
                         Ok(()) => progress.fetch_add(out.len() as u64, Ordering::Relaxed),
@@ -485,7 +456,7 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             let (free, jobs) = (Mutex::new(free), Mutex::new(chunks.into_iter()));
             let read = |to_writer: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>| {
                 let mut scratch = Vec::new();
-                while !failed.load(Ordering::Relaxed) {
+                while !failed() {
                     let Some(chunk) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
                     // The writer gives every buffer back, even after an error.
                     let Ok(mut buf) = free.lock().unwrap_or_else(|e| e.into_inner()).recv() else { break };
@@ -504,7 +475,7 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
                 // closes when the last of them is done.
                 let reading = scope.spawn(move || run(readers, &|| read(to_writer.clone())));
                 for (offset, buf) in written {
-                    if !failed.load(Ordering::Relaxed) {
+                    if !failed() {
                         match segment.write_all_at(&buf, offset) {
                             Ok(()) => {
                                 progress.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -520,23 +491,86 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             });
         }
     }
-    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(plan.bytes_stored()),
+    failure.result(plan.bytes_stored())
+}
+
+/// Fills a GPU allocation from `threads` threads (at least one), each
+/// taking the next chunk in file order and reading (and converting) it
+/// into one of the upload's pinned staging buffers, which is copied to the
+/// device while the thread goes on to its next chunk. One thread alone
+/// converts each chunk over every other core and asks the kernel to read
+/// ahead, as the upload did before it had several threads. The first error
+/// stops every thread and is returned. Returns the bytes read.
+fn fill_device(plan: &Plan, upload: &dyn Upload, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
+    let chunks = plan.chunks(upload.chunk());
+    let threads = threads.clamp(1, chunks.len().max(1));
+    let files = Files::open(plan, threads == 1)?;
+    let convert_threads = if threads == 1 { mora_common::convert::cores().saturating_sub(1).max(1) } else { 1 };
+    let failure = Failure::default();
+    let jobs = Mutex::new(chunks.into_iter());
+    failure.run(threads, &|| {
+        let mut scratch = Vec::new();
+        while !failure.is_set() {
+            let Some(chunk) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
+            let (offset, len) = plan.place(chunk);
+            let read = &mut |out: &mut [u8]| plan.read_chunk(chunk, &files, out, &mut scratch, convert_threads);
+            match upload.put(offset, len, read) {
+                Ok(()) => progress.fetch_add(len as u64, Ordering::Relaxed),
+                Err(e) => return failure.set(e),
+            };
+        }
+    });
+    failure.result(plan.bytes_stored())
+}
+
+/// The first error of the threads filling one segment or allocation; once
+/// there is one, the others stop before their next chunk.
+#[derive(Default)]
+struct Failure {
+    failed: AtomicBool,
+    first: Mutex<Option<CheckpointError>>,
+}
+
+impl Failure {
+    fn set(&self, e: CheckpointError) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    }
+
+    fn is_set(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` on `n` threads, this one among them; a panic is an error.
+    fn run(&self, n: usize, work: &(dyn Fn() + Sync)) {
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..n).map(|_| scope.spawn(work)).collect();
+            work();
+            for t in others {
+                if t.join().is_err() {
+                    self.set(CheckpointError::Write(io::Error::other("a loading thread panicked")));
+                }
+            }
+        })
+    }
+
+    /// The first error, or `ok`.
+    fn result<T>(self, ok: T) -> Result<T, CheckpointError> {
+        match self.first.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(ok),
+        }
     }
 }
 
-/// Threads that fill a host segment: one per core, up to [`MAX_FILL_THREADS`].
+/// Threads that fill a segment or a GPU allocation: one per core, up to
+/// [`MAX_FILL_THREADS`], unless `MORA_LOAD_THREADS` in the daemon's
+/// environment gives a count, which the benchmarks and the GPU check use to
+/// compare one thread with several on one machine.
 fn fill_threads() -> usize {
-    mora_common::convert::cores().min(MAX_FILL_THREADS)
-}
-
-impl<S: crate::gpu::Upload + ?Sized> Sink for Box<S> {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], CheckpointError> {
-        (**self).buffer(offset, len).map_err(CheckpointError::Gpu)
-    }
-    fn filled(&mut self) -> Result<(), CheckpointError> {
-        (**self).filled().map_err(CheckpointError::Gpu)
+    match std::env::var("MORA_LOAD_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) if n > 0 => n,
+        _ => mora_common::convert::cores().min(MAX_FILL_THREADS),
     }
 }
 
@@ -559,8 +593,9 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         Target::Host => load_host(name, &plan, fill_by_mapping(), fill_threads(), progress)?,
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
-            let mut upload = buffer.upload().map_err(CheckpointError::Gpu)?;
-            let bytes_read = fill(&plan, &mut upload, progress)?;
+            let threads = fill_threads();
+            let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
+            let bytes_read = fill_device(&plan, &*upload, threads, progress)?;
             upload.finish().map_err(CheckpointError::Gpu)?;
             (Storage::Gpu(buffer), bytes_read)
         }
@@ -596,22 +631,6 @@ fn load_host(name: &str, plan: &Plan, mapped: bool, threads: usize, progress: &A
         let bytes_read = fill_host(plan, HostSink::Written(&segment), threads, progress)?;
         Ok((Storage::Host(segment.seal()?), bytes_read))
     }
-}
-
-/// Reads every tensor of `plan` into `sink` in chunks of at most the sink's
-/// [`Sink::chunk`] bytes, in order, converting floats on the way over every
-/// core but one (which the sink's own copy keeps busy); returns the bytes read.
-pub fn fill(plan: &Plan, sink: &mut dyn Sink, progress: &AtomicU64) -> Result<u64, CheckpointError> {
-    let threads = mora_common::convert::cores().saturating_sub(1).max(1);
-    let (files, mut scratch) = (Files::open(plan, true)?, Vec::new());
-    for chunk in plan.chunks(sink.chunk()) {
-        let (offset, len) = plan.place(chunk);
-        let out = sink.buffer(offset, len)?;
-        plan.read_chunk(chunk, &files, out, &mut scratch, threads)?;
-        sink.filled()?;
-        progress.fetch_add(len as u64, Ordering::Relaxed);
-    }
-    Ok(plan.bytes_stored())
 }
 
 #[cfg(test)]
@@ -659,9 +678,9 @@ pub(crate) mod tests {
     fn a_gpu_load_uploads_the_same_bytes_at_device_alignment_in_chunks() {
         use crate::gpu::fake::{Event, FakeGpus};
         use mora_common::protocol::GpuUuid;
-        // Over one read chunk (16 MiB), so the upload takes several chunks
-        // and a conversion splits at element boundaries.
-        let n = READ_CHUNK / 4 + 1000;
+        // Over a few chunks (4 MiB each), so the upload takes several and a
+        // conversion splits at element boundaries.
+        let n = 3 * WRITE_CHUNK / 4 + 1000;
         let big: Vec<f32> = (0..n).map(|i| (i as f32 * 0.001).sin()).collect();
         let d = model_dir("gpu");
         write_safetensors(
@@ -701,6 +720,53 @@ pub(crate) mod tests {
             drop(loaded);
             assert!(gpus.freed(&label));
             assert!(gpus.events().contains(&Event::Allocated { label, len: device_len }));
+        }
+    }
+
+    #[test]
+    fn a_gpu_load_from_any_number_of_threads_uploads_the_same_bytes_and_fails_on_a_shrunk_file() {
+        use crate::gpu::fake::FakeGpus;
+        use mora_common::protocol::GpuUuid;
+        // Several chunks in bf16, f32 and an integer type, at odd sizes.
+        let n = 5 * WRITE_CHUNK / 8 + 4_099;
+        let f: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let bf: Vec<u8> = f.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
+        let d = model_dir("gpu-threads");
+        let file = d.join("model.safetensors");
+        write_safetensors(
+            &file,
+            &[("f", "F32", vec![n], f32_bytes(&f)), ("ids", "I64", vec![3], vec![7; 24]), ("bf", "BF16", vec![n], bf)],
+        );
+        let model = resolved(&d);
+        let uuid = GpuUuid([4; 16]);
+        let gpus = FakeGpus::one(uuid, 1 << 30);
+        let upload_with = |p: Plan, threads: usize| {
+            let label = format!("{:?}-{threads}", p.manifest.tensors[0].dtype);
+            let mut buffer = gpus.allocate(uuid, p.bytes(), &label).unwrap();
+            let progress = AtomicU64::new(0);
+            let upload = buffer.upload(threads).unwrap();
+            let read = fill_device(&p, &*upload, threads, &progress);
+            if read.is_ok() {
+                upload.finish().unwrap();
+                assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
+            }
+            read.map(|_| gpus.log.contents.lock().unwrap()[&label].clone())
+        };
+        let on_gpu = |dtype| plan(&model, dtype, Device::Cuda(uuid)).unwrap();
+        for dtype in [WeightDType::F32, WeightDType::BF16, WeightDType::F16] {
+            let one = upload_with(on_gpu(dtype), 1).unwrap();
+            for threads in [2, 3, 64] {
+                assert!(upload_with(on_gpu(dtype), threads).unwrap() == one, "{dtype}, {threads} threads");
+            }
+        }
+        // Planned, then cut short: the read of the last chunks fails.
+        let full = std::fs::read(&file).unwrap();
+        for threads in [1, 3] {
+            let p = on_gpu(WeightDType::F32);
+            std::fs::write(&file, &full[..full.len() - 2 * n]).unwrap();
+            let err = upload_with(p, threads).expect_err("a shrunk file cannot load");
+            assert!(matches!(&err, CheckpointError::Io { path, .. } if *path == file), "{err}");
+            std::fs::write(&file, &full).unwrap();
         }
     }
 

@@ -2,16 +2,18 @@
 //!
 //! Each model is one `cuMemAlloc` allocation (not the stream-ordered pool,
 //! whose allocations `cuIpcGetMemHandle` refuses), exported once. Uploads go
-//! through two pinned host buffers of [`READ_CHUNK`] bytes on a stream of
-//! their own: while one buffer is copied to the device, the loader reads the
-//! next chunk from disk into the other.
+//! through pinned host buffers of [`WRITE_CHUNK`] bytes, one more than the
+//! threads that fill them, on a stream of their own: while one buffer is
+//! copied to the device, the loading threads read the next chunks from disk
+//! into the others. The pinned buffers are kept between loads.
 //!
 //! The daemon retains each GPU's primary context when it starts and keeps it
 //! for its lifetime: allocations live in it, and it is what clients' IPC
 //! mappings refer to.
 
+use std::collections::VecDeque;
 use std::mem::MaybeUninit;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use cudarc::driver::result::{self, stream::StreamKind};
 use cudarc::driver::{sys, CudaContext, DriverError};
@@ -19,7 +21,7 @@ use cudarc::driver::{sys, CudaContext, DriverError};
 use mora_common::gpu::{self, GpuInfo};
 use mora_common::protocol::{GpuUuid, IpcHandle};
 
-use crate::checkpoint::READ_CHUNK;
+use crate::checkpoint::{CheckpointError, WRITE_CHUNK};
 use crate::gpu::{DeviceBuffer, GpuDevice, GpuMemory, Upload};
 
 /// Share of a GPU's memory left out of the budget by default, for the
@@ -28,10 +30,14 @@ pub const DEFAULT_RESERVE_FRACTION: f64 = 0.10;
 /// ...and never less than this.
 pub const MIN_RESERVE: u64 = 2 << 30;
 
+/// Pinned staging buffers kept for the next load, per GPU (64 MiB).
+const KEPT_STAGING_BUFFERS: usize = 16;
+
 /// The GPUs this daemon holds weights on.
 pub struct CudaGpus {
     devices: Vec<GpuDevice>,
     contexts: Vec<Arc<CudaContext>>,
+    staging: Vec<Arc<StagingPool>>,
 }
 
 fn err(what: &str, e: DriverError) -> String {
@@ -47,8 +53,7 @@ impl CudaGpus {
         if infos.is_empty() {
             return Err("the CUDA driver reports no GPU".into());
         }
-        let mut devices = Vec::new();
-        let mut contexts = Vec::new();
+        let (mut devices, mut contexts, mut staging) = (Vec::new(), Vec::new(), Vec::new());
         for info in infos {
             let ctx = CudaContext::new(info.ordinal as usize).map_err(|e| err("creating a CUDA context", e))?;
             let (free, _total) = result::mem_get_info().map_err(|e| err("cuMemGetInfo", e))?;
@@ -58,17 +63,14 @@ impl CudaGpus {
                 budget = budget.min(max);
             }
             devices.push(GpuDevice { info, budget });
+            staging.push(Arc::new(StagingPool { ctx: ctx.clone(), kept: Mutex::new(Vec::new()) }));
             contexts.push(ctx);
         }
-        Ok(CudaGpus { devices, contexts })
+        Ok(CudaGpus { devices, contexts, staging })
     }
 
-    fn context(&self, uuid: GpuUuid) -> Result<&Arc<CudaContext>, String> {
-        self.devices
-            .iter()
-            .position(|d| d.info.uuid == uuid)
-            .map(|i| &self.contexts[i])
-            .ok_or_else(|| format!("no GPU {uuid} in this daemon"))
+    fn index(&self, uuid: GpuUuid) -> Result<usize, String> {
+        self.devices.iter().position(|d| d.info.uuid == uuid).ok_or_else(|| format!("no GPU {uuid} in this daemon"))
     }
 }
 
@@ -78,7 +80,8 @@ impl GpuMemory for CudaGpus {
     }
 
     fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, String> {
-        let ctx = self.context(gpu)?.clone();
+        let i = self.index(gpu)?;
+        let (ctx, staging) = (self.contexts[i].clone(), self.staging[i].clone());
         ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         // SAFETY: a plain allocation in the context bound just above.
         let ptr = unsafe { result::malloc_sync(len as usize) }
@@ -95,7 +98,7 @@ impl GpuMemory for CudaGpus {
         // SAFETY: initialised by the successful call above.
         let handle = IpcHandle(unsafe { raw.assume_init() }.reserved.map(|c| c as u8));
         tracing::debug!(%gpu, bytes = len, model = label, "allocated and exported");
-        Ok(Box::new(CudaBuffer { ctx, ptr, len, gpu, handle, label: label.to_string() }))
+        Ok(Box::new(CudaBuffer { ctx, staging, ptr, len, gpu, handle, label: label.to_string() }))
     }
 }
 
@@ -103,6 +106,7 @@ impl GpuMemory for CudaGpus {
 /// once no lease holds it).
 struct CudaBuffer {
     ctx: Arc<CudaContext>,
+    staging: Arc<StagingPool>,
     ptr: sys::CUdeviceptr,
     len: u64,
     gpu: GpuUuid,
@@ -123,8 +127,8 @@ impl DeviceBuffer for CudaBuffer {
         self.handle
     }
 
-    fn upload(&mut self) -> Result<Box<dyn Upload + '_>, String> {
-        Ok(Box::new(CudaUpload::new(self)?))
+    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String> {
+        Ok(Box::new(CudaUpload::new(self, threads.max(1) + 1)?))
     }
 }
 
@@ -142,78 +146,191 @@ impl Drop for CudaBuffer {
     }
 }
 
-/// A pinned host buffer and the event that says when its last copy is done.
-struct Slot {
-    host: *mut u8,
-    event: sys::CUevent,
-    in_flight: bool,
+/// A page-locked host buffer of [`WRITE_CHUNK`] bytes.
+struct Pinned(*mut u8);
+
+// SAFETY: a plain allocation, used by one thread at a time (the pool's lock,
+// then an upload's slot rules hand it on).
+unsafe impl Send for Pinned {}
+
+/// Pinned staging buffers kept between loads on one GPU, as PyTorch's
+/// caching host allocator keeps its own, so that a load does not page-lock
+/// new memory every time.
+struct StagingPool {
+    ctx: Arc<CudaContext>,
+    kept: Mutex<Vec<Pinned>>,
 }
 
+impl StagingPool {
+    /// A kept buffer, or a new one. The caller has bound the context.
+    fn take(&self) -> Result<Pinned, String> {
+        if let Some(p) = self.kept.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(p);
+        }
+        // SAFETY: a fresh pinned allocation, freed by `give_back` or Drop.
+        let host = unsafe { result::malloc_host(WRITE_CHUNK, 0) }.map_err(|e| err("cuMemHostAlloc", e))?;
+        Ok(Pinned(host.cast()))
+    }
+
+    /// Keeps `p` for the next load, or frees it if enough are kept. No copy
+    /// may still read it.
+    fn give_back(&self, p: Pinned) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEPT_STAGING_BUFFERS {
+            kept.push(p);
+        } else {
+            drop(kept);
+            // SAFETY: allocated by `take`, no longer used, freed once.
+            let _ = self.ctx.bind_to_thread().and_then(|_| unsafe { result::free_host(p.0.cast()) });
+        }
+    }
+}
+
+impl Drop for StagingPool {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        for p in self.kept.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            // SAFETY: kept buffers are used by no upload; each freed once.
+            let _ = unsafe { result::free_host(p.0.cast()) };
+        }
+    }
+}
+
+/// A pinned staging buffer and the event that says when its last copy is done.
+struct Slot {
+    host: Pinned,
+    event: sys::CUevent,
+}
+
+/// Which slots are free and which are being copied, in the order their
+/// copies were queued on the stream (so the first is done first).
+#[derive(Default)]
+struct Slots {
+    free: Vec<usize>,
+    in_flight: VecDeque<usize>,
+    /// A copy could not be queued or waited for: its buffer may still be
+    /// read, and the load fails.
+    broken: bool,
+}
+
+/// An upload from several threads at once. A slot is in exactly one place:
+/// the free list, the in-flight queue (its copy queued and its event
+/// recorded after it), or the hands of one `put`, which took it from one of
+/// those under the lock, waited for its event if it was in flight, and gives
+/// it back only under the lock.
 struct CudaUpload<'a> {
-    buf: &'a mut CudaBuffer,
+    buf: &'a CudaBuffer,
     stream: sys::CUstream,
     slots: Vec<Slot>,
-    current: usize,
-    /// The chunk handed out by `buffer()` and not yet `filled()`.
-    pending: Option<(u64, usize)>,
+    state: Mutex<Slots>,
+    changed: Condvar,
 }
 
+// SAFETY: the stream and events are driver handles, usable from any thread
+// with the context bound (every method binds it first); the slots' buffers
+// are handed to one thread at a time under `state` (see the type's doc).
+unsafe impl Sync for CudaUpload<'_> {}
+
 impl<'a> CudaUpload<'a> {
-    fn new(buf: &'a mut CudaBuffer) -> Result<Self, String> {
+    fn new(buf: &'a CudaBuffer, buffers: usize) -> Result<Self, String> {
         buf.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         let stream = result::stream::create(StreamKind::NonBlocking).map_err(|e| err("cuStreamCreate", e))?;
-        let mut up = CudaUpload { buf, stream, slots: Vec::new(), current: 0, pending: None };
-        for _ in 0..2 {
-            // SAFETY: a fresh pinned allocation, freed in Drop.
-            let host = unsafe { result::malloc_host(READ_CHUNK, 0) }.map_err(|e| err("cuMemHostAlloc", e))? as *mut u8;
+        let mut up = CudaUpload { buf, stream, slots: Vec::new(), state: Mutex::default(), changed: Condvar::new() };
+        for i in 0..buffers {
+            let host = buf.staging.take()?;
             let event = match result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    // SAFETY: allocated just above, not yet in `slots`.
-                    let _ = unsafe { result::free_host(host.cast()) };
+                    buf.staging.give_back(host);
                     return Err(err("cuEventCreate", e));
                 }
             };
-            up.slots.push(Slot { host, event, in_flight: false });
+            up.slots.push(Slot { host, event });
+            up.state.get_mut().unwrap_or_else(|e| e.into_inner()).free.push(i);
         }
         Ok(up)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the upload failed and wakes every waiting `put`.
+    fn break_off(&self) {
+        self.lock().broken = true;
+        self.changed.notify_all();
+    }
+
+    /// A slot for one `put`: a free one, else the one whose copy was queued
+    /// first, once that copy is done, else (every slot being filled) the
+    /// next one given back.
+    fn take(&self) -> Result<usize, CheckpointError> {
+        let mut s = self.lock();
+        loop {
+            if s.broken {
+                return Err(CheckpointError::Gpu("an earlier host-to-device copy failed".into()));
+            }
+            if let Some(i) = s.free.pop() {
+                return Ok(i);
+            }
+            if let Some(i) = s.in_flight.pop_front() {
+                drop(s);
+                // SAFETY: an event created in `new` and recorded on our
+                // stream after the last copy out of slot `i`.
+                return match unsafe { result::event::synchronize(self.slots[i].event) } {
+                    Ok(()) => Ok(i),
+                    Err(e) => {
+                        self.break_off();
+                        Err(CheckpointError::Gpu(err("waiting for a host-to-device copy", e)))
+                    }
+                };
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
 impl Upload for CudaUpload<'_> {
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
-        if len > READ_CHUNK || offset + len as u64 > self.buf.len {
-            return Err(format!("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation"));
-        }
-        let slot = &mut self.slots[self.current];
-        if slot.in_flight {
-            // SAFETY: an event created in `new` and recorded on our stream.
-            unsafe { result::event::synchronize(slot.event) }.map_err(|e| err("waiting for a host-to-device copy", e))?;
-            slot.in_flight = false;
-        }
-        self.pending = Some((offset, len));
-        // SAFETY: `host` is a live pinned buffer of READ_CHUNK bytes that no
-        // copy reads any more (its event has completed).
-        Ok(unsafe { std::slice::from_raw_parts_mut(slot.host, len) })
+    fn chunk(&self) -> usize {
+        WRITE_CHUNK
     }
 
-    fn filled(&mut self) -> Result<(), String> {
-        let (offset, len) = self.pending.take().ok_or("filled() without buffer()")?;
-        let slot = &mut self.slots[self.current];
-        // SAFETY: source: `len` initialised bytes of a pinned buffer that is
-        // not touched until its event completes; destination: inside the
-        // allocation (checked in `buffer`).
-        unsafe {
-            let src = std::slice::from_raw_parts(slot.host, len);
-            result::memcpy_htod_async(self.buf.ptr + offset, src, self.stream).map_err(|e| err("cuMemcpyHtoDAsync", e))?;
-            result::event::record(slot.event, self.stream).map_err(|e| err("cuEventRecord", e))?;
+    fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
+        if len > WRITE_CHUNK || offset + len as u64 > self.buf.len {
+            return Err(CheckpointError::Gpu(format!("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation")));
         }
-        slot.in_flight = true;
-        self.current = (self.current + 1) % self.slots.len();
-        Ok(())
+        self.buf.ctx.bind_to_thread().map_err(|e| CheckpointError::Gpu(err("binding the CUDA context", e)))?;
+        let i = self.take()?;
+        // SAFETY: slot `i` is this call's alone until it is given back below
+        // (see `CudaUpload`), and no copy reads it any more; its buffer is a
+        // live pinned allocation of WRITE_CHUNK bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.slots[i].host.0, len) };
+        if let Err(e) = fill(bytes) {
+            self.lock().free.push(i);
+            self.changed.notify_all();
+            return Err(e);
+        }
+        let mut s = self.lock();
+        // SAFETY: source: `len` bytes of slot `i`, which no one writes until
+        // its event completes; destination: inside the allocation (checked
+        // above). The copy and its event are queued under the lock, so the
+        // in-flight queue keeps the stream's order.
+        let sent = unsafe {
+            result::memcpy_htod_async(self.buf.ptr + offset, &*bytes, self.stream)
+                .and_then(|()| result::event::record(self.slots[i].event, self.stream))
+        };
+        match sent {
+            Ok(()) => s.in_flight.push_back(i),
+            // The copy may have been queued: slot `i` stays out of use.
+            Err(_) => s.broken = true,
+        }
+        drop(s);
+        self.changed.notify_all();
+        sent.map_err(|e| CheckpointError::Gpu(err("cuMemcpyHtoDAsync", e)))
     }
 
     fn finish(self: Box<Self>) -> Result<(), String> {
+        self.buf.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         // SAFETY: our own stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(|e| err("waiting for the upload", e))
     }
@@ -221,14 +338,19 @@ impl Upload for CudaUpload<'_> {
 
 impl Drop for CudaUpload<'_> {
     fn drop(&mut self) {
-        // Nothing may still read the pinned buffers when they are freed.
-        // SAFETY: our own stream, events and pinned buffers, each freed once.
+        // Nothing may still read the pinned buffers when they are reused.
+        // SAFETY: our own stream and events, each destroyed once.
         unsafe {
             let _ = self.buf.ctx.bind_to_thread();
-            let _ = result::stream::synchronize(self.stream);
-            for s in &self.slots {
+            let done = result::stream::synchronize(self.stream).is_ok();
+            for s in self.slots.drain(..) {
                 let _ = result::event::destroy(s.event);
-                let _ = result::free_host(s.host.cast());
+                if done {
+                    self.buf.staging.give_back(s.host);
+                } else {
+                    // A copy may still read it: never reused or freed.
+                    tracing::error!(model = %self.buf.label, "a host-to-device copy did not finish; its staging buffer is leaked");
+                }
             }
             let _ = result::stream::destroy(self.stream);
         }

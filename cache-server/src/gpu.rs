@@ -4,6 +4,8 @@
 //! CUDA implementation is [`crate::cuda`], in builds with the `cuda` feature.
 
 use mora_common::gpu::GpuInfo;
+
+use crate::checkpoint::CheckpointError;
 use mora_common::protocol::{GpuUuid, IpcHandle};
 
 /// One GPU the daemon may hold weights on.
@@ -35,18 +37,23 @@ pub trait DeviceBuffer: Send + Sync {
     }
     /// What a client opens to map this allocation.
     fn ipc_handle(&self) -> IpcHandle;
-    /// Starts filling the allocation from host memory.
-    fn upload(&mut self) -> Result<Box<dyn Upload + '_>, String>;
+    /// Starts filling the allocation from host memory, from up to
+    /// `threads` threads at once.
+    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String>;
 }
 
-/// Fills device memory chunk by chunk: the caller asks for a host buffer,
-/// fills it with the bytes that belong at an offset, and says so; the
-/// implementation copies it over while the caller fills the next one.
-pub trait Upload {
-    /// A host buffer of `len` bytes for the bytes at `offset`.
-    fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String>;
-    /// The buffer last returned is filled: send it on its way.
-    fn filled(&mut self) -> Result<(), String>;
+/// Fills device memory from host staging buffers, from several threads at
+/// once: each [`put`](Upload::put) takes a free buffer (or the one whose copy
+/// was sent first, once that copy is done), has the caller fill it with the
+/// bytes that belong at an offset, and sends it to the device while the
+/// caller goes on to its next chunk.
+pub trait Upload: Sync {
+    /// The largest chunk one `put` takes, in bytes.
+    fn chunk(&self) -> usize;
+    /// Has `fill` write the `len` bytes that belong at `offset` into a
+    /// staging buffer, then copies them there. An error from `fill` is
+    /// returned as it is, and the buffer goes back unused.
+    fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError>;
     /// Waits until every chunk is on the device.
     fn finish(self: Box<Self>) -> Result<(), String>;
 }
@@ -55,7 +62,7 @@ pub trait Upload {
 /// freed, and keeps the bytes so tests can read back what was uploaded.
 pub mod fake {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
 
     /// What happened to fake allocations, in order.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +130,12 @@ pub mod fake {
         fn ipc_handle(&self) -> IpcHandle {
             IpcHandle([0xab; 64])
         }
-        fn upload(&mut self) -> Result<Box<dyn Upload + '_>, String> {
-            Ok(Box::new(FakeUpload { buf: self, staging: Vec::new(), at: None }))
+        fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String> {
+            // One staging buffer more than threads, as the real one has.
+            let staging = (0..threads.max(1) + 1).map(|_| Mutex::new(Vec::new())).collect();
+            let free = Mutex::new((0..threads.max(1) + 1).collect());
+            let FakeBuffer { bytes, log, label, .. } = self;
+            Ok(Box::new(FakeUpload { bytes: Mutex::new(bytes), log, label, staging, free, freed: Condvar::new() }))
         }
     }
 
@@ -135,29 +146,46 @@ pub mod fake {
         }
     }
 
-    /// Stages through a host buffer, as the real one does through pinned memory.
+    /// Stages through host buffers, as the real one does through pinned
+    /// memory, and copies each into the fake device memory as it is put.
     struct FakeUpload<'a> {
-        buf: &'a mut FakeBuffer,
-        staging: Vec<u8>,
-        at: Option<u64>,
+        bytes: Mutex<&'a mut Vec<u8>>,
+        log: &'a Arc<Log>,
+        label: &'a str,
+        staging: Vec<Mutex<Vec<u8>>>,
+        free: Mutex<Vec<usize>>,
+        freed: Condvar,
     }
 
     impl Upload for FakeUpload<'_> {
-        fn buffer(&mut self, offset: u64, len: usize) -> Result<&mut [u8], String> {
-            if offset + len as u64 > self.buf.len() {
-                return Err(format!("chunk at {offset} of {len} bytes runs past the allocation"));
-            }
-            self.at = Some(offset);
-            self.staging.resize(len, 0);
-            Ok(&mut self.staging)
+        fn chunk(&self) -> usize {
+            crate::checkpoint::WRITE_CHUNK
         }
-        fn filled(&mut self) -> Result<(), String> {
-            let at = self.at.take().ok_or("filled() without buffer()")? as usize;
-            self.buf.bytes[at..at + self.staging.len()].copy_from_slice(&self.staging);
-            Ok(())
+        fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
+            if len > self.chunk() || offset + len as u64 > self.bytes.lock().unwrap().len() as u64 {
+                return Err(CheckpointError::Gpu(format!("chunk at {offset} of {len} bytes does not fit the staging buffer or the allocation")));
+            }
+            let i = {
+                let mut free = self.free.lock().unwrap();
+                loop {
+                    match free.pop() {
+                        Some(i) => break i,
+                        None => free = self.freed.wait(free).unwrap(),
+                    }
+                }
+            };
+            let result = {
+                let mut buf = self.staging[i].lock().unwrap();
+                buf.resize(len, 0);
+                fill(&mut buf).map(|()| self.bytes.lock().unwrap()[offset as usize..][..len].copy_from_slice(&buf))
+            };
+            self.free.lock().unwrap().push(i);
+            self.freed.notify_one();
+            result
         }
         fn finish(self: Box<Self>) -> Result<(), String> {
-            self.buf.log.contents.lock().unwrap().insert(self.buf.label.clone(), self.buf.bytes.clone());
+            let bytes = self.bytes.lock().unwrap().clone();
+            self.log.contents.lock().unwrap().insert(self.label.to_string(), bytes);
             Ok(())
         }
     }
