@@ -369,10 +369,11 @@ struct Files {
 impl Files {
     /// Opens every file of `plan`, each advised as read in order
     /// (`POSIX_FADV_SEQUENTIAL`: the kernel's own read-ahead, doubled). A
-    /// host fill leaves the rest to the kernel, since its threads keep reads
-    /// in flight while others convert and write; explicit read-ahead made
-    /// its cold loads slower (docs/decisions.md). The GPU upload, one thread
-    /// that reads, converts and copies in turn, still asks (`read_ahead`).
+    /// fill from several threads leaves the rest to the kernel, since its
+    /// threads keep reads in flight while others convert and write; explicit
+    /// read-ahead made host loads slower when cold (docs/decisions.md). A GPU
+    /// load from one thread, which reads, converts and copies in turn, still
+    /// asks (`read_ahead`).
     fn open(plan: &Plan, read_ahead: bool) -> Result<Files, CheckpointError> {
         let mut files: Vec<(PathBuf, File)> = Vec::new();
         for (path, _) in &plan.stored {
