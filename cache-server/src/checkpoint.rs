@@ -566,11 +566,17 @@ impl Failure {
 
 /// Threads that fill a segment or a GPU allocation: one per core, up to
 /// [`MAX_FILL_THREADS`], unless `MORA_LOAD_THREADS` in the daemon's
-/// environment gives a count, which the benchmarks and the GPU check use to
-/// compare one thread with several on one machine.
+/// environment gives a count (at most 64), which the benchmarks and the GPU
+/// check use to compare one thread with several on one machine.
 fn fill_threads() -> usize {
-    match std::env::var("MORA_LOAD_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        Some(n) if n > 0 => n,
+    load_threads(std::env::var("MORA_LOAD_THREADS").ok().as_deref())
+}
+
+/// The thread count `MORA_LOAD_THREADS` asks for, or the default where it
+/// is unset or not a positive number.
+fn load_threads(asked: Option<&str>) -> usize {
+    match asked.and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) if n > 0 => n.min(64),
         _ => mora_common::convert::cores().min(MAX_FILL_THREADS),
     }
 }
@@ -594,7 +600,8 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         Target::Host => load_host(name, &plan, fill_by_mapping(), fill_threads(), progress)?,
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
-            let threads = fill_threads();
+            // Each thread holds a pinned buffer: no more threads than chunks.
+            let threads = fill_threads().min(plan.chunks(WRITE_CHUNK).len().max(1));
             let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
             let bytes_read = fill_device(&plan, &*upload, threads, progress)?;
             upload.finish().map_err(CheckpointError::Gpu)?;
@@ -769,6 +776,18 @@ pub(crate) mod tests {
             assert!(matches!(&err, CheckpointError::Io { path, .. } if *path == file), "{err}");
             std::fs::write(&file, &full).unwrap();
         }
+    }
+
+    #[test]
+    fn load_threads_takes_a_positive_count_up_to_64_else_the_default() {
+        let default = mora_common::convert::cores().min(MAX_FILL_THREADS);
+        assert_eq!(load_threads(None), default);
+        for bad in ["", "0", "-2", "two", "1.5"] {
+            assert_eq!(load_threads(Some(bad)), default, "{bad:?}");
+        }
+        assert_eq!(load_threads(Some("1")), 1);
+        assert_eq!(load_threads(Some(" 12 ")), 12);
+        assert_eq!(load_threads(Some("1000")), 64);
     }
 
     /// Plans and loads in one go, as the registry does in two steps.
