@@ -117,9 +117,28 @@ fn new_memfd(name: &str, len: u64) -> Result<(OwnedFd, u64), SegmentError> {
 }
 
 /// Seals a filled memfd: from here on its bytes cannot change.
+/// Attempts at sealing a segment before its load fails.
+const SEAL_TRIES: u32 = 10;
+
+/// Seals `fd`. The kernel refuses `F_SEAL_WRITE` (`EBUSY`) while a writable
+/// mapping of the file exists, or while one of its pages holds a reference
+/// beyond the file's own, which it waits up to 150 ms to see go. On a busy
+/// machine a page that compaction or reclaim is moving can be held longer
+/// (a mapped fill failed this way once in a full test run on 2 cores), so
+/// an `EBUSY` is tried again, up to [`SEAL_TRIES`] times over about a
+/// second, rather than failing the load at once.
 fn seal_memfd(fd: OwnedFd, len: u64) -> Result<Segment, SegmentError> {
-    fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL).map_err(|e| SegmentError::Seal(e.into()))?;
-    Ok(Segment { fd, len })
+    let mut tries = 1;
+    loop {
+        match fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL) {
+            Ok(()) => return Ok(Segment { fd, len }),
+            Err(rustix::io::Errno::BUSY) if tries < SEAL_TRIES => {
+                std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(tries)));
+                tries += 1;
+            }
+            Err(e) => return Err(SegmentError::Seal(e.into())),
+        }
+    }
 }
 
 impl SegmentWriter {
@@ -303,6 +322,26 @@ mod tests {
         // A kernel without shared-memory huge pages has no such file; an
         // unreadable one is taken as `never`.
         assert!(!huge_pages_in(""));
+    }
+
+    #[test]
+    fn sealing_waits_for_a_writable_mapping_to_go_and_fails_if_it_stays() {
+        // A mapping unmapped a little later: the seal is tried again until
+        // it takes.
+        let file = SegmentFile::create("mora-test", 4096).unwrap();
+        let map = RawMapping::new(file.fd.as_fd(), 4096, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED).unwrap();
+        let unmapper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(map);
+        });
+        let seg = file.seal().expect("sealed once the mapping was gone");
+        unmapper.join().unwrap();
+        assert!(rustix::io::pwrite(seg.fd(), b"x", 0).is_err());
+        // A mapping that stays: the seal fails, with the kernel's reason.
+        let file = SegmentFile::create("mora-test", 4096).unwrap();
+        let _map = RawMapping::new(file.fd.as_fd(), 4096, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED).unwrap();
+        let err = file.seal().map(|_| ()).unwrap_err();
+        assert!(matches!(&err, SegmentError::Seal(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())), "{err}");
     }
 
     #[test]
