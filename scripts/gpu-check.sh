@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the CUDA path on a GPU machine and prints a report to paste into
 # docs/gpu-results.md: correctness against the CPU, sharing across clients,
-# the figures (CUDA context, IPC open, time to first result, load GB/s), and
+# the figures (CUDA context, IPC open, time to first result, loads against a
+# plain read of the file and pinned host-to-device copies), and
 # the Python package's torch CUDA tensors (when its wheel is in BIN_DIR).
 #
 # Usage: scripts/gpu-check.sh [BIN_DIR]    (default: target/cuda/dist, made
@@ -20,7 +21,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 BIN="$(cd "${1:-$ROOT/target/cuda/dist}" && pwd)"
 DEVICE="${DEVICE:-cuda:0}"
