@@ -243,19 +243,23 @@ print(f"{(time.perf_counter() - t0) * 1000:.1f}")
 PY
     }
     declare -A SOCK LOG
-    for kind in every one; do
+    # every, one: GPU loads from every core and from one thread; written,
+    # mapped: host segments filled with pwrite or through a mapping.
+    for kind in every one written mapped; do
         SOCK[$kind]="$WORK/load-$kind.sock"; LOG[$kind]="$WORK/load-$kind.log"
         threads=""; [[ $kind == one ]] && threads=1
-        MORA_SOCKET="${SOCK[$kind]}" MORA_LOAD_THREADS="$threads" "$BIN/mora-cache" serve --keep-alive -1 2>"${LOG[$kind]}" &
+        fill=""; [[ $kind == written || $kind == mapped ]] && fill="$kind"
+        MORA_SOCKET="${SOCK[$kind]}" MORA_LOAD_THREADS="$threads" MORA_SEGMENT_FILL="$fill" "$BIN/mora-cache" serve --keep-alive -1 2>"${LOG[$kind]}" &
         EXTRA_PIDS+=($!)
         for _ in $(seq 600); do [[ -S "${SOCK[$kind]}" ]] && break; sleep 0.1; done
         [[ -S "${SOCK[$kind]}" ]] || { cat "${LOG[$kind]}" >&2; die "the load daemon ($kind) did not start"; }
     done
-    # daemon_load KIND DIR: one load, held as bf16, into the cleared daemon; prints its ms.
+    # daemon_load KIND DIR [DTYPE DEVICE]: one load (default: held as bf16 on
+    # $DEVICE) into the cleared daemon; prints its ms.
     daemon_load() {
         local before after
         before="$(grep -c ' resident model=' "${LOG[$1]}" || true)"
-        MORA_SOCKET="${SOCK[$1]}" "$BIN/mora-cache" load "$2" --dtype bf16 --device "$DEVICE" >/dev/null 2>"$WORK/load.err" \
+        MORA_SOCKET="${SOCK[$1]}" "$BIN/mora-cache" load "$2" --dtype "${3:-bf16}" --device "${4:-$DEVICE}" >/dev/null 2>"$WORK/load.err" \
             || { cat "$WORK/load.err" >&2; die "mora-cache load $2 failed"; }
         after="$(grep -c ' resident model=' "${LOG[$1]}" || true)"
         ((after > before)) || die "no load logged for $2"
@@ -333,7 +337,28 @@ PY
     done
     echo
     printf '%s\n' "${goal_rows[@]}"
-    for kind in every one; do MORA_SOCKET="${SOCK[$kind]}" "$BIN/mora-cache" stop >/dev/null 2>&1 || true; done
+    # The host fill under this machine's shared-memory setting, on its cores:
+    # the daemon picks pwrite where shared memory gets no huge pages, which
+    # was measured on 2 cores only (docs/decisions.md).
+    file="$WORK/load-f32/model.safetensors"
+    bytes="$(stat -c %s "$file")"
+    echo
+    echo "Host segments on this machine ($(nproc) CPUs, shared-memory huge pages: $(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null || echo unknown)), the f32 checkpoint held as f32 on the CPU, from every core:"
+    echo
+    echo "| page cache | fill | median ms | min | max | GB/s |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    for state in dropped kept; do
+        for kind in written mapped; do
+            times=()
+            for _ in $(seq "$RUNS"); do
+                [[ $state == dropped ]] && drop_cache "$file"
+                times+=("$(daemon_load "$kind" "$WORK/load-f32" f32 cpu)")
+            done
+            stats "$bytes" "${times[@]}"
+            echo "| $state | $kind | $STATS |"
+        done
+    done
+    for kind in every one written mapped; do MORA_SOCKET="${SOCK[$kind]}" "$BIN/mora-cache" stop >/dev/null 2>&1 || true; done
 fi
 
 # -- the Python package on the GPU ----------------------------------------------
