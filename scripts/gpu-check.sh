@@ -119,7 +119,7 @@ echo
 "$BIN/mora-cache" serve --keep-alive -1 2>"$WORK/daemon.log" &
 DAEMON=$!
 EXTRA_PIDS=()
-trap '"$BIN/mora-cache" stop >/dev/null 2>&1 || kill $DAEMON 2>/dev/null; kill ${EXTRA_PIDS[*]} 2>/dev/null; rm -rf "$WORK"' EXIT
+trap '"$BIN/mora-cache" stop >/dev/null 2>&1 || kill $DAEMON 2>/dev/null || true; kill ${EXTRA_PIDS[*]} 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 600); do [[ -S "$MORA_SOCKET" ]] && break; kill -0 $DAEMON 2>/dev/null || break; sleep 0.1; done
 [[ -S "$MORA_SOCKET" ]] || { cat "$WORK/daemon.log" >&2; die "the daemon did not start"; }
 if ((GPU)) && ! grep -q "serving GPU" "$WORK/daemon.log"; then
