@@ -116,13 +116,13 @@ fn new_memfd(name: &str, len: u64) -> Result<(OwnedFd, u64), SegmentError> {
     Ok((fd, len))
 }
 
-/// Seals a filled memfd: from here on its bytes cannot change.
 /// Attempts at sealing a segment before its load fails.
 const SEAL_TRIES: u32 = 10;
 
-/// Seals `fd`. The kernel refuses `F_SEAL_WRITE` (`EBUSY`) while a writable
-/// mapping of the file exists, or while one of its pages holds a reference
-/// beyond the file's own, which it waits up to 150 ms to see go. On a busy
+/// Seals a filled memfd: from here on its bytes cannot change. The kernel
+/// refuses `F_SEAL_WRITE` (`EBUSY`) while a writable mapping of the file
+/// exists, or while one of its pages holds a reference beyond the file's
+/// own, which it waits up to 150 ms to see go. On a busy
 /// machine a page that compaction or reclaim is moving can be held longer
 /// (a mapped fill failed this way once in a full test run on 2 cores), so
 /// an `EBUSY` is tried again, up to [`SEAL_TRIES`] times over about a
