@@ -434,13 +434,11 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             let jobs = Mutex::new(jobs.into_iter());
             run(threads.clamp(1, chunk_count), &|| {
                 let mut scratch = Vec::new();
-                while !failed() {
-                    let Some((chunk, out)) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
-                    match plan.read_chunk(chunk, &files, out, &mut scratch, 1) {
-                        Ok(()) => progress.fetch_add(out.len() as u64, Ordering::Relaxed),
-                        Err(e) => return fail(e),
-                    };
-                }
+                failure.each(&jobs, |(chunk, out)| {
+                    plan.read_chunk(chunk, &files, out, &mut scratch, 1)?;
+                    progress.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                });
             });
         }
         HostSink::Written(segment) => {
@@ -495,15 +493,15 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
     failure.result(plan.bytes_stored())
 }
 
-/// Fills a GPU allocation from `threads` threads (at least one), each
+/// Fills a GPU allocation with `chunks` (of at most [`WRITE_CHUNK`] bytes,
+/// the upload's staging buffers) from `threads` threads (at least one), each
 /// taking the next chunk in file order and reading (and converting) it
 /// into one of the upload's pinned staging buffers, which is copied to the
 /// device while the thread goes on to its next chunk. One thread alone
 /// converts each chunk over every other core and asks the kernel to read
 /// ahead, as the upload did before it had several threads. The first error
 /// stops every thread and is returned. Returns the bytes read.
-fn fill_device(plan: &Plan, upload: &dyn Upload, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
-    let chunks = plan.chunks(upload.chunk());
+fn fill_device(plan: &Plan, chunks: Vec<Chunk>, upload: &dyn Upload, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     let threads = threads.clamp(1, chunks.len().max(1));
     let files = Files::open(plan, threads == 1)?;
     let convert_threads = if threads == 1 { mora_common::convert::cores().saturating_sub(1).max(1) } else { 1 };
@@ -511,15 +509,12 @@ fn fill_device(plan: &Plan, upload: &dyn Upload, threads: usize, progress: &Atom
     let jobs = Mutex::new(chunks.into_iter());
     failure.run(threads, &|| {
         let mut scratch = Vec::new();
-        while !failure.is_set() {
-            let Some(chunk) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
+        failure.each(&jobs, |chunk| {
             let (offset, len) = plan.place(chunk);
-            let read = &mut |out: &mut [u8]| plan.read_chunk(chunk, &files, out, &mut scratch, convert_threads);
-            match upload.put(offset, len, read) {
-                Ok(()) => progress.fetch_add(len as u64, Ordering::Relaxed),
-                Err(e) => return failure.set(e),
-            };
-        }
+            upload.put(offset, len, &mut |out: &mut [u8]| plan.read_chunk(chunk, &files, out, &mut scratch, convert_threads))?;
+            progress.fetch_add(len as u64, Ordering::Relaxed);
+            Ok(())
+        });
     });
     failure.result(plan.bytes_stored())
 }
@@ -540,6 +535,17 @@ impl Failure {
 
     fn is_set(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Does `step` on each job taken from `jobs` until none is left or a
+    /// thread has failed; an error of `step` is this thread's failure.
+    fn each<T>(&self, jobs: &Mutex<impl Iterator<Item = T>>, mut step: impl FnMut(T) -> Result<(), CheckpointError>) {
+        while !self.is_set() {
+            let Some(job) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
+            if let Err(e) = step(job) {
+                return self.set(e);
+            }
+        }
     }
 
     /// Runs `work` on `n` threads, this one among them; a panic is an error.
@@ -601,9 +607,10 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
             // Each thread holds a pinned buffer: no more threads than chunks.
-            let threads = fill_threads().min(plan.chunks(WRITE_CHUNK).len().max(1));
+            let chunks = plan.chunks(WRITE_CHUNK);
+            let threads = fill_threads().min(chunks.len().max(1));
             let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
-            let bytes_read = fill_device(&plan, &*upload, threads, progress)?;
+            let bytes_read = fill_device(&plan, chunks, &*upload, threads, progress)?;
             upload.finish().map_err(CheckpointError::Gpu)?;
             (Storage::Gpu(buffer), bytes_read)
         }
@@ -753,7 +760,7 @@ pub(crate) mod tests {
             let mut buffer = gpus.allocate(uuid, p.bytes(), &label).unwrap();
             let progress = AtomicU64::new(0);
             let upload = buffer.upload(threads).unwrap();
-            let read = fill_device(&p, &*upload, threads, &progress);
+            let read = fill_device(&p, p.chunks(WRITE_CHUNK), &*upload, threads, &progress);
             if read.is_ok() {
                 upload.finish().unwrap();
                 assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());

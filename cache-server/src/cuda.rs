@@ -291,10 +291,6 @@ impl<'a> CudaUpload<'a> {
 }
 
 impl Upload for CudaUpload<'_> {
-    fn chunk(&self) -> usize {
-        WRITE_CHUNK
-    }
-
     fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
         if len > WRITE_CHUNK || offset + len as u64 > self.buf.len {
             return Err(CheckpointError::Gpu(format!("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation")));

@@ -48,11 +48,10 @@ pub trait DeviceBuffer: Send + Sync {
 /// bytes that belong at an offset, and sends it to the device while the
 /// caller goes on to its next chunk.
 pub trait Upload: Sync {
-    /// The largest chunk one `put` takes, in bytes.
-    fn chunk(&self) -> usize;
     /// Has `fill` write the `len` bytes that belong at `offset` into a
-    /// staging buffer, then copies them there. An error from `fill` is
-    /// returned as it is, and the buffer goes back unused.
+    /// staging buffer of [`WRITE_CHUNK`](crate::checkpoint::WRITE_CHUNK)
+    /// bytes, then copies them there. An error from `fill` is returned as it
+    /// is, and the buffer goes back unused.
     fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError>;
     /// Waits until every chunk is on the device.
     fn finish(self: Box<Self>) -> Result<(), String>;
@@ -158,11 +157,8 @@ pub mod fake {
     }
 
     impl Upload for FakeUpload<'_> {
-        fn chunk(&self) -> usize {
-            crate::checkpoint::WRITE_CHUNK
-        }
         fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
-            if len > self.chunk() || offset + len as u64 > self.bytes.lock().unwrap().len() as u64 {
+            if len > crate::checkpoint::WRITE_CHUNK || offset + len as u64 > self.bytes.lock().unwrap().len() as u64 {
                 return Err(CheckpointError::Gpu(format!("chunk at {offset} of {len} bytes does not fit the staging buffer or the allocation")));
             }
             let i = {
