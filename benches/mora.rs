@@ -32,6 +32,9 @@ struct Args {
     /// Scenario 2: synthetic bf16 llama sizes; the first is scenario 3's llama too
     #[arg(long, value_delimiter = ',', default_value = "100MiB,1GiB,4GiB")]
     sizes: Vec<String>,
+    /// Scenario 2: also time the segment fill the daemon does not choose on this machine (pwrite or the mapping), side by side
+    #[arg(long)]
+    compare_fills: bool,
     /// Scenario 4: numbers of concurrent clients
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32")]
     clients: Vec<usize>,
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         config.repeats = args.repeats as usize;
         config.runs = args.runs as usize;
         config.model_sizes = args.sizes;
+        config.compare_fills = args.compare_fills;
         config.clients = args.clients;
         config.soak_runs = args.soak_runs;
         config.many_models = args.models as usize;

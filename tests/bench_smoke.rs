@@ -3,6 +3,7 @@
 //! Nothing here asserts a time; the figures come from `scripts/bench.sh`.
 
 use mora::bench::{self, Config, KEPT};
+use mora_common::segment::shared_memory_huge_pages;
 use mora::Scratch;
 
 #[test]
@@ -42,7 +43,8 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     // Scenario 2: one row per contender and size, and a target per size.
     let s2 = &report.sections[1];
     assert_eq!(s2.tables[0].rows.len(), 2 * config.model_sizes.len());
-    // Per size: three loads (bf16 widened, bf16 kept, f32 kept), seven contenders each.
+    // Per size: three loads (bf16 widened, bf16 kept, f32 kept), seven contenders
+    // each (the smoke configuration times both fills).
     assert_eq!(s2.tables[1].rows.len(), 3 * 7 * config.model_sizes.len());
     assert_eq!(s2.targets.len(), 1 + 3 * 2 * config.model_sizes.len());
     // Scenario 3: each of the two models loaded once per sequence and lent to
@@ -81,6 +83,15 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     bench::run(&again).expect("the harness runs again");
     let md = std::fs::read_to_string(&config.report).unwrap();
     assert!(md.ends_with("## Analysis\nby hand\n") && !md.contains("old figures") && md.contains("## 5. Soak"), "{md}");
+
+    // Without --compare-fills, scenario 2 times only the fill the daemon chooses.
+    let chosen = Config { scenarios: vec![2], model_sizes: vec!["2MiB".into()], compare_fills: false, ..config.clone() };
+    let s2 = bench::run(&chosen).expect("the harness runs scenario 2 alone").sections.remove(0);
+    let fill = if shared_memory_huge_pages() { "daemon load (mapping)" } else { "daemon load (pwrite)" };
+    let loads: Vec<&str> = s2.tables[1].rows.iter().map(|r| r[2].as_str()).filter(|c| c.starts_with("daemon load")).collect();
+    assert_eq!(s2.tables[1].rows.len(), 3 * 5, "{:?}", s2.tables[1].rows);
+    assert!(loads.len() == 3 * 2 && loads.iter().all(|c| c.starts_with(fill)), "{loads:?}");
+    assert!(s2.targets.iter().skip(1).all(|t| t.what.contains(&fill["daemon ".len()..])), "{:?}", s2.targets.iter().map(|t| &t.what).collect::<Vec<_>>());
 }
 
 /// "86.6 MiB" (as the report prints sizes) in MiB.

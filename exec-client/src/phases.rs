@@ -48,9 +48,43 @@ pub fn summary() -> Option<Vec<(&'static str, Duration)>> {
 
 /// `phases: parse 0.41 ms, connect 0.20 ms, ... (total 31.2 ms in main)`.
 pub fn report() -> Option<String> {
-    let phases = summary()?;
+    Some(format(&summary()?))
+}
+
+/// The line [`report`] prints for these phases; [`parse`] reads it back.
+fn format(phases: &[(&str, Duration)]) -> String {
     let total: Duration = phases.iter().map(|p| p.1).sum();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let list: Vec<String> = phases.iter().map(|(n, d)| format!("{n} {:.2} ms", ms(*d))).collect();
-    Some(format!("phases: {} (total {:.2} ms in main)", list.join(", "), ms(total)))
+    format!("phases: {} (total {:.2} ms in main)", list.join(", "), ms(total))
+}
+
+/// Reads a line [`report`] printed (the benchmarks do): each phase's name
+/// and milliseconds, and the total; `None` for any other line.
+pub fn parse(line: &str) -> Option<(Vec<(String, f64)>, f64)> {
+    let (list, total) = line.strip_prefix("phases: ")?.split_once(" (total ")?;
+    let phase = |p: &str| {
+        let (name, v) = p.strip_suffix(" ms")?.rsplit_once(' ')?;
+        Some((name.to_string(), v.parse::<f64>().ok()?))
+    };
+    let phases = list.split(", ").map(phase).collect::<Option<Vec<_>>>()?;
+    let total = total.strip_suffix(" ms in main)")?.parse().ok()?;
+    Some((phases, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_reads_back() {
+        let ms = Duration::from_micros;
+        let line = format(&[("parse workflow", ms(540)), ("connect", ms(340)), ("build model", ms(12_000))]);
+        assert_eq!(line, "phases: parse workflow 0.54 ms, connect 0.34 ms, build model 12.00 ms (total 12.88 ms in main)");
+        let (list, total) = parse(&line).unwrap();
+        assert_eq!(list, [("parse workflow".to_string(), 0.54), ("connect".to_string(), 0.34), ("build model".to_string(), 12.0)]);
+        assert_eq!(total, 12.88);
+        assert!(parse("mora-exec: wrote outputs/embeddings.json").is_none());
+        assert!(parse("phases: connect x ms (total 1.00 ms in main)").is_none());
+    }
 }

@@ -30,6 +30,9 @@ pub struct Config {
     pub runs: usize,
     /// Scenario 2: synthetic bf16 llama sizes (`mora-exec synth --size`).
     pub model_sizes: Vec<String>,
+    /// Scenario 2: time both segment fills (`pwrite` and the mapping) side
+    /// by side, not only the one the daemon chooses on this machine.
+    pub compare_fills: bool,
     /// Scenario 4: numbers of concurrent clients.
     pub clients: Vec<usize>,
     /// Scenario 5: sequential runs.
@@ -58,6 +61,7 @@ impl Config {
             repeats: 5,
             runs: 20,
             model_sizes: vec!["100MiB".into(), "1GiB".into(), "4GiB".into()],
+            compare_fills: false,
             clients: vec![1, 4, 8, 16, 32],
             soak_runs: 500,
             many_models: 50,
@@ -77,6 +81,7 @@ impl Config {
             repeats: 2,
             runs: 2,
             model_sizes: vec!["2MiB".into(), "4MiB".into()],
+            compare_fills: true,
             clients: vec![1, 2],
             soak_runs: 3,
             many_models: 3,

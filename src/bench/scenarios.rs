@@ -156,17 +156,6 @@ pub fn repeat(config: &Config, headline: &mut Headline) -> Result<Section, Strin
     })
 }
 
-/// `phases: parse 0.41 ms, build model 0.30 ms (total 31.20 ms in main)`,
-/// as `mora-exec` prints it with `MORA_PHASES=1`: each phase and its
-/// milliseconds, and the total.
-fn parse_phases(line: &str) -> Option<(Vec<(String, f64)>, f64)> {
-    let (list, total) = line.strip_prefix("phases: ")?.split_once(" (total ")?;
-    let ms = |s: &str| s.strip_suffix(" ms")?.rsplit_once(' ').map(|(name, v)| (name.to_string(), v.parse::<f64>()));
-    let phases = list.split(", ").map(|p| ms(p).and_then(|(n, v)| Some((n, v.ok()?)))).collect::<Option<Vec<_>>>()?;
-    let total = total.strip_suffix(" ms in main)")?.parse().ok()?;
-    Some((phases, total))
-}
-
 /// Where a warm run's time goes: `runs` more warm runs with `MORA_PHASES=1`,
 /// each phase's median, the time in `main`, and spawn to exit (the rest is
 /// exec, dynamic linking and exit).
@@ -180,7 +169,7 @@ fn phases(env: &Env, wf: &Path, runs: usize) -> Result<Table, String> {
         let stderr = String::from_utf8_lossy(&o.stderr);
         let (list, total) = stderr
             .lines()
-            .find_map(parse_phases)
+            .find_map(mora_exec::phases::parse)
             .ok_or_else(|| format!("mora-exec printed no phases with MORA_PHASES=1: {}", super::last_line(&o.stderr)))?;
         for (name, ms) in list {
             match by_phase.iter_mut().find(|(n, _)| *n == name) {
@@ -220,14 +209,30 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
         "Time to first token: a generate workflow with `max_tokens = 1`, spawn to exit, bf16 weights held as f32.",
         &["model", "contender", "median", "min", "max", "vs --no-cache"],
     );
+    // The fill the daemon chooses here (the mapping where shared memory may
+    // get huge pages), and with --compare-fills the other one beside it.
+    let huge = shared_memory_huge_pages();
+    let chosen = if huge { ("mapped", "mapping") } else { ("written", "pwrite") };
+    let fills = if config.compare_fills { vec![("written", "pwrite"), ("mapped", "mapping")] } else { vec![chosen] };
+    let which_fills = if config.compare_fills {
+        "Two daemons side by side (`--compare-fills`): one fills each segment with `pwrite` \
+         (`MORA_SEGMENT_FILL=written`), one through a writable mapping from every core (`MORA_SEGMENT_FILL=mapped`); \
+         the targets take the one the daemon chooses on this machine (the mapping where shared memory may get huge \
+         pages)."
+    } else if huge {
+        "The daemon fills each segment as it chooses on this machine: through a writable mapping from every core, \
+         since shared memory may get huge pages here (`--compare-fills` times `pwrite` beside it)."
+    } else {
+        "The daemon fills each segment as it chooses on this machine: with `pwrite`, since shared memory gets no \
+         huge pages here (`--compare-fills` times the mapping beside it)."
+    };
     let mut load = Table::new(
-        "Loads: `mora-cache load --dtype HELD` timed spawn to exit, into a daemon that has just been cleared, with \
-         the page cache dropped for the file before each read (`posix_fadvise(DONTNEED)`) or with the file in it. \
-         Two daemons side by side: one fills each segment with `pwrite` (`MORA_SEGMENT_FILL=written`), one \
-         through a writable mapping from every core (`MORA_SEGMENT_FILL=mapped`); the targets take the one the \
-         daemon chooses on this machine (the mapping where shared memory may get huge pages). Baselines: \
-         `read(2)` of the file into a reused 16 MiB buffer, and `memcpy` of as many bytes between two buffers \
-         allocated beforehand. GB/s is the file's bytes over the time.",
+        &format!(
+            "Loads: `mora-cache load --dtype HELD` timed spawn to exit, into a daemon that has just been cleared, \
+             with the page cache dropped for the file before each read (`posix_fadvise(DONTNEED)`) or with the file \
+             in it. {which_fills} Baselines: `read(2)` of the file into a reused 16 MiB buffer, and `memcpy` of as \
+             many bytes between two buffers allocated beforehand. GB/s is the file's bytes over the time."
+        ),
         &["model", "held as", "contender", "median", "min", "max", "GB/s", "vs raw read", "vs memcpy"],
     );
     let mut targets = Vec::new();
@@ -270,11 +275,10 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
             let daemon = |fill: &str| {
                 Env::with_daemon_env("bench-load", &["--max-memory", &budget, "--keep-alive", "-1"], &[("MORA_SEGMENT_FILL", fill)])
             };
-            let (written, mapped) = (daemon("written"), daemon("mapped"));
+            let daemons: Vec<Env> = fills.iter().map(|(fill, _)| daemon(fill)).collect();
             let dir_arg = dir.display().to_string();
-            let daemons = [&written, &mapped];
             let daemon_load = |which: usize, cached: bool| {
-                let (env, file, dir_arg) = (daemons[which], &file, &dir_arg);
+                let (env, file, dir_arg) = (&daemons[which], &file, &dir_arg);
                 move || -> Result<Duration, String> {
                     run_ok(env.command("mora-cache").arg("clear"))?;
                     if !cached {
@@ -283,7 +287,7 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
                     let t = Instant::now();
                     run_ok(env.command("mora-cache").args(["load", "--dtype", held, dir_arg.as_str()]))?;
                     let took = t.elapsed();
-                    // One segment at a time: the two daemons would not fit the largest twice.
+                    // One segment at a time: two daemons would not fit the largest twice.
                     run_ok(env.command("mora-cache").arg("clear"))?;
                     Ok(took)
                 }
@@ -298,27 +302,30 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
                 }
             };
             let memcpy = &mut memcpy;
-            let m = interleave(
-                &mut [
-                    Contender::new("raw read(2), page cache dropped", raw_read(false)),
-                    Contender::new("daemon load (pwrite), page cache dropped", daemon_load(0, false)),
-                    Contender::new("daemon load (mapping), page cache dropped", daemon_load(1, false)),
-                    Contender::new("raw read(2), file in page cache", raw_read(true)),
-                    Contender::new("memcpy", move || Ok(memcpy.time(bytes))),
-                    Contender::new("daemon load (pwrite), file in page cache", daemon_load(0, true)),
-                    Contender::new("daemon load (mapping), file in page cache", daemon_load(1, true)),
-                ],
-                config.repeats,
-            )?;
+            // In order: the raw read and each daemon with the page cache
+            // dropped, then the raw read, memcpy and each daemon with the file
+            // in the page cache.
+            let n = fills.len();
+            let mut contenders = vec![Contender::new("raw read(2), page cache dropped", raw_read(false))];
+            for (k, (_, fill)) in fills.iter().enumerate() {
+                contenders.push(Contender::new(format!("daemon load ({fill}), page cache dropped"), daemon_load(k, false)));
+            }
+            contenders.push(Contender::new("raw read(2), file in page cache", raw_read(true)));
+            contenders.push(Contender::new("memcpy", move || Ok(memcpy.time(bytes))));
+            for (k, (_, fill)) in fills.iter().enumerate() {
+                contenders.push(Contender::new(format!("daemon load ({fill}), file in page cache"), daemon_load(k, true)));
+            }
+            let m = interleave(&mut contenders, config.repeats)?;
+            let (read_cached, copy) = (n + 1, n + 2);
             let gbps = |i: usize| bytes as f64 / (m.stats(i).median / 1e3) / 1e9;
             let model = format!("{size} {stored}");
             for i in 0..m.names.len() {
                 let s = m.stats(i);
                 let (vs_read, vs_copy) = match i {
-                    0 | 3 => ("1 (baseline)".to_string(), String::new()),
-                    4 => (String::new(), "1 (baseline)".to_string()),
-                    1 | 2 => (fmt_ratio(gbps(i) / gbps(0)), String::new()),
-                    _ => (fmt_ratio(gbps(i) / gbps(3)), fmt_ratio(gbps(i) / gbps(4))),
+                    _ if i == 0 || i == read_cached => ("1 (baseline)".to_string(), String::new()),
+                    _ if i == copy => (String::new(), "1 (baseline)".to_string()),
+                    _ if i <= n => (fmt_ratio(gbps(i) / gbps(0)), String::new()),
+                    _ => (fmt_ratio(gbps(i) / gbps(read_cached)), fmt_ratio(gbps(i) / gbps(copy))),
                 };
                 load.row(vec![
                     model.clone(),
@@ -334,9 +341,10 @@ pub fn model_size(config: &Config, headline: &mut Headline) -> Result<Section, S
             }
             let what = format!("{model} held as {held}");
             // The fill the daemon uses here unless told otherwise.
-            let (cold, cached, fill) = if shared_memory_huge_pages() { (2, 6, "mapping") } else { (1, 5, "pwrite") };
-            targets.push(Target::at_least(&format!("{what}: cold load ({fill}) / raw read, page cache dropped"), gbps(cold) / gbps(0), 0.8));
-            targets.push(Target::at_least(&format!("{what}: load ({fill}) from the page cache / memcpy"), gbps(cached) / gbps(4), 0.5));
+            let c = fills.iter().position(|f| *f == chosen).expect("the chosen fill is always timed");
+            let fill = chosen.1;
+            targets.push(Target::at_least(&format!("{what}: cold load ({fill}) / raw read, page cache dropped"), gbps(1 + c) / gbps(0), 0.8));
+            targets.push(Target::at_least(&format!("{what}: load ({fill}) from the page cache / memcpy"), gbps(copy + 1 + c) / gbps(copy), 0.5));
         }
     }
     Ok(Section {
@@ -826,19 +834,4 @@ pub fn images(config: &Config) -> Result<Section, String> {
             fmt_ratio(shared / (bytes_a + bytes_b))
         )],
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_phases;
-
-    #[test]
-    fn phases_are_read_as_mora_exec_prints_them() {
-        let (list, total) =
-            parse_phases("phases: parse workflow 0.54 ms, connect 0.34 ms, build model 12.00 ms (total 41.90 ms in main)").unwrap();
-        assert_eq!(list, [("parse workflow".to_string(), 0.54), ("connect".to_string(), 0.34), ("build model".to_string(), 12.0)]);
-        assert_eq!(total, 41.9);
-        assert!(parse_phases("mora-exec: wrote outputs/embeddings.json").is_none());
-        assert!(parse_phases("phases: connect x ms (total 1.00 ms in main)").is_none());
-    }
 }
