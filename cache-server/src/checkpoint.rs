@@ -415,8 +415,6 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
     let chunks = plan.chunks(WRITE_CHUNK);
     let chunk_count = chunks.len().max(1);
     let failure = Failure::default();
-    let (fail, failed) = (|e: CheckpointError| failure.set(e), || failure.is_set());
-    let run = |n: usize, work: &(dyn Fn() + Sync)| failure.run(n, work);
     match sink {
         HostSink::Mapping(mut rest) => {
             // Chunks follow one another in the segment, so the mapping
@@ -432,7 +430,7 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
                 jobs.push((c, piece));
             }
             let jobs = Mutex::new(jobs.into_iter());
-            run(threads.clamp(1, chunk_count), &|| {
+            failure.run(threads.clamp(1, chunk_count), &|| {
                 let mut scratch = Vec::new();
                 failure.each(&jobs, |(chunk, out)| {
                     plan.read_chunk(chunk, &files, out, &mut scratch, 1)?;
@@ -455,14 +453,14 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             let (free, jobs) = (Mutex::new(free), Mutex::new(chunks.into_iter()));
             let read = |to_writer: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>| {
                 let mut scratch = Vec::new();
-                while !failed() {
+                while !failure.is_set() {
                     let Some(chunk) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else { break };
                     // The writer gives every buffer back, even after an error.
                     let Ok(mut buf) = free.lock().unwrap_or_else(|e| e.into_inner()).recv() else { break };
                     let (offset, len) = plan.place(chunk);
                     buf.resize(len, 0);
                     if let Err(e) = plan.read_chunk(chunk, &files, &mut buf, &mut scratch, 1) {
-                        return fail(e);
+                        return failure.set(e);
                     }
                     if to_writer.send((offset, buf)).is_err() {
                         break;
@@ -472,20 +470,21 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
             std::thread::scope(|scope| {
                 // The readers run on threads of their own; their channel
                 // closes when the last of them is done.
-                let reading = scope.spawn(move || run(readers, &|| read(to_writer.clone())));
+                let failure = &failure;
+                let reading = scope.spawn(move || failure.run(readers, &|| read(to_writer.clone())));
                 for (offset, buf) in written {
-                    if !failed() {
+                    if !failure.is_set() {
                         match segment.write_all_at(&buf, offset) {
                             Ok(()) => {
                                 progress.fetch_add(buf.len() as u64, Ordering::Relaxed);
                             }
-                            Err(e) => fail(CheckpointError::Write(e)),
+                            Err(e) => failure.set(CheckpointError::Write(e)),
                         }
                     }
                     let _ = give_back.send(buf);
                 }
                 if reading.join().is_err() {
-                    fail(CheckpointError::Write(io::Error::other("a loading thread panicked")));
+                    failure.set(CheckpointError::Write(io::Error::other("a loading thread panicked")));
                 }
             });
         }
