@@ -25,7 +25,7 @@ use mora_common::protocol::{Device, SegmentDescriptor};
 use mora_common::segment::{shared_memory_huge_pages, Segment, SegmentError, SegmentFile, SegmentWriter};
 use mora_common::ResolvedModel;
 
-use crate::gpu::{DeviceBuffer, GpuMemory, Upload};
+use crate::gpu::{DeviceBuffer, GpuMemory};
 
 /// Safetensors headers above this size are refused before they are read:
 /// a header of a model with 100 000 tensors is about 10 MiB (docs/decisions.md).
@@ -492,16 +492,19 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
     failure.result(plan.bytes_stored())
 }
 
-/// Fills a GPU allocation with `chunks` (of at most [`WRITE_CHUNK`] bytes,
-/// the upload's staging buffers) from `threads` threads (at least one), each
-/// taking the next chunk in file order and reading (and converting) it
-/// into one of the upload's pinned staging buffers, which is copied to the
-/// device while the thread goes on to its next chunk. One thread alone
-/// converts each chunk over every other core and asks the kernel to read
-/// ahead, as the upload did before it had several threads. The first error
-/// stops every thread and is returned. Returns the bytes read.
-fn fill_device(plan: &Plan, chunks: Vec<Chunk>, upload: &dyn Upload, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
+/// Fills a GPU allocation in chunks of [`WRITE_CHUNK`] bytes (the upload's
+/// staging buffers) from `threads` threads (at least one, and no more than
+/// chunks, since each holds a pinned buffer), each taking the next chunk in
+/// file order and reading (and converting) it into one of the upload's
+/// pinned staging buffers, which is copied to the device while the thread
+/// goes on to its next chunk. One thread alone converts each chunk over
+/// every other core and asks the kernel to read ahead, as the upload did
+/// before it had several threads. The first error stops every thread and is
+/// returned. Returns the bytes read, once every chunk is on the device.
+fn fill_device(plan: &Plan, buffer: &mut dyn DeviceBuffer, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
+    let chunks = plan.chunks(WRITE_CHUNK);
     let threads = threads.clamp(1, chunks.len().max(1));
+    let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
     let files = Files::open(plan, threads == 1)?;
     let convert_threads = if threads == 1 { mora_common::convert::cores().saturating_sub(1).max(1) } else { 1 };
     let failure = Failure::default();
@@ -515,7 +518,9 @@ fn fill_device(plan: &Plan, chunks: Vec<Chunk>, upload: &dyn Upload, threads: us
             Ok(())
         });
     });
-    failure.result(plan.bytes_stored())
+    let bytes_read = failure.result(plan.bytes_stored())?;
+    upload.finish().map_err(CheckpointError::Gpu)?;
+    Ok(bytes_read)
 }
 
 /// The first error of the threads filling one segment or allocation; once
@@ -605,12 +610,7 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         Target::Host => load_host(name, &plan, fill_by_mapping(), fill_threads(), progress)?,
         Target::Gpu(gpus, uuid) => {
             let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
-            // Each thread holds a pinned buffer: no more threads than chunks.
-            let chunks = plan.chunks(WRITE_CHUNK);
-            let threads = fill_threads().min(chunks.len().max(1));
-            let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
-            let bytes_read = fill_device(&plan, chunks, &*upload, threads, progress)?;
-            upload.finish().map_err(CheckpointError::Gpu)?;
+            let bytes_read = fill_device(&plan, &mut *buffer, fill_threads(), progress)?;
             (Storage::Gpu(buffer), bytes_read)
         }
     };
@@ -758,10 +758,8 @@ pub(crate) mod tests {
             let label = format!("{:?}-{threads}", p.manifest.tensors[0].dtype);
             let mut buffer = gpus.allocate(uuid, p.bytes(), &label).unwrap();
             let progress = AtomicU64::new(0);
-            let upload = buffer.upload(threads).unwrap();
-            let read = fill_device(&p, p.chunks(WRITE_CHUNK), &*upload, threads, &progress);
+            let read = fill_device(&p, &mut *buffer, threads, &progress);
             if read.is_ok() {
-                upload.finish().unwrap();
                 assert_eq!(progress.load(Ordering::Relaxed), p.manifest.tensors.iter().map(|t| t.len).sum::<u64>());
             }
             read.map(|_| gpus.log.contents.lock().unwrap()[&label].clone())
