@@ -36,7 +36,8 @@ const KEPT_STAGING_BUFFERS: usize = 16;
 /// The GPUs this daemon holds weights on.
 pub struct CudaGpus {
     devices: Vec<GpuDevice>,
-    contexts: Vec<Arc<CudaContext>>,
+    /// Per GPU, in the order of `devices`: its context and its kept
+    /// staging buffers.
     staging: Vec<Arc<StagingPool>>,
 }
 
@@ -53,7 +54,7 @@ impl CudaGpus {
         if infos.is_empty() {
             return Err("the CUDA driver reports no GPU".into());
         }
-        let (mut devices, mut contexts, mut staging) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut devices, mut staging) = (Vec::new(), Vec::new());
         for info in infos {
             let ctx = CudaContext::new(info.ordinal as usize).map_err(|e| err("creating a CUDA context", e))?;
             let (free, _total) = result::mem_get_info().map_err(|e| err("cuMemGetInfo", e))?;
@@ -63,10 +64,9 @@ impl CudaGpus {
                 budget = budget.min(max);
             }
             devices.push(GpuDevice { info, budget });
-            staging.push(Arc::new(StagingPool { ctx: ctx.clone(), kept: Mutex::new(Vec::new()) }));
-            contexts.push(ctx);
+            staging.push(Arc::new(StagingPool { ctx, kept: Mutex::new(Vec::new()) }));
         }
-        Ok(CudaGpus { devices, contexts, staging })
+        Ok(CudaGpus { devices, staging })
     }
 
     fn index(&self, uuid: GpuUuid) -> Result<usize, String> {
@@ -80,9 +80,8 @@ impl GpuMemory for CudaGpus {
     }
 
     fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, String> {
-        let i = self.index(gpu)?;
-        let (ctx, staging) = (self.contexts[i].clone(), self.staging[i].clone());
-        ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
+        let staging = self.staging[self.index(gpu)?].clone();
+        staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         // SAFETY: a plain allocation in the context bound just above.
         let ptr = unsafe { result::malloc_sync(len as usize) }
             .map_err(|e| format!("cannot allocate {len} bytes on GPU {gpu} for {label}: {e}"))?;
@@ -98,14 +97,14 @@ impl GpuMemory for CudaGpus {
         // SAFETY: initialised by the successful call above.
         let handle = IpcHandle(unsafe { raw.assume_init() }.reserved.map(|c| c as u8));
         tracing::debug!(%gpu, bytes = len, model = label, "allocated and exported");
-        Ok(Box::new(CudaBuffer { ctx, staging, ptr, len, gpu, handle, label: label.to_string() }))
+        Ok(Box::new(CudaBuffer { staging, ptr, len, gpu, handle, label: label.to_string() }))
     }
 }
 
 /// One exported allocation; freed on drop (which the registry does only
 /// once no lease holds it).
 struct CudaBuffer {
-    ctx: Arc<CudaContext>,
+    /// Its GPU's context, which the allocation lives in, and staging buffers.
     staging: Arc<StagingPool>,
     ptr: sys::CUdeviceptr,
     len: u64,
@@ -134,7 +133,7 @@ impl DeviceBuffer for CudaBuffer {
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        let freed = self.ctx.bind_to_thread().and_then(|_| {
+        let freed = self.staging.ctx.bind_to_thread().and_then(|_| {
             // SAFETY: allocated by malloc_sync in this context, freed once;
             // no lease holds it any more (see the registry's invariants).
             unsafe { result::free_sync(self.ptr) }
@@ -157,6 +156,8 @@ unsafe impl Send for Pinned {}
 /// caching host allocator keeps its own, so that a load does not page-lock
 /// new memory every time.
 struct StagingPool {
+    /// The GPU's primary context, held for as long as the daemon or an
+    /// allocation on this GPU holds the pool.
     ctx: Arc<CudaContext>,
     kept: Mutex<Vec<Pinned>>,
 }
@@ -233,7 +234,7 @@ unsafe impl Sync for CudaUpload<'_> {}
 
 impl<'a> CudaUpload<'a> {
     fn new(buf: &'a CudaBuffer, buffers: usize) -> Result<Self, String> {
-        buf.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
+        buf.staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         let stream = result::stream::create(StreamKind::NonBlocking).map_err(|e| err("cuStreamCreate", e))?;
         let mut up = CudaUpload { buf, stream, slots: Vec::new(), state: Mutex::default(), changed: Condvar::new() };
         for i in 0..buffers {
@@ -295,7 +296,7 @@ impl Upload for CudaUpload<'_> {
         if len > WRITE_CHUNK || offset + len as u64 > self.buf.len {
             return Err(CheckpointError::Gpu(format!("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation")));
         }
-        self.buf.ctx.bind_to_thread().map_err(|e| CheckpointError::Gpu(err("binding the CUDA context", e)))?;
+        self.buf.staging.ctx.bind_to_thread().map_err(|e| CheckpointError::Gpu(err("binding the CUDA context", e)))?;
         let i = self.take()?;
         // SAFETY: slot `i` is this call's alone until it is given back below
         // (see `CudaUpload`), and no copy reads it any more; its buffer is a
@@ -326,7 +327,7 @@ impl Upload for CudaUpload<'_> {
     }
 
     fn finish(self: Box<Self>) -> Result<(), String> {
-        self.buf.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
+        self.buf.staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
         // SAFETY: our own stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(|e| err("waiting for the upload", e))
     }
@@ -337,7 +338,7 @@ impl Drop for CudaUpload<'_> {
         // Nothing may still read the pinned buffers when they are reused.
         // SAFETY: our own stream and events, each destroyed once.
         unsafe {
-            let _ = self.buf.ctx.bind_to_thread();
+            let _ = self.buf.staging.ctx.bind_to_thread();
             let done = result::stream::synchronize(self.stream).is_ok();
             for s in self.slots.drain(..) {
                 let _ = result::event::destroy(s.event);
