@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Parser;
-use mora_exec::embed::SentenceEmbedder;
+use mora_models::embed::SentenceEmbedder;
 use mora_exec::generate::{SamplingSpec, TextGenerator};
 
 #[derive(Parser)]
@@ -162,13 +162,13 @@ fn llama(size: &str) -> PathBuf {
     if !dir.join("config.json").is_file() {
         let bytes = mora_common::units::parse_size(size).expect("a size such as 100MiB");
         eprintln!("cpu_dtype: writing a synthetic bf16 llama of {size} into {}", dir.display());
-        let spec = mora_exec::synth::SynthSpec {
-            arch: mora_exec::synth::Arch::Llama,
+        let spec = mora_models::synth::SynthSpec {
+            arch: mora_models::synth::Arch::Llama,
             target_bytes: bytes,
             dtype: mora_common::manifest::WeightDType::BF16,
             seed: 7,
         };
-        mora_exec::synth::generate(&spec, &dir).expect("write the synthetic llama");
+        mora_models::synth::generate(&spec, &dir).expect("write the synthetic llama");
     }
     dir
 }

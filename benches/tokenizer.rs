@@ -1,6 +1,6 @@
 //! Loading `tokenizer.json`: the `tokenizers` crate's own reader
 //! (`Tokenizer::from_file`) against the one a Mora run uses
-//! (`mora_exec::tokenizer::load`), on the same files in one process.
+//! (`mora_tokenizers::load`), on the same files in one process.
 //!
 //! `cargo bench --bench tokenizer [-- --repeats N] [FILE...]`
 //!
@@ -91,7 +91,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for file in &files {
         let crate_load = || tokenizers::Tokenizer::from_file(file).expect("the crate reads it");
-        let mora_load = || mora_exec::tokenizer::load(file).expect("Mora reads it");
+        let mora_load = || mora_tokenizers::load(file).expect("Mora reads it");
         let (a, b) = (crate_load(), mora_load());
         assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap(), "{}: the two readers disagree", file.display());
         for t in &texts {
@@ -103,14 +103,14 @@ fn main() {
         let (c, m) = time_both(args.repeats, &crate_load, &mora_load);
         // What a warm run does with the tokenizer the daemon prepared (read
         // here from a heap copy of its words, not a fresh process's mapping).
-        let prepared = mora_common::vocab::Prepared::build(file).expect("read the file").map(|words| {
+        let prepared = mora_tokenizers::vocab::Prepared::build(file).expect("read the file").map(|words| {
             let mib = words.len() as f64 * 4.0 / (1 << 20) as f64;
-            (mora_common::vocab::Prepared::read(std::sync::Arc::new(words)).expect("read back"), mib)
+            (mora_tokenizers::vocab::Prepared::read(std::sync::Arc::new(words)).expect("read back"), mib)
         });
         let (prepared_size, prepared_ms) = match &prepared {
             Some((p, mib)) => {
                 let lent_load = || {
-                    let (t, lent) = mora_exec::tokenizer::load_lent(file, Some(p)).expect("Mora reads it");
+                    let (t, lent) = mora_tokenizers::load_lent(file, Some(p)).expect("Mora reads it");
                     assert!(lent, "{}: the prepared tokenizer was not used", file.display());
                     t
                 };
@@ -121,7 +121,7 @@ fn main() {
             None => ("not prepared".to_string(), "-".to_string()),
         };
         // Each encode on a fresh copy: a copy starts with an empty cache.
-        let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum(), &|t: &mora_exec::tokenizer::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum());
+        let (ec, em) = time_fresh(args.repeats, &a, &b, &|t: &tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum(), &|t: &mora_tokenizers::Tokenizer| texts.iter().map(|s| t.encode(*s, true).unwrap().len()).sum());
         let cell = |t: (f64, f64, f64)| format!("{:.1} ({:.1}-{:.1})", t.0, t.1, t.2);
         let fine = |t: (f64, f64, f64)| format!("{:.2} ({:.2}-{:.2})", t.0, t.1, t.2);
         println!(

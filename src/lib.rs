@@ -18,6 +18,33 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where skipped checks are recorded: `$MORA_SKIP_LOG`, else
+/// `.mora-test/skipped.txt` in the workspace. `scripts/test.sh` empties it
+/// before the run and prints it after.
+pub fn skip_log() -> PathBuf {
+    std::env::var_os("MORA_SKIP_LOG").map(PathBuf::from).unwrap_or_else(|| root().join(".mora-test").join("skipped.txt"))
+}
+
+/// Records that `check` did not run, and why (a peer it needs is missing):
+/// on stderr, and as a line of the skip log, which `scripts/test.sh` prints
+/// at the end of the run. A test that returns early without calling this
+/// passes silently: every early return for a missing peer calls it.
+pub fn skipped(check: &str, why: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {check}: {why}");
+    let log = skip_log();
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // One write per line (O_APPEND): test processes that skip at once do not
+    // interleave their lines.
+    let line = format!("{check}: {}\n", why.replace('\n', " "));
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(&log).and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot record the skip in {}: {e}", log.display());
+    }
+}
+
 /// A binary of the workspace (`mora-cache`, `mora-exec`), built by
 /// `cargo build --workspace --bins` into the same profile directory as the
 /// running test.
@@ -78,7 +105,7 @@ pub fn tiny_llama() -> PathBuf {
     dir
 }
 
-pub use mora_common::scratch::Scratch;
+pub use mora_test_support::Scratch;
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {

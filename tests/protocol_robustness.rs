@@ -155,11 +155,11 @@ fn a_silent_connection_does_not_hold_up_other_clients() {
 fn a_client_of_another_uid_is_refused() {
     // Needs root (to become another user) and setpriv (util-linux).
     if !rustix::process::getuid().is_root() {
-        eprintln!("skipped: tests do not run as root, so no client of another uid can be made");
+        mora::skipped("protocol_robustness: a_client_of_another_uid_is_refused", "tests do not run as root, so no client of another uid can be made");
         return;
     }
     if std::process::Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: setpriv (util-linux) is not installed");
+        mora::skipped("protocol_robustness: a_client_of_another_uid_is_refused", "setpriv (util-linux) is not installed");
         return;
     }
     use std::os::unix::fs::PermissionsExt;

@@ -572,15 +572,27 @@ fn bad_arguments_are_one_line() {
     }
 }
 
-/// A Python with `huggingface_hub`: `$MORA_BENCH_PYTHON`, else the benchmark
-/// peer's venv (`scripts/bench-python.sh`). `Err` says why it is skipped.
+/// A Python with `huggingface_hub`: `$MORA_BENCH_PYTHON` (else the
+/// benchmark peer's venv, `scripts/bench-python.sh`) when it has it, else the
+/// small venv `scripts/python-hub.sh` makes. `Err` says why there is none.
 fn python_with_hub() -> Result<PathBuf, String> {
-    let python = mora::bench::peer_python();
-    let ok = Command::new(&python).args(["-c", "import huggingface_hub"]).output().is_ok_and(|o| o.status.success());
-    if ok {
+    let has_hub = |python: &Path| Command::new(python).args(["-c", "import huggingface_hub"]).output().is_ok_and(|o| o.status.success());
+    let peer = mora::bench::peer_python();
+    if has_hub(&peer) {
+        return Ok(peer);
+    }
+    let out = Command::new(mora::root().join("scripts").join("python-hub.sh"))
+        .output()
+        .map_err(|e| format!("cannot run scripts/python-hub.sh: {e}"))?;
+    let python = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if out.status.success() && has_hub(&python) {
         Ok(python)
     } else {
-        Err(format!("{} with huggingface_hub is not installed (scripts/bench-python.sh installs it)", python.display()))
+        Err(format!(
+            "no Python with huggingface_hub: {} lacks it and scripts/python-hub.sh failed: {}",
+            peer.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -591,7 +603,7 @@ fn huggingface_hub_and_pull_read_each_other_s_caches() {
     let python = match python_with_hub() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            mora::skipped("pull: huggingface_hub_and_pull_read_each_other_s_caches", &why);
             return;
         }
     };

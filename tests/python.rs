@@ -46,6 +46,12 @@ fn pytest(python: &Path) -> (usize, usize, String) {
         .expect("run pytest");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "python/tests failed with {}:\n{text}", python.display());
+    // pytest's `-rs` lines, `SKIPPED [1] python/tests/test_torch.py:75: transformers is not installed`.
+    for line in text.lines().filter_map(|l| l.strip_prefix("SKIPPED ")) {
+        let line = line.split_once("] ").map_or(line, |(_, rest)| rest);
+        let (place, why) = line.split_once(": ").unwrap_or((line, "no reason given"));
+        mora::skipped(&format!("python ({}): {place}", python.display()), why);
+    }
     let summary = text.lines().rev().find(|l| l.contains(" passed")).unwrap_or_else(|| panic!("no pytest summary:\n{text}"));
     let count = |word: &str| {
         summary
@@ -71,10 +77,12 @@ fn python_package_tests_pass_with_numpy_and_with_torch_where_installed() {
     let has_torch = peer.is_file()
         && Command::new(&peer).args(["-c", "import torch, transformers, sentence_transformers"]).output().is_ok_and(|o| o.status.success());
     if !has_torch {
-        println!(
-            "skipped: the torch tests of python/tests (no Python peer with torch, transformers and \
-             sentence-transformers at {}; scripts/bench-python.sh installs it)",
-            peer.display()
+        mora::skipped(
+            "python: the torch tests of python/tests",
+            &format!(
+                "no Python peer with torch, transformers and sentence-transformers at {} (scripts/bench-python.sh installs it)",
+                peer.display()
+            ),
         );
         return;
     }

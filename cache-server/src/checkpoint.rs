@@ -24,6 +24,7 @@ use mora_common::manifest::{tensor_bytes, Manifest, TensorDType, WeightDType, DE
 use mora_common::protocol::{Device, SegmentDescriptor};
 use mora_common::segment::{shared_memory_huge_pages, Segment, SegmentError, SegmentFile, SegmentWriter};
 use mora_common::ResolvedModel;
+use mora_tokenizers::vocab::Prepared;
 
 use crate::gpu::{DeviceBuffer, GpuMemory};
 
@@ -186,7 +187,7 @@ impl Storage {
 }
 
 /// The model's `dir/tokenizer.json` prepared for clients
-/// (`mora_common::vocab::Prepared`: its vocabulary ready to read in place)
+/// (`mora_tokenizers::vocab::Prepared`: its vocabulary ready to read in place)
 /// in a sealed segment, lent with the weights; `None` where there is no
 /// such file or it is not one Mora prepares (a client then reads the file
 /// itself, as it always may). Never fails a load.
@@ -196,7 +197,7 @@ pub fn prepare_tokenizer(name: &str, dir: &Path) -> Option<Segment> {
         return None;
     }
     let start = Instant::now();
-    let words = match mora_common::vocab::Prepared::build(&file) {
+    let words = match Prepared::build(&file) {
         Ok(Some(words)) => words,
         Ok(None) => {
             tracing::debug!(model = %name, "tokenizer.json left to clients: not a WordPiece, BPE or Unigram vocabulary Mora prepares");
@@ -207,7 +208,11 @@ pub fn prepare_tokenizer(name: &str, dir: &Path) -> Option<Segment> {
             return None;
         }
     };
-    match mora_common::vocab::Prepared::seal(&words) {
+    let sealed = SegmentWriter::create("mora-tokenizer", Prepared::bytes(&words).len() as u64).and_then(|mut segment| {
+        segment.as_mut_slice().copy_from_slice(Prepared::bytes(&words));
+        segment.seal()
+    });
+    match sealed {
         Ok(segment) => {
             tracing::info!(model = %name, kib = segment.len() / 1024, ms = start.elapsed().as_millis() as u64, "tokenizer prepared");
             Some(segment)
@@ -677,8 +682,8 @@ pub(crate) mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    pub(crate) fn model_dir(tag: &str) -> mora_common::scratch::Scratch {
-        mora_common::scratch::Scratch::new(tag)
+    pub(crate) fn model_dir(tag: &str) -> mora_test_support::Scratch {
+        mora_test_support::Scratch::new(tag)
     }
 
     fn host(loaded: &Loaded) -> &Segment {
@@ -1025,7 +1030,7 @@ pub(crate) mod tests {
         let segment = prepare_tokenizer("m", &d).expect("prepared");
         // Sealed as every lent segment is: a client adopts it only so.
         let received = Segment::from_received(segment.fd().try_clone_to_owned().unwrap(), segment.len()).unwrap();
-        let p = mora_common::vocab::Prepared::read(std::sync::Arc::new(received.map().unwrap())).expect("reads back");
+        let p = mora_tokenizers::vocab::Prepared::read(std::sync::Arc::new(mora_tokenizers::vocab::WordBytes(received.map().unwrap()))).expect("reads back");
         assert!(p.is_of(&file));
         assert_eq!(p.vocabulary().id("the"), Some(1));
         for other in [wordpiece.replace("WordPiece", "Unigram"), "{not json".to_string()] {

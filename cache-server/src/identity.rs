@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_remembered_resolution_follows_changes_to_the_files_it_read() {
-        let d = mora_common::scratch::Scratch::new("resolve-memo");
+        let d = mora_test_support::Scratch::new("resolve-memo");
         write_model(&d, b"first bytes");
         let (memo, files) = (ResolutionMemo::new(), IdentityMemo::new());
         let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_remembered_hub_reference_follows_its_ref() {
-        let hub = mora_common::scratch::Scratch::new("resolve-hub");
+        let hub = mora_test_support::Scratch::new("resolve-hub");
         let repo = hub.join("models--o--m");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::create_dir_all(repo.join("blobs")).unwrap();
@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn hub_blob_is_identified_by_its_name_and_a_copy_by_its_hash() {
-        let d = mora_common::scratch::Scratch::new("id");
+        let d = mora_test_support::Scratch::new("id");
         std::fs::create_dir_all(d.join("blobs")).unwrap();
         let content = b"the same bytes";
         let sha = format!("{:x}", Sha256::digest(content));

@@ -407,7 +407,7 @@ mod tests {
 
     const GPU: GpuUuid = GpuUuid([0x42; 16]);
 
-    fn model(tag: &str, n: usize) -> (mora_common::scratch::Scratch, ModelSource) {
+    fn model(tag: &str, n: usize) -> (mora_test_support::Scratch, ModelSource) {
         let d = model_dir(&format!("metrics-{tag}"));
         let seed = tag.len() as f32 * 7.0;
         let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();

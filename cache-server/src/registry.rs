@@ -935,7 +935,7 @@ mod tests {
 
         /// A model directory with one f32 tensor of `n` values, its content
         /// unique to `tag` (equal contents would be one model to the cache).
-        fn model(tag: &str, n: usize) -> (mora_common::scratch::Scratch, ModelSource) {
+        fn model(tag: &str, n: usize) -> (mora_test_support::Scratch, ModelSource) {
             let d = model_dir(&format!("reg-{tag}"));
             let seed = (tag.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 1000) as f32;
             let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();

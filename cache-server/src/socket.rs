@@ -170,8 +170,8 @@ fn lock_and_check(path: &Path) -> Result<File, BindError> {
 mod tests {
     use super::*;
 
-    fn dir(tag: &str) -> mora_common::scratch::Scratch {
-        mora_common::scratch::Scratch::new(tag)
+    fn dir(tag: &str) -> mora_test_support::Scratch {
+        mora_test_support::Scratch::new(tag)
     }
 
     #[test]

@@ -901,7 +901,7 @@ mod tests {
 
     #[test]
     fn pointers_are_relative_links_into_blobs_and_refuse_planted_symlinks() {
-        let root = crate::scratch::Scratch::new("hub-link");
+        let root = mora_test_support::Scratch::new("hub-link");
         let repo = root.join("models--o--n");
         fs::create_dir_all(repo.join("blobs")).unwrap();
         fs::write(repo.join("blobs").join("abc"), "x").unwrap();

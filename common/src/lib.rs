@@ -5,10 +5,12 @@
 //! Neither the daemon (`mora-cache`) nor the exec client (`mora-exec`) depends
 //! on the other; both depend on this crate.
 
+pub mod acquired;
 pub mod connection;
 pub mod convert;
 pub mod frame;
 pub mod gpu;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod logging;
 pub mod manifest;
@@ -17,10 +19,9 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod protocol;
-pub mod scratch;
 pub mod segment;
 pub mod units;
-pub mod vocab;
+
 
 pub use manifest::{Manifest, TensorDType, TensorEntry};
 pub use model::{ModelSource, ResolvedModel};

@@ -403,8 +403,8 @@ mod tests {
     use std::ffi::OsString;
     use std::fs;
 
-    fn tmpdir(tag: &str) -> crate::scratch::Scratch {
-        crate::scratch::Scratch::new(tag)
+    fn tmpdir(tag: &str) -> mora_test_support::Scratch {
+        mora_test_support::Scratch::new(tag)
     }
 
     #[test]

@@ -129,7 +129,7 @@ mod tests {
 
     #[test]
     fn an_index_lists_present_components_and_skips_settings_and_absent_ones() {
-        let d = crate::scratch::Scratch::new("pipeline");
+        let d = mora_test_support::Scratch::new("pipeline");
         std::fs::write(
             d.join(PIPELINE_INDEX),
             r#"{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0",
@@ -154,7 +154,7 @@ mod tests {
 
     #[test]
     fn a_variant_is_read_where_a_component_folder_holds_it_as_diffusers_does() {
-        let d = crate::scratch::Scratch::new("pipeline-variant");
+        let d = mora_test_support::Scratch::new("pipeline-variant");
         std::fs::write(
             d.join(PIPELINE_INDEX),
             r#"{"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],

@@ -280,6 +280,12 @@ impl Segment {
     }
 }
 
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl Mapping {
     /// Gives up the mapping without unmapping it: it stays mapped until the
     /// process exits. Returns its address and length.

@@ -165,8 +165,8 @@ fn strftime(format: &str, secs: i64) -> String {
 mod tests {
     use super::*;
 
-    fn dir_with(files: &[(&str, &str)]) -> mora_common::scratch::Scratch {
-        let d = mora_common::scratch::Scratch::new("chat");
+    fn dir_with(files: &[(&str, &str)]) -> mora_test_support::Scratch {
+        let d = mora_test_support::Scratch::new("chat");
         for (name, body) in files {
             std::fs::write(d.join(name), body).unwrap();
         }

@@ -18,7 +18,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Device, Storage, Tensor};
 use cudarc::driver::{sys, CudaContext, CudaStream};
 
-use mora_common::manifest::{Manifest, TensorDType, DEVICE_TENSOR_ALIGN};
+use mora_common::manifest::{Manifest, TensorDType};
 use mora_common::protocol::{GpuUuid, IpcHandle};
 
 /// The candle device for the GPU `uuid`, found by UUID among those this
@@ -40,16 +40,14 @@ pub struct IpcMapping {
 
 /// Opens `handle` (an allocation of `len` bytes on `gpu`) on `device` and
 /// returns a tensor per manifest entry, viewing the allocation in place.
+/// `manifest` has been checked against the allocation
+/// (`mora_common::acquired::check`).
 pub fn import(
     handle: IpcHandle,
     len: u64,
     manifest: &Manifest,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, IpcMapping), String> {
-    manifest.validate_aligned(DEVICE_TENSOR_ALIGN).map_err(|e| format!("bad manifest: {e}"))?;
-    if manifest.segment_len != len {
-        return Err(format!("manifest describes {} bytes, the allocation has {len}", manifest.segment_len));
-    }
     let cuda = device.as_cuda_device().map_err(|e| e.to_string())?;
     let stream = cuda.cuda_stream();
     let ctx = stream.context().clone();

@@ -1,6 +1,6 @@
-//! The `generate` task: decoder-only language models ([`crate::decoder`]:
+//! The `generate` task: decoder-only language models ([`mora_models::decoder`]:
 //! llama, mistral, qwen2, gpt2), greedy or sampled, streaming text as it
-//! comes. The network is whatever [`crate::lm_config`] reads from the
+//! comes. The network is whatever [`mora_models::lm_config`] reads from the
 //! model's own config files.
 
 use std::io::Write;
@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use crate::tokenizer::Tokenizer;
-use mora_common::vocab::Prepared;
+use mora_tokenizers::Tokenizer;
+use mora_tokenizers::vocab::Prepared;
 
-use crate::decoder::Decoder;
-use crate::lm_config;
+use mora_models::decoder::Decoder;
+use mora_models::lm_config;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,7 +73,7 @@ impl TextGenerator {
         let decoder = Decoder::load(&cfg, vb)
             .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let (tokenizer, tokenizer_lent) = crate::tokenizer::load_lent(&tokenizer_path, tokenizer)?;
+        let (tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tokenizer_path, tokenizer).map_err(|e| e.to_string())?;
         Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions, tokenizer_lent })
     }
 
@@ -153,11 +153,11 @@ pub fn to_stdout(piece: &str) {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use crate::synth::{generate, Arch, SynthSpec};
+    use mora_models::synth::{generate, Arch, SynthSpec};
     use mora_common::manifest::WeightDType;
 
-    fn model(arch: Arch, tag: &str) -> (mora_common::scratch::Scratch, VarBuilder<'static>) {
-        let dir = mora_common::scratch::Scratch::new(tag);
+    fn model(arch: Arch, tag: &str) -> (mora_test_support::Scratch, VarBuilder<'static>) {
+        let dir = mora_test_support::Scratch::new(tag);
         generate(&SynthSpec { arch, target_bytes: 1 << 20, dtype: WeightDType::F32, seed: 7 }, &dir).unwrap();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);

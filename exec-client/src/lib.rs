@@ -5,18 +5,18 @@
 //! - [`daemon`] reaches the daemon, starting one if needed;
 //! - [`weights`] maps lent segments (or loads files) for candle;
 //! - `cuda` (feature `cuda`) views a daemon's GPU allocation as candle tensors;
-//! - [`embed`] runs BERT with sentence-transformers pooling;
-//! - [`lm_config`] reads a decoder's config files (transformers 4 and 5 forms);
-//! - [`decoder`] is the llama-family and GPT-2 networks on candle-nn;
-//! - [`generate`] runs those decoders, greedy or sampled;
-//! - [`image`] is Stable Diffusion: text encoders, UNet, VAE and schedulers;
+//! - [`generate`] runs a decoder (`mora_models::decoder`), greedy or sampled;
 //! - [`chat`] renders chat messages with a model's own chat template;
-//! - [`tasks`] holds each step task (embed, rank, generate): its keys and its run;
+//! - [`tasks`] holds each step task (embed, rank, generate, image): its keys, what it
+//!   reads before any weight is, and its run;
+//! - [`template`] is the `{{ }}` text of workflows, shared by the reader and the tasks;
 //! - [`phases`] times a run's phases for `MORA_PHASES=1`;
 //! - [`run`] ties them together: the order of steps, the leases, the outputs;
 //! - [`watch`] re-runs a workflow in a fresh process whenever its files change;
 //! - [`repl`] is an interactive loop over one workflow, each run a fresh process;
-//! - [`synth`] writes deterministic random-weight models for tests and benchmarks.
+//!
+//! The networks are `mora-models`' and the tokenizers `mora-tokenizers'`:
+//! this crate maps the weights they run on and runs the workflow around them.
 //!
 //! Architecture invariant: the client never frees or writes weights it did
 //! not allocate. A lent segment is sealed and mapped read-only; lent GPU
@@ -27,19 +27,14 @@ pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod daemon;
-pub mod decoder;
-pub mod embed;
 pub mod generate;
-pub mod image;
 pub mod lent;
-pub mod lm_config;
 pub mod phases;
 pub mod repl;
 pub mod run;
-pub mod synth;
 pub mod tasks;
+pub mod template;
 pub mod threads;
-pub mod tokenizer;
 pub mod watch;
 pub mod weights;
 pub mod workflow;
@@ -48,7 +43,7 @@ pub mod workflow;
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error(transparent)]
-    Workflow(#[from] workflow::WorkflowError),
+    Workflow(#[from] workflow::error::WorkflowError),
     #[error("{0}")]
     Input(String),
     #[error("{0}")]

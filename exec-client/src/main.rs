@@ -6,8 +6,9 @@ use clap::{Args, Parser, Subcommand};
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
 use mora_common::units::parse_size;
-use mora_exec::synth::{generate, Arch, SynthSpec};
-use mora_exec::run::{check, describe, run, RunOptions};
+use mora_models::synth::{generate, Arch, SynthSpec};
+use mora_exec::run::{check, run, RunOptions};
+use mora_exec::tasks::report::describe;
 use mora_exec::workflow::Workflow;
 
 /// Runs ML workflows on model weights kept resident by the Mora cache daemon
@@ -215,7 +216,7 @@ fn command(command: Command) -> Result<(), String> {
             println!("{}: ok: {summary}", workflow.display());
         }
         Command::Synth { arch: SynthArch::Pipeline(arch), size, dtype, seed, output_dir } => {
-            let r = mora_exec::image::synth::generate(arch, size, dtype, seed, &output_dir)?;
+            let r = mora_models::image::synth::generate(arch, size, dtype, seed, &output_dir)?;
             println!(
                 "wrote {}: a pipeline of {} bytes of {dtype} weights ({:.3} of the real shapes' width)",
                 output_dir.display(),
@@ -242,11 +243,11 @@ fn command(command: Command) -> Result<(), String> {
 #[derive(Clone)]
 enum SynthArch {
     Model(Arch),
-    Pipeline(mora_exec::image::synth::PipelineArch),
+    Pipeline(mora_models::image::synth::PipelineArch),
 }
 
 fn parse_arch(s: &str) -> Result<SynthArch, String> {
-    match mora_exec::image::synth::PipelineArch::parse(s) {
+    match mora_models::image::synth::PipelineArch::parse(s) {
         Some(p) => Ok(SynthArch::Pipeline(p)),
         None => s.parse::<Arch>().map(SynthArch::Model).map_err(|e| format!("{e}, or a pipeline: sd15, sd21, sdxl")),
     }

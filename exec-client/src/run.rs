@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use mora_common::connection::Connection;
 
-use crate::tasks::generate::{GenerateStep, PromptDecl};
-use crate::tasks::{Results, StepModels, StepRun, Task};
-use crate::weights::{Provenance, Weights};
+use crate::tasks::report::StepReport;
+use crate::tasks::step::{Results, StepModels, StepRun};
+use crate::weights::Weights;
+use crate::workflow::decl::ModelSpec;
 use crate::workflow::Workflow;
 use crate::{daemon, ExecError};
 
@@ -65,73 +65,6 @@ fn check_inside(dir: &Path, path: &Path) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// What a step produced.
-#[derive(Debug, Clone)]
-pub struct StepReport {
-    pub step: String,
-    pub items: usize,
-    /// What `items` counts: "texts", "tokens", "queries".
-    pub unit: &'static str,
-    pub output: PathBuf,
-    pub run_ms: u64,
-    pub what: StepKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum StepKind {
-    /// A step that ran a model.
-    Model {
-        model: String,
-        weights: Provenance,
-        /// Where it ran ("cpu", "cuda:0").
-        device: String,
-        /// Opening that device (a GPU's CUDA context), and mapping lent weights.
-        device_open: Duration,
-        map: Duration,
-        /// Lent weights viewed in place (no copy into this process).
-        in_place: bool,
-        /// Building the candle model from the weights (for lent weights on
-        /// the CPU that could not be viewed in place, this includes the copy
-        /// out of the shared mapping).
-        build_ms: u64,
-        /// The weights were acquired by an earlier step of the same run.
-        reused: bool,
-        /// The tokenizer was the one the daemon prepared and lent.
-        tokenizer_lent: bool,
-    },
-    /// A rank step: `items` queries against a corpus of `corpus` texts.
-    Rank { corpus: usize, top_k: usize },
-    /// A step that ran a pipeline: each component's name, weights and
-    /// whether an earlier step of the run acquired it.
-    Pipeline { device: String, components: Vec<(String, Provenance, bool)>, build_ms: u64 },
-}
-
-impl StepKind {
-    /// A step that ran the pipeline of components `parts`.
-    pub fn pipeline(parts: &[(&'static str, &Weights, bool)], build_ms: u64) -> StepKind {
-        StepKind::Pipeline {
-            device: parts.first().map(|(_, w, _)| device_name(&w.device)).unwrap_or_default(),
-            components: parts.iter().map(|(_, w, reused)| (w.name.clone(), w.provenance.clone(), *reused)).collect(),
-            build_ms,
-        }
-    }
-
-    /// A step that ran a model on `w`.
-    pub fn model(w: &Weights, build_ms: u64, reused: bool, tokenizer_lent: bool) -> StepKind {
-        StepKind::Model {
-            model: w.name.clone(),
-            weights: w.provenance.clone(),
-            device: device_name(&w.device),
-            device_open: w.device_open,
-            map: w.map,
-            in_place: w.in_place(),
-            build_ms,
-            reused,
-            tokenizer_lent,
-        }
-    }
-}
-
 /// Runs every step of `workflow` and returns one report per step. Leases
 /// taken from the daemon are held until this returns.
 pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, ExecError> {
@@ -150,8 +83,13 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         inputs.insert(step.name.as_str(), read);
     }
 
-    check_decoder_configs(workflow)?;
-    let mut pipelines = pipeline_configs(workflow)?;
+    // What each step reads before any weight is (a generate step's decoder
+    // config, an image step's pipeline): a model it cannot run is refused
+    // before any lease is taken.
+    let mut prepared = Vec::new();
+    for step in &workflow.steps {
+        prepared.push(step.task.prepare(&workflow.models)?);
+    }
     crate::phases::mark("read inputs");
 
     let conn: Option<Connection> =
@@ -162,12 +100,12 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     let mut weights: BTreeMap<String, Weights> = BTreeMap::new();
     let mut results = Results::default();
     let mut reports = Vec::new();
-    for step in &workflow.steps {
+    for (step, config) in workflow.steps.iter().zip(prepared) {
         let output = outputs.remove(step.name.as_str()).expect("checked above");
         if !opts.allow_outside_output {
             check_inside(&opts.output_dir, &output)?;
         }
-        let acquire = |source: mora_common::ModelSource, spec: &crate::workflow::ModelSpec, model: &str| {
+        let acquire = |source: mora_common::ModelSource, spec: &ModelSpec, model: &str| {
             let device = mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
             match &conn {
                 Some(c) => Weights::from_daemon(c, source, spec.dtype, device, spec.keep_alive),
@@ -176,15 +114,6 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         };
         // Which of this step's weights an earlier step of this run acquired.
         let mut reused = Vec::new();
-        // A pipeline's configs: read before the run for its first step, again
-        // for a later one (which may override the scheduler).
-        let config = match (step.model(), step.task.runs_pipeline()) {
-            (Some(model), true) => Some(match pipelines.remove(model) {
-                Some(c) => c,
-                None => pipeline_config(workflow, model, &step.task)?,
-            }),
-            _ => None,
-        };
         let keys: Vec<(String, Option<&'static str>)> = match (step.model(), &config) {
             (None, _) => Vec::new(),
             (Some(model), Some(config)) => config.components().into_iter().map(|c| (format!("{model}/{c}"), Some(c))).collect(),
@@ -267,8 +196,9 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
             }
         }
     }
-    check_decoder_configs(workflow)?;
-    pipeline_configs(workflow)?;
+    for step in &workflow.steps {
+        step.task.prepare(&workflow.models)?;
+    }
     let steps: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
     Ok(format!(
         "{} model(s), {} step(s): {}",
@@ -278,126 +208,3 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
     ))
 }
 
-/// The pipeline configs of every model an image step runs, read (configs,
-/// tokenizers, scheduler) before any weight is: by `check` and `run`. A
-/// pipeline is read once per model; a step that overrides the scheduler
-/// reads its own at run time.
-fn pipeline_configs(workflow: &Workflow) -> Result<BTreeMap<String, crate::image::pipeline::PipelineConfig>, ExecError> {
-    let mut out = BTreeMap::new();
-    for step in &workflow.steps {
-        let (Some(model), true) = (step.model(), step.task.runs_pipeline()) else { continue };
-        let config = pipeline_config(workflow, model, &step.task)?;
-        out.entry(model.to_string()).or_insert(config);
-    }
-    Ok(out)
-}
-
-fn pipeline_config(workflow: &Workflow, model: &str, task: &Task) -> Result<crate::image::pipeline::PipelineConfig, ExecError> {
-    let fail = |e: String| ExecError::Model(format!("model `{model}`: {e}"));
-    let root = workflow.models[model].source.resolve_dir().map_err(|e| fail(e.to_string()))?;
-    let scheduler = match task {
-        Task::Image(s) => s.scheduler.as_deref(),
-        _ => None,
-    };
-    crate::image::pipeline::PipelineConfig::read(&root, scheduler).map_err(fail)
-}
-
-/// A generate step's model must be a network Mora runs as its config
-/// describes it, with a chat template when a step gives it messages:
-/// refused before any weight is read, by `check` and `run`.
-fn check_decoder_configs(workflow: &Workflow) -> Result<(), ExecError> {
-    for (key, spec) in &workflow.models {
-        let generating: Vec<&GenerateStep> = workflow
-            .steps
-            .iter()
-            .filter_map(|s| match &s.task {
-                Task::Generate(g) if &g.model == key => Some(g),
-                _ => None,
-            })
-            .collect();
-        // A model that does not resolve is reported where it is acquired.
-        let (false, Ok(resolved)) = (generating.is_empty(), spec.source.resolve()) else { continue };
-        let fail = |e: String| ExecError::Model(format!("model `{key}`: {e}"));
-        crate::lm_config::read(&resolved.dir).map_err(|e| fail(e.to_string()))?;
-        if generating.iter().any(|g| matches!(g.prompt, PromptDecl::Chat(_))) {
-            crate::chat::ChatTemplate::load(&resolved.dir).map_err(fail)?;
-        }
-    }
-    Ok(())
-}
-
-fn device_name(d: &candle_core::Device) -> String {
-    match d.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
-/// One line per step for the terminal.
-pub fn describe(r: &StepReport) -> String {
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    match &r.what {
-        StepKind::Model { model, weights, device, device_open, map, in_place, build_ms, reused, tokenizer_lent } => {
-            let source = match weights {
-                _ if *reused => "already held by this run".to_string(),
-                Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
-                    format!("cold: the cache daemon loaded {:.1} MiB in {load_ms} ms", mib(*bytes))
-                }
-                Provenance::Daemon { loaded_now: false, bytes, .. } => {
-                    format!("warm: {:.1} MiB from the cache daemon", mib(*bytes))
-                }
-                Provenance::InProcess { load_ms, bytes } => {
-                    format!("no cache: read {:.1} MiB in-process in {load_ms} ms", mib(*bytes))
-                }
-            };
-            let opened = if device == "cpu" || *reused { String::new() } else { format!("device opened in {:.1} ms; ", ms(*device_open)) };
-            let mapped = match weights {
-                _ if *reused => String::new(),
-                Provenance::Daemon { .. } => {
-                    format!("mapped in {:.2} ms, {}; ", ms(*map), if *in_place { "in place" } else { "copied" })
-                }
-                Provenance::InProcess { .. } => String::new(),
-            };
-            let tokenizer = if *tokenizer_lent { "tokenizer prepared by the daemon; " } else { "" };
-            format!(
-                "{}: {} {} with {model} on {device} -> {} (weights {source}; {opened}{mapped}{tokenizer}model built in {build_ms} ms; ran in {} ms)",
-                r.step,
-                r.items,
-                r.unit,
-                r.output.display(),
-                r.run_ms
-            )
-        }
-        StepKind::Pipeline { device, components, build_ms } => {
-            let parts: Vec<String> = components
-                .iter()
-                .map(|(name, weights, reused)| match weights {
-                    _ if *reused => format!("{name} already held by this run"),
-                    Provenance::Daemon { loaded_now: true, load_ms, bytes, .. } => {
-                        format!("{name} cold, {:.1} MiB loaded in {load_ms} ms", mib(*bytes))
-                    }
-                    Provenance::Daemon { loaded_now: false, bytes, .. } => format!("{name} warm, {:.1} MiB", mib(*bytes)),
-                    Provenance::InProcess { load_ms, bytes } => format!("{name} no cache, {:.1} MiB read in {load_ms} ms", mib(*bytes)),
-                })
-                .collect();
-            format!(
-                "{}: {} {} on {device} -> {} (weights: {}; pipeline built in {build_ms} ms; ran in {} ms)",
-                r.step,
-                r.items,
-                if r.items == 1 { r.unit.trim_end_matches('s') } else { r.unit },
-                r.output.display(),
-                parts.join("; "),
-                r.run_ms
-            )
-        }
-        StepKind::Rank { corpus, top_k } => format!(
-            "{}: ranked {} queries against {corpus} texts, top {top_k} -> {} (ran in {} ms)",
-            r.step,
-            r.items,
-            r.output.display(),
-            r.run_ms
-        ),
-    }
-}

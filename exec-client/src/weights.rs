@@ -19,10 +19,11 @@ use candle_nn::VarBuilder;
 
 use mora_common::connection::Connection;
 use mora_common::manifest::{TensorDType, WeightDType};
-use mora_common::protocol::{self, LeaseId, Request, Response, SegmentDescriptor};
+use mora_common::acquired::LentMemory;
+use mora_common::protocol::{self, LeaseId, Request, Response};
 use mora_common::segment::{Mapping, Segment};
 use mora_common::units::KeepAlive;
-use mora_common::vocab::Prepared;
+use mora_tokenizers::vocab::{Prepared, WordBytes};
 use mora_common::{Manifest, ModelSource, TensorEntry};
 
 use crate::ExecError;
@@ -272,44 +273,28 @@ impl Weights {
             Response::Error(e) => return Err(ExecError::Daemon(e.message)),
             other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
         };
-        acquired.segment.check_device(device).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
-        let (segment_fd, tokenizer_fd) = acquired.descriptors(fds).map_err(ExecError::Protocol)?;
-        let len = acquired.segment.len();
-        let store = match acquired.segment {
-            SegmentDescriptor::Memfd { .. } => {
-                let fd = segment_fd.expect("a memfd segment comes with its descriptor");
-                let segment = Segment::from_received(fd, len).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?;
-                if acquired.manifest.segment_len != len {
-                    return Err(ExecError::Protocol(format!(
-                        "{name}: manifest describes {} bytes, segment has {len}",
-                        acquired.manifest.segment_len
-                    )));
-                }
-                acquired.manifest.validate().map_err(|e| ExecError::Protocol(format!("{name}: bad manifest: {e}")))?;
-                Store::Mapped(
-                    MappedWeights::map(&segment, acquired.manifest).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?,
-                )
-            }
+        let lent = mora_common::acquired::check(acquired, device, fds).map_err(|e| ExecError::Protocol(e.to_string()))?;
+        let (acquired, len) = (lent.reply, lent.len);
+        let store = match lent.memory {
+            LentMemory::Host(segment) => Store::Mapped(
+                MappedWeights::map(&segment, acquired.manifest).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?,
+            ),
             #[cfg(feature = "cuda")]
-            SegmentDescriptor::CudaIpc { handle, .. } => {
+            LentMemory::Gpu { handle, .. } => {
                 let (tensors, mapping) = crate::cuda::import(handle, len, &acquired.manifest, &candle_dev)
                     .map_err(|e| ExecError::Model(format!("{name}: {e}")))?;
                 Store::Gpu { tensors, _mapping: mapping }
             }
             #[cfg(not(feature = "cuda"))]
-            SegmentDescriptor::CudaIpc { .. } => {
+            LentMemory::Gpu { .. } => {
                 return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
             }
         };
         // A prepared tokenizer that cannot be read is not an error: the
         // tokenizer is then read from the file, as without one.
-        let tokenizer = match (tokenizer_fd, acquired.tokenizer) {
-            (Some(fd), Some(len)) => Segment::from_received(fd, len)
-                .and_then(|s| s.map())
-                .ok()
-                .and_then(|m| Prepared::read(Arc::new(m))),
-            _ => None,
-        };
+        let tokenizer = lent.tokenizer.and_then(|(fd, len)| {
+            Segment::from_received(fd, len).and_then(|s| s.map()).ok().and_then(|m| Prepared::read(Arc::new(WordBytes(m))))
+        });
         crate::phases::mark("map");
         Ok(Weights {
             name: acquired.name,
@@ -387,5 +372,20 @@ impl Weights {
             #[cfg(feature = "cuda")]
             Store::Gpu { tensors, .. } => VarBuilder::from_tensors(tensors.clone(), compute, &self.device),
         }
+    }
+}
+
+/// An image pipeline builds each component on its lent (or loaded) weights.
+impl mora_models::image::pipeline::ComponentWeights for Weights {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn held_dtype(&self) -> DType {
+        weight_dtype(self.dtype)
+    }
+
+    fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
+        Weights::var_builder(self, compute)
     }
 }

@@ -18,9 +18,9 @@ use pyo3::types::PyBytes;
 use mora_common::connection::{self, CallError, ConnectError};
 use mora_common::manifest::WeightDType;
 use mora_common::protocol::{
-    Device, ErrorKind, GpuUuid, ModelStatus, Request, Response, SegmentDescriptor, Selector,
+    Device, ErrorKind, GpuUuid, ModelStatus, Request, Response, Selector,
 };
-use mora_common::segment::Segment;
+use mora_common::acquired::LentMemory;
 use mora_common::units::KeepAlive;
 use mora_common::ModelSource;
 
@@ -275,26 +275,17 @@ impl Connection {
             Response::Error(e) => return Err(daemon_error(py, e.kind, e.message)),
             other => return Err(unexpected(py, "acquire", &other)),
         };
-        let broken = |m: String| error(py, "MoraError", format!("{name}: {m}"), None);
-        a.segment.check_device(device).map_err(broken)?;
-        let len = a.segment.len();
-        if a.manifest.segment_len != len {
-            return Err(broken(format!("manifest describes {} bytes, segment has {len}", a.manifest.segment_len)));
-        }
-        a.manifest.validate().map_err(|e| broken(format!("bad manifest: {e}")))?;
         // The prepared tokenizer's descriptor, if any, is closed here: Python
         // tokenizers read tokenizer.json themselves.
-        let (segment_fd, _tokenizer) = a.descriptors(fds).map_err(broken)?;
-        let (fd, ipc_handle) = match a.segment {
-            SegmentDescriptor::Memfd { .. } => {
-                let fd = segment_fd.expect("a memfd segment comes with its descriptor");
-                let segment = Segment::from_received(fd, len).map_err(|e| broken(e.to_string()))?;
+        let lent = mora_common::acquired::check(a, device, fds).map_err(|e| error(py, "MoraError", e.to_string(), None))?;
+        let (a, len) = (lent.reply, lent.len);
+        let broken = |m: String| error(py, "MoraError", format!("{name}: {m}"), None);
+        let (fd, ipc_handle) = match lent.memory {
+            LentMemory::Host(segment) => {
                 let owned = segment.fd().try_clone_to_owned().map_err(|e| broken(format!("cannot keep the segment: {e}")))?;
                 (Some(owned.into_raw_fd()), None)
             }
-            SegmentDescriptor::CudaIpc { handle, .. } => {
-                (None, Some(PyBytes::new(py, &handle.0).unbind()))
-            }
+            LentMemory::Gpu { handle, .. } => (None, Some(PyBytes::new(py, &handle.0).unbind())),
         };
         let tensors = a
             .manifest

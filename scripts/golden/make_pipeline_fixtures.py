@@ -20,7 +20,7 @@ Each run records what Mora needs to repeat it and what diffusers gave:
 - `image`: the decoded picture as floats in [0, 1] (`output_type="np"`),
   [H, W, 3], which Mora rounds to 8 bits as diffusers' PIL conversion does.
 
-exec-client/src/image/pipeline.rs replays each run on the CPU without torch
+models/src/image/pipeline.rs replays each run on the CPU without torch
 (`every_fixture_run_matches_diffusers`). Run with the benchmark
 environment's Python (torch CPU, diffusers 0.42, transformers 5), after
 make_image_fixtures.py:

@@ -8,7 +8,7 @@ with diffusers' own `save_pretrained` (config.json +
 diffusion_pytorch_model.safetensors, float32), and `reference.json` beside it
 holds fixed inputs and what diffusers' `UNet2DConditionModel.forward`
 computed from them (float32, batch 2, several timesteps). The Rust test in
-exec-client/src/image/unet.rs loads each fixture on the CPU and compares,
+models/src/image/unet.rs loads each fixture on the CPU and compares,
 with no torch needed.
 
     python scripts/golden/make_unet_fixtures.py

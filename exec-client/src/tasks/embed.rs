@@ -7,13 +7,17 @@ use std::time::Instant;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Inputs, Kind, Results, StepContext, StepRun, Task};
-use crate::run::{StepKind, StepReport};
+use mora_models::embed::{EncoderNetwork, SentenceEmbedder};
+
+use super::kind::Kind;
+use super::report::{StepKind, StepReport};
+use super::step::{drop_later, write_json, Inputs, Results, StepContext, StepRun};
+use crate::template::{expand, normalize};
 use crate::weights::Weights;
-use crate::workflow::{expand, normalize, WorkflowError};
+use crate::workflow::error::WorkflowError;
 use crate::ExecError;
 
-pub const KIND: Kind = Kind { name: "embed", keys: &[&["texts"], &["texts_file"]], text_fields: &[], results: "embeddings", parse };
+pub const KIND: Kind = Kind { name: "embed", keys: &[&["texts"], &["texts_file"]], text_fields: &[], results: "embeddings" };
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedStep {
@@ -60,7 +64,7 @@ struct Decl {
     texts_file: Option<String>,
 }
 
-fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<EmbedStep, WorkflowError> {
     let model = cx.model()?;
     let d: Decl = cx.decode(keys)?;
     let texts = match (d.texts, d.texts_file) {
@@ -72,7 +76,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
         (Some(_), Some(_)) => return Err(cx.err(None, "gives both `texts` and `texts_file`: keep one".into())),
         (None, None) => return Err(cx.err(None, "needs `texts = [...]` or `texts_file = \"FILE\"`".into())),
     };
-    Ok(Task::Embed(EmbedStep { model, texts }))
+    Ok(EmbedStep { model, texts })
 }
 
 pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs: Inputs, results: &mut Results) -> Result<StepReport, ExecError> {
@@ -82,14 +86,16 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     // attention mask into NaN in f16 (0 × -inf), and f32 keeps GPU and CPU
     // outputs within 1e-4 of each other.
     let vb = w.var_builder(candle_core::DType::F32);
-    let embedder = crate::embed::SentenceEmbedder::load(&w.dir, vb, w.tokenizer.as_ref()).map_err(ExecError::Model)?;
+    let network = EncoderNetwork::load(&w.dir, vb).map_err(ExecError::Model)?;
+    crate::phases::mark("build model");
+    let embedder = SentenceEmbedder::with_tokenizer(network, &w.dir, w.tokenizer.as_ref()).map_err(ExecError::Model)?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("tokenizer");
     let start = Instant::now();
     let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
     let run_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("inference");
-    super::write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;
+    write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;
     crate::phases::mark("write output");
     let report = StepReport {
         step: step.name.to_string(),
@@ -101,7 +107,7 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     };
     results.embedded.insert(step.name.to_string(), (texts, embeddings));
     if w.device.is_cpu() {
-        super::drop_later(embedder);
+        drop_later(embedder);
     }
     Ok(report)
 }

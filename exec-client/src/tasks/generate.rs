@@ -8,12 +8,15 @@ use std::time::Instant;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{FloatDecl, IntDecl, Kind, Results, StepContext, StepRun, Task};
+use super::kind::Kind;
+use super::report::{StepKind, StepReport};
+use super::step::{drop_later, write_json, Results, StepContext, StepRun};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::{SamplingSpec, TextGenerator};
-use crate::run::{StepKind, StepReport};
+use crate::template::{prompt_pieces, FloatDecl, IntDecl, Piece};
 use crate::weights::Weights;
-use crate::workflow::{prompt_pieces, Piece, WorkflowError};
+use crate::workflow::decl::ModelSpec;
+use crate::workflow::error::WorkflowError;
 use crate::ExecError;
 
 pub const KIND: Kind = Kind {
@@ -21,7 +24,6 @@ pub const KIND: Kind = Kind {
     keys: &[&["prompt"], &["messages"], &["max_tokens"], &["temperature", "top_p", "seed"]],
     text_fields: &["text"],
     results: "text",
-    parse,
 };
 
 /// `max_tokens` of a generate step that gives none.
@@ -67,13 +69,13 @@ struct Decl {
     seed: Option<Spanned<IntDecl>>,
 }
 
-fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<GenerateStep, WorkflowError> {
     let model = cx.model()?;
     let d: Decl = cx.decode(keys)?;
     let prompt = match (&d.prompt, &d.messages) {
         (Some(prompt), None) => {
             let span = Some(prompt.span());
-            let pieces = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier).map_err(|e| cx.err(span.clone(), e))?;
+            let pieces = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(span.clone(), e))?;
             if pieces.is_empty() {
                 return Err(cx.err(span, "`prompt` is empty".into()));
             }
@@ -89,7 +91,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
                 if m.role.trim().is_empty() {
                     return Err(cx.err(span, format!("`messages`[{i}] has an empty `role`")));
                 }
-                let content = prompt_pieces(&m.content, cx.variables, cx.earlier)
+                let content = prompt_pieces(&m.content, cx.variables, cx.earlier, cx.kinds)
                     .map_err(|e| cx.err(span.clone(), format!("`messages`[{i}]: {e}")))?;
                 chat.push((m.role.clone(), content));
             }
@@ -116,7 +118,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
         None => cx.seed,
         Some(sd) => cx.int("seed", sd, 0, "a whole number of at least 0")? as u64,
     };
-    Ok(Task::Generate(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed }))
+    Ok(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed })
 }
 
 /// `pieces` with earlier steps' text results filled in.
@@ -130,6 +132,20 @@ pub(crate) fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Resul
             }),
         })
         .collect()
+}
+
+/// Refuses, before any weight is read, a model this step cannot run: a
+/// network Mora does not run as its config describes it, or messages
+/// without a chat template. A model that does not resolve is reported
+/// where it is acquired.
+pub fn check_model(s: &GenerateStep, spec: &ModelSpec) -> Result<(), ExecError> {
+    let Ok(resolved) = spec.source.resolve() else { return Ok(()) };
+    let fail = |e: String| ExecError::Model(format!("model `{}`: {e}", s.model));
+    mora_models::lm_config::read(&resolved.dir).map_err(|e| fail(e.to_string()))?;
+    if matches!(s.prompt, PromptDecl::Chat(_)) {
+        ChatTemplate::load(&resolved.dir).map_err(fail)?;
+    }
+    Ok(())
 }
 
 pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), results: &mut Results) -> Result<StepReport, ExecError> {
@@ -172,12 +188,12 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     if let Some(m) = messages {
         doc["messages"] = serde_json::json!(m);
     }
-    super::write_json(step.output, &doc)?;
+    write_json(step.output, &doc)?;
     crate::phases::mark("write output");
     results.texts.insert(step.name.to_string(), g.text);
     let tokenizer_lent = generator.tokenizer_lent;
     if w.device.is_cpu() {
-        super::drop_later(generator);
+        drop_later(generator);
     }
     Ok(StepReport {
         step: step.name.to_string(),

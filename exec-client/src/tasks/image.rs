@@ -1,5 +1,5 @@
 //! `task = "image"`: pictures from a Stable Diffusion pipeline
-//! ([`crate::image::pipeline`]), from a prompt (text to image) or from a
+//! ([`mora_models::image::pipeline`]), from a prompt (text to image) or from a
 //! prompt and a starting picture (image to image, `init_image`). Each PNG
 //! gets a JSON beside it with everything needed to make it again.
 
@@ -10,11 +10,14 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::generate::fill;
-use super::{FloatDecl, Inputs, IntDecl, Kind, Results, StepContext, StepRun, Task};
-use crate::image::pipeline::{png_bytes, read_png, ImageRequest, Pipeline, PipelineConfig};
-use crate::run::{StepKind, StepReport};
+use super::kind::Kind;
+use super::report::{StepKind, StepReport};
+use super::step::{write_bytes_atomically, write_json, Inputs, Results, StepContext, StepRun};
+use crate::template::{expand, normalize, prompt_pieces, FloatDecl, IntDecl, Piece};
 use crate::weights::Weights;
-use crate::workflow::{expand, normalize, prompt_pieces, Piece, WorkflowError};
+use crate::workflow::decl::ModelSpec;
+use crate::workflow::error::WorkflowError;
+use mora_models::image::pipeline::{png_bytes, read_png, ImageRequest, Pipeline, PipelineConfig};
 use crate::ExecError;
 
 pub const KIND: Kind = Kind {
@@ -28,7 +31,6 @@ pub const KIND: Kind = Kind {
     ],
     text_fields: &[],
     results: "images",
-    parse,
 };
 
 /// diffusers' default `num_inference_steps`.
@@ -81,10 +83,10 @@ struct Decl {
     strength: Option<Spanned<FloatDecl>>,
 }
 
-fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<ImageStep, WorkflowError> {
     let model = cx.model()?;
     let d: Decl = cx.decode(keys)?;
-    let pieces = |p: &Spanned<String>| prompt_pieces(p.get_ref(), cx.variables, cx.earlier).map_err(|e| cx.err(Some(p.span()), e));
+    let pieces = |p: &Spanned<String>| prompt_pieces(p.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(Some(p.span()), e));
     let prompt = match &d.prompt {
         Some(p) => pieces(p)?,
         None => return Err(cx.err(None, "an image step needs `prompt = \"...\"`".into())),
@@ -132,7 +134,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
         return Err(cx.err(None, "`width` and `height` come from `init_image` in image to image: leave them out".into()));
     }
     let scheduler = d.scheduler.map(|s| expand(&s, cx.variables)).transpose().map_err(|e| cx.err(None, e))?;
-    Ok(Task::Image(ImageStep {
+    Ok(ImageStep {
         model,
         prompt,
         negative_prompt,
@@ -145,7 +147,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
         init_image,
         strength,
         scheduler,
-    }))
+    })
 }
 
 /// `init_image = "FILE"` or `init_image = "{{ steps.NAME }}"` (an earlier image step).
@@ -178,6 +180,14 @@ impl ImageStep {
             _ => Ok(Inputs::None),
         }
     }
+}
+
+/// The pipeline this step runs, its files read (configs, tokenizers, the
+/// scheduler with this step's override) before any weight is.
+pub fn pipeline_config(s: &ImageStep, spec: &ModelSpec) -> Result<PipelineConfig, ExecError> {
+    let fail = |e: String| ExecError::Model(format!("model `{}`: {e}", s.model));
+    let root = spec.source.resolve_dir().map_err(|e| fail(e.to_string()))?;
+    PipelineConfig::read(&root, s.scheduler.as_deref()).map_err(fail)
 }
 
 /// The files of image k (from 0) of `n`: `OUTPUT` alone, or `STEM-K.png`
@@ -255,7 +265,7 @@ pub fn run(
         let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(fail)?;
         bar.finish();
         let (png, json) = image_paths(step.output, k, s.images);
-        super::write_bytes_atomically(&png, &png_bytes(&image).map_err(fail)?)?;
+        write_bytes_atomically(&png, &png_bytes(&image).map_err(fail)?)?;
         let mut doc = serde_json::json!({
             "image": png.file_name().map(|f| f.to_string_lossy().to_string()),
             "pipeline": parts.first().map(|(_, w, _)| pipeline_name(&w.name)),
@@ -279,7 +289,7 @@ pub fn run(
             });
             doc["strength"] = serde_json::json!(s.strength);
         }
-        super::write_json(&json, &doc)?;
+        write_json(&json, &doc)?;
         written.push(png);
     }
     let run_ms = start.elapsed().as_millis() as u64;

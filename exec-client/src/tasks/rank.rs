@@ -6,13 +6,15 @@ use std::time::Instant;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{IntDecl, Kind, Results, StepContext, StepRun, Task};
-use crate::run::{StepKind, StepReport};
-use crate::workflow::WorkflowError;
+use super::kind::Kind;
+use super::report::{StepKind, StepReport};
+use super::step::{write_json, Results, StepContext, StepRun};
+use crate::template::IntDecl;
+use crate::workflow::error::WorkflowError;
 use crate::ExecError;
 
 pub const KIND: Kind =
-    Kind { name: "rank", keys: &[&["query"], &["corpus"], &["top_k"]], text_fields: &["top"], results: "matches", parse };
+    Kind { name: "rank", keys: &[&["query"], &["corpus"], &["top_k"]], text_fields: &["top"], results: "matches" };
 
 /// `top_k` of a rank step that gives none.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -49,7 +51,7 @@ fn step_ref(value: &str) -> Result<String, String> {
     }
 }
 
-fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task, WorkflowError> {
+pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<RankStep, WorkflowError> {
     if let Some(m) = cx.model {
         return Err(cx.err(Some(m.span()), "a rank step uses no model (it ranks the embeddings of earlier steps)".into()));
     }
@@ -92,7 +94,7 @@ fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<Task,
     };
     let corpus = refs.pop().expect("two references");
     let query = refs.pop().expect("two references");
-    Ok(Task::Rank(RankStep { query, corpus, top_k }))
+    Ok(RankStep { query, corpus, top_k })
 }
 
 pub fn run(s: &RankStep, step: &StepRun, results: &mut Results) -> Result<StepReport, ExecError> {
@@ -113,7 +115,7 @@ pub fn run(s: &RankStep, step: &StepRun, results: &mut Results) -> Result<StepRe
         .collect();
     let run_ms = start.elapsed().as_millis() as u64;
     let (queries, corpus) = (q.0.len(), c.0.len());
-    super::write_json(step.output, &serde_json::json!({ "results": found }))?;
+    write_json(step.output, &serde_json::json!({ "results": found }))?;
     if let Some(best) = found.first().and_then(|r| r["matches"][0]["text"].as_str()) {
         results.texts.insert(step.name.to_string(), best.to_string());
     }

@@ -23,12 +23,20 @@
 //! id listed twice) is built by the crate's builder; any other model
 //! (WordLevel), or a file the fast path does not read, goes through the
 //! crate's reader itself, so errors and results are the crate's.
+//!
+//! Also here: [`vocab`], the vocabulary as one block of words that the
+//! daemon prepares once and lends, so a client reads it in place; and
+//! [`clip`], CLIP's BPE tokenizer as Stable Diffusion pipelines ship it.
+//! The crate knows nothing of workflows or of the daemon: a prepared
+//! vocabulary is a block of words, wherever it was mapped from.
 
 mod bpe;
+pub mod clip;
 mod unigram;
+pub mod vocab;
 mod wordpiece;
 
-use mora_common::vocab::{self, Prepared, Vocabulary};
+use crate::vocab::{Prepared, Vocabulary};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -111,12 +119,12 @@ impl<'de> Deserialize<'de> for Model {
 }
 
 /// [`load`], or with `lent`, the tokenizer the daemon prepared from this
-/// file (`mora_common::vocab`), its vocabulary read in place and only the
+/// file (`vocab`), its vocabulary read in place and only the
 /// rest of the file parsed, from the prepared skeleton: the same tokenizer,
 /// without parsing and hashing the vocabulary again. A prepared tokenizer of
 /// another file, or of this one before it changed, is not used. True when
 /// the lent one was.
-pub fn load_lent(path: &Path, lent: Option<&Prepared>) -> Result<(Tokenizer, bool), String> {
+pub fn load_lent(path: &Path, lent: Option<&Prepared>) -> Result<(Tokenizer, bool), LoadError> {
     if let Some(p) = lent.filter(|p| p.is_of(path)) {
         if let Some(t) = fast(p.skeleton(), Some(p)) {
             return Ok((t, true));
@@ -125,14 +133,23 @@ pub fn load_lent(path: &Path, lent: Option<&Prepared>) -> Result<(Tokenizer, boo
     load(path).map(|t| (t, false))
 }
 
+/// Why a `tokenizer.json` cannot be loaded; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The `tokenizers` crate's reader refused the file.
+    #[error("cannot load {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
 /// Reads `path` into a tokenizer; the error names the file.
-pub fn load(path: &Path) -> Result<Tokenizer, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Tokenizer, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
     match fast(&text, None) {
         Some(t) => Ok(t),
         None => Tokenizer::from_bytes(text.as_bytes())
-            .map_err(|e| format!("cannot load {}: {e}", path.display())),
+            .map_err(|e| LoadError::Invalid { path: path.to_path_buf(), message: e.to_string() }),
     }
 }
 
@@ -469,7 +486,9 @@ mod tests {
     /// a client reads it from the sealed segment.
     fn prepared(f: &Path) -> Option<Prepared> {
         let words = Prepared::build(f).unwrap()?;
-        Prepared::read(std::sync::Arc::new(Prepared::seal(&words).unwrap().map().unwrap()))
+        let mut segment = mora_common::segment::SegmentWriter::create("mora-tokenizer", Prepared::bytes(&words).len() as u64).unwrap();
+        segment.as_mut_slice().copy_from_slice(Prepared::bytes(&words));
+        Prepared::read(std::sync::Arc::new(crate::vocab::WordBytes(segment.seal().unwrap().map().unwrap())))
     }
 
     #[test]
@@ -497,7 +516,7 @@ mod tests {
 
     #[test]
     fn a_prepared_tokenizer_of_another_or_a_changed_file_is_not_used() {
-        let d = mora_common::scratch::Scratch::new("tok-prepared");
+        let d = mora_test_support::Scratch::new("tok-prepared");
         let bert = fixtures().into_iter().find(|f| f.to_string_lossy().contains("bert-tf5")).unwrap();
         let gpt2 = fixtures().into_iter().find(|f| f.to_string_lossy().contains("gpt2-tf5")).unwrap();
         let p = d.join("tokenizer.json");
@@ -519,7 +538,7 @@ mod tests {
     fn a_prepared_bpe_whose_merges_mora_leaves_to_the_crate_is_read_from_the_file() {
         // Dropout makes merges random, so the crate's own model reads them;
         // it needs the file's vocabulary, which the skeleton lacks.
-        let d = mora_common::scratch::Scratch::new("tok-dropout");
+        let d = mora_test_support::Scratch::new("tok-dropout");
         let p = d.join("tokenizer.json");
         std::fs::write(&p, r#"{"version": "1.0", "model": {"type": "BPE", "dropout": 0.5, "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}}"#)
             .unwrap();
@@ -535,7 +554,7 @@ mod tests {
     fn legacy_bpe_merges_load_as_the_crate_loads_them() {
         // The same BPE tokenizers with their merges as "a b" strings, the
         // form tokenizers wrote before 0.20, and a `#version` line.
-        let d = mora_common::scratch::Scratch::new("tok-legacy");
+        let d = mora_test_support::Scratch::new("tok-legacy");
         let mut n = 0;
         for f in &fixtures() {
             let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
@@ -566,7 +585,7 @@ mod tests {
         // The model section is read in one pass, before its kind is known:
         // its `type` may come after the vocabulary, and BPE's optional
         // fields may be null.
-        let d = mora_common::scratch::Scratch::new("tok-order");
+        let d = mora_test_support::Scratch::new("tok-order");
         let mut kinds = std::collections::BTreeSet::new();
         for (n, f) in fixtures().iter().enumerate() {
             let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
@@ -592,7 +611,7 @@ mod tests {
 
     #[test]
     fn a_bpe_or_unigram_file_the_fast_path_cannot_read_gets_the_crate_s_error() {
-        let d = mora_common::scratch::Scratch::new("tok-bpe");
+        let d = mora_test_support::Scratch::new("tok-bpe");
         let p = d.join("tokenizer.json");
         let write = |model: &str| std::fs::write(&p, format!(r#"{{"version": "1.0", "model": {model}}}"#)).unwrap();
         let crate_error = |p: &Path| format!("cannot load {}: {}", p.display(), tokenizers::Tokenizer::from_file(p).unwrap_err());
@@ -612,13 +631,13 @@ mod tests {
             write(model);
             let text = std::fs::read_to_string(&p).unwrap();
             assert!(fast(&text, None).is_none(), "{model}");
-            assert_eq!(load(&p).unwrap_err(), crate_error(&p), "{model}");
+            assert_eq!(load(&p).unwrap_err().to_string(), crate_error(&p), "{model}");
         }
     }
 
     #[test]
     fn a_wordpiece_file_the_fast_path_cannot_read_gets_the_crate_s_error() {
-        let d = mora_common::scratch::Scratch::new("tok");
+        let d = mora_test_support::Scratch::new("tok");
         // WordPiece without its vocabulary: the crate names the missing field.
         let p = d.join("tokenizer.json");
         std::fs::write(
@@ -626,15 +645,14 @@ mod tests {
             r#"{"version": "1.0", "model": {"type": "WordPiece", "unk_token": "[UNK]"}}"#,
         )
         .unwrap();
-        let e = load(&p).unwrap_err();
+        let e = load(&p).unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("cannot load {}: ", p.display())) && e.contains("missing field"),
             "{e}"
         );
         std::fs::write(&p, "{").unwrap();
-        assert!(load(&p).unwrap_err().contains("EOF"));
-        assert!(load(&d.join("absent.json"))
-            .unwrap_err()
-            .contains("No such file"));
+        assert!(load(&p).unwrap_err().to_string().contains("EOF"));
+        assert!(matches!(load(&d.join("absent.json")), Err(LoadError::Read { .. })));
+        assert!(load(&d.join("absent.json")).unwrap_err().to_string().contains("No such file"));
     }
 }

@@ -13,8 +13,8 @@ use candle_transformers::models::xlm_roberta::{self, XLMRobertaModel};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
 
-use crate::tokenizer::Tokenizer;
-use mora_common::vocab::Prepared;
+use mora_tokenizers::Tokenizer;
+use mora_tokenizers::vocab::Prepared;
 
 /// Texts embedded per forward pass.
 pub const BATCH: usize = 32;
@@ -138,9 +138,18 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
     Ok((pooling, normalize))
 }
 
-impl SentenceEmbedder {
-    /// Builds the encoder from `vb` and the small files in `dir`.
-    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
+/// An encoder network built on its weights, before its tokenizer is read
+/// (a caller that times the two apart builds this first).
+pub struct EncoderNetwork {
+    model: Encoder,
+    max_positions: usize,
+    pad_token_id: u32,
+    device: Device,
+}
+
+impl EncoderNetwork {
+    /// Builds the encoder `dir/config.json` describes from `vb`.
+    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
         let device = vb.device().clone();
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_json(&config_path)?;
@@ -180,9 +189,22 @@ impl SentenceEmbedder {
             }
         };
 
-        crate::phases::mark("build model");
+        Ok(EncoderNetwork { model, max_positions, pad_token_id, device })
+    }
+}
+
+impl SentenceEmbedder {
+    /// Builds the encoder from `vb` and the small files in `dir`; with
+    /// `tokenizer`, the one the daemon prepared from `dir/tokenizer.json`.
+    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
+        Self::with_tokenizer(EncoderNetwork::load(dir, vb)?, dir, tokenizer)
+    }
+
+    /// `network` with its tokenizer and pooling, read from `dir`.
+    pub fn with_tokenizer(network: EncoderNetwork, dir: &Path, tokenizer: Option<&Prepared>) -> Result<Self, String> {
+        let EncoderNetwork { model, max_positions, pad_token_id, device } = network;
         let tok_path = dir.join("tokenizer.json");
-        let (mut tokenizer, tokenizer_lent) = crate::tokenizer::load_lent(&tok_path, tokenizer)?;
+        let (mut tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tok_path, tokenizer).map_err(|e| e.to_string())?;
         // sentence-transformers' max_seq_length: in sentence_bert_config.json
         // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");

@@ -124,10 +124,15 @@ impl Words for Vec<u32> {
     }
 }
 
-/// A lent segment's mapping, page-aligned: its bytes are whole words.
-impl Words for crate::segment::Mapping {
+/// Words viewed in place in bytes that hold whole, aligned words: a
+/// page-aligned mapping of a segment the daemon lent. Bytes that do not
+/// (a length or an address not a multiple of 4) read as no words, which
+/// no reader accepts.
+pub struct WordBytes<T>(pub T);
+
+impl<T: AsRef<[u8]> + Send + Sync> Words for WordBytes<T> {
     fn words(&self) -> &[u32] {
-        bytemuck::try_cast_slice(self.as_slice()).unwrap_or(&[])
+        bytemuck::try_cast_slice(self.0.as_ref()).unwrap_or(&[])
     }
 }
 
@@ -647,13 +652,10 @@ impl Prepared {
         Some(words)
     }
 
-    /// `words` (what [`Prepared::build`] gives) in a sealed memfd, as the
-    /// daemon lends them.
-    pub fn seal(words: &[u32]) -> Result<crate::segment::Segment, crate::segment::SegmentError> {
-        let bytes: &[u8] = bytemuck::cast_slice(words);
-        let mut segment = crate::segment::SegmentWriter::create("mora-tokenizer", bytes.len() as u64)?;
-        segment.as_mut_slice().copy_from_slice(bytes);
-        segment.seal()
+    /// `words` (what [`Prepared::build`] gives) as the bytes the daemon
+    /// seals into the segment it lends.
+    pub fn bytes(words: &[u32]) -> &[u8] {
+        bytemuck::cast_slice(words)
     }
 
     /// Reads a prepared tokenizer from `words` (a lent segment's mapping);
@@ -854,7 +856,7 @@ mod tests {
 
     #[test]
     fn a_prepared_tokenizer_is_of_its_file_until_the_file_changes() {
-        let dir = crate::scratch::Scratch::new("vocab");
+        let dir = mora_test_support::Scratch::new("vocab");
         let file = dir.join("tokenizer.json");
         std::fs::write(&file, FILE).unwrap();
         let p = Prepared::read(Arc::new(Prepared::build(&file).unwrap().unwrap())).unwrap();

@@ -15,7 +15,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-use mora_common::vocab::Vocabulary;
+use crate::vocab::Vocabulary;
 
 /// The crate's error when the unknown token is not in the vocabulary, with
 /// its message.
@@ -128,8 +128,8 @@ impl Serialize for WordPiece {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::same_tokens as same;
-    use mora_common::vocab::Vocab;
+    use crate::same_tokens as same;
+    use crate::vocab::Vocab;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::Model;
@@ -137,7 +137,7 @@ mod tests {
     fn both(tokens: &[String], unk: &str, prefix: &str, max: usize) -> (WordPiece, tokenizers::models::wordpiece::WordPiece) {
         let ours = WordPiece::new(
             Vocabulary::new(Vocab(
-                tokens.iter().enumerate().map(|(i, t)| (mora_common::vocab::Text(Cow::Borrowed(t.as_str())), i as u32)).collect(),
+                tokens.iter().enumerate().map(|(i, t)| (crate::vocab::Text(Cow::Borrowed(t.as_str())), i as u32)).collect(),
             ))
             .unwrap(),
             unk.to_string(),
@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&ours).unwrap(), serde_json::to_string(&theirs).unwrap());
         assert_eq!(ours.get_vocab(), theirs.get_vocab());
         assert_eq!((ours.id_to_token(2), ours.token_to_id("é"), ours.get_vocab_size()), (theirs.id_to_token(2), theirs.token_to_id("é"), 4));
-        let d = mora_common::scratch::Scratch::new("wordpiece-save");
+        let d = mora_test_support::Scratch::new("wordpiece-save");
         let (a, b) = (d.join("ours"), d.join("theirs"));
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();

@@ -628,8 +628,8 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
 
-    fn tmp(tag: &str) -> mora_common::scratch::Scratch {
-        mora_common::scratch::Scratch::new(tag)
+    fn tmp(tag: &str) -> mora_test_support::Scratch {
+        mora_test_support::Scratch::new(tag)
     }
 
     fn spec(arch: Arch, target_bytes: u64, dtype: WeightDType) -> SynthSpec {

@@ -755,7 +755,7 @@ mod tests {
 
     #[test]
     fn end_of_sequence_ids_come_from_both_files() {
-        let dir = mora_common::scratch::Scratch::new("lmcfg");
+        let dir = mora_test_support::Scratch::new("lmcfg");
         std::fs::write(dir.join("config.json"), llama(json!({})).to_string()).unwrap();
         std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": [2, 7, 9]}).to_string()).unwrap();
         assert_eq!(read(&dir).unwrap().eos, vec![2, 7, 9]);

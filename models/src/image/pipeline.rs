@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::clip::{ClipTokenizer, TextEncoder, TextEncoderConfig};
+use candle_nn::VarBuilder;
+use mora_tokenizers::clip::ClipTokenizer;
+
+use super::clip::{TextEncoder, TextEncoderConfig};
 use super::scheduler::{img2img_start, SchedulerSpec};
 use super::unet::{AddedConditions, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
-use crate::weights::Weights;
 use mora_common::pipeline::PipelineIndex;
 
 /// The pipeline classes Mora runs, by `model_index.json`'s `_class_name`.
@@ -219,6 +221,17 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// One component's weights as a pipeline builds on them, wherever they
+/// live: a lent segment, lent GPU memory, files read in-process.
+pub trait ComponentWeights {
+    /// The device the weights are on; the pipeline computes there.
+    fn device(&self) -> &Device;
+    /// The dtype the weights are held in; on a GPU the pipeline computes in it.
+    fn held_dtype(&self) -> DType;
+    /// The weights, each tensor given in `compute`.
+    fn var_builder(&self, compute: DType) -> VarBuilder<'static>;
+}
+
 /// The pipeline with its networks built on lent (or loaded) weights.
 pub struct Pipeline {
     pub config: PipelineConfig,
@@ -236,13 +249,13 @@ fn err(e: candle_core::Error) -> String {
 
 impl Pipeline {
     /// Builds the networks; `weights(component)` gives each component's weights.
-    pub fn build<'w>(config: PipelineConfig, weights: impl Fn(&str) -> &'w Weights) -> Result<Pipeline, String> {
+    pub fn build<'w, W: ComponentWeights + 'w>(config: PipelineConfig, weights: impl Fn(&str) -> &'w W) -> Result<Pipeline, String> {
         let unet_w = weights("unet");
-        let device = unet_w.device.clone();
+        let device = unet_w.device().clone();
         // f32 on the CPU; on a GPU the dtype the weights are held in, with
         // the VAE in f32 when its config asks (`force_upcast`: SD's VAE
         // overflows in f16).
-        let dtype = if device.is_cpu() { DType::F32 } else { crate::weights::weight_dtype(unet_w.dtype) };
+        let dtype = if device.is_cpu() { DType::F32 } else { unet_w.held_dtype() };
         let vae_dtype = if config.vae.force_upcast { DType::F32 } else { dtype };
         let mut encoders = Vec::new();
         for part in &config.text {
@@ -520,8 +533,31 @@ mod tests {
     #[test]
     fn every_fixture_run_matches_diffusers() {
         use crate::image::vae::tests::{assert_close, fixture_dir, ref_tensor};
-        use mora_common::manifest::WeightDType;
-        use mora_common::{protocol, ModelSource};
+        use mora_common::ModelSource;
+
+        /// A component's files read into f32 tensors on the CPU.
+        struct Files(std::collections::HashMap<String, Tensor>);
+        impl ComponentWeights for Files {
+            fn device(&self) -> &Device {
+                &Device::Cpu
+            }
+            fn held_dtype(&self) -> DType {
+                DType::F32
+            }
+            fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
+                VarBuilder::from_tensors(self.0.clone(), compute, &Device::Cpu)
+            }
+        }
+        let read = |source: ModelSource| {
+            let mut tensors = std::collections::HashMap::new();
+            for file in source.resolve().unwrap().weights {
+                for (name, t) in candle_core::safetensors::load(&file, &Device::Cpu).unwrap() {
+                    let t = if t.dtype().is_float() { t.to_dtype(DType::F32).unwrap() } else { t };
+                    tensors.insert(name, t);
+                }
+            }
+            Files(tensors)
+        };
         let path = fixture_dir("runs.json");
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let runs = doc["runs"].as_array().unwrap();
@@ -530,11 +566,8 @@ mod tests {
             let name = run["name"].as_str().unwrap();
             let root = fixture_dir(run["pipeline"].as_str().unwrap());
             let config = PipelineConfig::read(&root, run["scheduler"].as_str()).unwrap();
-            let parts: Vec<(&str, Weights)> = config
-                .components()
-                .into_iter()
-                .map(|c| (c, Weights::in_process(&ModelSource::dir(&root).component(c), WeightDType::F32, protocol::Device::Cpu).unwrap()))
-                .collect();
+            let parts: Vec<(&str, Files)> =
+                config.components().into_iter().map(|c| (c, read(ModelSource::dir(&root).component(c)))).collect();
             let pipeline = Pipeline::build(config, |c| &parts.iter().find(|(n, _)| *n == c).unwrap().1).unwrap();
             let (width, height) = (run["width"].as_u64().unwrap() as usize, run["height"].as_u64().unwrap() as usize);
             let init = run["init_image"].as_array().map(|px| {
@@ -586,7 +619,7 @@ mod tests {
         let image = RgbImage { width: 3, height: 2, pixels: (0..18).map(|i| (i * 14) as u8).collect() };
         let bytes = png_bytes(&image).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
-        let d = mora_common::scratch::Scratch::new("png");
+        let d = mora_test_support::Scratch::new("png");
         let p = d.join("image.png");
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(read_png(&p).unwrap(), image);

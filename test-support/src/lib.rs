@@ -1,6 +1,7 @@
 //! Scratch directories for tests, removed when dropped, so that a test run
-//! leaves nothing behind in the temporary directory. The workspace's unit
-//! tests and the end-to-end tests (`mora::Scratch`) share this one.
+//! leaves nothing behind in the temporary directory. Every crate's unit
+//! tests and the end-to-end tests (`mora::Scratch`) share this one; no
+//! product crate depends on it but as a dev-dependency.
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};

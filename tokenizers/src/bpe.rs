@@ -22,7 +22,7 @@ use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
 
-use mora_common::vocab::{Merges, Vocabulary};
+use crate::vocab::{Merges, Vocabulary};
 
 /// The options of a BPE model, as the crate's builder takes them.
 #[derive(Default)]
@@ -312,8 +312,8 @@ impl Serialize for Bpe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::same_tokens as same;
-    use mora_common::vocab::{Text, Vocab};
+    use crate::same_tokens as same;
+    use crate::vocab::{Text, Vocab};
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::models::bpe::BPE;
@@ -492,7 +492,7 @@ mod tests {
         let (ours, theirs) = (spec.ours().unwrap(), spec.theirs());
         assert_eq!((ours.token_to_id("ab"), ours.id_to_token(1), ours.get_vocab_size()), (Some(2), Some("b".into()), 3));
         assert_eq!(ours.id_to_token(7), None);
-        let d = mora_common::scratch::Scratch::new("bpe-save");
+        let d = mora_test_support::Scratch::new("bpe-save");
         let (a, b) = (d.join("ours"), d.join("theirs"));
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(&b).unwrap();

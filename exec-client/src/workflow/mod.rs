@@ -36,24 +36,16 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use mora_common::manifest::WeightDType;
-use mora_common::protocol::DeviceSpec;
-use mora_common::units::KeepAlive;
-use mora_common::ModelSource;
+pub mod decl;
+pub mod error;
 
-use crate::tasks::{self, IntDecl, Kind, StepContext};
-pub use crate::tasks::Task;
-
-/// A workflow error, located in its file where it can be.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkflowError {
-    #[error("cannot read workflow {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{}:{line}:{column}: {message}", path.display())]
-    At { path: PathBuf, line: usize, column: usize, message: String },
-    #[error("{}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
-}
+use crate::tasks::kind::Kind;
+use crate::tasks::step::StepContext;
+use crate::tasks::{self, Task};
+use crate::template::{expand, int_of, IntDecl};
+use crate::template::Value;
+use decl::{ModelDecl, ModelSpec};
+use error::{line_col, WorkflowError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,92 +70,6 @@ struct StepHead {
 }
 
 const COMMON_KEYS: [&str; 4] = ["name", "task", "model", "output"];
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModelDecl {
-    repo: Option<String>,
-    revision: Option<String>,
-    path: Option<PathBuf>,
-    /// The weight files' variant (`fp16`: `*.fp16.safetensors`).
-    variant: Option<String>,
-    dtype: Option<Spanned<String>>,
-    device: Option<Spanned<String>>,
-    keep_alive: Option<Spanned<KeepAliveDecl>>,
-}
-
-/// `keep_alive = "10m"`, or the integers `-1` (forever) and `0` (at once).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum KeepAliveDecl {
-    Int(i64),
-    Text(String),
-}
-
-/// A variable's value; its type is the type of its default.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Str(String),
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-}
-
-impl Value {
-    fn type_name(&self) -> &'static str {
-        match self {
-            Value::Str(_) => "a string",
-            Value::Int(_) => "an integer",
-            Value::Float(_) => "a number",
-            Value::Bool(_) => "a boolean (true or false)",
-        }
-    }
-
-    /// `text` converted to this value's type.
-    fn with(&self, text: &str) -> Option<Value> {
-        Some(match self {
-            Value::Str(_) => Value::Str(text.to_string()),
-            Value::Int(_) => Value::Int(text.trim().parse().ok()?),
-            Value::Float(_) => Value::Float(text.trim().parse().ok().filter(|f: &f64| f.is_finite())?),
-            Value::Bool(_) => Value::Bool(match text.trim() {
-                "true" => true,
-                "false" => false,
-                _ => return None,
-            }),
-        })
-    }
-}
-
-impl std::fmt::Display for Value {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Value::Str(s) => f.write_str(s),
-            Value::Int(i) => write!(f, "{i}"),
-            Value::Float(x) => write!(f, "{x}"),
-            Value::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// A model a workflow declares.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelSpec {
-    pub source: ModelSource,
-    pub dtype: WeightDType,
-    /// Where the weights are held and the model runs: `cpu`, `cuda:N`, or
-    /// `auto` (the default: the first GPU when there is one).
-    pub device: DeviceSpec,
-    /// Asked of the daemon with every acquire; `None` keeps the daemon's.
-    pub keep_alive: Option<KeepAlive>,
-}
-
-/// Part of a prompt: text, or the text result of an earlier step.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Piece {
-    Text(String),
-    /// A rank step's best match (of its first query), or a generate step's text.
-    StepText(String),
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -191,136 +97,8 @@ pub struct Workflow {
     pub steps: Vec<Step>,
 }
 
-/// Expands every `{{ variable }}` in `text`. Step results are not text:
-/// `{{ steps.NAME }}` is an error here (see [`step_ref`]).
-pub(crate) fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
-        let name = after[..close].trim();
-        if name.starts_with("steps.") {
-            return Err(format!(
-                "`{{{{ {name} }}}}`: a step's results are not text; they can be used only as a whole `query` or `corpus` of a rank step"
-            ));
-        }
-        out.push_str(&variable(name, vars)?);
-        rest = &after[close + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// The value of the variable `name`, as text.
-fn variable(name: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
-    match vars.get(name) {
-        Some(v) => Ok(v.to_string()),
-        None if vars.is_empty() => Err(format!("unknown variable `{name}`: declare it in a [variables] table")),
-        None => {
-            let known: Vec<&str> = vars.keys().map(String::as_str).collect();
-            Err(format!("unknown variable `{name}` (declared: {})", known.join(", ")))
-        }
-    }
-}
-
-/// A prompt: `{{ variable }}`s expanded now, `{{ steps.NAME }}` (or
-/// `.top` of a rank step, `.text` of a generate step) kept for run time.
-/// `earlier` maps each earlier step to its task.
-pub(crate) fn prompt_pieces(
-    text: &str,
-    vars: &BTreeMap<String, Value>,
-    earlier: &BTreeMap<String, &'static Kind>,
-) -> Result<Vec<Piece>, String> {
-    let mut pieces = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(open) = rest.find("{{") {
-        literal.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
-        let inner = after[..close].trim();
-        match inner.strip_prefix("steps.") {
-            None => literal.push_str(&variable(inner, vars)?),
-            Some(path) => {
-                let (name, field) = path.split_once('.').map_or((path, None), |(n, f)| (n, Some(f)));
-                let task = earlier.get(name).ok_or_else(|| {
-                    let known: Vec<&str> = earlier.keys().map(String::as_str).collect();
-                    format!(
-                        "`{{{{ {inner} }}}}`: no earlier step `{name}` ({})",
-                        if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
-                    )
-                })?;
-                if task.text_fields.is_empty() {
-                    return Err(format!(
-                        "`{{{{ {inner} }}}}`: step `{name}` is an {} step; its {} are not text",
-                        task.name, task.results
-                    ));
-                }
-                if !field.is_none_or(|f| task.text_fields.contains(&f)) {
-                    let givers: Vec<String> = tasks::KINDS
-                        .iter()
-                        .filter_map(|k| k.text_fields.first().map(|f| (k.name, f)))
-                        .enumerate()
-                        .map(|(i, (k, f))| format!("{} {k} step {}`{f}`", article(k), if i == 0 { "gives " } else { "" }))
-                        .collect();
-                    return Err(format!(
-                        "`{{{{ {inner} }}}}`: step `{name}` has no field `{}` ({})",
-                        field.unwrap_or_default(),
-                        givers.join(", ")
-                    ));
-                }
-                if !literal.is_empty() {
-                    pieces.push(Piece::Text(std::mem::take(&mut literal)));
-                }
-                pieces.push(Piece::StepText(name.to_string()));
-            }
-        }
-        rest = &after[close + 2..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        pieces.push(Piece::Text(literal));
-    }
-    Ok(pieces)
-}
-
-/// "a" or "an", for a task's name in an error.
-fn article(word: &str) -> &'static str {
-    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    }
-}
-
-/// `a/b/../c` as `a/c`, without touching the file system (the path may not
-/// exist yet), so that names in reports and `ps` read as people wrote them.
-pub(crate) fn normalize(p: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
-
 fn valid_step_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let before = &src[..offset.min(src.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-    (line, column)
 }
 
 impl Workflow {
@@ -374,78 +152,11 @@ impl Workflow {
         if file.name.trim().is_empty() {
             return Err(at(None, "`name` must not be empty".into()));
         }
-        let mut variables = BTreeMap::new();
-        for (key, v) in &file.variables {
-            let value = match v.get_ref() {
-                toml::Value::String(s) => Value::Str(s.clone()),
-                toml::Value::Integer(i) => Value::Int(*i),
-                toml::Value::Float(f) => Value::Float(*f),
-                toml::Value::Boolean(b) => Value::Bool(*b),
-                other => {
-                    return Err(at(
-                        Some(v.span()),
-                        format!("variable `{key}`: a default must be a string, integer, number or boolean, not {}", other.type_str()),
-                    ))
-                }
-            };
-            variables.insert(key.clone(), value);
-        }
-        for set in sets {
-            let bad = |message: String| WorkflowError::Invalid { path: path.to_path_buf(), message: format!("--set {set}: {message}") };
-            let (key, text) = set.split_once('=').ok_or_else(|| bad("expected NAME=VALUE".into()))?;
-            let key = key.trim();
-            let Some(default) = variables.get(key) else {
-                let known: Vec<&str> = variables.keys().map(String::as_str).collect();
-                return Err(bad(if known.is_empty() {
-                    "the workflow declares no variables".into()
-                } else {
-                    format!("no variable `{key}` (declared: {})", known.join(", "))
-                }));
-            };
-            let value = default.with(text).ok_or_else(|| {
-                bad(format!("`{key}` is {} (default {default}), and `{text}` is not one", default.type_name()))
-            })?;
-            variables.insert(key.to_string(), value);
-        }
+        let mut variables = read_variables(&file.variables, &at)?;
+        apply_sets(&mut variables, sets, path)?;
         let mut models = BTreeMap::new();
         for (key, decl) in &file.models {
-            let span = Some(decl.span());
-            let decl = decl.get_ref();
-            let source = match (&decl.repo, &decl.path) {
-                (Some(repo), None) => ModelSource::hf_repo(repo, decl.revision.as_deref()),
-                (None, Some(p)) => {
-                    if decl.revision.is_some() {
-                        return Err(at(span, format!("model `{key}`: `revision` applies to `repo`, not to `path`")));
-                    }
-                    ModelSource::Dir { path: normalize(&base.join(p)), variant: None }
-                }
-                (Some(_), Some(_)) => {
-                    return Err(at(span, format!("model `{key}` gives both `repo` and `path`: keep one")))
-                }
-                (None, None) => {
-                    return Err(at(span, format!("model `{key}` needs `repo = \"OWNER/NAME\"` or `path = \"DIR\"`")))
-                }
-            };
-            let source = source.with_variant(decl.variant.clone());
-            let dtype = match &decl.dtype {
-                Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
-                None => WeightDType::default(),
-            };
-            let device = match &decl.device {
-                Some(d) => d.get_ref().parse().map_err(|e: String| at(Some(d.span()), format!("model `{key}`: {e}")))?,
-                None => DeviceSpec::default(),
-            };
-            let keep_alive = match &decl.keep_alive {
-                None => None,
-                Some(k) => {
-                    let text = match k.get_ref() {
-                        KeepAliveDecl::Int(i) => i.to_string(),
-                        KeepAliveDecl::Text(t) => t.clone(),
-                    };
-                    Some(KeepAlive::parse(&text).map_err(|e| at(Some(k.span()), format!("model `{key}`: keep_alive {e}")))?)
-                }
-            };
-            models.insert(key.clone(), ModelSpec { source, dtype, device, keep_alive });
+            models.insert(key.clone(), decl::model_spec(key, decl, &base, &at)?);
         }
 
         if step_values.is_empty() {
@@ -453,35 +164,18 @@ impl Workflow {
         }
         let seed = match &file.seed {
             None => 0,
-            Some(sd) => match tasks::int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
+            Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
                 Some(v) if v >= 0 => v as u64,
                 _ => return Err(at(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
             },
         };
         // The common keys of every step first, so that names are known.
-        let mut heads = Vec::new();
-        for value in step_values {
-            let span = value.span();
-            let toml::de::DeValue::Table(table) = value.get_ref() else {
-                return Err(at(Some(span), "a step must be a table: write each step as [[steps]]".into()));
-            };
-            let (mut head, mut own) = (toml::de::DeTable::new(), toml::de::DeTable::new());
-            for (k, v) in table.iter() {
-                let side = if COMMON_KEYS.contains(&k.get_ref().as_ref()) { &mut head } else { &mut own };
-                side.insert(k.clone(), v.clone());
-            }
-            let decoded = {
-                use serde::de::IntoDeserializer;
-                StepHead::deserialize(Spanned::new(span.clone(), toml::de::DeValue::Table(head)).into_deserializer())
-                    .map_err(toml_err)?
-            };
-            heads.push((span.clone(), decoded, Spanned::new(span, toml::de::DeValue::Table(own))));
-        }
+        let heads = step_values.into_iter().map(|value| read_head(value, &at, &toml_err)).collect::<Result<Vec<_>, _>>()?;
         // Step name -> its task, for the steps before the current one.
         let mut earlier: BTreeMap<String, &'static Kind> = BTreeMap::new();
-        let all_names: HashSet<&str> = heads.iter().map(|(_, h, _)| h.name.get_ref().as_str()).collect();
+        let all_names: HashSet<&str> = heads.iter().map(|h| h.head.name.get_ref().as_str()).collect();
         let mut steps = Vec::new();
-        for (span, head, own) in &heads {
+        for StepValue { span, head, own } in &heads {
             let name = head.name.get_ref();
             if !valid_step_name(name) {
                 return Err(at(
@@ -492,53 +186,22 @@ impl Workflow {
             if earlier.contains_key(name) {
                 return Err(at(Some(span.clone()), format!("step name `{name}` is used twice")));
             }
-            let task_name = head.task.get_ref().as_str();
-            let Some(kind) = tasks::kind(task_name) else {
-                let names: Vec<String> = tasks::KINDS.iter().map(|k| format!("`{}`", k.name)).collect();
-                let (last, rest) = names.split_last().expect("tasks");
-                return Err(at(
-                    Some(head.task.span()),
-                    format!("unknown task `{task_name}`: expected {} or {last}", rest.join(", ")),
-                ));
-            };
-            // A key of another task is an error that says whose it is.
-            if let toml::de::DeValue::Table(keys) = own.get_ref() {
-                for key in keys.keys() {
-                    let key = key.get_ref().as_ref();
-                    if kind.keys.iter().any(|group| group.contains(&key)) {
-                        continue;
-                    }
-                    let owner = tasks::KINDS
-                        .iter()
-                        .filter(|k| k.name != kind.name)
-                        .find_map(|k| k.keys.iter().find(|group| group.contains(&key)).map(|group| (k.name, group)));
-                    if let Some((owner, group)) = owner {
-                        let what = match group {
-                            [one] => format!("`{one}` belongs"),
-                            many => {
-                                let quoted: Vec<String> = many.iter().map(|k| format!("`{k}`")).collect();
-                                let (last, rest) = quoted.split_last().expect("a group");
-                                format!("{} and {last} belong", rest.join(", "))
-                            }
-                        };
-                        return Err(at(Some(span.clone()), format!("step `{name}`: {what} to {owner} steps, not {task_name}")));
-                    }
-                }
-            }
+            let kind = step_kind(head, own, span, &at)?;
             let cx = StepContext {
                 name,
                 span: span.clone(),
-                task: task_name,
+                task: kind.name,
                 model: head.model.as_ref(),
                 variables: &variables,
                 models: &models,
                 earlier: &earlier,
+                kinds: tasks::KINDS,
                 all_names: &all_names,
                 base: &base,
                 seed,
                 at: &at,
             };
-            let task = (kind.parse)(&cx, own.clone())?;
+            let task = Task::parse(kind, &cx, own.clone())?;
             let output = match &head.output {
                 Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| cx.err(None, e))?),
                 None => PathBuf::from(format!("{name}.json")),
@@ -550,9 +213,126 @@ impl Workflow {
     }
 }
 
+/// Where a workflow error is: a span of the file, or the file as a whole.
+type Locate<'a> = dyn Fn(Option<Range<usize>>, String) -> WorkflowError + 'a;
+
+/// `[variables]`: each default's value, typed by the default.
+fn read_variables(decls: &BTreeMap<String, Spanned<toml::Value>>, at: &Locate) -> Result<BTreeMap<String, Value>, WorkflowError> {
+    let mut variables = BTreeMap::new();
+    for (key, v) in decls {
+        let value = match v.get_ref() {
+            toml::Value::String(s) => Value::Str(s.clone()),
+            toml::Value::Integer(i) => Value::Int(*i),
+            toml::Value::Float(f) => Value::Float(*f),
+            toml::Value::Boolean(b) => Value::Bool(*b),
+            other => {
+                return Err(at(
+                    Some(v.span()),
+                    format!("variable `{key}`: a default must be a string, integer, number or boolean, not {}", other.type_str()),
+                ))
+            }
+        };
+        variables.insert(key.clone(), value);
+    }
+    Ok(variables)
+}
+
+/// `--set NAME=VALUE`s over the defaults: each names a declared variable
+/// and gives a value of its default's type.
+fn apply_sets(variables: &mut BTreeMap<String, Value>, sets: &[String], path: &Path) -> Result<(), WorkflowError> {
+    for set in sets {
+        let bad = |message: String| WorkflowError::Invalid { path: path.to_path_buf(), message: format!("--set {set}: {message}") };
+        let (key, text) = set.split_once('=').ok_or_else(|| bad("expected NAME=VALUE".into()))?;
+        let key = key.trim();
+        let Some(default) = variables.get(key) else {
+            let known: Vec<&str> = variables.keys().map(String::as_str).collect();
+            return Err(bad(if known.is_empty() {
+                "the workflow declares no variables".into()
+            } else {
+                format!("no variable `{key}` (declared: {})", known.join(", "))
+            }));
+        };
+        let value = default
+            .with(text)
+            .ok_or_else(|| bad(format!("`{key}` is {} (default {default}), and `{text}` is not one", default.type_name())))?;
+        variables.insert(key.to_string(), value);
+    }
+    Ok(())
+}
+
+/// A `[[steps]]` table cut in two: the keys every step has, decoded, and
+/// the task's own keys, left for its module to read.
+struct StepValue<'s> {
+    span: Range<usize>,
+    head: StepHead,
+    own: Spanned<toml::de::DeValue<'s>>,
+}
+
+fn read_head<'s>(
+    value: Spanned<toml::de::DeValue<'s>>,
+    at: &Locate,
+    toml_err: &dyn Fn(toml::de::Error) -> WorkflowError,
+) -> Result<StepValue<'s>, WorkflowError> {
+    let span = value.span();
+    let toml::de::DeValue::Table(table) = value.get_ref() else {
+        return Err(at(Some(span), "a step must be a table: write each step as [[steps]]".into()));
+    };
+    let (mut head, mut own) = (toml::de::DeTable::new(), toml::de::DeTable::new());
+    for (k, v) in table.iter() {
+        let side = if COMMON_KEYS.contains(&k.get_ref().as_ref()) { &mut head } else { &mut own };
+        side.insert(k.clone(), v.clone());
+    }
+    let head = {
+        use serde::de::IntoDeserializer;
+        StepHead::deserialize(Spanned::new(span.clone(), toml::de::DeValue::Table(head)).into_deserializer()).map_err(toml_err)?
+    };
+    Ok(StepValue { span: span.clone(), head, own: Spanned::new(span, toml::de::DeValue::Table(own)) })
+}
+
+/// The task a step names; a key of another task is an error that says whose
+/// it is.
+fn step_kind(head: &StepHead, own: &Spanned<toml::de::DeValue<'_>>, span: &Range<usize>, at: &Locate) -> Result<&'static Kind, WorkflowError> {
+    let name = head.name.get_ref();
+    let task_name = head.task.get_ref().as_str();
+    let Some(kind) = tasks::kind(task_name) else {
+        let names: Vec<String> = tasks::KINDS.iter().map(|k| format!("`{}`", k.name)).collect();
+        let (last, rest) = names.split_last().expect("tasks");
+        return Err(at(Some(head.task.span()), format!("unknown task `{task_name}`: expected {} or {last}", rest.join(", "))));
+    };
+    if let toml::de::DeValue::Table(keys) = own.get_ref() {
+        for key in keys.keys() {
+            let key = key.get_ref().as_ref();
+            if kind.keys.iter().any(|group| group.contains(&key)) {
+                continue;
+            }
+            let owner = tasks::KINDS
+                .iter()
+                .filter(|k| k.name != kind.name)
+                .find_map(|k| k.keys.iter().find(|group| group.contains(&key)).map(|group| (k.name, group)));
+            if let Some((owner, group)) = owner {
+                let what = match group {
+                    [one] => format!("`{one}` belongs"),
+                    many => {
+                        let quoted: Vec<String> = many.iter().map(|k| format!("`{k}`")).collect();
+                        let (last, rest) = quoted.split_last().expect("a group");
+                        format!("{} and {last} belong", rest.join(", "))
+                    }
+                };
+                return Err(at(Some(span.clone()), format!("step `{name}`: {what} to {owner} steps, not {task_name}")));
+            }
+        }
+    }
+    Ok(kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::template::Piece;
+    use mora_common::manifest::WeightDType;
+    use mora_common::protocol::DeviceSpec;
+    use mora_common::units::KeepAlive;
+    use mora_common::ModelSource;
     use crate::tasks::embed::{EmbedStep, Texts};
     use crate::tasks::generate::{GenerateStep, PromptDecl, DEFAULT_MAX_TOKENS};
     use crate::tasks::rank::{RankStep, DEFAULT_TOP_K};
@@ -655,7 +435,7 @@ output = "embeddings.json"
 
     #[test]
     fn texts_file_skips_blank_lines() {
-        let dir = mora_common::scratch::Scratch::new("wf");
+        let dir = mora_test_support::Scratch::new("wf");
         let f = dir.join("corpus.txt");
         std::fs::write(&f, "one\n\n two \nthree\n").unwrap();
         assert_eq!(Texts::File(f.clone()).load().unwrap(), vec!["one", " two ", "three"]);

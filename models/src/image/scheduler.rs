@@ -1989,7 +1989,7 @@ mod tests {
     fn file_and_json_errors_name_the_file() {
         let e = SchedulerSpec::from_file(Path::new("/nonexistent/scheduler_config.json"), None).unwrap_err();
         assert_eq!(e.file, "/nonexistent/scheduler_config.json");
-        let d = mora_common::scratch::Scratch::new("sched");
+        let d = mora_test_support::Scratch::new("sched");
         let path = d.join("scheduler_config.json");
         std::fs::write(&path, serde_json::to_vec(&sd15()).unwrap()).unwrap();
         let s = SchedulerSpec::from_file(&path, Some("euler_a")).unwrap();

@@ -5,7 +5,7 @@
 //! The crate's `Unigram::from` pushes every piece into a trie with a hash
 //! map in every node: for XLM-RoBERTa's 250 002 pieces, about 0.8 s of a
 //! warm run's start, spent again by every fresh process. Here the pieces are
-//! a `Vocabulary` (`mora_common::vocab`: the pieces' text once, an index of
+//! a `Vocabulary` (`vocab`: the pieces' text once, an index of
 //! piece to id as the crate keeps beside its trie, ids to pieces) with their
 //! `Scores` beside it, both read from the file or lent by the daemon, and
 //! the prefixes of the text that are pieces are found by looking up each
@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mora_common::vocab::{Scores, Vocabulary};
+use crate::vocab::{Scores, Vocabulary};
 use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 use tokenizers::{Result, Token};
@@ -239,8 +239,8 @@ impl Serialize for InOrder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::same_tokens as same;
-    use mora_common::vocab::Text;
+    use crate::same_tokens as same;
+    use crate::vocab::Text;
     use proptest::prelude::*;
     use std::borrow::Cow;
     use tokenizers::Model;
@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&ours).unwrap(), serde_json::to_string(&theirs).unwrap());
         assert_eq!(ours.get_vocab(), theirs.get_vocab());
         assert_eq!((ours.id_to_token(2), ours.get_vocab_size()), (theirs.id_to_token(2), theirs.get_vocab_size()));
-        let d = mora_common::scratch::Scratch::new("unigram-save");
+        let d = mora_test_support::Scratch::new("unigram-save");
         let saved = ours.save(&d.join(""), Some("m")).unwrap();
         assert_eq!(saved, [d.join("m-unigram.json")]);
         let back = tokenizers::models::unigram::Unigram::load(&saved[0]).unwrap();
