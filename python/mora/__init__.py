@@ -10,7 +10,14 @@ and started when none answers, as ``mora-exec`` reaches it.
 
     with mora.connect() as client:
         sd = client.state_dict("sentence-transformers/all-MiniLM-L6-v2")
-        model.load_state_dict(sd, assign=True)
+        with mora.init_empty_weights():        # parameters on meta, buffers real
+            model = AutoModel.from_config(AutoConfig.from_pretrained(sd.dir))
+        mora.load_state_dict(model, sd, strict=False)   # assign=True; nothing left on meta
+
+Build the module under ``mora.init_empty_weights()``, not
+``torch.device("meta")``: the latter leaves buffers that no state dict
+carries (``position_ids``) on meta, with no data, and the model then computes
+on memory nobody wrote; ``mora.load_state_dict`` refuses such a module.
 
 Host arrays view a private copy-on-write mapping of the daemon's sealed
 segment: numpy arrays are read-only (``writeable=False``); an in-place write
@@ -34,10 +41,12 @@ from .errors import (
     DaemonError,
     DaemonNotRunning,
     InvalidArgument,
+    MetaTensorsLeft,
     ModelNotFound,
     MoraError,
     VersionMismatch,
 )
+from ._modules import init_empty_weights, load_state_dict
 
 __version__: str = _mora.__version__
 PROTOCOL_VERSION: int = _mora.PROTOCOL_VERSION
@@ -45,6 +54,8 @@ PROTOCOL_VERSION: int = _mora.PROTOCOL_VERSION
 __all__ = [
     "connect",
     "safe_open",
+    "init_empty_weights",
+    "load_state_dict",
     "Client",
     "StateDict",
     "SafeOpen",
@@ -58,6 +69,7 @@ __all__ = [
     "ClientClosed",
     "ModelNotFound",
     "DaemonError",
+    "MetaTensorsLeft",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]

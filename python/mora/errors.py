@@ -6,6 +6,8 @@ for the same failure (what, where, what to do), as ``str(exc)``.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 __all__ = [
     "MoraError",
     "InvalidArgument",
@@ -16,6 +18,7 @@ __all__ = [
     "ClientClosed",
     "ModelNotFound",
     "DaemonError",
+    "MetaTensorsLeft",
 ]
 
 
@@ -63,3 +66,20 @@ class DaemonError(MoraError):
     def __init__(self, message: str, kind: str = "internal") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class MetaTensorsLeft(MoraError, ValueError):
+    """A module still has parameters or buffers on the ``meta`` device after
+    :func:`mora.load_state_dict`: tensors with a shape and no data, which
+    would compute on whatever memory they later land on instead of failing.
+
+    The usual cause is a module built under ``torch.device("meta")``: its
+    non-persistent buffers (a CLIP text model's ``position_ids``) are not in
+    any state dict, so nothing replaces them. Build it under
+    :func:`mora.init_empty_weights` instead. ``names`` lists every tensor
+    left, parameters and buffers by their ``state_dict``-style names.
+    """
+
+    def __init__(self, message: str, names: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.names = list(names)

@@ -1,6 +1,8 @@
 """The torch paths: tensors over the daemon's segment, what an in-place
-write does, and the interop recipes of docs/python.md (transformers,
-sentence-transformers). Skipped, with the reason, where torch (or the
+write does, building a module empty and filling it (mora.init_empty_weights,
+mora.load_state_dict, and the refusal of a module built under
+torch.device("meta")), and the interop recipes of docs/python.md
+(transformers, sentence-transformers, diffusers). Skipped, with the reason, where torch (or the
 library a recipe needs) is not importable; tests/python.rs runs them with
 the benchmarks' Python peer when it is installed."""
 
@@ -78,8 +80,9 @@ def test_transformers_bert_from_mora_matches_the_disk_load_without_a_copy(daemon
         transformers.AutoModel.from_config(config)  # warm the imports and allocator before measuring
         gc.collect()
         anon = status("RssAnon")
-        model = transformers.AutoModel.from_config(config)
-        model.load_state_dict(sd, assign=True, strict=False)
+        with mora.init_empty_weights():
+            model = transformers.AutoModel.from_config(config)
+        mora.load_state_dict(model, sd, strict=False)
         model.eval()
         with torch.no_grad():
             got = model(input_ids=ids).last_hidden_state
@@ -119,8 +122,9 @@ def test_a_diffusers_unet_fed_from_a_pipeline_subfolder_matches_its_own_load(dae
         sd = client.state_dict(pipe, subfolder="unet")
         assert sd.name == str(pipe / "unet")
         config = diffusers.UNet2DConditionModel.load_config(str(pipe), subfolder="unet")
-        fed = diffusers.UNet2DConditionModel.from_config(config)
-        fed.load_state_dict(sd, assign=True)
+        with mora.init_empty_weights():
+            fed = diffusers.UNet2DConditionModel.from_config(config)
+        mora.load_state_dict(fed, sd)
         fed.eval()
         assert fed.conv_in.weight.data_ptr() == sd["conv_in.weight"].data_ptr()
         ref = diffusers.UNet2DConditionModel.from_pretrained(str(pipe), subfolder="unet", torch_dtype=torch.float32)
@@ -129,6 +133,137 @@ def test_a_diffusers_unet_fed_from_a_pipeline_subfolder_matches_its_own_load(dae
             got = fed(sample, 500, encoder_hidden_states=context).sample
             want = ref(sample, 500, encoder_hidden_states=context).sample
         assert torch.equal(got, want)
+
+
+class Positions(torch.nn.Module):
+    """A module with a non-persistent buffer, as CLIP's text embeddings have:
+    its ``position_ids`` are in no state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 4)
+        self.proj = torch.nn.Linear(4, 3)
+        self.register_buffer("position_ids", torch.arange(16).unsqueeze(0), persistent=False)
+
+    def forward(self, n: int) -> "torch.Tensor":
+        return self.proj(self.embed(self.position_ids[:, :n]))
+
+
+def reference_positions() -> Positions:
+    torch.manual_seed(0)
+    return Positions().eval()
+
+
+def test_a_module_built_on_the_meta_device_is_refused_naming_its_buffer():
+    ref = reference_positions()
+    with torch.device("meta"):
+        fed = Positions()
+    with pytest.raises(mora.MetaTensorsLeft) as e:
+        mora.load_state_dict(fed, ref.state_dict())
+    msg = str(e.value)
+    assert isinstance(e.value, mora.MoraError) and isinstance(e.value, ValueError)
+    assert e.value.names == ["position_ids"]
+    assert "1 tensor of Positions" in msg and "position_ids (buffer)" in msg and "mora.init_empty_weights()" in msg, msg
+    assert "\n" not in msg
+
+
+def test_init_empty_weights_keeps_buffers_real_and_matches_a_normal_load():
+    ref = reference_positions()
+    sd = ref.state_dict()
+    with mora.init_empty_weights():
+        fed = Positions()
+    assert all(p.is_meta for p in fed.parameters())
+    assert isinstance(fed.proj.weight, torch.nn.Parameter) and fed.proj.weight.requires_grad
+    assert torch.equal(fed.position_ids, torch.arange(16).unsqueeze(0))
+    assert mora.load_state_dict(fed, sd) is fed
+    assert fed.proj.weight.data_ptr() == sd["proj.weight"].data_ptr()  # assigned, not copied
+    with torch.no_grad():
+        assert torch.equal(fed(5), ref(5))
+    # Out of the block, modules are built as usual again.
+    assert not any(p.is_meta for p in Positions().parameters())
+
+
+def test_init_empty_weights_acts_only_in_its_thread():
+    import threading
+
+    built = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        built["other"] = torch.nn.Linear(2, 2)
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with mora.init_empty_weights():
+        inside.set()
+        done.wait()
+        built["this"] = torch.nn.Linear(2, 2)
+    t.join()
+    assert built["this"].weight.is_meta and not built["other"].weight.is_meta
+
+
+def test_parameters_the_state_dict_lacks_are_refused_in_one_line():
+    with mora.init_empty_weights():
+        fed = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))
+    with pytest.raises(mora.MetaTensorsLeft) as e:
+        mora.load_state_dict(fed, {}, strict=False)
+    msg = str(e.value)
+    assert len(e.value.names) == 8 and "8 tensors of Sequential" in msg, msg
+    assert "0.weight (parameter)" in msg and "and 3 more" in msg and "the state dict lacks" in msg, msg
+    assert "init_empty_weights" not in msg and "\n" not in msg
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict=True: torch's own check comes first
+        mora.load_state_dict(fed, {})
+
+
+def test_a_clip_text_encoder_fed_from_mora_needs_its_position_ids(daemon):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from pathlib import Path
+
+    pipe = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "image" / "pipelines" / "sd15"
+    ids = torch.tensor([[727, 5, 17, 300, 2]])
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(pipe, subfolder="text_encoder")
+        config = transformers.CLIPTextConfig.from_pretrained(str(pipe / "text_encoder"))
+        with torch.device("meta"):
+            on_meta = transformers.CLIPTextModel(config)
+        with pytest.raises(mora.MetaTensorsLeft) as e:
+            mora.load_state_dict(on_meta, sd)
+        # transformers 5 names it embeddings.position_ids (the fixture's keys), 4 text_model.embeddings.position_ids.
+        assert [n for n in e.value.names if n.endswith("embeddings.position_ids")] == e.value.names, str(e.value)
+        assert "embeddings.position_ids (buffer)" in str(e.value), str(e.value)
+        with mora.init_empty_weights():
+            fed = transformers.CLIPTextModel(config)
+        mora.load_state_dict(fed, sd)
+        fed.eval()
+        lent = next(t for name, t in sd.items() if name.endswith("embeddings.token_embedding.weight"))
+        assert fed.get_input_embeddings().weight.data_ptr() == lent.data_ptr()
+        ref = transformers.CLIPTextModel.from_pretrained(str(pipe / "text_encoder"), torch_dtype=torch.float32)
+        ref.eval()
+        with torch.no_grad():
+            got = fed(input_ids=ids).last_hidden_state
+            want = ref(input_ids=ids).last_hidden_state
+        assert torch.equal(got, want)
+
+
+def test_a_tied_weight_absent_from_the_checkpoint_is_tied_again():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, max_position_embeddings=16
+    )
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(config).eval()
+    tied = "cls.predictions.decoder.weight"
+    sd = {k: v for k, v in ref.state_dict().items() if k != tied}  # as safetensors saves a tied pair
+    with mora.init_empty_weights():
+        fed = transformers.BertForMaskedLM(config)
+    mora.load_state_dict(fed, sd, strict=False)
+    fed.eval()
+    assert fed.cls.predictions.decoder.weight is fed.bert.embeddings.word_embeddings.weight
+    ids = torch.tensor([[1, 7, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(fed(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(daemon):
