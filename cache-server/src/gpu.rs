@@ -1,7 +1,8 @@
 //! GPU memory as the daemon uses it, behind a trait: the rules that govern it
 //! (a budget per GPU, nothing freed while a client maps it) are the
-//! registry's, and are tested with [`fake`] on machines without a GPU. The
-//! CUDA implementation is [`crate::cuda`], in builds with the `cuda` feature.
+//! registry's, and are tested with a fake (`fake`, in test builds only) on
+//! machines without a GPU. The CUDA implementation is [`crate::cuda`], in
+//! builds with the `cuda` feature.
 
 use mora_common::gpu::GpuInfo;
 
@@ -59,6 +60,8 @@ pub trait Upload: Sync {
 
 /// A GPU made of host memory, for tests: records what is allocated and
 /// freed, and keeps the bytes so tests can read back what was uploaded.
+/// Compiled into test builds only: the daemon never offers it.
+#[cfg(test)]
 pub mod fake {
     use super::*;
     use std::sync::{Arc, Condvar, Mutex};

@@ -10,7 +10,7 @@
 //! - [`checkpoint`] reads safetensors files into sealed segments or GPU memory;
 //! - [`metrics`] counts what the daemon does and reads the cache's state for
 //!   Prometheus, and [`scrape`] serves it over HTTP (`serve --metrics`);
-//! - [`gpu`] is GPU memory behind a trait (a fake for tests), and `cuda`
+//! - [`gpu`] is GPU memory behind a trait (a fake in test builds), and `cuda`
 //!   (feature `cuda`) its implementation over the CUDA driver.
 
 pub mod admin;
