@@ -26,7 +26,7 @@ use mora_common::segment::{shared_memory_huge_pages, Segment, SegmentError, Segm
 use mora_common::ResolvedModel;
 use mora_tokenizers::vocab::Prepared;
 
-use crate::gpu::{DeviceBuffer, GpuMemory};
+use crate::gpu::{DeviceBuffer, GpuError, GpuMemory, STAGING_BYTES};
 
 /// Safetensors headers above this size are refused before they are read:
 /// a header of a model with 100 000 tensors is about 10 MiB (docs/decisions.md).
@@ -43,7 +43,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Segment(#[from] SegmentError),
     #[error("GPU: {0}")]
-    Gpu(String),
+    Gpu(#[from] GpuError),
     #[error("cannot write the shared-memory segment: {0}")]
     Write(io::Error),
 }
@@ -285,8 +285,9 @@ const READ_AHEAD: u64 = 32 << 20;
 /// Bytes per chunk when a host segment or a GPU allocation is filled, and
 /// how often progress moves: small enough that a converted chunk is still
 /// in the CPU's cache when it is copied on, and that the chunks spread
-/// evenly over the workers.
+/// evenly over the workers. A GPU upload's staging buffers hold one chunk.
 pub const WRITE_CHUNK: usize = 4 << 20;
+const _: () = assert!(WRITE_CHUNK <= STAGING_BYTES, "a chunk must fit a GPU staging buffer");
 
 /// At most this many threads fill one segment or GPU allocation. Page
 /// allocation in the kernel is what they share on the host; more than two
@@ -509,7 +510,7 @@ fn fill_host(plan: &Plan, sink: HostSink<'_>, threads: usize, progress: &AtomicU
 fn fill_device(plan: &Plan, buffer: &mut dyn DeviceBuffer, threads: usize, progress: &AtomicU64) -> Result<u64, CheckpointError> {
     let chunks = plan.chunks(WRITE_CHUNK);
     let threads = threads.clamp(1, chunks.len().max(1));
-    let upload = buffer.upload(threads).map_err(CheckpointError::Gpu)?;
+    let upload = buffer.upload(threads)?;
     let files = Files::open(plan, threads == 1)?;
     let convert_threads = if threads == 1 { mora_common::convert::cores().saturating_sub(1).max(1) } else { 1 };
     let failure = Failure::default();
@@ -518,13 +519,16 @@ fn fill_device(plan: &Plan, buffer: &mut dyn DeviceBuffer, threads: usize, progr
         let mut scratch = Vec::new();
         failure.each(&jobs, |chunk| {
             let (offset, len) = plan.place(chunk);
-            upload.put(offset, len, &mut |out: &mut [u8]| plan.read_chunk(chunk, &files, out, &mut scratch, convert_threads))?;
+            // On a failed read the buffer is dropped unsent: it goes back unused.
+            let mut staged = upload.stage(offset, len)?;
+            plan.read_chunk(chunk, &files, staged.bytes(), &mut scratch, convert_threads)?;
+            staged.send()?;
             progress.fetch_add(len as u64, Ordering::Relaxed);
             Ok(())
         });
     });
     let bytes_read = failure.result(plan.bytes_stored())?;
-    upload.finish().map_err(CheckpointError::Gpu)?;
+    upload.finish()?;
     Ok(bytes_read)
 }
 
@@ -614,7 +618,7 @@ pub fn load_plan(name: &str, plan: Plan, target: Target<'_>, progress: &AtomicU6
         // not zero a page that a write fills (docs/decisions.md).
         Target::Host => load_host(name, &plan, fill_by_mapping(), fill_threads(), progress)?,
         Target::Gpu(gpus, uuid) => {
-            let mut buffer = gpus.allocate(uuid, len, name).map_err(CheckpointError::Gpu)?;
+            let mut buffer = gpus.allocate(uuid, len, name)?;
             let bytes_read = fill_device(&plan, &mut *buffer, fill_threads(), progress)?;
             (Storage::Gpu(buffer), bytes_read)
         }

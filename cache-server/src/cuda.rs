@@ -2,7 +2,7 @@
 //!
 //! Each model is one `cuMemAlloc` allocation (not the stream-ordered pool,
 //! whose allocations `cuIpcGetMemHandle` refuses), exported once. Uploads go
-//! through pinned host buffers of [`WRITE_CHUNK`] bytes, one more than the
+//! through pinned host buffers of [`STAGING_BYTES`] bytes, one more than the
 //! threads that fill them, on a stream of their own: while one buffer is
 //! copied to the device, the loading threads read the next chunks from disk
 //! into the others. The pinned buffers are kept between loads.
@@ -21,8 +21,7 @@ use cudarc::driver::{sys, CudaContext, DriverError};
 use mora_common::gpu::{self, GpuInfo};
 use mora_common::protocol::{GpuUuid, IpcHandle};
 
-use crate::checkpoint::{CheckpointError, WRITE_CHUNK};
-use crate::gpu::{DeviceBuffer, GpuDevice, GpuMemory, Upload};
+use crate::gpu::{DeviceBuffer, GpuDevice, GpuError, GpuMemory, Staged, Upload, STAGING_BYTES};
 
 /// Share of a GPU's memory left out of the budget by default, for the
 /// clients' own CUDA contexts and activations...
@@ -41,23 +40,24 @@ pub struct CudaGpus {
     staging: Vec<Arc<StagingPool>>,
 }
 
-fn err(what: &str, e: DriverError) -> String {
-    format!("{what} failed: {e}")
+/// A failed driver call, named.
+fn driver(call: &'static str, source: DriverError) -> GpuError {
+    GpuError::Driver { call, source }
 }
 
 impl CudaGpus {
     /// Opens every GPU this process sees. Each one's budget is the memory
     /// free now minus `reserve` (default: 10% of the GPU, at least 2 GiB),
     /// capped at `max` when given.
-    pub fn open(reserve: Option<u64>, max: Option<u64>) -> Result<Self, String> {
-        let infos: Vec<GpuInfo> = gpu::visible()?;
+    pub fn open(reserve: Option<u64>, max: Option<u64>) -> Result<Self, GpuError> {
+        let infos: Vec<GpuInfo> = gpu::visible().map_err(GpuError::Enumerate)?;
         if infos.is_empty() {
-            return Err("the CUDA driver reports no GPU".into());
+            return Err(GpuError::NoGpu);
         }
         let (mut devices, mut staging) = (Vec::new(), Vec::new());
         for info in infos {
-            let ctx = CudaContext::new(info.ordinal as usize).map_err(|e| err("creating a CUDA context", e))?;
-            let (free, _total) = result::mem_get_info().map_err(|e| err("cuMemGetInfo", e))?;
+            let ctx = CudaContext::new(info.ordinal as usize).map_err(|e| driver("creating a CUDA context", e))?;
+            let (free, _total) = result::mem_get_info().map_err(|e| driver("cuMemGetInfo", e))?;
             let reserve = reserve.unwrap_or(((info.total as f64 * DEFAULT_RESERVE_FRACTION) as u64).max(MIN_RESERVE));
             let mut budget = (free as u64).saturating_sub(reserve);
             if let Some(max) = max {
@@ -69,8 +69,8 @@ impl CudaGpus {
         Ok(CudaGpus { devices, staging })
     }
 
-    fn index(&self, uuid: GpuUuid) -> Result<usize, String> {
-        self.devices.iter().position(|d| d.info.uuid == uuid).ok_or_else(|| format!("no GPU {uuid} in this daemon"))
+    fn index(&self, uuid: GpuUuid) -> Result<usize, GpuError> {
+        self.devices.iter().position(|d| d.info.uuid == uuid).ok_or(GpuError::UnknownGpu(uuid))
     }
 }
 
@@ -79,12 +79,12 @@ impl GpuMemory for CudaGpus {
         &self.devices
     }
 
-    fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, String> {
+    fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, GpuError> {
         let staging = self.staging[self.index(gpu)?].clone();
-        staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
+        staging.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))?;
         // SAFETY: a plain allocation in the context bound just above.
         let ptr = unsafe { result::malloc_sync(len as usize) }
-            .map_err(|e| format!("cannot allocate {len} bytes on GPU {gpu} for {label}: {e}"))?;
+            .map_err(|source| GpuError::Allocate { len, gpu, label: label.to_string(), source })?;
         let mut raw = MaybeUninit::<sys::CUipcMemHandle>::uninit();
         // SAFETY: `ptr` is the base of a live cuMemAlloc allocation; the
         // handle is written in full on success.
@@ -92,7 +92,7 @@ impl GpuMemory for CudaGpus {
         if let Err(e) = exported {
             // SAFETY: allocated above, never exported, freed once.
             let _ = unsafe { result::free_sync(ptr) };
-            return Err(err("cuIpcGetMemHandle", e));
+            return Err(driver("cuIpcGetMemHandle", e));
         }
         // SAFETY: initialised by the successful call above.
         let handle = IpcHandle(unsafe { raw.assume_init() }.reserved.map(|c| c as u8));
@@ -126,7 +126,7 @@ impl DeviceBuffer for CudaBuffer {
         self.handle
     }
 
-    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String> {
+    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, GpuError> {
         Ok(Box::new(CudaUpload::new(self, threads.max(1) + 1)?))
     }
 }
@@ -145,7 +145,7 @@ impl Drop for CudaBuffer {
     }
 }
 
-/// A page-locked host buffer of [`WRITE_CHUNK`] bytes.
+/// A page-locked host buffer of [`STAGING_BYTES`] bytes.
 struct Pinned(*mut u8);
 
 // SAFETY: a plain allocation, used by one thread at a time (the pool's lock,
@@ -164,12 +164,12 @@ struct StagingPool {
 
 impl StagingPool {
     /// A kept buffer, or a new one. The caller has bound the context.
-    fn take(&self) -> Result<Pinned, String> {
+    fn take(&self) -> Result<Pinned, GpuError> {
         if let Some(p) = self.kept.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(p);
         }
         // SAFETY: a fresh pinned allocation, freed by `give_back` or Drop.
-        let host = unsafe { result::malloc_host(WRITE_CHUNK, 0) }.map_err(|e| err("cuMemHostAlloc", e))?;
+        let host = unsafe { result::malloc_host(STAGING_BYTES, 0) }.map_err(|e| driver("cuMemHostAlloc", e))?;
         Ok(Pinned(host.cast()))
     }
 
@@ -216,9 +216,10 @@ struct Slots {
 
 /// An upload from several threads at once. A slot is in exactly one place:
 /// the free list, the in-flight queue (its copy queued and its event
-/// recorded after it), or the hands of one `put`, which took it from one of
-/// those under the lock, waited for its event if it was in flight, and gives
-/// it back only under the lock.
+/// recorded after it), or the hands of one [`CudaStaged`], which took it
+/// from one of those under the lock, waited for its event if it was in
+/// flight, and gives it back (queued, or free when dropped unsent) only
+/// under the lock.
 struct CudaUpload<'a> {
     buf: &'a CudaBuffer,
     stream: sys::CUstream,
@@ -233,9 +234,9 @@ struct CudaUpload<'a> {
 unsafe impl Sync for CudaUpload<'_> {}
 
 impl<'a> CudaUpload<'a> {
-    fn new(buf: &'a CudaBuffer, buffers: usize) -> Result<Self, String> {
-        buf.staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
-        let stream = result::stream::create(StreamKind::NonBlocking).map_err(|e| err("cuStreamCreate", e))?;
+    fn new(buf: &'a CudaBuffer, buffers: usize) -> Result<Self, GpuError> {
+        buf.staging.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))?;
+        let stream = result::stream::create(StreamKind::NonBlocking).map_err(|e| driver("cuStreamCreate", e))?;
         let mut up = CudaUpload { buf, stream, slots: Vec::new(), state: Mutex::default(), changed: Condvar::new() };
         for i in 0..buffers {
             let host = buf.staging.take()?;
@@ -243,7 +244,7 @@ impl<'a> CudaUpload<'a> {
                 Ok(ev) => ev,
                 Err(e) => {
                     buf.staging.give_back(host);
-                    return Err(err("cuEventCreate", e));
+                    return Err(driver("cuEventCreate", e));
                 }
             };
             up.slots.push(Slot { host, event });
@@ -256,20 +257,20 @@ impl<'a> CudaUpload<'a> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks the upload failed and wakes every waiting `put`.
+    /// Marks the upload failed and wakes every waiting `stage`.
     fn break_off(&self) {
         self.lock().broken = true;
         self.changed.notify_all();
     }
 
-    /// A slot for one `put`: a free one, else the one whose copy was queued
+    /// A slot for one `stage`: a free one, else the one whose copy was queued
     /// first, once that copy is done, else (every slot being filled) the
     /// next one given back.
-    fn take(&self) -> Result<usize, CheckpointError> {
+    fn take(&self) -> Result<usize, GpuError> {
         let mut s = self.lock();
         loop {
             if s.broken {
-                return Err(CheckpointError::Gpu("an earlier host-to-device copy failed".into()));
+                return Err(GpuError::EarlierCopyFailed);
             }
             if let Some(i) = s.free.pop() {
                 return Ok(i);
@@ -282,7 +283,7 @@ impl<'a> CudaUpload<'a> {
                     Ok(()) => Ok(i),
                     Err(e) => {
                         self.break_off();
-                        Err(CheckpointError::Gpu(err("waiting for a host-to-device copy", e)))
+                        Err(driver("waiting for a host-to-device copy", e))
                     }
                 };
             }
@@ -292,29 +293,60 @@ impl<'a> CudaUpload<'a> {
 }
 
 impl Upload for CudaUpload<'_> {
-    fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
-        if len > WRITE_CHUNK || offset + len as u64 > self.buf.len {
-            return Err(CheckpointError::Gpu(format!("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation")));
+    fn stage(&self, offset: u64, len: usize) -> Result<Box<dyn Staged + '_>, GpuError> {
+        if len > STAGING_BYTES || offset + len as u64 > self.buf.len {
+            return Err(GpuError::ChunkOutOfBounds { offset, len });
         }
-        self.buf.staging.ctx.bind_to_thread().map_err(|e| CheckpointError::Gpu(err("binding the CUDA context", e)))?;
-        let i = self.take()?;
-        // SAFETY: slot `i` is this call's alone until it is given back below
-        // (see `CudaUpload`), and no copy reads it any more; its buffer is a
-        // live pinned allocation of WRITE_CHUNK bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(self.slots[i].host.0, len) };
-        if let Err(e) = fill(bytes) {
-            self.lock().free.push(i);
-            self.changed.notify_all();
-            return Err(e);
-        }
-        let mut s = self.lock();
+        self.buf.staging.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))?;
+        let slot = self.take()?;
+        Ok(Box::new(CudaStaged { upload: self, slot, offset, len, queued: false }))
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), GpuError> {
+        self.buf.staging.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))?;
+        // SAFETY: our own stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| driver("waiting for the upload", e))
+    }
+}
+
+/// Slot `slot` of an upload, in the hands of one caller (see
+/// [`CudaUpload`]): filled through [`bytes`](Staged::bytes), then queued by
+/// [`send`](Staged::send); dropped before its copy was queued, it goes back
+/// to the free list.
+struct CudaStaged<'s, 'a> {
+    upload: &'s CudaUpload<'a>,
+    slot: usize,
+    offset: u64,
+    len: usize,
+    /// Its copy may have been queued: the slot is the in-flight queue's (or,
+    /// the upload being broken, out of use), not the free list's.
+    queued: bool,
+}
+
+impl Staged for CudaStaged<'_, '_> {
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the slot is this guard's alone until it is given back (see
+        // `CudaUpload`), and no copy reads it any more; its buffer is a live
+        // pinned allocation of STAGING_BYTES bytes, and `len` is at most that
+        // (checked in `stage`).
+        unsafe { std::slice::from_raw_parts_mut(self.upload.slots[self.slot].host.0, self.len) }
+    }
+
+    fn send(mut self: Box<Self>) -> Result<(), GpuError> {
+        let up = self.upload;
+        up.buf.staging.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))?;
+        let i = self.slot;
+        // SAFETY: as in `bytes`; read only from here on.
+        let bytes = unsafe { std::slice::from_raw_parts(up.slots[i].host.0, self.len) };
+        let mut s = up.lock();
+        self.queued = true;
         // SAFETY: source: `len` bytes of slot `i`, which no one writes until
         // its event completes; destination: inside the allocation (checked
-        // above). The copy and its event are queued under the lock, so the
-        // in-flight queue keeps the stream's order.
+        // in `stage`). The copy and its event are queued under the lock, so
+        // the in-flight queue keeps the stream's order.
         let sent = unsafe {
-            result::memcpy_htod_async(self.buf.ptr + offset, &*bytes, self.stream)
-                .and_then(|()| result::event::record(self.slots[i].event, self.stream))
+            result::memcpy_htod_async(up.buf.ptr + self.offset, bytes, up.stream)
+                .and_then(|()| result::event::record(up.slots[i].event, up.stream))
         };
         match sent {
             Ok(()) => s.in_flight.push_back(i),
@@ -322,14 +354,17 @@ impl Upload for CudaUpload<'_> {
             Err(_) => s.broken = true,
         }
         drop(s);
-        self.changed.notify_all();
-        sent.map_err(|e| CheckpointError::Gpu(err("cuMemcpyHtoDAsync", e)))
+        up.changed.notify_all();
+        sent.map_err(|e| driver("cuMemcpyHtoDAsync", e))
     }
+}
 
-    fn finish(self: Box<Self>) -> Result<(), String> {
-        self.buf.staging.ctx.bind_to_thread().map_err(|e| err("binding the CUDA context", e))?;
-        // SAFETY: our own stream.
-        unsafe { result::stream::synchronize(self.stream) }.map_err(|e| err("waiting for the upload", e))
+impl Drop for CudaStaged<'_, '_> {
+    fn drop(&mut self) {
+        if !self.queued {
+            self.upload.lock().free.push(self.slot);
+            self.upload.changed.notify_all();
+        }
     }
 }
 

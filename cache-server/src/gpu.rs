@@ -1,13 +1,47 @@
 //! GPU memory as the daemon uses it, behind a trait: the rules that govern it
 //! (a budget per GPU, nothing freed while a client maps it) are the
 //! registry's, and are tested with a fake (`fake`, in test builds only) on
-//! machines without a GPU. The CUDA implementation is [`crate::cuda`], in
+//! machines without a GPU. The CUDA implementation is the `cuda` module, in
 //! builds with the `cuda` feature.
+//!
+//! This module is a leaf of the crate: it names nothing of the loader that
+//! fills the memory or of the registry that budgets it, so both can depend
+//! on it without a loop.
 
 use mora_common::gpu::GpuInfo;
-
-use crate::checkpoint::CheckpointError;
 use mora_common::protocol::{GpuUuid, IpcHandle};
+
+/// Bytes in each staging buffer of an [`Upload`]: the most one
+/// [`Upload::stage`] takes. The loader's chunks are at most this long.
+pub const STAGING_BYTES: usize = 4 << 20;
+
+/// What can go wrong with GPU memory. Each message names the driver call,
+/// the GPU or the chunk concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The GPUs could not be listed (`mora_common::gpu::visible`'s reason).
+    #[error("{0}")]
+    Enumerate(String),
+    #[error("the CUDA driver reports no GPU")]
+    NoGpu,
+    /// A GPU this daemon does not hold weights on.
+    #[error("no GPU {0} in this daemon")]
+    UnknownGpu(GpuUuid),
+    /// The device allocation itself failed (out of memory, most often).
+    #[cfg(feature = "cuda")]
+    #[error("cannot allocate {len} bytes on GPU {gpu} for {label}: {source}")]
+    Allocate { len: u64, gpu: GpuUuid, label: String, source: cudarc::driver::DriverError },
+    /// Any other CUDA driver call failed.
+    #[cfg(feature = "cuda")]
+    #[error("{call} failed: {source}")]
+    Driver { call: &'static str, source: cudarc::driver::DriverError },
+    /// A chunk longer than a staging buffer, or past the allocation's end.
+    #[error("chunk of {len} bytes at {offset} does not fit the staging buffer or the allocation")]
+    ChunkOutOfBounds { offset: u64, len: usize },
+    /// A copy could not be queued or waited for: the whole upload fails.
+    #[error("an earlier host-to-device copy failed")]
+    EarlierCopyFailed,
+}
 
 /// One GPU the daemon may hold weights on.
 #[derive(Debug, Clone)]
@@ -25,7 +59,7 @@ pub trait GpuMemory: Send + Sync {
 
     /// One allocation of `len` bytes on `gpu`, exported for IPC, not yet
     /// written. `label` names it in errors and logs.
-    fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, String>;
+    fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, GpuError>;
 }
 
 /// One exported device allocation. Dropping it frees the memory, so the
@@ -40,22 +74,33 @@ pub trait DeviceBuffer: Send + Sync {
     fn ipc_handle(&self) -> IpcHandle;
     /// Starts filling the allocation from host memory, from up to
     /// `threads` threads at once.
-    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String>;
+    fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, GpuError>;
 }
 
 /// Fills device memory from host staging buffers, from several threads at
-/// once: each [`put`](Upload::put) takes a free buffer (or the one whose copy
-/// was sent first, once that copy is done), has the caller fill it with the
-/// bytes that belong at an offset, and sends it to the device while the
-/// caller goes on to its next chunk.
+/// once: each [`stage`](Upload::stage) hands its caller a free buffer (or
+/// the one whose copy was sent first, once that copy is done) to fill with
+/// the bytes that belong at an offset; [`Staged::send`] copies it to the
+/// device while the caller goes on to its next chunk.
 pub trait Upload: Sync {
-    /// Has `fill` write the `len` bytes that belong at `offset` into a
-    /// staging buffer of [`WRITE_CHUNK`](crate::checkpoint::WRITE_CHUNK)
-    /// bytes, then copies them there. An error from `fill` is returned as it
-    /// is, and the buffer goes back unused.
-    fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError>;
-    /// Waits until every chunk is on the device.
-    fn finish(self: Box<Self>) -> Result<(), String>;
+    /// A staging buffer for the `len` bytes (at most [`STAGING_BYTES`]) that
+    /// belong at `offset` of the allocation; waits while every buffer is
+    /// taken or still being copied.
+    fn stage(&self, offset: u64, len: usize) -> Result<Box<dyn Staged + '_>, GpuError>;
+    /// Waits until every chunk sent is on the device.
+    fn finish(self: Box<Self>) -> Result<(), GpuError>;
+}
+
+/// One staging buffer, its caller's alone until it is sent or dropped.
+/// Dropped unsent (the caller failed to fill it), it goes back to the upload
+/// unused and nothing is copied.
+pub trait Staged {
+    /// The buffer: exactly the length asked for, holding whatever it held
+    /// before; the caller writes every byte.
+    fn bytes(&mut self) -> &mut [u8];
+    /// Queues the copy of the buffer to its offset on the device. The
+    /// buffer is handed out again only once that copy is done.
+    fn send(self: Box<Self>) -> Result<(), GpuError>;
 }
 
 /// A GPU made of host memory, for tests: records what is allocated and
@@ -106,9 +151,9 @@ pub mod fake {
             &self.devices
         }
 
-        fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, String> {
+        fn allocate(&self, gpu: GpuUuid, len: u64, label: &str) -> Result<Box<dyn DeviceBuffer>, GpuError> {
             if !self.devices.iter().any(|d| d.info.uuid == gpu) {
-                return Err(format!("no fake GPU {gpu}"));
+                return Err(GpuError::UnknownGpu(gpu));
             }
             self.log.events.lock().unwrap().push(Event::Allocated { label: label.into(), len });
             Ok(Box::new(FakeBuffer { gpu, label: label.into(), bytes: vec![0; len as usize], log: self.log.clone() }))
@@ -132,12 +177,11 @@ pub mod fake {
         fn ipc_handle(&self) -> IpcHandle {
             IpcHandle([0xab; 64])
         }
-        fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, String> {
+        fn upload(&mut self, threads: usize) -> Result<Box<dyn Upload + '_>, GpuError> {
             // One staging buffer more than threads, as the real one has.
-            let staging = (0..threads.max(1) + 1).map(|_| Mutex::new(Vec::new())).collect();
-            let free = Mutex::new((0..threads.max(1) + 1).collect());
+            let free = Mutex::new((0..threads.max(1) + 1).map(|_| Vec::new()).collect());
             let FakeBuffer { bytes, log, label, .. } = self;
-            Ok(Box::new(FakeUpload { bytes: Mutex::new(bytes), log, label, staging, free, freed: Condvar::new() }))
+            Ok(Box::new(FakeUpload { bytes: Mutex::new(bytes), log, label, free, freed: Condvar::new() }))
         }
     }
 
@@ -149,43 +193,71 @@ pub mod fake {
     }
 
     /// Stages through host buffers, as the real one does through pinned
-    /// memory, and copies each into the fake device memory as it is put.
+    /// memory, and copies each into the fake device memory as it is sent.
     struct FakeUpload<'a> {
         bytes: Mutex<&'a mut Vec<u8>>,
         log: &'a Arc<Log>,
         label: &'a str,
-        staging: Vec<Mutex<Vec<u8>>>,
-        free: Mutex<Vec<usize>>,
+        /// The staging buffers not handed out.
+        free: Mutex<Vec<Vec<u8>>>,
         freed: Condvar,
     }
 
+    impl FakeUpload<'_> {
+        fn give_back(&self, buf: Vec<u8>) {
+            self.free.lock().unwrap().push(buf);
+            self.freed.notify_one();
+        }
+    }
+
     impl Upload for FakeUpload<'_> {
-        fn put(&self, offset: u64, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
-            if len > crate::checkpoint::WRITE_CHUNK || offset + len as u64 > self.bytes.lock().unwrap().len() as u64 {
-                return Err(CheckpointError::Gpu(format!("chunk at {offset} of {len} bytes does not fit the staging buffer or the allocation")));
+        fn stage(&self, offset: u64, len: usize) -> Result<Box<dyn Staged + '_>, GpuError> {
+            if len > STAGING_BYTES || offset + len as u64 > self.bytes.lock().unwrap().len() as u64 {
+                return Err(GpuError::ChunkOutOfBounds { offset, len });
             }
-            let i = {
+            let mut buf = {
                 let mut free = self.free.lock().unwrap();
                 loop {
                     match free.pop() {
-                        Some(i) => break i,
+                        Some(b) => break b,
                         None => free = self.freed.wait(free).unwrap(),
                     }
                 }
             };
-            let result = {
-                let mut buf = self.staging[i].lock().unwrap();
-                buf.resize(len, 0);
-                fill(&mut buf).map(|()| self.bytes.lock().unwrap()[offset as usize..][..len].copy_from_slice(&buf))
-            };
-            self.free.lock().unwrap().push(i);
-            self.freed.notify_one();
-            result
+            buf.resize(len, 0);
+            Ok(Box::new(FakeStaged { upload: self, offset, buf: Some(buf) }))
         }
-        fn finish(self: Box<Self>) -> Result<(), String> {
+        fn finish(self: Box<Self>) -> Result<(), GpuError> {
             let bytes = self.bytes.lock().unwrap().clone();
             self.log.contents.lock().unwrap().insert(self.label.to_string(), bytes);
             Ok(())
+        }
+    }
+
+    /// A staging buffer out of a [`FakeUpload`]; `None` once sent.
+    struct FakeStaged<'s, 'a> {
+        upload: &'s FakeUpload<'a>,
+        offset: u64,
+        buf: Option<Vec<u8>>,
+    }
+
+    impl Staged for FakeStaged<'_, '_> {
+        fn bytes(&mut self) -> &mut [u8] {
+            self.buf.as_mut().expect("not sent yet")
+        }
+        fn send(mut self: Box<Self>) -> Result<(), GpuError> {
+            let buf = self.buf.take().expect("sent once");
+            self.upload.bytes.lock().unwrap()[self.offset as usize..][..buf.len()].copy_from_slice(&buf);
+            self.upload.give_back(buf);
+            Ok(())
+        }
+    }
+
+    impl Drop for FakeStaged<'_, '_> {
+        fn drop(&mut self) {
+            if let Some(buf) = self.buf.take() {
+                self.upload.give_back(buf);
+            }
         }
     }
 }
