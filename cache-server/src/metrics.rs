@@ -1,12 +1,16 @@
 //! What the daemon measures, for `serve --metrics`, in Prometheus' text
-//! format (through `prometheus-client`; [`crate::scrape`] serves it).
+//! format (through `prometheus-client`; the `scrape` module serves it).
 //!
 //! Counters are incremented where their events happen: loads in the
 //! registry's load task, hits and refusals where a request is answered,
 //! evictions in the registry's one eviction function. Gauges that describe
 //! the cache (bytes resident, models, leases, budgets) are not kept at all:
-//! [`CacheState`] reads them from the registry at each scrape, under its
-//! lock, so they can never drift from what `ps` shows.
+//! they are read at each scrape through [`CacheState`], which the registry
+//! implements under its lock, so they can never drift from what `ps` shows.
+//!
+//! The registry uses this module (it counts, and fills [`DeviceUsage`]);
+//! this module names nothing of the registry, only the [`CacheState`] trait
+//! it reads through.
 //!
 //! Every label takes its values from a small fixed set: a device (`cpu`,
 //! `cuda:N` in the daemon's own numbering), a result, a reason. Model names
@@ -24,9 +28,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 
-use mora_common::protocol::{Device, ErrorKind, GpuUuid, PROTOCOL_VERSION};
-
-use crate::registry::Registry;
+use mora_common::protocol::{Device, ErrorKind, GpuStatus, GpuUuid, PROTOCOL_VERSION};
 
 /// Upper bounds of the load-duration buckets, in seconds: a small model
 /// from the page cache (tens of milliseconds) to a large one from a slow
@@ -290,7 +292,7 @@ impl Metrics {
     }
 }
 
-/// What one device holds now, read from the registry under its lock.
+/// What one device holds now, as [`CacheState::usage`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceUsage {
     pub device: Device,
@@ -304,19 +306,33 @@ pub struct DeviceUsage {
     pub leases: u64,
 }
 
-/// The gauges read from the registry at each scrape.
-struct CacheState(Arc<Registry>);
+/// The state of the cache a scrape reads its gauges from: the registry
+/// implements it, reading its entries under its lock at each call, so the
+/// gauges always agree with `mora-cache ps`.
+pub trait CacheState: Send + Sync {
+    /// What each device (the host, then each GPU) holds now.
+    fn usage(&self) -> Vec<DeviceUsage>;
+    /// The GPUs the daemon holds weights on, in its ordinal order.
+    fn gpus(&self) -> Vec<GpuStatus>;
+}
 
-impl std::fmt::Debug for CacheState {
+/// The gauges read from the cache at each scrape.
+struct Gauges {
+    cache: Arc<dyn CacheState>,
+    /// For the device labels.
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Gauges {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheState")
+        f.write_str("Gauges")
     }
 }
 
-impl Collector for CacheState {
+impl Collector for Gauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let metrics = self.0.metrics();
-        let usage = self.0.usage();
+        let metrics = &self.metrics;
+        let usage = self.cache.usage();
         let per_device = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: fn(&DeviceUsage) -> u64| {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for u in &usage {
@@ -335,7 +351,7 @@ impl Collector for CacheState {
         per_device(&mut encoder, "mora_models_resident", "Models resident.", |u| u.models_resident)?;
         per_device(&mut encoder, "mora_models_loading", "Models being loaded.", |u| u.models_loading)?;
         per_device(&mut encoder, "mora_leases_open", "Leases held by clients now.", |u| u.leases)?;
-        let gpus = self.0.gpu_status();
+        let gpus = self.cache.gpus();
         if !gpus.is_empty() {
             let mut family = encoder.encode_descriptor(
                 "mora_gpu",
@@ -355,10 +371,9 @@ impl Collector for CacheState {
     }
 }
 
-/// The exposition of `registry`'s daemon: its counters, the gauges read at
-/// each scrape, build information.
-pub fn exposition(registry: &Arc<Registry>) -> prometheus_client::registry::Registry {
-    let m = registry.metrics();
+/// The exposition of a daemon: its counters `m`, the gauges read from
+/// `cache` at each scrape, build information.
+pub fn exposition(m: &Arc<Metrics>, cache: Arc<dyn CacheState>) -> prometheus_client::registry::Registry {
     let mut r = prometheus_client::registry::Registry::default();
     r.register(
         "mora_build",
@@ -380,7 +395,7 @@ pub fn exposition(registry: &Arc<Registry>) -> prometheus_client::registry::Regi
     );
     r.register("mora_evictions", "Models evicted, by reason", m.evictions.clone());
     r.register("mora_refusals", "Requests answered with an error, and connections refused at the hello, by reason", m.refusals.clone());
-    r.register_collector(Box::new(CacheState(registry.clone())));
+    r.register_collector(Box::new(Gauges { cache, metrics: m.clone() }));
     r
 }
 
@@ -397,97 +412,48 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::tests::{f32_bytes, model_dir, write_safetensors};
-    use crate::gpu::fake::FakeGpus;
-    use crate::registry::{Grant, Limits, ProgressSlot, Wants};
-    use mora_common::manifest::WeightDType;
-    use mora_common::protocol::{ErrorReply, Selector};
-    use mora_common::units::KeepAlive;
-    use mora_common::ModelSource;
 
     const GPU: GpuUuid = GpuUuid([0x42; 16]);
 
-    fn model(tag: &str, n: usize) -> (mora_test_support::Scratch, ModelSource) {
-        let d = model_dir(&format!("metrics-{tag}"));
-        let seed = tag.len() as f32 * 7.0;
-        let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
-        write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
-        let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
-        (d, source)
-    }
+    /// A cache that holds what it is told.
+    struct Stub(Vec<DeviceUsage>);
 
-    /// The value of the sample written exactly as `series` (name and labels).
-    fn sample(text: &str, series: &str) -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-            .parse()
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn counters_move_with_the_registry_and_gauges_read_it() {
-        let gpus = Arc::new(FakeGpus::one(GPU, 1 << 20));
-        let limits = Limits { budget: 1 << 20, default_keep_alive: KeepAlive::Forever };
-        let r = Arc::new(Registry::with_gpus(limits, Some(gpus)));
-        let exposition = exposition(&r);
-        let text = encode(&exposition).unwrap();
-        for (series, value) in [
-            ("mora_resident_bytes{device=\"cpu\"}", 0.0),
-            ("mora_budget_bytes{device=\"cpu\"}", (1u64 << 20) as f64),
-            ("mora_budget_bytes{device=\"cuda:0\"}", (1u64 << 20) as f64),
-            ("mora_loads_total{device=\"cuda:0\",result=\"ok\"}", 0.0),
-            ("mora_evictions_total{device=\"cpu\",reason=\"keep_alive\"}", 0.0),
-            ("mora_refusals_total{reason=\"handshake\"}", 0.0),
-            ("mora_clients_connected", 0.0),
-        ] {
-            assert_eq!(sample(&text, series), value, "{series}");
+    impl CacheState for Stub {
+        fn usage(&self) -> Vec<DeviceUsage> {
+            self.0.clone()
         }
-        assert!(text.contains(&format!("mora_gpu_info{{device=\"cuda:0\",uuid=\"{GPU}\",name=\"Fake GPU\"}} 1")), "{text}");
-        assert!(text.contains(&format!("mora_build_info{{version=\"{}\",", env!("CARGO_PKG_VERSION"))), "{text}");
-
-        let (_dir_m, m) = model("counted", 1000);
-        let cold = acquire(&r, &m, Device::Cpu).await.unwrap();
-        let warm = acquire(&r, &m, Device::Cpu).await.unwrap();
-        let on_gpu = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
-        let client = r.metrics().connected();
-        let text = encode(&exposition).unwrap();
-        assert_eq!(sample(&text, "mora_loads_total{device=\"cpu\",result=\"ok\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_loads_total{device=\"cuda:0\",result=\"ok\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_cache_hits_total{device=\"cpu\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_load_duration_seconds_count{device=\"cpu\"}"), 1.0);
-        let held = r.used(Device::Cpu) as f64;
-        assert!(held >= 4000.0);
-        assert_eq!(sample(&text, "mora_loaded_bytes_total{device=\"cpu\"}"), held);
-        assert_eq!(sample(&text, "mora_resident_bytes{device=\"cpu\"}"), held);
-        assert_eq!(sample(&text, "mora_models_resident{device=\"cpu\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_leases_open{device=\"cpu\"}"), 2.0);
-        assert_eq!(sample(&text, "mora_leases_open{device=\"cuda:0\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_clients_connected"), 1.0);
-
-        // A leased model is not evicted: a refusal; once idle it is.
-        let selector = Selector { name: m.display_name(), dtype: None };
-        assert!(r.evict(&selector).is_err());
-        drop((cold, warm, on_gpu, client));
-        r.evict(&selector).unwrap();
-        let text = encode(&exposition).unwrap();
-        assert_eq!(sample(&text, "mora_refusals_total{reason=\"leased\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_evictions_total{device=\"cpu\",reason=\"requested\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_evictions_total{device=\"cuda:0\",reason=\"requested\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_resident_bytes{device=\"cpu\"}"), 0.0);
-        assert_eq!(sample(&text, "mora_leases_open{device=\"cpu\"}"), 0.0);
-        assert_eq!(sample(&text, "mora_clients_connected"), 0.0);
-
-        // Too big for the budget: refused before anything loads.
-        let (_dir_big, big) = model("too-big", 300_000);
-        assert!(acquire(&r, &big, Device::Cpu).await.is_err());
-        let text = encode(&exposition).unwrap();
-        assert_eq!(sample(&text, "mora_refusals_total{reason=\"budget\"}"), 1.0);
-        assert_eq!(sample(&text, "mora_loads_total{device=\"cpu\",result=\"error\"}"), 0.0);
+        fn gpus(&self) -> Vec<GpuStatus> {
+            vec![GpuStatus { uuid: GPU, ordinal: 0, name: "Stub GPU".into(), budget: 1 << 20, used: 0 }]
+        }
     }
 
-    async fn acquire(r: &Arc<Registry>, m: &ModelSource, device: Device) -> Result<Grant, ErrorReply> {
-        r.acquire(m.clone(), WeightDType::F32, device, Wants::default(), 1, &ProgressSlot::default()).await
+    #[test]
+    fn gauges_are_read_from_the_cache_state_at_each_scrape() {
+        let cpu = DeviceUsage {
+            device: Device::Cpu,
+            budget: 1000,
+            resident_bytes: 400,
+            loading_bytes: 100,
+            models_resident: 2,
+            models_loading: 1,
+            leases: 3,
+        };
+        let gpu = DeviceUsage { device: Device::Cuda(GPU), budget: 1 << 20, ..cpu.clone() };
+        let m = Arc::new(Metrics::new(vec![(GPU, 0)]));
+        let text = encode(&exposition(&m, Arc::new(Stub(vec![cpu, gpu])))).unwrap();
+        for line in [
+            "mora_resident_bytes{device=\"cpu\"} 400",
+            "mora_loading_bytes{device=\"cpu\"} 100",
+            "mora_budget_bytes{device=\"cpu\"} 1000",
+            "mora_budget_bytes{device=\"cuda:0\"} 1048576",
+            "mora_models_resident{device=\"cuda:0\"} 2",
+            "mora_models_loading{device=\"cpu\"} 1",
+            "mora_leases_open{device=\"cpu\"} 3",
+            "mora_clients_connected 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in:\n{text}");
+        }
+        assert!(text.contains(&format!("mora_gpu_info{{device=\"cuda:0\",uuid=\"{GPU}\",name=\"Stub GPU\"}} 1")), "{text}");
     }
 
     #[test]

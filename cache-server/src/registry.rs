@@ -314,6 +314,17 @@ pub struct Registry {
     metrics: Arc<Metrics>,
 }
 
+/// What a scrape reads: the same figures as `ps`, under the same lock.
+impl crate::metrics::CacheState for Registry {
+    fn usage(&self) -> Vec<DeviceUsage> {
+        Registry::usage(self)
+    }
+
+    fn gpus(&self) -> Vec<GpuStatus> {
+        self.gpu_status()
+    }
+}
+
 /// How a request wants the entry it touches to be configured.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Wants {
@@ -1034,6 +1045,101 @@ mod tests {
             let e = acquire(&plain, &m, Device::Cuda(GPU)).await.err().unwrap();
             assert_eq!(e.kind, ErrorKind::BadRequest);
             assert!(e.message.starts_with(&format!("cannot hold weights on GPU {GPU}")), "{}", e.message);
+        }
+    }
+
+    /// The registry as a scrape sees it: its counters, and the gauges read
+    /// through [`CacheState`](crate::metrics::CacheState).
+    mod scraped {
+        use super::super::*;
+        use crate::checkpoint::tests::{f32_bytes, model_dir, write_safetensors};
+        use crate::gpu::fake::FakeGpus;
+        use crate::metrics::{encode, exposition};
+        use mora_common::protocol::GpuUuid;
+
+        const GPU: GpuUuid = GpuUuid([0x42; 16]);
+
+        fn model(tag: &str, n: usize) -> (mora_test_support::Scratch, ModelSource) {
+            let d = model_dir(&format!("metrics-{tag}"));
+            let seed = tag.len() as f32 * 7.0;
+            let values: Vec<f32> = (0..n).map(|i| i as f32 + seed).collect();
+            write_safetensors(&d.join("model.safetensors"), &[("w", "F32", vec![n], f32_bytes(&values))]);
+            let source = ModelSource::Dir { path: d.to_path_buf(), variant: None };
+            (d, source)
+        }
+
+        /// The value of the sample written exactly as `series` (name and labels).
+        fn sample(text: &str, series: &str) -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+                .parse()
+                .unwrap()
+        }
+
+        #[tokio::test]
+        async fn counters_move_with_the_registry_and_gauges_read_it() {
+            let gpus = Arc::new(FakeGpus::one(GPU, 1 << 20));
+            let limits = Limits { budget: 1 << 20, default_keep_alive: KeepAlive::Forever };
+            let r = Arc::new(Registry::with_gpus(limits, Some(gpus)));
+            let exposition = exposition(r.metrics(), r.clone());
+            let text = encode(&exposition).unwrap();
+            for (series, value) in [
+                ("mora_resident_bytes{device=\"cpu\"}", 0.0),
+                ("mora_budget_bytes{device=\"cpu\"}", (1u64 << 20) as f64),
+                ("mora_budget_bytes{device=\"cuda:0\"}", (1u64 << 20) as f64),
+                ("mora_loads_total{device=\"cuda:0\",result=\"ok\"}", 0.0),
+                ("mora_evictions_total{device=\"cpu\",reason=\"keep_alive\"}", 0.0),
+                ("mora_refusals_total{reason=\"handshake\"}", 0.0),
+                ("mora_clients_connected", 0.0),
+            ] {
+                assert_eq!(sample(&text, series), value, "{series}");
+            }
+            assert!(text.contains(&format!("mora_gpu_info{{device=\"cuda:0\",uuid=\"{GPU}\",name=\"Fake GPU\"}} 1")), "{text}");
+            assert!(text.contains(&format!("mora_build_info{{version=\"{}\",", env!("CARGO_PKG_VERSION"))), "{text}");
+
+            let (_dir_m, m) = model("counted", 1000);
+            let cold = acquire(&r, &m, Device::Cpu).await.unwrap();
+            let warm = acquire(&r, &m, Device::Cpu).await.unwrap();
+            let on_gpu = acquire(&r, &m, Device::Cuda(GPU)).await.unwrap();
+            let client = r.metrics().connected();
+            let text = encode(&exposition).unwrap();
+            assert_eq!(sample(&text, "mora_loads_total{device=\"cpu\",result=\"ok\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_loads_total{device=\"cuda:0\",result=\"ok\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_cache_hits_total{device=\"cpu\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_load_duration_seconds_count{device=\"cpu\"}"), 1.0);
+            let held = r.used(Device::Cpu) as f64;
+            assert!(held >= 4000.0);
+            assert_eq!(sample(&text, "mora_loaded_bytes_total{device=\"cpu\"}"), held);
+            assert_eq!(sample(&text, "mora_resident_bytes{device=\"cpu\"}"), held);
+            assert_eq!(sample(&text, "mora_models_resident{device=\"cpu\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_leases_open{device=\"cpu\"}"), 2.0);
+            assert_eq!(sample(&text, "mora_leases_open{device=\"cuda:0\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_clients_connected"), 1.0);
+
+            // A leased model is not evicted: a refusal; once idle it is.
+            let selector = Selector { name: m.display_name(), dtype: None };
+            assert!(r.evict(&selector).is_err());
+            drop((cold, warm, on_gpu, client));
+            r.evict(&selector).unwrap();
+            let text = encode(&exposition).unwrap();
+            assert_eq!(sample(&text, "mora_refusals_total{reason=\"leased\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_evictions_total{device=\"cpu\",reason=\"requested\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_evictions_total{device=\"cuda:0\",reason=\"requested\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_resident_bytes{device=\"cpu\"}"), 0.0);
+            assert_eq!(sample(&text, "mora_leases_open{device=\"cpu\"}"), 0.0);
+            assert_eq!(sample(&text, "mora_clients_connected"), 0.0);
+
+            // Too big for the budget: refused before anything loads.
+            let (_dir_big, big) = model("too-big", 300_000);
+            assert!(acquire(&r, &big, Device::Cpu).await.is_err());
+            let text = encode(&exposition).unwrap();
+            assert_eq!(sample(&text, "mora_refusals_total{reason=\"budget\"}"), 1.0);
+            assert_eq!(sample(&text, "mora_loads_total{device=\"cpu\",result=\"error\"}"), 0.0);
+        }
+
+        async fn acquire(r: &Arc<Registry>, m: &ModelSource, device: Device) -> Result<Grant, ErrorReply> {
+            r.acquire(m.clone(), WeightDType::F32, device, Wants::default(), 1, &ProgressSlot::default()).await
         }
     }
 }

@@ -122,7 +122,7 @@ impl Daemon {
             Some(l) => {
                 let url = format!("http://{}{}", l.local_addr()?, crate::scrape::PATH);
                 tracing::info!(%url, "serving metrics");
-                let exposition = Arc::new(crate::metrics::exposition(&self.registry));
+                let exposition = Arc::new(crate::metrics::exposition(self.registry.metrics(), self.registry.clone()));
                 Some(tokio::spawn(crate::scrape::serve(l, exposition, crate::scrape::Bounds::default())))
             }
             None => None,
