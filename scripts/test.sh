@@ -40,6 +40,33 @@ else
 fi
 (( status == 0 )) || exit "$status"
 
+# -- the GPU check, rehearsed on the CPU (docs/cuda.md, "The GPU check") -------
+# The bundle for the GPU machine, laid out from the debug binaries above (its
+# size limit checked), then its run.sh with DEVICE=cpu at small sizes: every
+# step's logic, its reading of the binaries' outputs and the report. The steps
+# that can work on a CPU must pass; the peer steps run where a python with
+# torch is at hand (scripts/bench-python.sh's venv), else they say skipped.
+echo "test.sh: rehearsing the GPU check on the CPU (scripts/gpu-bundle.sh --cpu, then its run.sh)" >&2
+scripts/gpu-bundle.sh --cpu -o target/gpu-bundle-cpu
+rehearsal_python=()
+if [[ -x .mora-bench/python/bin/python ]]; then rehearsal_python=(TORCH_PYTHON="$PWD/.mora-bench/python/bin/python"); fi
+rm -rf target/gpu-check-rehearsal
+rehearsal=0
+env "${rehearsal_python[@]}" OUT=target/gpu-check-rehearsal DEVICE=cpu RUNS=2 BUDGET=900 STEP_TIMEOUT_SCALE=2 \
+    EMBED_SIZE=1913856 GEN_SIZE=4MiB GEN_TOKENS=32 ATTACH_SIZE=16MiB FAULT_CLIENTS=12 FAULT_PARALLEL=4 \
+    SHARE_TEXTS=40 SYNTH_SIZES=1MiB IMG_SIZE=10MB IMG_STEPS=2 IMG_WIDTH=64 IMG_HEIGHT=64 LOAD_SIZE=8MiB \
+    REQUIRE="machine correctness generate faults attach sharing figures images loads" \
+    target/gpu-bundle-cpu/run.sh >/dev/null || rehearsal=$?
+python3 - target/gpu-check-rehearsal/gpu-check.json <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+print(f"test.sh: GPU check rehearsed in {doc['elapsed_s']} s (report and logs in target/gpu-check-rehearsal):")
+for s in doc["steps"]:
+    print(f"  {s['name']}: {s['detail']}")
+assert len(doc["steps"]) == 12, "the rehearsal ran fewer steps than the check has"
+PY
+(( rehearsal == 0 )) || { echo "test.sh: the GPU check's rehearsal failed (see above)" >&2; exit "$rehearsal"; }
+
 echo "test.sh: compiling the cuda feature (cargo check; see docs/cuda.md)" >&2
 scripts/cuda-toolkit.sh compile
 # shellcheck source=/dev/null
