@@ -98,7 +98,8 @@ for b in mora-cache mora-exec; do
     if command -v xz >/dev/null; then
         xz -dc "$HERE/bin/$b.xz" >"$BIN/$b"
     else
-        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$HERE/bin/$b.xz" "$BIN/$b"
+        "$(command -v python3 || echo "${TORCH_PYTHON:-/opt/torch/.venv/bin/python3}")" \
+            -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$HERE/bin/$b.xz" "$BIN/$b"
     fi || { echo "run.sh: cannot unpack $b" >&2; exit 2; }
     chmod +x "$BIN/$b"
 done

@@ -164,8 +164,11 @@ fi
 
 # -- the steps ---------------------------------------------------------------
 elapsed() { echo $(($(date +%s) - START_S)); }
+ORDER=""
 for step in $ALL_STEPS; do
-    [[ " $STEPS " == *" $step "* ]] || continue
+    [[ " $STEPS " == *" $step "* ]] && ORDER+="$step "
+done
+for step in $ORDER; do
     dir="$WORK/steps/$step"
     mkdir -p "$dir"
     if [[ " $SKIP " == *" $step "* ]]; then
@@ -175,7 +178,8 @@ for step in $ALL_STEPS; do
     left=$((BUDGET - $(elapsed)))
     limit="$(awk -v t="${STEP_TIMEOUT[$step]}" -v s="$SCALE" 'BEGIN { printf "%d", t * s }')"
     ((limit > left)) && limit=$left
-    if ((limit < 15)); then
+    ((limit < 1)) && limit=1
+    if ((left < 15)); then
         echo "skipped: the run's budget (${BUDGET} s) was spent" >"$dir/status"; echo 0 >"$dir/seconds"
         log "$step: skipped, the run's budget is spent"
         continue
@@ -215,7 +219,7 @@ done
 # -- the report ---------------------------------------------------------------
 report_dir="${OUT:-$WORK/report}"
 mkdir -p "$report_dir"
-"$HOSTPY" "$GPU_DIR/report.py" --steps "$WORK/steps" --order "$STEPS" --md "$report_dir/gpu-results.md" \
+"$HOSTPY" "$GPU_DIR/report.py" --steps "$WORK/steps" --order "$ORDER" --md "$report_dir/gpu-results.md" \
     --json "$report_dir/gpu-check.json" --elapsed "$(elapsed)" --budget "$BUDGET" --runs "$RUNS" --device "$DEVICE" \
     --command "$(printf '%s ' DEVICE="$DEVICE" RUNS="$RUNS" BUDGET="$BUDGET" EMBED_SIZE="$EMBED_SIZE" GEN_SIZE="$GEN_SIZE" \
         ATTACH_SIZE="$ATTACH_SIZE" FAULT_CLIENTS="$FAULT_CLIENTS" SHARE_TEXTS="$SHARE_TEXTS" SYNTH_SIZES="$SYNTH_SIZES" \
@@ -234,7 +238,7 @@ cat "$report_dir/gpu-results.md"
 
 # The verdict: a failed or broken step fails the run; REQUIRE'd steps must pass.
 rc=0
-for step in $STEPS; do
+for step in $ORDER; do
     status="$(cat "$WORK/steps/$step/status" 2>/dev/null || echo "error: no status")"
     case "$status" in
         fail*|error*) log "FAILED $step: $status"; rc=1 ;;
