@@ -96,6 +96,7 @@ fn hub_cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathB
 /// `huggingface_hub`'s home (the token file, and the hub cache unless
 /// `HF_HUB_CACHE` moves it): `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`,
 /// else `~/.cache/huggingface`.
+#[cfg(feature = "hub")]
 pub(crate) fn hf_home() -> PathBuf {
     hf_home_from(|k| std::env::var_os(k).filter(|v| !v.is_empty()))
 }

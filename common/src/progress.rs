@@ -8,6 +8,7 @@ use std::io::{IsTerminal, Write};
 
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "hub")]
 use crate::hub::PullEvent;
 use crate::units::human_bytes;
 
@@ -140,6 +141,7 @@ pub fn render_steps(program: &str, what: &str, done: usize, total: usize, elapse
 
 /// Shows a pull: on a terminal one redrawn line per file being downloaded
 /// (bar, bytes, rate, time left); elsewhere one line per file downloaded.
+#[cfg(feature = "hub")]
 pub struct PullProgress {
     program: &'static str,
     tty: bool,
@@ -147,6 +149,7 @@ pub struct PullProgress {
     current: Option<(Instant, u64)>,
 }
 
+#[cfg(feature = "hub")]
 impl PullProgress {
     pub fn new(program: &'static str) -> Self {
         PullProgress { program, tty: std::io::stderr().is_terminal(), current: None }
@@ -191,6 +194,7 @@ impl PullProgress {
 }
 
 /// Bytes per second, once there is enough time to say.
+#[cfg(feature = "hub")]
 fn rate(bytes: u64, elapsed: Duration) -> Option<f64> {
     (elapsed >= Duration::from_millis(200)).then(|| bytes as f64 / elapsed.as_secs_f64())
 }

@@ -242,7 +242,7 @@ pub struct Acquired {
     /// How long the load took, when `loaded_now`.
     pub load_ms: u64,
     /// Bytes of the sealed memfd holding the model's `tokenizer.json` as the
-    /// daemon prepared it (`crate::vocab::Prepared`), when it did.
+    /// daemon prepared it (`mora_tokenizers::vocab::Prepared`), when it did.
     pub tokenizer: Option<u64>,
 }
 

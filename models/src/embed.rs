@@ -3,7 +3,7 @@
 //! sentence-transformers files declare (`modules.json`,
 //! `1_Pooling/config.json`, `sentence_bert_config.json`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -110,15 +110,42 @@ impl TokenizerConfig {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{} is not valid: {e}", path.display()))
+/// Why a sentence encoder cannot be built or run; each message names the
+/// file or folder and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{} is not valid: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+    /// A config key that changes the network and that Mora cannot honour.
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("{} declares model_type `{model_type}`; the embed task runs {SUPPORTED}", path.display())]
+    ModelType { path: PathBuf, model_type: String },
+    /// The weights do not fit the network the config describes.
+    #[error("cannot build {family} from {}: {source}", dir.display())]
+    Build { family: &'static str, dir: PathBuf, source: candle_core::Error },
+    #[error(transparent)]
+    Tokenizer(#[from] mora_tokenizers::LoadError),
+    #[error("inference failed: {0}")]
+    Inference(Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EmbedError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EmbedError::Read { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| EmbedError::Json { path: path.to_path_buf(), source })
+}
+
+/// A config error at `path`.
+fn config_error(path: &Path) -> impl Fn(String) -> EmbedError + '_ {
+    move |message| EmbedError::Config { path: path.to_path_buf(), message }
 }
 
 /// Pooling and normalisation from `modules.json`; a plain transformer
 /// checkpoint without one gets mean pooling and no normalisation, as
 /// sentence-transformers gives it.
-fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
+fn pooling_of(dir: &Path) -> Result<(Pooling, bool), EmbedError> {
     let modules_path = dir.join("modules.json");
     if !modules_path.is_file() {
         return Ok((Pooling::Mean, false));
@@ -130,7 +157,7 @@ fn pooling_of(dir: &Path) -> Result<(Pooling, bool), String> {
         if m.kind.ends_with(".Pooling") {
             let path = dir.join(&m.path).join("config.json");
             let cfg: PoolingConfig = read_json(&path)?;
-            pooling = cfg.mode().map_err(|e| format!("{}: {e}", path.display()))?;
+            pooling = cfg.mode().map_err(config_error(&path))?;
         } else if m.kind.ends_with(".Normalize") {
             normalize = true;
         }
@@ -149,27 +176,28 @@ pub struct EncoderNetwork {
 
 impl EncoderNetwork {
     /// Builds the encoder `dir/config.json` describes from `vb`.
-    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, String> {
+    pub fn load(dir: &Path, vb: VarBuilder) -> Result<Self, EmbedError> {
         let device = vb.device().clone();
+        let build = |family: &'static str| move |source| EmbedError::Build { family, dir: dir.to_path_buf(), source };
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_json(&config_path)?;
         let model_type = raw.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let (model, max_positions, pad_token_id) = match model_type {
             "bert" => {
-                let config: Config = serde_json::from_value(raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
-                let model = BertModel::load(vb, &config).map_err(|e| format!("cannot build BERT from {}: {e}", dir.display()))?;
+                let config: Config = serde_json::from_value(raw).map_err(|e| config_error(&config_path)(e.to_string()))?;
+                let model = BertModel::load(vb, &config).map_err(build("BERT"))?;
                 (Encoder::Bert(model), config.max_position_embeddings, config.pad_token_id as u32)
             }
             "xlm-roberta" => {
-                let config = xlm_roberta_config(&raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+                let config = xlm_roberta_config(&raw).map_err(config_error(&config_path))?;
                 let model = XLMRobertaModel::new(&config, vb)
-                    .map_err(|e| format!("cannot build XLM-RoBERTa from {}: {e}", dir.display()))?;
+                    .map_err(build("XLM-RoBERTa"))?;
                 // RoBERTa's positions start after the padding id.
                 let positions = config.max_position_embeddings.saturating_sub(config.pad_token_id as usize + 1);
                 (Encoder::XlmRoberta(model), positions, config.pad_token_id)
             }
             "modernbert" => {
-                let config = modernbert_config(&raw).map_err(|e| format!("{}: {e}", config_path.display()))?;
+                let config = modernbert_config(&raw).map_err(config_error(&config_path))?;
                 // candle names the tensors as the masked-LM checkpoint does
                 // (`model.` first); sentence-transformers saves the bare encoder.
                 let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
@@ -178,14 +206,11 @@ impl EncoderNetwork {
                     vb.rename_f(|name| name.strip_prefix("model.").unwrap_or(name).to_string())
                 };
                 let model =
-                    ModernBert::load(vb, &config).map_err(|e| format!("cannot build ModernBERT from {}: {e}", dir.display()))?;
+                    ModernBert::load(vb, &config).map_err(build("ModernBERT"))?;
                 (Encoder::ModernBert(model), config.max_position_embeddings, config.pad_token_id)
             }
             other => {
-                return Err(format!(
-                    "{} declares model_type `{other}`; the embed task runs {SUPPORTED}",
-                    config_path.display()
-                ))
+                return Err(EmbedError::ModelType { path: config_path, model_type: other.to_string() })
             }
         };
 
@@ -196,15 +221,15 @@ impl EncoderNetwork {
 impl SentenceEmbedder {
     /// Builds the encoder from `vb` and the small files in `dir`; with
     /// `tokenizer`, the one the daemon prepared from `dir/tokenizer.json`.
-    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
+    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, EmbedError> {
         Self::with_tokenizer(EncoderNetwork::load(dir, vb)?, dir, tokenizer)
     }
 
     /// `network` with its tokenizer and pooling, read from `dir`.
-    pub fn with_tokenizer(network: EncoderNetwork, dir: &Path, tokenizer: Option<&Prepared>) -> Result<Self, String> {
+    pub fn with_tokenizer(network: EncoderNetwork, dir: &Path, tokenizer: Option<&Prepared>) -> Result<Self, EmbedError> {
         let EncoderNetwork { model, max_positions, pad_token_id, device } = network;
         let tok_path = dir.join("tokenizer.json");
-        let (mut tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tok_path, tokenizer).map_err(|e| e.to_string())?;
+        let (mut tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tok_path, tokenizer)?;
         // sentence-transformers' max_seq_length: in sentence_bert_config.json
         // up to 4.x; later, the tokenizer's model_max_length.
         let st_path = dir.join("sentence_bert_config.json");
@@ -219,7 +244,7 @@ impl SentenceEmbedder {
         .min(max_positions);
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| format!("{}: {e}", tok_path.display()))?;
+            .map_err(|e| config_error(&tok_path)(e.to_string()))?;
         // Pad with the model's own padding token ("[PAD]" for BERT, "<pad>"
         // for XLM-RoBERTa): the attention mask hides it, and RoBERTa's
         // positions skip it.
@@ -239,10 +264,10 @@ impl SentenceEmbedder {
     }
 
     /// One embedding per text, in order.
-    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut out = Vec::with_capacity(texts.len());
         for batch in texts.chunks(BATCH) {
-            out.extend(self.embed_batch(batch).map_err(|e| format!("inference failed: {e}"))?);
+            out.extend(self.embed_batch(batch).map_err(EmbedError::Inference)?);
         }
         Ok(out)
     }

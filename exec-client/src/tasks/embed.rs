@@ -86,13 +86,13 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     // attention mask into NaN in f16 (0 × -inf), and f32 keeps GPU and CPU
     // outputs within 1e-4 of each other.
     let vb = w.var_builder(candle_core::DType::F32);
-    let network = EncoderNetwork::load(&w.dir, vb).map_err(ExecError::Model)?;
+    let network = EncoderNetwork::load(&w.dir, vb).map_err(|e| ExecError::Model(e.to_string()))?;
     crate::phases::mark("build model");
-    let embedder = SentenceEmbedder::with_tokenizer(network, &w.dir, w.tokenizer.as_ref()).map_err(ExecError::Model)?;
+    let embedder = SentenceEmbedder::with_tokenizer(network, &w.dir, w.tokenizer.as_ref()).map_err(|e| ExecError::Model(e.to_string()))?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("tokenizer");
     let start = Instant::now();
-    let embeddings = embedder.embed(&texts).map_err(ExecError::Model)?;
+    let embeddings = embedder.embed(&texts).map_err(|e| ExecError::Model(e.to_string()))?;
     let run_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("inference");
     write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;
