@@ -110,7 +110,10 @@ def main():
             out += [s["report"], ""]
         for c in s["checks"]:
             mark = {"pass": "PASS", "fail": "FAIL", "skip": "skipped"}.get(c["status"], c["status"])
-            out.append(f"- {mark} {c['name']}: {c['detail']}")
+            detail = c["detail"]
+            if c["status"] == "skip" and detail.startswith("skipped: "):
+                detail = detail[len("skipped: "):]
+            out.append(f"- {mark} {c['name']}: {detail}")
     with open(a.md, "w") as f:
         f.write("\n".join(out).rstrip("\n") + "\n")
 
