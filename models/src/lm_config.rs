@@ -15,11 +15,19 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-/// The decoder families the generate task runs, by `model_type`.
+/// The model families Mora runs, by `model_type`: BERT sentence encoders
+/// (the embed task) and the decoders (the generate task). A
+/// [`DecoderConfig`] holds a decoder family, never `Bert`; `synth` writes
+/// checkpoints of every family. The names are the `model_type`s, which
+/// `mora-exec synth --arch` also takes ([`FromStr`](std::str::FromStr)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
+    /// BERT, as sentence-transformers checkpoints carry it.
+    Bert,
     Llama,
+    /// Llama's layout, its own config keys, sliding windows.
     Mistral,
+    /// Llama's layout plus biases on the q, k and v projections.
     Qwen2,
     /// Qwen2 plus an RMSNorm on each head's queries and keys.
     Qwen3,
@@ -28,15 +36,31 @@ pub enum Family {
     /// Scaled embeddings, (1 + w) RMSNorms around attention and feed-forward,
     /// soft-capped scores and logits, alternating sliding windows.
     Gemma2,
+    /// GPT-2 as OpenAI's checkpoints name it (no `transformer.` prefix,
+    /// Conv1D weights stored `[in, out]`, the head tied to the embeddings).
     Gpt2,
 }
 
-/// What `check` and errors list as supported.
+/// The decoder families, as `check` and errors list them.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2";
 
 impl Family {
+    /// Every family, BERT first, then the decoders in the order errors list them.
+    pub const ALL: [Family; 8] = [
+        Family::Bert,
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Phi3,
+        Family::Gemma2,
+        Family::Gpt2,
+    ];
+
+    /// The `model_type` of its configs.
     pub fn name(self) -> &'static str {
         match self {
+            Family::Bert => "bert",
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
@@ -45,6 +69,28 @@ impl Family {
             Family::Gemma2 => "gemma2",
             Family::Gpt2 => "gpt2",
         }
+    }
+
+    /// The family of a `model_type`, if Mora runs it.
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == model_type)
+    }
+
+    /// Whether the generate task runs it (all but BERT).
+    pub fn is_decoder(self) -> bool {
+        self != Family::Bert
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = String;
+    /// A `model_type` name, as `mora-exec synth --arch` takes it.
+    fn from_str(s: &str) -> Result<Family, String> {
+        Family::from_model_type(s).ok_or_else(|| {
+            let names: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+            let (last, rest) = names.split_last().expect("at least one family");
+            format!("unknown architecture `{s}`: expected {} or {last}", rest.join(", "))
+        })
     }
 }
 
@@ -92,6 +138,7 @@ pub struct Rope {
 /// Everything a decoder network is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
+    /// A decoder family (never `Bert`).
     pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -212,18 +259,10 @@ fn eos_ids(m: &Map<String, Value>, file: &str) -> Result<Vec<u32>, ConfigError> 
 pub fn from_json(raw: &Map<String, Value>, file: &str) -> Result<DecoderConfig, ConfigError> {
     let r = Reader::new(raw, file, "");
     let model_type = r.str_or("model_type", "")?;
-    let family = match model_type.as_str() {
-        "llama" => Family::Llama,
-        "mistral" => Family::Mistral,
-        "qwen2" => Family::Qwen2,
-        "qwen3" => Family::Qwen3,
-        "phi3" => Family::Phi3,
-        "gemma2" => Family::Gemma2,
-        "gpt2" => Family::Gpt2,
-        "" => return Err(r.err("no `model_type`: cannot tell which network this is".into())),
-        other => {
-            return Err(r.err(format!("`model_type` is `{other}`; the generate task runs {SUPPORTED}")));
-        }
+    let family = match Family::from_model_type(&model_type) {
+        Some(family) if family.is_decoder() => family,
+        _ if model_type.is_empty() => return Err(r.err("no `model_type`: cannot tell which network this is".into())),
+        _ => return Err(r.err(format!("`model_type` is `{model_type}`; the generate task runs {SUPPORTED}"))),
     };
     // Keys that change the network, accepted only when they leave it as is.
     for (key, ok) in [
@@ -763,6 +802,23 @@ mod tests {
         let e = read(&dir).unwrap_err();
         assert!(e.file.ends_with("generation_config.json") && e.message.contains("`eos_token_id`"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn families_go_by_model_type_and_only_decoders_configure_a_decoder() {
+        for f in Family::ALL {
+            assert_eq!(f.name().parse::<Family>(), Ok(f));
+        }
+        assert_eq!(
+            "bart".parse::<Family>().unwrap_err(),
+            "unknown architecture `bart`: expected bert, llama, mistral, qwen2, qwen3, phi3, gemma2 or gpt2"
+        );
+        let decoders: Vec<&str> = Family::ALL.iter().filter(|f| f.is_decoder()).map(|f| f.name()).collect();
+        assert_eq!(decoders.join(", "), SUPPORTED);
+        let e = parse(llama(json!({"model_type": "bert"}))).unwrap_err();
+        assert_eq!(e.message, format!("`model_type` is `bert`; the generate task runs {SUPPORTED}"));
+        let e = parse(llama(json!({"model_type": ""}))).unwrap_err();
+        assert_eq!(e.message, "no `model_type`: cannot tell which network this is");
     }
 
     #[test]

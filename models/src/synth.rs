@@ -18,48 +18,16 @@ use serde_json::json;
 
 use mora_common::manifest::WeightDType;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Bert,
-    Llama,
-    /// Mistral: llama's layout, its own config keys.
-    Mistral,
-    /// Qwen2: llama's layout plus biases on the q, k and v projections.
-    Qwen2,
-    /// Qwen3: llama's layout plus per-head q and k norms; tied head.
-    Qwen3,
-    /// Phi-3: fused `qkv_proj` and `gate_up_proj`.
-    Phi3,
-    /// Gemma 2: sandwich norms around attention and feed-forward; tied head.
-    Gemma2,
-    /// GPT-2 as OpenAI's checkpoints name it (no `transformer.` prefix,
-    /// Conv1D weights stored `[in, out]`, the head tied to the embeddings).
-    Gpt2,
-}
+use crate::lm_config::Family;
 
-impl std::str::FromStr for Arch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "bert" => Ok(Arch::Bert),
-            "llama" => Ok(Arch::Llama),
-            "mistral" => Ok(Arch::Mistral),
-            "qwen2" => Ok(Arch::Qwen2),
-            "qwen3" => Ok(Arch::Qwen3),
-            "phi3" => Ok(Arch::Phi3),
-            "gemma2" => Ok(Arch::Gemma2),
-            "gpt2" => Ok(Arch::Gpt2),
-            other => Err(format!(
-                "unknown architecture `{other}`: expected bert, llama, mistral, qwen2, qwen3, phi3, gemma2 or gpt2"
-            )),
-        }
-    }
-}
+/// The families synth writes, by the names `mora-exec synth --arch` takes:
+/// lm_config's [`Family`], under the name its callers use.
+pub use crate::lm_config::Family as Arch;
 
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SynthSpec {
-    pub arch: Arch,
+    pub arch: Family,
     /// Target size of `model.safetensors` in bytes; the result is the closest
     /// the architecture's shapes allow.
     pub target_bytes: u64,
@@ -91,11 +59,11 @@ struct Dims {
 
 const MAX_POSITIONS: usize = 512;
 
-fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
+fn tensors_of(arch: Family, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
     let (h, i, v) = (d.hidden, d.intermediate, d.vocab);
     let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
     match arch {
-        Arch::Bert => {
+        Family::Bert => {
             t.push(("embeddings.word_embeddings.weight".into(), vec![v, h], Init::Random));
             t.push(("embeddings.position_embeddings.weight".into(), vec![MAX_POSITIONS, h], Init::Random));
             t.push(("embeddings.token_type_embeddings.weight".into(), vec![2, h], Init::Random));
@@ -119,45 +87,45 @@ fn tensors_of(arch: Arch, d: Dims) -> Vec<(String, Vec<usize>, Init)> {
                 t.push((format!("{p}.output.LayerNorm.bias"), vec![h], Init::Zeros));
             }
         }
-        Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Phi3 | Family::Gemma2 => {
             // Gemma's norms scale by (1 + weight): zeros are its identity.
-            let norm = if arch == Arch::Gemma2 { Init::Zeros } else { Init::Ones };
+            let norm = if arch == Family::Gemma2 { Init::Zeros } else { Init::Ones };
             let hd = h / d.heads;
             t.push(("model.embed_tokens.weight".into(), vec![v, h], Init::Random));
             for l in 0..d.layers {
                 let p = format!("model.layers.{l}");
-                if arch == Arch::Phi3 {
+                if arch == Family::Phi3 {
                     t.push((format!("{p}.self_attn.qkv_proj.weight"), vec![3 * h, h], Init::Random));
                     t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h], Init::Random));
                     t.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h], Init::Random));
                 } else {
                     for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
                         t.push((format!("{p}.self_attn.{m}.weight"), vec![h, h], Init::Random));
-                        if arch == Arch::Qwen2 && m != "o_proj" {
+                        if arch == Family::Qwen2 && m != "o_proj" {
                             t.push((format!("{p}.self_attn.{m}.bias"), vec![h], Init::Zeros));
                         }
                     }
                     t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Random));
                     t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Random));
                 }
-                if arch == Arch::Qwen3 {
+                if arch == Family::Qwen3 {
                     t.push((format!("{p}.self_attn.q_norm.weight"), vec![hd], Init::Ones));
                     t.push((format!("{p}.self_attn.k_norm.weight"), vec![hd], Init::Ones));
                 }
                 t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], Init::Random));
                 t.push((format!("{p}.input_layernorm.weight"), vec![h], norm));
                 t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], norm));
-                if arch == Arch::Gemma2 {
+                if arch == Family::Gemma2 {
                     t.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h], norm));
                     t.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h], norm));
                 }
             }
             t.push(("model.norm.weight".into(), vec![h], norm));
-            if !matches!(arch, Arch::Qwen3 | Arch::Gemma2) {
+            if !matches!(arch, Family::Qwen3 | Family::Gemma2) {
                 t.push(("lm_head.weight".into(), vec![v, h], Init::Random));
             }
         }
-        Arch::Gpt2 => {
+        Family::Gpt2 => {
             t.push(("wte.weight".into(), vec![v, h], Init::Random));
             t.push(("wpe.weight".into(), vec![MAX_POSITIONS, h], Init::Random));
             for l in 0..d.layers {
@@ -188,23 +156,23 @@ pub(crate) enum Init {
     Zeros,
 }
 
-fn dims(arch: Arch, vocab: usize, hidden: usize, layers: usize) -> Dims {
+fn dims(arch: Family, vocab: usize, hidden: usize, layers: usize) -> Dims {
     let heads = (hidden / 32).max(1);
     let intermediate = match arch {
-        Arch::Bert | Arch::Gpt2 => 4 * hidden,
+        Family::Bert | Family::Gpt2 => 4 * hidden,
         // Llama's 8/3·h, rounded up to a multiple of 32.
         _ => (8 * hidden / 3).div_ceil(32) * 32,
     };
     Dims { vocab, hidden, layers, heads, intermediate }
 }
 
-fn params(arch: Arch, d: Dims) -> u64 {
+fn params(arch: Family, d: Dims) -> u64 {
     tensors_of(arch, d).iter().map(|(_, s, _)| s.iter().product::<usize>() as u64).sum()
 }
 
 /// The dimensions whose size is closest to `target` parameters: hidden size
 /// a multiple of 32 (heads of 32), 1 to 48 layers, fewer layers on a tie.
-fn fit(arch: Arch, vocab: usize, target_params: u64) -> Dims {
+fn fit(arch: Family, vocab: usize, target_params: u64) -> Dims {
     let mut best = dims(arch, vocab, 32, 1);
     let mut best_err = u64::MAX;
     for layers in 1..=48 {
@@ -324,7 +292,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
     fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let (vocab_tokens, tokenizer) = match spec.arch {
-        Arch::Bert => bert_tokenizer(),
+        Family::Bert => bert_tokenizer(),
         _ => llama_tokenizer(),
     };
     let vocab = vocab_tokens;
@@ -342,7 +310,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
         WeightDType::BF16 => "bfloat16",
     };
     let config = match spec.arch {
-        Arch::Bert => json!({
+        Family::Bert => json!({
             "architectures": ["BertModel"],
             "model_type": "bert",
             "vocab_size": d.vocab,
@@ -361,7 +329,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             "position_embedding_type": "absolute",
             "torch_dtype": torch_dtype,
         }),
-        arch @ (Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma2) => {
+        arch @ (Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Phi3 | Family::Gemma2) => {
             let mut c = json!({
                 "architectures": ["LlamaForCausalLM"],
                 "model_type": "llama",
@@ -383,14 +351,14 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             // Each family's own keys, as its real checkpoints write them.
             let head_dim = d.hidden / d.heads;
             let own: Vec<(&str, serde_json::Value)> = match arch {
-                Arch::Mistral => vec![
+                Family::Mistral => vec![
                     ("architectures", json!(["MistralForCausalLM"])),
                     ("model_type", json!("mistral")),
                     ("head_dim", json!(head_dim)),
                     ("sliding_window", json!(null)),
                 ],
                 // The sliding-window keys that transformers writes and candle's qwen2 requires.
-                Arch::Qwen2 => vec![
+                Family::Qwen2 => vec![
                     ("architectures", json!(["Qwen2ForCausalLM"])),
                     ("model_type", json!("qwen2")),
                     ("rms_norm_eps", json!(1e-6)),
@@ -398,7 +366,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
                     ("max_window_layers", json!(d.layers)),
                     ("use_sliding_window", json!(false)),
                 ],
-                Arch::Qwen3 => vec![
+                Family::Qwen3 => vec![
                     ("architectures", json!(["Qwen3ForCausalLM"])),
                     ("model_type", json!("qwen3")),
                     ("head_dim", json!(head_dim)),
@@ -409,7 +377,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
                     ("use_sliding_window", json!(false)),
                     ("tie_word_embeddings", json!(true)),
                 ],
-                Arch::Phi3 => vec![
+                Family::Phi3 => vec![
                     ("architectures", json!(["Phi3ForCausalLM"])),
                     ("model_type", json!("phi3")),
                     ("original_max_position_embeddings", json!(MAX_POSITIONS)),
@@ -417,7 +385,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
                     ("resid_pdrop", json!(0.0)),
                     ("embd_pdrop", json!(0.0)),
                 ],
-                Arch::Gemma2 => vec![
+                Family::Gemma2 => vec![
                     ("architectures", json!(["Gemma2ForCausalLM"])),
                     ("model_type", json!("gemma2")),
                     ("head_dim", json!(head_dim)),
@@ -438,7 +406,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
             }
             c
         }
-        Arch::Gpt2 => json!({
+        Family::Gpt2 => json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
             "vocab_size": d.vocab,
@@ -469,7 +437,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     };
     write_json("config.json", &config)?;
     write_json("tokenizer.json", &tokenizer)?;
-    if spec.arch == Arch::Bert {
+    if spec.arch == Family::Bert {
         write_json(
             "modules.json",
             &json!([
@@ -632,16 +600,16 @@ mod tests {
         mora_test_support::Scratch::new(tag)
     }
 
-    fn spec(arch: Arch, target_bytes: u64, dtype: WeightDType) -> SynthSpec {
+    fn spec(arch: Family, target_bytes: u64, dtype: WeightDType) -> SynthSpec {
         SynthSpec { arch, target_bytes, dtype, seed: 7 }
     }
 
     #[test]
     fn size_lands_near_the_target_across_the_range() {
         for (arch, target, dtype) in [
-            (Arch::Bert, 1 << 20, WeightDType::F32),
-            (Arch::Llama, 1 << 20, WeightDType::F16),
-            (Arch::Bert, 8 << 20, WeightDType::BF16),
+            (Family::Bert, 1 << 20, WeightDType::F32),
+            (Family::Llama, 1 << 20, WeightDType::F16),
+            (Family::Bert, 8 << 20, WeightDType::BF16),
         ] {
             let dir = tmp(&format!("size-{arch:?}-{target}"));
             let r = generate(&spec(arch, target, dtype), &dir).unwrap();
@@ -649,17 +617,17 @@ mod tests {
             assert!((0.85..1.15).contains(&ratio), "{arch:?} {target}: got {} bytes", r.weights_bytes);
         }
         // Several GB is planned the same way, without writing anything.
-        let d = fit(Arch::Llama, 300, (4u64 << 30) / 2);
-        let ratio = params(Arch::Llama, d) as f64 * 2.0 / (4u64 << 30) as f64;
+        let d = fit(Family::Llama, 300, (4u64 << 30) / 2);
+        let ratio = params(Family::Llama, d) as f64 * 2.0 / (4u64 << 30) as f64;
         assert!((0.97..1.03).contains(&ratio), "{d:?}");
     }
 
     #[test]
     fn same_spec_gives_the_same_bytes_and_another_seed_does_not() {
         let dirs = [tmp("det-a"), tmp("det-b"), tmp("det-c")];
-        let a = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &dirs[0]).unwrap();
-        let b = generate(&spec(Arch::Bert, 256 << 10, WeightDType::F32), &dirs[1]).unwrap();
-        let mut other = spec(Arch::Bert, 256 << 10, WeightDType::F32);
+        let a = generate(&spec(Family::Bert, 256 << 10, WeightDType::F32), &dirs[0]).unwrap();
+        let b = generate(&spec(Family::Bert, 256 << 10, WeightDType::F32), &dirs[1]).unwrap();
+        let mut other = spec(Family::Bert, 256 << 10, WeightDType::F32);
         other.seed = 8;
         let c = generate(&other, &dirs[2]).unwrap();
         let read = |r: &SynthReport| fs::read(r.dir.join("model.safetensors")).unwrap();
@@ -670,7 +638,7 @@ mod tests {
     #[test]
     fn synthetic_bert_runs_the_embed_task() {
         let dir = tmp("bert-embed");
-        generate(&spec(Arch::Bert, 1 << 20, WeightDType::F32), &dir).unwrap();
+        generate(&spec(Family::Bert, 1 << 20, WeightDType::F32), &dir).unwrap();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let e = crate::embed::SentenceEmbedder::load(&dir, vb, None).unwrap();
@@ -684,7 +652,7 @@ mod tests {
     fn synthetic_llama_loads_in_candle_and_mora_s_decoder_agrees_with_it() {
         use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
         let dir = tmp("llama");
-        generate(&spec(Arch::Llama, 1 << 20, WeightDType::F32), &dir).unwrap();
+        generate(&spec(Family::Llama, 1 << 20, WeightDType::F32), &dir).unwrap();
         let cfg: LlamaConfig = serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
         let cfg = cfg.into_config(false);
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
