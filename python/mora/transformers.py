@@ -278,7 +278,7 @@ def from_pretrained(
 
         client = connect(socket)
     name = os.fspath(repo_or_path)
-    if "@" in name and not os.path.isdir(name) and "revision" in hub:
+    if "@" in name and not os.path.isdir(name) and hub.get("revision"):
         raise InvalidArgument("give the revision once: as OWNER/NAME@REVISION or revision=")
     model = f"{name}@{hub['revision']}" if hub.get("revision") and "@" not in name and not os.path.isdir(name) else name
     try:

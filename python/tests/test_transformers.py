@@ -1,0 +1,105 @@
+"""mora.transformers.from_pretrained and
+mora.sentence_transformers.SentenceTransformer against transformers' and
+sentence-transformers' own loads: the test model (MiniLM) from the hub
+cache, and tiny causal language models written in the test with
+transformers' own save_pretrained (float32 and float16, tied and untied
+embeddings). The same class, the same dtypes, tied weights tied, the weights
+borrowed (no copy), equal embeddings and equal greedy tokens. Skipped, with
+the reason, where transformers (or sentence-transformers) is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import mora
+from conftest import MODEL
+
+# Without torch this module holds no tests: test_torch.py reports that skip
+# once for all of them.
+__test__ = importlib.util.find_spec("torch") is not None
+if __test__:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    import mora.transformers
+
+TEXTS = ["A man is eating food.", "Mora keeps the weights resident."]
+
+
+def aligned(model):
+    """``model`` with every parameter at a 64-byte aligned address, as the
+    daemon's tensors are: transformers leaves the weights it reads at the
+    file's offsets, and torch's CPU matmul sums an unaligned weight in
+    another order (the last bit differs)."""
+    for p in model.parameters():
+        if p.data_ptr() % 64:
+            p.data = p.data.clone()
+    return model
+
+
+def lent_pointers(model):
+    return {sd_t.data_ptr() for sd in model._mora.state_dicts for sd_t in sd.values()}
+
+
+def test_minilm_from_the_daemon_gives_transformers_embeddings(daemon):
+    model = mora.transformers.from_pretrained(MODEL, socket=daemon.socket)
+    ref = transformers.AutoModel.from_pretrained(MODEL)
+    assert type(model) is type(ref) and model.dtype == ref.dtype == torch.float32 and not model.training
+    assert all(p.data_ptr() in lent_pointers(model) for p in model.parameters())
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).last_hidden_state, aligned(ref)(**batch).last_hidden_state)
+
+
+def tiny_llama(path, dtype, tie):
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("stored, tie", [(torch.float32, True), (torch.float16, False)])
+def test_a_causal_lm_gives_transformers_greedy_tokens_and_dtypes(daemon, tmp_path, stored, tie):
+    path = tiny_llama(tmp_path / "llama", stored, tie)
+    lm = mora.transformers.from_pretrained(path, auto_class="AutoModelForCausalLM", socket=daemon.socket)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert type(lm) is transformers.LlamaForCausalLM
+    # transformers 5 keeps the stored dtype when none is asked for.
+    assert {k: t.dtype for k, t in lm.state_dict().items()} == {k: t.dtype for k, t in ref.state_dict().items()}
+    assert lm.dtype == stored
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == tie == (ref.lm_head.weight is ref.model.embed_tokens.weight)
+    assert {k: t.dtype for k, t in lm.named_buffers()} == {k: t.dtype for k, t in ref.named_buffers()}
+    ids = torch.tensor([[1, 17, 42, 5, 63]])
+    args = dict(max_new_tokens=12, do_sample=False)
+    assert torch.equal(lm.generate(ids, **args), aligned(ref).generate(ids, **args))
+    f32 = mora.transformers.from_pretrained(path, auto_class="AutoModelForCausalLM", socket=daemon.socket, dtype=torch.float32)
+    ref32 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert f32.dtype == ref32.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(f32(ids).logits, aligned(ref32)(ids).logits)
+    assert torch.equal(f32.generate(ids, **args), ref32.generate(ids, **args))
+
+
+def test_sentence_transformers_through_the_daemon_gives_the_same_embeddings(daemon):
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    import mora.sentence_transformers
+
+    model = mora.sentence_transformers.SentenceTransformer(MODEL, device="cpu", socket=daemon.socket)
+    ref = st.SentenceTransformer(MODEL, device="cpu")
+    inner = model[0].auto_model
+    assert all(p.data_ptr() in lent_pointers(inner) for p in inner.parameters())
+    aligned(ref[0].auto_model)
+    assert (model.encode(TEXTS) == ref.encode(TEXTS)).all()
+    assert model._mora.client is inner._mora.client
+
+
+def test_a_missing_directory_is_named_as_such(daemon, tmp_path):
+    with pytest.raises(mora.ModelNotFound) as e:
+        mora.transformers.from_pretrained(tmp_path / "nowhere", socket=daemon.socket)
+    assert "no such directory" in str(e.value) and "\n" not in str(e.value), str(e.value)
