@@ -64,8 +64,9 @@ def tiny_llama(path, dtype, tie):
     return path
 
 
-@pytest.mark.parametrize("stored, tie", [(torch.float32, True), (torch.float16, False)])
+@pytest.mark.parametrize("stored, tie", [("float32", True), ("float16", False)])
 def test_a_causal_lm_gives_transformers_greedy_tokens_and_dtypes(daemon, tmp_path, stored, tie):
+    stored = getattr(torch, stored)
     path = tiny_llama(tmp_path / "llama", stored, tie)
     lm = mora.transformers.from_pretrained(path, auto_class="AutoModelForCausalLM", socket=daemon.socket)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path)
