@@ -51,8 +51,10 @@ pub enum ResolveError {
     BadRepoId(String),
     #[error("`{0}` is not a valid revision")]
     BadRevision(String),
-    #[error("model directory {} does not exist", .0.display())]
+    #[error("no such directory: model directory {} does not exist; give an existing directory or a Hugging Face repo id (OWNER/NAME)", .0.display())]
     NoSuchDir(PathBuf),
+    #[error("{} is a diffusers pipeline, with no weights of its own: ask for one of its components with a subfolder ({})", dir.display(), components.join(", "))]
+    PipelineRoot { dir: PathBuf, components: Vec<String> },
     #[error("{} holds no model.safetensors, diffusion_pytorch_model.safetensors nor a shard index of either: not a safetensors model", .0.display())]
     NoWeights(PathBuf),
     #[error("{} holds no `{variant}` variant of its weights (such as {example})", dir.display())]
@@ -169,7 +171,10 @@ impl ModelSource {
     /// this process's hub cache.
     pub fn from_arg(arg: &str) -> Self {
         let p = Path::new(arg);
-        if p.is_dir() {
+        // A path (`/`, `./`, `../`, `~`) is a directory even when missing, so
+        // the error says there is no such directory, not that it is no repo id.
+        let path_like = arg.starts_with(['/', '~']) || arg.starts_with("./") || arg.starts_with("../") || arg == "." || arg == "..";
+        if p.is_dir() || path_like {
             return ModelSource::dir(std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
         }
         let (id, rev) = match arg.split_once('@') {
@@ -342,11 +347,26 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>, R
         let is_index = candidate.extension().is_some_and(|e| e == "json");
         return if is_index { shards(dir, &candidate) } else { Ok(vec![candidate]) };
     }
+    if dir.join(PIPELINE_INDEX).is_file() {
+        let mut components: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("config.json").is_file())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        components.sort();
+        return Err(ResolveError::PipelineRoot { dir: dir.to_path_buf(), components });
+    }
     if let Some(v) = variant {
+        // The file diffusers would read for a diffusers model (its config names a `_class_name`).
+        let diffusers = dir.join(DIFFUSERS_WEIGHTS).is_file()
+            || dir.join(DIFFUSERS_INDEX).is_file()
+            || std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("\"_class_name\""));
         return Err(ResolveError::NoVariant {
             dir: dir.to_path_buf(),
             variant: v.to_string(),
-            example: variant_name(SINGLE_WEIGHTS, Some(v)),
+            example: variant_name(if diffusers { DIFFUSERS_WEIGHTS } else { SINGLE_WEIGHTS }, Some(v)),
         });
     }
     // Weights only in variants (`model.fp16.safetensors`): name them.
@@ -488,6 +508,37 @@ mod tests {
         assert!(matches!(weight_files(&d, None), Err(ResolveError::NoWeights(_))));
         let missing = ModelSource::dir(d.join("nope")).resolve().unwrap_err();
         assert!(matches!(missing, ResolveError::NoSuchDir(_)));
+    }
+
+    #[test]
+    fn a_pipeline_root_names_its_components_and_a_missing_variant_names_the_diffusers_file() {
+        let d = tmpdir("pipeline-root");
+        std::fs::write(d.join(PIPELINE_INDEX), "{}").unwrap();
+        for c in ["vae", "unet", "text_encoder"] {
+            std::fs::create_dir(d.join(c)).unwrap();
+            std::fs::write(d.join(c).join("config.json"), "{\"_class_name\": \"X\"}").unwrap();
+        }
+        std::fs::create_dir(d.join("scheduler")).unwrap();
+        let e = weight_files(&d, None).unwrap_err();
+        assert!(matches!(&e, ResolveError::PipelineRoot { components, .. } if components == &["text_encoder", "unet", "vae"]), "{e}");
+        assert!(e.to_string().contains("subfolder (text_encoder, unet, vae)"), "{e}");
+        std::fs::write(d.join("unet").join(DIFFUSERS_WEIGHTS), b"").unwrap();
+        let e = weight_files(&d.join("unet"), Some("fp16")).unwrap_err();
+        assert!(e.to_string().contains("diffusion_pytorch_model.fp16.safetensors"), "{e}");
+        let e = weight_files(&d.join("vae"), Some("fp16")).unwrap_err();
+        assert!(e.to_string().contains("diffusion_pytorch_model.fp16.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_path_is_no_such_directory_not_a_bad_repo_id() {
+        let d = tmpdir("missing-path");
+        let missing = d.join("models").join("nowhere");
+        let e = ModelSource::from_arg(missing.to_str().unwrap()).resolve().unwrap_err();
+        assert!(matches!(e, ResolveError::NoSuchDir(_)), "{e}");
+        assert!(e.to_string().starts_with("no such directory: model directory"), "{e}");
+        let e = ModelSource::from_arg("./no/such/model").resolve().unwrap_err();
+        assert!(matches!(e, ResolveError::NoSuchDir(_)), "{e}");
+        assert!(!e.to_string().contains('\n'));
     }
 
     #[test]
