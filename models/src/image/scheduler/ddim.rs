@@ -5,8 +5,8 @@
 
 use candle_core::{Shape, Tensor};
 
-use super::numerics::{add_noise_alphas, f32_tensor, mul, predicted_noise, predicted_original, Bound, Mix};
-use super::{Prediction, Scheduler, SchedulerSpec};
+use super::numerics::{add_noise_alphas, f32_tensor, mul, predicted_noise, predicted_original, Bound, Mix, Prediction};
+use super::{Scheduler, SchedulerSpec};
 
 pub(super) struct Ddim {
     timesteps: Vec<f64>,

@@ -10,8 +10,9 @@ use candle_core::{Shape, Tensor};
 
 use super::numerics::{
     div, f32_tensor, interp, mul, np_linspace, predicted_original, sigma_to_t, torch_linspace_f32, trailing, Bound, Mix,
+    Prediction,
 };
-use super::{Class, Prediction, Scheduler, SchedulerSpec, SigmaSchedule, Spacing};
+use super::{Class, Scheduler, SchedulerSpec, SigmaSchedule, Spacing};
 
 pub(super) struct Euler {
     ancestral: bool,

@@ -8,10 +8,15 @@
 //! - `unipc` runs `UniPCMultistepScheduler`;
 //! - `numerics` is what they share, computed as torch and numpy compute it
 //!   (linspaces, beta schedules, `alphas_cumprod`, sigma conversions, the
-//!   predicted clean sample and its thresholding).
+//!   predicted clean sample and its thresholding);
+//! - `timesteps` is [`SchedulerSpec::build`] (diffusers' `set_timesteps`):
+//!   the step counts each class refuses, the scheduler each class builds,
+//!   and the timesteps and sigmas several of them share.
 //!
-//! This module reads the config into a [`SchedulerSpec`] and
-//! [`builds`](SchedulerSpec::build) a [`Scheduler`] for a number of steps.
+//! This module reads the config into a [`SchedulerSpec`], which `build`
+//! turns into a [`Scheduler`] for a number of steps. It imports only
+//! `numerics`: the scheduler modules import it, and `timesteps` imports
+//! them, so no two modules import each other.
 //! Every config key the chosen class reads is honoured, or refused with one
 //! line naming the file and the key when it asks for something not
 //! implemented here. Keys that only other diffusers scheduler classes read
@@ -34,10 +39,8 @@ mod ddpm;
 mod euler;
 mod numerics;
 mod pndm;
+mod timesteps;
 mod unipc;
-
-#[cfg(test)]
-mod tests;
 
 use std::fmt::Display;
 use std::path::Path;
@@ -47,8 +50,8 @@ use serde_json::{Map, Value};
 
 use crate::lm_config::{read_json, ConfigError, Reader};
 use numerics::{
-    betas_for_alpha_bar, cosine_alpha_bar, cumprod, laplace_alpha_bar, linear_betas, np_linspace,
-    rescale_zero_terminal_snr, scaled_linear_betas, sigmoid_betas, trailing,
+    betas_for_alpha_bar, cosine_alpha_bar, cumprod, laplace_alpha_bar, linear_betas, rescale_zero_terminal_snr,
+    scaled_linear_betas, sigmoid_betas, Prediction,
 };
 
 /// The classes this module runs, as `from_file` and errors list them.
@@ -172,14 +175,6 @@ enum SigmaSchedule {
     Exponential,
     /// Spaced by the quantiles of a Beta(0.6, 0.6) distribution.
     Beta,
-}
-
-/// What the model predicts (`prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Prediction {
-    Epsilon,
-    V,
-    Sample,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -453,79 +448,6 @@ impl SchedulerSpec {
             Prediction::Sample => "sample",
         }
     }
-
-    /// A scheduler for `steps` inference steps (diffusers' `set_timesteps`).
-    pub fn build(&self, steps: usize) -> Result<Box<dyn Scheduler>, String> {
-        if steps == 0 {
-            return Err("the number of inference steps must be at least 1".into());
-        }
-        if matches!(self.class, Class::Ddim | Class::Ddpm) && steps > self.num_train {
-            return Err(format!(
-                "{} steps is more than the {} training timesteps {} can run",
-                steps,
-                self.num_train,
-                self.class.name()
-            ));
-        }
-        if self.class == Class::Pndm && !self.skip_prk && steps < 4 {
-            return Err(format!(
-                "PNDMScheduler with skip_prk_steps false needs at least 4 steps (its Runge-Kutta warm-up spans the last four), not {steps}"
-            ));
-        }
-        if self.spacing == Spacing::Leading && self.num_train / steps == 0 {
-            return Err(format!("{steps} steps is more than the {} training timesteps", self.num_train));
-        }
-        let s: Box<dyn Scheduler> = match self.class {
-            Class::Pndm => Box::new(pndm::Pndm::new(self, steps)),
-            Class::Ddim => Box::new(ddim::Ddim::new(self, steps)),
-            Class::Ddpm => Box::new(ddpm::Ddpm::new(self, steps)),
-            Class::Euler | Class::EulerAncestral => Box::new(euler::Euler::new(self, steps)),
-            Class::UniPc => Box::new(unipc::UniPc::new(self, steps)?),
-        };
-        // PNDM, DDIM and DDPM index `alphas_cumprod` by timestep (diffusers
-        // fails with an IndexError past the end).
-        if matches!(self.class, Class::Pndm | Class::Ddim | Class::Ddpm) {
-            if let Some(t) = s.timesteps().iter().find(|&&t| t >= self.num_train as f64) {
-                return Err(format!(
-                    "{steps} steps with steps_offset {} reach timestep {t}, past the {} training timesteps",
-                    self.steps_offset, self.num_train
-                ));
-            }
-        }
-        Ok(s)
-    }
-
-    /// The whole-number timesteps of DDIM and DDPM, descending.
-    fn integer_timesteps(&self, steps: usize) -> Vec<f64> {
-        let n = self.num_train;
-        match self.spacing {
-            Spacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t.round_ties_even()).collect(),
-            Spacing::Leading => {
-                let ratio = n / steps;
-                (0..steps).rev().map(|i| (i * ratio + self.steps_offset) as f64).collect()
-            }
-            Spacing::Trailing => trailing(n, steps).into_iter().map(|t| t.round_ties_even() - 1.0).collect(),
-        }
-    }
-
-    /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`, in float32, by training timestep.
-    fn train_sigmas(&self) -> Vec<f32> {
-        self.alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
-    }
-
-    /// diffusers' `_convert_to_karras` / `_convert_to_exponential` /
-    /// `_convert_to_beta`: `n` sigmas from `sigma_max` (default `hi`) down to
-    /// `sigma_min` (default `lo`).
-    fn convert_sigmas(&self, hi: f64, lo: f64, n: usize) -> Vec<f64> {
-        let lo = self.sigma_min.unwrap_or(lo);
-        let hi = self.sigma_max.unwrap_or(hi);
-        match self.sigma_schedule {
-            SigmaSchedule::Karras => numerics::karras_sigmas(hi, lo, n),
-            SigmaSchedule::Exponential => numerics::exponential_sigmas(hi, lo, n),
-            SigmaSchedule::Beta => numerics::beta_sigmas(hi, lo, n),
-            SigmaSchedule::Default => unreachable!("only called for Karras, exponential and beta sigmas"),
-        }
-    }
 }
 
 /// The class: `class` when given, else `_class_name`.
@@ -693,3 +615,6 @@ pub trait Scheduler: Send {
         1
     }
 }
+
+#[cfg(test)]
+mod tests;

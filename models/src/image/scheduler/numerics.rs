@@ -8,7 +8,14 @@
 
 use candle_core::{DType, Tensor};
 
-use super::Prediction;
+/// What the model predicts (`prediction_type`): the noise, v (a mix of
+/// noise and clean sample) or the clean sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prediction {
+    Epsilon,
+    V,
+    Sample,
+}
 
 // ---- Linspaces and spacings
 

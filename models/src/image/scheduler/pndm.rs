@@ -6,8 +6,8 @@
 
 use candle_core::{Shape, Tensor};
 
-use super::numerics::{add_noise_alphas, div, f32_tensor, mul, np_linspace, predicted_noise, trailing};
-use super::{Prediction, Scheduler, SchedulerSpec, Spacing};
+use super::numerics::{add_noise_alphas, div, f32_tensor, mul, np_linspace, predicted_noise, trailing, Prediction};
+use super::{Scheduler, SchedulerSpec, Spacing};
 
 pub(super) struct Pndm {
     timesteps: Vec<f64>,

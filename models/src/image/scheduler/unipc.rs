@@ -10,8 +10,9 @@ use candle_core::{Shape, Tensor};
 
 use super::numerics::{
     div, f32_tensor, interp, mul, np_linspace, predicted_noise, predicted_original, sigma_to_t, trailing, Bound, Mix,
+    Prediction,
 };
-use super::{Prediction, Scheduler, SchedulerSpec, SigmaSchedule, Spacing};
+use super::{Scheduler, SchedulerSpec, SigmaSchedule, Spacing};
 
 pub(super) struct UniPc {
     timesteps: Vec<f64>,
