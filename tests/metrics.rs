@@ -1,11 +1,12 @@
 //! `mora-cache serve --metrics`: a scrape parsed by a Prometheus text-format
 //! parser has every family with its type, and the counters and gauges move
-//! as workflows run, models are evicted and requests are refused.
+//! as workflows run, models are evicted and requests are refused; `/healthz`
+//! answers probes; idle connections never keep a scrape waiting.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mora::{embed_workflow, one_line_failure, test_model_dir, wait_until, Env};
 use mora_common::connection::Connection;
@@ -28,8 +29,11 @@ fn metrics_addr(env: &Env) -> String {
 }
 
 /// A plain HTTP/1.1 request; returns the status line, the headers and the body.
+/// A daemon that does not answer within 30 s fails the test.
 fn http(addr: &str, request_line: &str) -> (String, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(s, "{request_line}\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n").unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).expect("read the reply");
@@ -251,4 +255,56 @@ fn without_the_flag_no_port_is_open() {
     let on = Env::with_daemon_args("metrics-on", &["--metrics", "127.0.0.1:0"]);
     metrics_addr(&on);
     assert_eq!(tcp_listeners(on.daemon_pid().unwrap()), 1);
+}
+
+/// Sockets among a process's descriptors.
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors")
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|t| t.to_str().is_some_and(|t| t.starts_with("socket:[")))
+        .count()
+}
+
+/// Raises this process's soft limit on open files to at least `want` (up to
+/// its hard limit), before it starts the daemon, which inherits it.
+fn raise_open_files(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    assert!(hard >= want, "this test needs {want} open files; the hard limit is {hard}");
+    if limit.current.is_some_and(|soft| soft < want) {
+        limit.current = Some(want);
+        setrlimit(Resource::Nofile, limit).expect("raise the soft limit on open files");
+    }
+}
+
+#[test]
+fn a_thousand_idle_connections_leave_scrapes_and_probes_answered() {
+    // What any local user can open. The endpoint this replaced had 16
+    // slots: 32 idle connections made every scrape fail until they closed.
+    const IDLE: usize = 1000;
+    raise_open_files(2 * IDLE as u64 + 512);
+    let env = Env::with_daemon_args("metrics-idle", &["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&env);
+    let pid = env.daemon_pid().unwrap();
+    let before = open_sockets(pid);
+    let idle: Vec<TcpStream> = (0..IDLE).map(|_| TcpStream::connect(&addr).expect("open an idle connection")).collect();
+    // Every one of them accepted and held open by the daemon.
+    let held = || open_sockets(pid) >= before + IDLE;
+    assert!(wait_until(Duration::from_secs(30), held), "the daemon holds {} sockets", open_sockets(pid));
+
+    // Answered at once, not after the idle ones' 10 s deadline.
+    let started = Instant::now();
+    let m = Metrics::scrape(&addr);
+    assert_eq!(m.value("mora_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    let (status, headers, body) = http(&addr, "GET /healthz HTTP/1.1");
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok"), "{headers}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "a scrape and a probe took {took:?} beside {IDLE} idle connections");
+    assert!(held(), "idle connections were closed to make room");
+    drop(idle);
+    // The daemon's own socket served all along.
+    env.admin_ok(&["ps"]);
 }

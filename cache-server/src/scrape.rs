@@ -1,41 +1,62 @@
-//! The HTTP endpoint Prometheus scrapes (`serve --metrics ADDR`): `GET` or
-//! `HEAD /metrics`, one request per connection, on the daemon's runtime.
+//! The HTTP endpoint of `serve --metrics ADDR`, on the daemon's runtime:
+//! `GET` or `HEAD` of [`PATH`] (the metrics, Prometheus' text format) and of
+//! [`HEALTH_PATH`] (`200 ok` while the daemon serves, for probes).
 //!
-//! A small HTTP/1.x responder rather than a web framework: it answers one
-//! path and nothing else (docs/decisions.md). Whatever a peer sends, the
-//! damage stays with its connection: the request head is bounded
-//! ([`MAX_REQUEST_BYTES`], else 431), the whole exchange has a deadline
-//! ([`EXCHANGE_TIMEOUT`], then the connection is dropped), at most
-//! [`MAX_CONNECTIONS`] are served at once (others are closed at once), every
-//! connection is closed after its response, and nothing it sends reaches the
-//! cache.
+//! HTTP/1.x is hyper's, one connection per task (docs/decisions.md: a
+//! hand-written responder with a fixed number of connection slots let 32
+//! idle connections stop every scrape). Whatever a peer sends, the damage
+//! stays with its connection:
+//! - its request head must arrive within [`EXCHANGE_TIMEOUT`] of the accept
+//!   (hyper's header-read timeout), and the whole exchange end within it;
+//!   otherwise the connection is closed unanswered;
+//! - the head is at most [`MAX_REQUEST_BYTES`], else `431`;
+//! - one request per connection, closed after its response;
+//! - an idle connection costs a descriptor, a task and a small buffer until
+//!   its deadline, and never keeps another waiting: there is no fixed number
+//!   of slots. Past [`Bounds::max_connections`] (half the open-file limit,
+//!   so that the cache always has descriptors for its files and clients)
+//!   the oldest connection is closed to make room, so the newest, a
+//!   scraper's, is always served;
+//! - nothing it sends reaches the cache, which a scrape only reads.
+//!
+//! The listener and every connection go when the [`serve`] task is dropped
+//! (the daemon drops it first thing when it stops), so `/healthz` answers
+//! exactly while the daemon serves.
 
-use std::io;
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::task::{AbortHandle, JoinSet};
 
 use prometheus_client::registry::Registry as Exposition;
 
 /// Largest request head (request line and headers) read.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
-/// How long a connection may take, from accept to the end of the response.
+/// How long a connection may take, from accept to the end of the response:
+/// its request head must be in by then, and its answer sent.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connections served at once; a scraper needs one.
-pub const MAX_CONNECTIONS: usize = 16;
-
-/// Most bytes read and dropped after a response, so that a peer that sent
-/// more than its head still gets the response before the close.
-const MAX_DRAIN_BYTES: usize = 64 * 1024;
 
 /// The path metrics are served at.
 pub const PATH: &str = "/metrics";
+
+/// The path probes ask, as Kubernetes' own components answer it: `200` with
+/// the body `ok` while the daemon serves.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// What [`PATH`] and [`HEALTH_PATH`] answer besides `405`.
+const ALLOWED: &str = "GET, HEAD";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve metrics on {addr}: {reason}")]
@@ -69,181 +90,117 @@ pub fn bind(addr: &str) -> Result<std::net::TcpListener, BindError> {
 /// ones in tests).
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
+    /// Largest request head; hyper answers a longer one `431`.
     pub max_request_bytes: usize,
+    /// Deadline of a connection's head, and of its whole exchange.
     pub timeout: Duration,
+    /// Connections held at once; a new one past it closes the oldest.
     pub max_connections: usize,
 }
 
 impl Default for Bounds {
+    /// The constants above, and half of this process's open-file limit
+    /// (at least 64) for connections.
     fn default() -> Self {
-        Bounds { max_request_bytes: MAX_REQUEST_BYTES, timeout: EXCHANGE_TIMEOUT, max_connections: MAX_CONNECTIONS }
+        use rustix::process::{getrlimit, Resource};
+        let files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        let max_connections = (files / 2).clamp(64, 1 << 16) as usize;
+        Bounds { max_request_bytes: MAX_REQUEST_BYTES, timeout: EXCHANGE_TIMEOUT, max_connections }
     }
 }
 
-/// Serves `exposition` on `listener` until the task is dropped.
+/// Serves `exposition` on `listener` until the task is dropped, which drops
+/// every connection with it.
 pub async fn serve(listener: TcpListener, exposition: Arc<Exposition>, bounds: Bounds) {
-    let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(bounds.timeout)
+        .max_header_size(bounds.max_request_bytes)
+        .keep_alive(false)
+        .title_case_headers(true);
+    let http = Arc::new(http);
+    let mut connections = JoinSet::new();
+    // The connections not yet done, oldest first.
+    let mut by_age: VecDeque<AbortHandle> = VecDeque::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "too many metrics connections; closing this one");
-                    continue;
-                };
-                let exposition = exposition.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    if tokio::time::timeout(bounds.timeout, exchange(stream, &exposition, bounds)).await.is_err() {
-                        tracing::debug!(%peer, "metrics request not done within {:?}; closing", bounds.timeout);
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    by_age.retain(|c| !c.is_finished());
+                    if by_age.len() >= bounds.max_connections {
+                        if let Some(oldest) = by_age.pop_front() {
+                            tracing::debug!(%peer, "{} metrics connections open; closing the oldest", bounds.max_connections);
+                            oldest.abort();
+                        }
                     }
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+                    by_age.push_back(connections.spawn(exchange(stream, peer, http.clone(), exposition.clone(), bounds.timeout)));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            // Finished connections are reaped as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 }
 
-/// Reads one request head, answers it, closes.
-async fn exchange(mut stream: TcpStream, exposition: &Exposition, bounds: Bounds) {
-    let response = match read_head(&mut stream, bounds.max_request_bytes).await {
-        Ok(Some(head)) => respond(&head, exposition),
-        Ok(None) => Response::error(431, "Request Header Fields Too Large", "request head too large"),
-        Err(_) => return,
-    };
-    if stream.write_all(&response.bytes()).await.is_err() || stream.shutdown().await.is_err() {
-        return;
-    }
-    // Closing with unread input would reset the connection, and the peer
-    // could lose the response: read what it still sends (a body, the rest of
-    // an oversized head) until it closes too, within bounds.
-    let mut drained = 0;
-    let mut chunk = [0u8; 4096];
-    while drained < MAX_DRAIN_BYTES {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
+/// Serves one connection: one request, its answer, the close.
+async fn exchange(stream: TcpStream, peer: SocketAddr, http: Arc<http1::Builder>, exposition: Arc<Exposition>, timeout: Duration) {
+    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+        let response = respond(request.method(), request.uri().path(), &exposition);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    match tokio::time::timeout(timeout, http.serve_connection(TokioIo::new(stream), service)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection closed"),
+        Err(_) => tracing::debug!(%peer, "metrics request not done within {timeout:?}; closing"),
     }
 }
 
-/// The request head, up to its blank line; `None` when it is longer than
-/// `max` bytes. An error when the peer closes or fails before the end.
-async fn read_head(stream: &mut TcpStream, max: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // Look for the end only where this chunk can complete it.
-        let from = head.len().saturating_sub(3);
-        head.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_end(&head[from..]) {
-            let end = from + end;
-            if end > max {
-                return Ok(None);
-            }
-            head.truncate(end);
-            return Ok(Some(head));
-        }
-        if head.len() > max {
-            return Ok(None);
-        }
-    }
-}
-
-/// Where the head in `buf` ends (after `\r\n\r\n`, or `\n\n` from a lax peer).
-fn find_end(buf: &[u8]) -> Option<usize> {
-    (0..buf.len()).find_map(|i| {
-        if buf[i..].starts_with(b"\r\n\r\n") {
-            Some(i + 4)
-        } else if buf[i..].starts_with(b"\n\n") {
-            Some(i + 2)
-        } else {
-            None
-        }
-    })
-}
-
-/// A response, sent whole and followed by the connection's close.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub reason: &'static str,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-    /// HEAD: the headers of the body, without it.
-    pub head_only: bool,
-}
-
-impl Response {
-    fn error(status: u16, reason: &'static str, message: &str) -> Response {
-        Response {
-            status,
-            reason,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".to_string())],
-            body: format!("{message}\n").into_bytes(),
-            head_only: false,
-        }
-    }
-
-    pub fn bytes(&self) -> Vec<u8> {
-        let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
-        for (name, value) in &self.headers {
-            out.push_str(&format!("{name}: {value}\r\n"));
-        }
-        out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", self.body.len()));
-        let mut out = out.into_bytes();
-        if !self.head_only {
-            out.extend_from_slice(&self.body);
-        }
-        out
-    }
-}
-
-/// The answer to one request head (request line and headers).
-pub fn respond(head: &[u8], exposition: &Exposition) -> Response {
-    let Some(line) = head.split(|b| *b == b'\n').next().and_then(|l| std::str::from_utf8(l).ok()) else {
-        return Response::error(400, "Bad Request", "malformed request line");
-    };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::error(400, "Bad Request", "malformed request line");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::error(505, "HTTP Version Not Supported", "only HTTP/1.x is served");
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if path != PATH {
-        return Response::error(404, "Not Found", &format!("not found: metrics are at {PATH}"));
-    }
-    if method != "GET" && method != "HEAD" {
-        let mut r = Response::error(405, "Method Not Allowed", &format!("{PATH} answers GET and HEAD"));
-        r.headers.push(("Allow", "GET, HEAD".to_string()));
-        return r;
-    }
-    match crate::metrics::encode(exposition) {
-        Ok(text) => Response {
-            status: 200,
-            reason: "OK",
-            headers: vec![("Content-Type", crate::metrics::CONTENT_TYPE.to_string())],
-            body: text.into_bytes(),
-            head_only: method == "HEAD",
+/// The answer to `method` on `path` (the request target without its query).
+/// hyper leaves out the body of an answer to `HEAD`, and keeps its length.
+pub fn respond(method: &Method, path: &str, exposition: &Exposition) -> Response<Full<Bytes>> {
+    let read_only = *method == Method::GET || *method == Method::HEAD;
+    match path {
+        PATH if !read_only => not_allowed(PATH),
+        PATH => match crate::metrics::encode(exposition) {
+            Ok(text) => text_response(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics"),
         },
-        Err(_) => Response::error(500, "Internal Server Error", "cannot encode the metrics"),
+        HEALTH_PATH if !read_only => not_allowed(HEALTH_PATH),
+        HEALTH_PATH => text_response(StatusCode::OK, PLAIN_TEXT, "ok".to_string()),
+        _ => error(StatusCode::NOT_FOUND, &format!("not found: metrics are at {PATH}")),
     }
+}
+
+const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+
+fn text_response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    text_response(status, PLAIN_TEXT, format!("{message}\n"))
+}
+
+fn not_allowed(path: &str) -> Response<Full<Bytes>> {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} answers GET and HEAD"));
+    r.headers_mut().insert(ALLOW, HeaderValue::from_static(ALLOWED));
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn exposition() -> Exposition {
         let mut r = Exposition::default();
@@ -253,55 +210,81 @@ mod tests {
         r
     }
 
-    fn status_of(head: &str) -> u16 {
-        respond(head.as_bytes(), &exposition()).status
+    fn status_of(method: Method, path: &str) -> u16 {
+        respond(&method, path, &exposition()).status().as_u16()
     }
 
-    #[test]
-    fn get_and_head_of_the_metrics_path_are_answered() {
-        let r = respond(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &exposition());
-        assert_eq!(r.status, 200);
-        assert_eq!(r.headers, vec![("Content-Type", "text/plain; version=0.0.4; charset=utf-8".to_string())]);
-        let text = String::from_utf8(r.body.clone()).unwrap();
+    async fn body_of(r: Response<Full<Bytes>>) -> String {
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn get_and_head_of_the_metrics_path_are_answered() {
+        let r = respond(&Method::GET, "/metrics", &exposition());
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/plain; version=0.0.4; charset=utf-8");
+        let text = body_of(r).await;
         assert!(text.contains("# TYPE mora_test_total counter\nmora_test_total 1\n"), "{text}");
-        let wire = String::from_utf8(r.bytes()).unwrap();
+        // On the wire: the headers, the length, the close, the text.
+        let addr = server(Bounds::default()).await;
+        let wire = exchange_with(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(wire.starts_with("HTTP/1.1 200 OK\r\n"), "{wire}");
-        assert!(wire.contains(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", r.body.len())), "{wire}");
-        assert!(wire.ends_with(&text));
-        // A query string is ignored; HEAD has the headers and no body.
-        assert_eq!(status_of("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), 200);
-        let head = respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", &exposition());
-        assert_eq!(head.status, 200);
-        assert!(String::from_utf8(head.bytes()).unwrap().ends_with("Connection: close\r\n\r\n"));
+        assert!(wire.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{wire}");
+        assert!(wire.contains(&format!("Content-Length: {}\r\n", text.len())), "{wire}");
+        assert!(wire.contains("Connection: close\r\n"), "{wire}");
+        assert!(wire.ends_with(&format!("\r\n\r\n{text}")), "{wire}");
+        // A query string is ignored (an HTTP/1.0 request is answered in
+        // HTTP/1.0, as hyper does); HEAD has the headers and no body.
+        let query = exchange_with(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").await;
+        assert!(query.starts_with("HTTP/1.0 200 OK\r\n") && query.ends_with(&text), "{query}");
+        let head = exchange_with(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains(&format!("Content-Length: {}\r\n", text.len())), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn the_health_path_says_ok_to_get_and_head() {
+        let r = respond(&Method::GET, "/healthz", &exposition());
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(body_of(r).await, "ok");
+        assert_eq!(status_of(Method::HEAD, "/healthz"), 200);
+        let r = respond(&Method::POST, "/healthz", &exposition());
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()[ALLOW], "GET, HEAD");
+        let addr = server(Bounds::default()).await;
+        let wire = exchange_with(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(wire.starts_with("HTTP/1.1 200 OK\r\n") && wire.ends_with("\r\n\r\nok"), "{wire}");
     }
 
     #[test]
     fn another_path_is_404_and_another_method_405() {
-        assert_eq!(status_of("GET / HTTP/1.1\r\n\r\n"), 404);
-        assert_eq!(status_of("GET /metrics/x HTTP/1.1\r\n\r\n"), 404);
-        assert_eq!(status_of("POST / HTTP/1.1\r\n\r\n"), 404);
-        let r = respond(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", &exposition());
-        assert_eq!(r.status, 405);
-        assert!(r.headers.contains(&("Allow", "GET, HEAD".to_string())));
-        assert_eq!(status_of("DELETE /metrics HTTP/1.1\r\n\r\n"), 405);
+        assert_eq!(status_of(Method::GET, "/"), 404);
+        assert_eq!(status_of(Method::GET, "/metrics/x"), 404);
+        assert_eq!(status_of(Method::POST, "/"), 404);
+        let r = respond(&Method::POST, "/metrics", &exposition());
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()[ALLOW], "GET, HEAD");
+        assert_eq!(status_of(Method::DELETE, "/metrics"), 405);
     }
 
-    #[test]
-    fn a_malformed_request_is_400_or_505() {
-        assert_eq!(status_of("\r\n\r\n"), 400);
-        assert_eq!(status_of("GET\r\n\r\n"), 400);
-        assert_eq!(status_of("GET /metrics\r\n\r\n"), 400);
-        assert_eq!(status_of("GET  /metrics HTTP/1.1\r\n\r\n"), 400);
-        assert_eq!(status_of("GET /metrics HTTP/1.1 x\r\n\r\n"), 400);
-        assert_eq!(status_of("GET /metrics HTTP/2\r\n\r\n"), 505);
-        assert_eq!(respond(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", &exposition()).status, 400);
-    }
-
-    #[test]
-    fn the_end_of_a_head_is_found_in_both_line_endings() {
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
-        assert_eq!(find_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    #[tokio::test]
+    async fn a_malformed_request_is_400_and_the_server_keeps_serving() {
+        let addr = server(Bounds::default()).await;
+        for bad in [
+            &b"GET\r\n\r\n"[..],
+            b"GET /metrics\r\n\r\n",
+            b"GET  /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1 x\r\n\r\n",
+            b"GET /metrics HTTP/2\r\n\r\n",
+            b"\xff\xfe /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            let reply = exchange_with(addr, bad).await;
+            assert!(reply.starts_with("HTTP/1.1 400 "), "{}: {reply}", String::from_utf8_lossy(bad));
+        }
+        let ok = exchange_with(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
     }
 
     /// A server on a free port, with `bounds`.
@@ -338,7 +321,7 @@ mod tests {
         s.write_all(b"rics HTTP/1.0\n\n").await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.starts_with("HTTP/1.0 200 OK\r\n"), "{out}");
     }
 
     #[tokio::test]
@@ -372,24 +355,64 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_bound_are_closed_unanswered() {
-        let addr = server(Bounds { max_connections: 1, ..Bounds::default() }).await;
-        // Connections are accepted in order: the silent one takes the only
-        // slot, the next is closed at once.
-        let silent = TcpStream::connect(addr).await.unwrap();
-        let extra = exchange_with(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(extra.is_empty(), "{extra}");
-        // Once it goes, its slot is free again (when its task has seen the close).
-        drop(silent);
-        let mut ok = String::new();
-        for _ in 0..500 {
-            ok = exchange_with(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
-            if !ok.is_empty() {
-                break;
+    async fn idle_connections_never_keep_a_scrape_waiting() {
+        let addr = server(Bounds::default()).await;
+        // Four times the 16 slots of the responder this replaced, silent or
+        // halfway through a head; none is answered or closed before its
+        // deadline, and a scrape is answered meanwhile.
+        let mut idle = Vec::new();
+        for i in 0..64 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            if i % 2 == 1 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost:").await.unwrap();
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            idle.push(s);
         }
+        let ok = tokio::time::timeout(Duration::from_secs(5), exchange_with(addr, b"GET /metrics HTTP/1.1\r\n\r\n"))
+            .await
+            .expect("a scrape answered while others idle");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("mora_test_total 1"), "{ok}");
+        let mut byte = [0u8; 1];
+        for s in &mut idle {
+            assert!(s.try_read(&mut byte).is_err(), "an idle connection got an answer or a close before its deadline");
+        }
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_the_oldest_connection_is_closed_for_the_newest() {
+        let addr = server(Bounds { max_connections: 4, ..Bounds::default() }).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The fifth, a scrape, is served; the first idle one made room.
+        let ok = tokio::time::timeout(Duration::from_secs(5), exchange_with(addr, b"GET /metrics HTTP/1.1\r\n\r\n"))
+            .await
+            .expect("the newest connection is served");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle[0].read_to_end(&mut out)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {out:?}");
+        let mut byte = [0u8; 1];
+        for s in &mut idle[1..] {
+            assert!(s.try_read(&mut byte).is_err(), "a younger idle connection was closed");
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_server_closes_its_connections() {
+        let listener = TcpListener::from_std(bind("127.0.0.1:0").unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(serve(listener, Arc::new(exposition()), Bounds::default()));
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        // Served: the connection has its task.
+        let ok = exchange_with(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(ok.ends_with("ok"), "{ok}");
+        task.abort();
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut out)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {out:?}");
+        assert!(TcpStream::connect(addr).await.is_err(), "the port outlived the server");
     }
 
     #[test]
