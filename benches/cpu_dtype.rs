@@ -163,7 +163,7 @@ fn llama(size: &str) -> PathBuf {
         let bytes = mora_common::units::parse_size(size).expect("a size such as 100MiB");
         eprintln!("cpu_dtype: writing a synthetic bf16 llama of {size} into {}", dir.display());
         let spec = mora_models::synth::SynthSpec {
-            arch: mora_models::synth::Arch::Llama,
+            arch: mora_models::synth::Family::Llama,
             target_bytes: bytes,
             dtype: mora_common::manifest::WeightDType::BF16,
             seed: 7,

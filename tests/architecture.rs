@@ -45,11 +45,23 @@ fn modules(src: &Path) -> BTreeMap<Module, PathBuf> {
     out
 }
 
-/// The text a module's imports are read from: up to its test module, without
-/// comments.
+/// The text a module's imports are read from: without its inline test
+/// module (`#[cfg(test)] mod tests { ... }`, which ends the file by
+/// convention), without a test module declared in a file of its own
+/// (`#[cfg(test)] mod tests;`, left out alone) and without comments.
 fn code(text: &str) -> String {
-    let end = text.match_indices("#[cfg(test)]").find(|(i, m)| text[i + m.len()..].trim_start().starts_with("mod tests")).map_or(text.len(), |(i, _)| i);
-    text[..end].lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
+    let mut text = text.to_string();
+    while let Some((i, decl_end)) = text.match_indices("#[cfg(test)]").find_map(|(i, m)| {
+        let rest = text[i + m.len()..].trim_start();
+        let after = rest.strip_prefix("mod tests")?.trim_start();
+        Some((i, after.starts_with(';').then(|| text.len() - after.len() + 1)))
+    }) {
+        match decl_end {
+            Some(end) => text.replace_range(i..end, ""),
+            None => text.truncate(i),
+        }
+    }
+    text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
 /// Every path in `text`, as its segments, with `a::{b, c::{d}}` groups
@@ -208,6 +220,8 @@ fn the_import_reader_finds_loops_and_group_imports() {
         assert!(got.contains(&want.to_string()), "{want} not in {got:?}");
     }
     assert_eq!(code("use a::b; // crate::c\n#[cfg(test)]\nmod tests { use crate::d; }"), "use a::b; ");
+    // A test module in a file of its own hides nothing after it.
+    assert_eq!(code("#[cfg(test)]\nmod tests;\nuse crate::e;"), "\nuse crate::e;");
     let m = |s: &str| -> Module { s.split("::").filter(|x| !x.is_empty()).map(str::to_string).collect() };
     let edges: BTreeMap<Module, BTreeSet<Module>> =
         [(m("a"), [m("b")].into()), (m("b"), [m("c")].into()), (m("c"), [m("a")].into()), (m(""), [m("a")].into())].into();

@@ -153,10 +153,10 @@ pub fn to_stdout(piece: &str) {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use mora_models::synth::{generate, Arch, SynthSpec};
+    use mora_models::synth::{generate, Family, SynthSpec};
     use mora_common::manifest::WeightDType;
 
-    fn model(arch: Arch, tag: &str) -> (mora_test_support::Scratch, VarBuilder<'static>) {
+    fn model(arch: Family, tag: &str) -> (mora_test_support::Scratch, VarBuilder<'static>) {
         let dir = mora_test_support::Scratch::new(tag);
         generate(&SynthSpec { arch, target_bytes: 1 << 20, dtype: WeightDType::F32, seed: 7 }, &dir).unwrap();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn greedy_is_deterministic_and_the_streamed_pieces_make_the_text() {
-        for arch in [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma2, Arch::Gpt2] {
+        for arch in [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3, Family::Phi3, Family::Gemma2, Family::Gpt2] {
             let (dir, vb) = model(arch, &format!("{arch:?}"));
             let greedy = SamplingSpec { temperature: 0.0, top_p: None, seed: 0 };
             let mut pieces = String::new();
@@ -185,13 +185,13 @@ mod tests {
 
     #[test]
     fn too_long_a_request_and_a_foreign_model_are_refused() {
-        let (dir, vb) = model(Arch::Llama, "limits");
+        let (dir, vb) = model(Family::Llama, "limits");
         let e = TextGenerator::load(&dir, vb, None)
             .unwrap()
             .generate("x", true, 10_000, SamplingSpec { temperature: 0.0, top_p: None, seed: 0 }, |_| {})
             .unwrap_err();
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
-        let (bert, vb) = model(Arch::Bert, "bert");
+        let (bert, vb) = model(Family::Bert, "bert");
         let e = TextGenerator::load(&bert, vb, None).err().unwrap();
         assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"), "{e}");
     }

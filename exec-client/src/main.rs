@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use mora_common::manifest::WeightDType;
 use mora_common::paths::socket_path;
 use mora_common::units::parse_size;
-use mora_models::synth::{generate, Arch, SynthSpec};
+use mora_models::synth::{generate, Family, SynthSpec};
 use mora_exec::run::{check, run, RunOptions};
 use mora_exec::tasks::report::describe;
 use mora_exec::workflow::Workflow;
@@ -242,14 +242,14 @@ fn command(command: Command) -> Result<(), String> {
 /// What `synth --arch` names: a model, or a diffusers pipeline.
 #[derive(Clone)]
 enum SynthArch {
-    Model(Arch),
+    Model(Family),
     Pipeline(mora_models::image::synth::PipelineArch),
 }
 
 fn parse_arch(s: &str) -> Result<SynthArch, String> {
     match mora_models::image::synth::PipelineArch::parse(s) {
         Some(p) => Ok(SynthArch::Pipeline(p)),
-        None => s.parse::<Arch>().map(SynthArch::Model).map_err(|e| format!("{e}, or a pipeline: sd15, sd21, sdxl")),
+        None => s.parse::<Family>().map(SynthArch::Model).map_err(|e| format!("{e}, or a pipeline: sd15, sd21, sdxl")),
     }
 }
 

@@ -18,11 +18,8 @@ use serde_json::json;
 
 use mora_common::manifest::WeightDType;
 
-use crate::lm_config::Family;
-
-/// The families synth writes, by the names `mora-exec synth --arch` takes:
-/// lm_config's [`Family`], under the name its callers use.
-pub use crate::lm_config::Family as Arch;
+/// The families synth writes, by the names `mora-exec synth --arch` takes.
+pub use crate::lm_config::Family;
 
 /// What to generate.
 #[derive(Debug, Clone)]
