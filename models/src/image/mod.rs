@@ -1,7 +1,9 @@
 //! Image generation: Stable Diffusion pipelines in the layout diffusers
 //! writes (`model_index.json` and one folder per component), run on candle.
 //!
-//! - [`clip`] is the CLIP text encoders and their BPE tokenizer;
+//! - [`clip`] is the CLIP text encoders;
+//! - [`conv`] and [`norm`] are their convolution and group norm (with SiLU
+//!   fused), with Mora's own CPU kernels;
 //! - [`unet`] is the denoising UNet (`UNet2DConditionModel`), SD 1.5, 2.1, XL and Turbo shapes;
 //! - [`vae`] is the autoencoder (`AutoencoderKL`) that turns latents into pixels and back;
 //! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`;
@@ -13,6 +15,8 @@
 //! the key, never replaced by a default.
 
 pub mod clip;
+pub mod conv;
+pub mod norm;
 pub mod pipeline;
 pub mod scheduler;
 pub mod synth;

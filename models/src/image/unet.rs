@@ -25,8 +25,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use serde_json::{Map, Value};
+
+use super::conv::{conv2d, Conv2d};
+use super::norm::{group_norm, GroupNorm};
 
 use crate::image::DIFFUSERS_NEUTRAL;
 use crate::lm_config::{read_json, ConfigError, Reader};
@@ -320,7 +323,7 @@ pub struct AddedConditions {
 }
 
 fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, k, Conv2dConfig { stride, padding, ..Default::default() }, vb)
+    conv2d(cin, cout, k, Conv2dConfig { stride, padding, ..Default::default() }, vb)
 }
 
 /// diffusers' `get_timestep_embedding`, in float32 on the host, step by step
@@ -379,10 +382,10 @@ impl Resnet {
     fn new(vb: VarBuilder, cin: usize, cout: usize, temb: usize, cfg: &UNetConfig, scale: f64) -> Result<Self> {
         let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         Ok(Resnet {
-            norm1: candle_nn::group_norm(g, cin, eps, vb.pp("norm1"))?,
+            norm1: group_norm(g, cin, eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(g, cout, eps, vb.pp("norm2"))?,
+            norm2: group_norm(g, cout, eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
             output_scale_factor: scale,
@@ -391,10 +394,10 @@ impl Resnet {
 
     /// `temb_act` is silu(time embedding), shared by every resnet.
     fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -527,7 +530,7 @@ impl Transformer2D {
         let blocks =
             (0..depth).map(|i| TransformerBlock::new(vbb.pp(i), inner, heads, head_dim, cfg)).collect::<Result<Vec<_>>>()?;
         Ok(Transformer2D {
-            norm: candle_nn::group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in,
             blocks,
             proj_out,
@@ -740,7 +743,7 @@ impl UNet {
             down,
             mid,
             up,
-            conv_norm_out: candle_nn::group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -815,7 +818,7 @@ impl UNet {
             };
             x = block.forward(&x, mine, &temb, &context, size)?;
         }
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -13,7 +13,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
+use super::norm::{group_norm, GroupNorm};
 use serde_json::{Map, Value};
 
 use super::DIFFUSERS_NEUTRAL;
@@ -145,7 +148,7 @@ fn str_list(r: &Reader, key: &str) -> std::result::Result<Option<Vec<String>>, C
 }
 
 fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, padding: usize, stride: usize) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, k, Conv2dConfig { padding, stride, ..Default::default() }, vb)
+    conv2d(cin, cout, k, Conv2dConfig { padding, stride, ..Default::default() }, vb)
 }
 
 /// diffusers' `ResnetBlock2D` without a time embedding: two GroupNorm, SiLU,
@@ -161,9 +164,9 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         Ok(ResnetBlock {
-            norm1: candle_nn::group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            norm2: candle_nn::group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             shortcut: if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 0, 1)?) } else { None },
         })
@@ -172,8 +175,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?.apply(&self.conv1)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?.apply(&self.conv2)?;
+        let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
+        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -213,7 +216,7 @@ impl AttentionBlock {
             ("query", "key", "value", "proj_attn")
         };
         Ok(AttentionBlock {
-            norm: candle_nn::group_norm(groups, channels, NORM_EPS, vb.pp("group_norm"))?,
+            norm: group_norm(groups, channels, NORM_EPS, vb.pp("group_norm"))?,
             q: projection(vb.pp(q), channels)?,
             k: projection(vb.pp(k), channels)?,
             v: projection(vb.pp(v), channels)?,
@@ -353,7 +356,7 @@ impl Encoder {
             conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down,
             mid: MidBlock::new(vb.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
-            norm_out: candle_nn::group_norm(g, last, NORM_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(g, last, NORM_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
@@ -366,7 +369,7 @@ impl Module for Encoder {
             x = d.forward(&x)?;
         }
         let x = self.mid.forward(&x)?;
-        candle_nn::ops::silu(&self.norm_out.forward(&x)?)?.apply(&self.conv_out)
+        self.norm_out.forward_silu(&x)?.apply(&self.conv_out)
     }
 }
 
@@ -399,7 +402,7 @@ impl Decoder {
             conv_in: conv(vb.pp("conv_in"), cfg.latent_channels, rev[0], 3, 1, 1)?,
             mid: MidBlock::new(vb.pp("mid_block"), rev[0], g, cfg.mid_block_add_attention)?,
             up,
-            norm_out: candle_nn::group_norm(g, first, NORM_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(g, first, NORM_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -411,7 +414,7 @@ impl Module for Decoder {
         for u in &self.up {
             x = u.forward(&x)?;
         }
-        candle_nn::ops::silu(&self.norm_out.forward(&x)?)?.apply(&self.conv_out)
+        self.norm_out.forward_silu(&x)?.apply(&self.conv_out)
     }
 }
 
