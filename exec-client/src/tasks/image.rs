@@ -187,7 +187,7 @@ impl ImageStep {
 pub fn pipeline_config(s: &ImageStep, spec: &ModelSpec) -> Result<PipelineConfig, ExecError> {
     let fail = |e: String| ExecError::Model(format!("model `{}`: {e}", s.model));
     let root = spec.source.resolve_dir().map_err(|e| fail(e.to_string()))?;
-    PipelineConfig::read(&root, s.scheduler.as_deref()).map_err(fail)
+    PipelineConfig::read(&root, s.scheduler.as_deref()).map_err(|e| fail(e.to_string()))
 }
 
 /// The files of image k (from 0) of `n`: `OUTPUT` alone, or `STEM-K.png`
@@ -242,7 +242,7 @@ pub fn run(
         .collect();
     let class_name = config.class_name.clone();
     let scheduler_class = config.scheduler.class_name();
-    let pipeline = Pipeline::build(config, weights).map_err(fail)?;
+    let pipeline = Pipeline::build(config, weights).map_err(|e| fail(e.to_string()))?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("build model");
 
@@ -259,10 +259,10 @@ pub fn run(
             seed: s.seed + k as u64,
             init: init.clone().map(|img| (img, s.strength)),
         };
-        let total = pipeline.denoising_steps(&req).map_err(fail)?;
+        let total = pipeline.denoising_steps(&req).map_err(|e| fail(e.to_string()))?;
         let what = if s.images > 1 { format!("{}: image {} of {}", step.name, k + 1, s.images) } else { format!("{}: denoising", step.name) };
         let mut bar = mora_common::progress::StepProgress::new("mora-exec", what, total);
-        let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(fail)?;
+        let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(|e| fail(e.to_string()))?;
         bar.finish();
         let (png, json) = image_paths(step.output, k, s.images);
         write_bytes_atomically(&png, &png_bytes(&image).map_err(fail)?)?;

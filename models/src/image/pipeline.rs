@@ -35,6 +35,25 @@ pub enum Family {
     Sdxl,
 }
 
+/// Why a pipeline cannot be read, built or run; each message names the file
+/// or the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The pipeline's files: missing, unreadable, or a combination Mora does
+    /// not run.
+    #[error("{0}")]
+    Layout(String),
+    /// A request the pipeline cannot honour (a size, a strength).
+    #[error("{0}")]
+    Request(String),
+    /// A component's network does not build on its weights.
+    #[error("{component}: {source}")]
+    Build { component: &'static str, source: candle_core::Error },
+    /// The computation failed.
+    #[error(transparent)]
+    Compute(#[from] candle_core::Error),
+}
+
 /// A text encoder and its tokenizer, as read from their folders.
 pub struct TextPart {
     /// `text_encoder` or `text_encoder_2`.
@@ -60,10 +79,10 @@ pub struct PipelineConfig {
 impl PipelineConfig {
     /// Reads the pipeline at `root`; `scheduler` overrides the class of
     /// `scheduler/scheduler_config.json`. Errors are one line naming the file.
-    pub fn read(root: &Path, scheduler: Option<&str>) -> Result<PipelineConfig, String> {
+    pub fn read(root: &Path, scheduler: Option<&str>) -> Result<PipelineConfig, PipelineError> {
         let index_path = root.join(mora_common::model::PIPELINE_INDEX);
-        let index = PipelineIndex::read(root)?.ok_or_else(|| {
-            format!("{} holds no model_index.json: not a diffusers pipeline (an image step needs one)", root.display())
+        let index = PipelineIndex::read(root).map_err(PipelineError::Layout)?.ok_or_else(|| {
+            PipelineError::Layout(format!("{} holds no model_index.json: not a diffusers pipeline (an image step needs one)", root.display()))
         })?;
         let family = if SD_CLASSES.contains(&index.class_name.as_str()) {
             Family::Sd
@@ -71,12 +90,12 @@ impl PipelineConfig {
             Family::Sdxl
         } else {
             let known: Vec<&str> = SD_CLASSES.iter().chain(SDXL_CLASSES).copied().collect();
-            return Err(format!(
+            return Err(PipelineError::Layout(format!(
                 "{}: `_class_name` is `{}`, which Mora does not run (it runs {})",
                 index_path.display(),
                 index.class_name,
                 known.join(", ")
-            ));
+            )));
         };
         let needed: &[&'static str] = match family {
             Family::Sd => &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
@@ -84,20 +103,20 @@ impl PipelineConfig {
         };
         for c in needed {
             if !index.components.contains_key(*c) {
-                return Err(format!(
+                return Err(PipelineError::Layout(format!(
                     "{}: the pipeline has no `{c}`, which a {} needs (an SDXL refiner, which has none, is not supported)",
                     index_path.display(),
                     index.class_name
-                ));
+                )));
             }
             if !root.join(c).is_dir() {
-                return Err(format!("{}: component `{c}` is listed but its folder {} is missing", index_path.display(), root.join(c).display()));
+                return Err(PipelineError::Layout(format!("{}: component `{c}` is listed but its folder {} is missing", index_path.display(), root.join(c).display())));
             }
         }
         let setting = |key: &str| index.settings.get(key).and_then(|v| v.as_bool());
         let force_zeros_for_empty_prompt = setting("force_zeros_for_empty_prompt").unwrap_or(family == Family::Sdxl);
         if setting("requires_aesthetics_score") == Some(true) {
-            return Err(format!("{}: `requires_aesthetics_score` is true (an SDXL refiner): not supported", index_path.display()));
+            return Err(PipelineError::Layout(format!("{}: `requires_aesthetics_score` is true (an SDXL refiner): not supported", index_path.display())));
         }
         let text_components: &[(&'static str, &'static str)] = match family {
             Family::Sd => &[("text_encoder", "tokenizer")],
@@ -106,59 +125,62 @@ impl PipelineConfig {
         let mut text = Vec::new();
         for (enc, tok) in text_components {
             let class = index.components.get(*enc).map(|(_, c)| c.as_str());
-            let config = TextEncoderConfig::from_file_with_class(&root.join(enc).join("config.json"), class).map_err(|e| e.to_string())?;
-            let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
+            let config = TextEncoderConfig::from_file_with_class(&root.join(enc).join("config.json"), class).map_err(|e| PipelineError::Layout(e.to_string()))?;
+            let tokenizer = ClipTokenizer::from_dir(&root.join(tok)).map_err(PipelineError::Layout)?;
             text.push(TextPart { component: enc, config, tokenizer });
         }
-        let unet = UNetConfig::from_file(&root.join("unet").join("config.json")).map_err(|e| e.to_string())?;
-        let vae = VaeConfig::from_file(&root.join("vae").join("config.json")).map_err(|e| e.to_string())?;
-        let scheduler = SchedulerSpec::from_file(&root.join("scheduler").join("scheduler_config.json"), scheduler).map_err(|e| e.to_string())?;
+        let unet = UNetConfig::from_file(&root.join("unet").join("config.json")).map_err(|e| PipelineError::Layout(e.to_string()))?;
+        let vae = VaeConfig::from_file(&root.join("vae").join("config.json")).map_err(|e| PipelineError::Layout(e.to_string()))?;
+        let scheduler = SchedulerSpec::from_file(&root.join("scheduler").join("scheduler_config.json"), scheduler).map_err(|e| PipelineError::Layout(e.to_string()))?;
         let cfg = PipelineConfig { root: root.to_path_buf(), class_name: index.class_name, family, text, unet, vae, scheduler, force_zeros_for_empty_prompt };
         cfg.check_shapes()?;
         Ok(cfg)
     }
 
     /// The components' configs agree with one another.
-    fn check_shapes(&self) -> Result<(), String> {
+    fn check_shapes(&self) -> Result<(), PipelineError> {
         let unet_file = self.root.join("unet").join("config.json");
         let context: usize = match self.family {
             Family::Sd => self.text[0].config.hidden_size,
             Family::Sdxl => self.text.iter().map(|t| t.config.hidden_size).sum(),
         };
         if context != self.unet.cross_attention_dim {
-            return Err(format!(
+            return Err(PipelineError::Layout(format!(
                 "{}: `cross_attention_dim` is {} but the text encoder(s) give {context}",
                 unet_file.display(),
                 self.unet.cross_attention_dim
-            ));
+            )));
         }
         if self.unet.in_channels != self.vae.latent_channels {
-            return Err(format!(
+            return Err(PipelineError::Layout(format!(
                 "{}: `in_channels` is {} but the VAE's latents have {} channels",
                 unet_file.display(),
                 self.unet.in_channels,
                 self.vae.latent_channels
-            ));
+            )));
         }
         match (self.family, &self.unet.addition) {
             (Family::Sdxl, Some(add)) => {
                 let pooled = self.text[1].config.projection_dim.ok_or_else(|| {
-                    format!("{}: SDXL's second text encoder must be a CLIPTextModelWithProjection", self.root.join("text_encoder_2").join("config.json").display())
+                    PipelineError::Layout(format!(
+                        "{}: SDXL's second text encoder must be a CLIPTextModelWithProjection",
+                        self.root.join("text_encoder_2").join("config.json").display()
+                    ))
                 })?;
                 let expected = pooled + 6 * add.time_embed_dim;
                 if add.projection_input_dim != expected {
-                    return Err(format!(
+                    return Err(PipelineError::Layout(format!(
                         "{}: `projection_class_embeddings_input_dim` is {} but the pooled text ({pooled}) and six size ids give {expected}",
                         unet_file.display(),
                         add.projection_input_dim
-                    ));
+                    )));
                 }
             }
             (Family::Sdxl, None) => {
-                return Err(format!("{}: an SDXL UNet needs `addition_embed_type = \"text_time\"`", unet_file.display()))
+                return Err(PipelineError::Layout(format!("{}: an SDXL UNet needs `addition_embed_type = \"text_time\"`", unet_file.display())))
             }
             (Family::Sd, Some(_)) => {
-                return Err(format!("{}: `addition_embed_type` is set, which a {} does not feed", unet_file.display(), self.class_name))
+                return Err(PipelineError::Layout(format!("{}: `addition_embed_type` is set, which a {} does not feed", unet_file.display(), self.class_name)))
             }
             (Family::Sd, None) => {}
         }
@@ -187,11 +209,11 @@ impl PipelineConfig {
 
     /// Checks a requested size: a multiple of what the VAE and the UNet's
     /// down-sampling need.
-    pub fn check_size(&self, width: usize, height: usize) -> Result<(), String> {
+    pub fn check_size(&self, width: usize, height: usize) -> Result<(), PipelineError> {
         let m = self.vae.downscale;
         for (name, v) in [("width", width), ("height", height)] {
             if v == 0 || v % m != 0 {
-                return Err(format!("`{name}` is {v}: it must be a positive multiple of {m} (the VAE's scale)"));
+                return Err(PipelineError::Request(format!("`{name}` is {v}: it must be a positive multiple of {m} (the VAE's scale)")));
             }
         }
         Ok(())
@@ -243,13 +265,9 @@ pub struct Pipeline {
     vae_dtype: DType,
 }
 
-fn err(e: candle_core::Error) -> String {
-    e.to_string()
-}
-
 impl Pipeline {
     /// Builds the networks; `weights(component)` gives each component's weights.
-    pub fn build<'w, W: ComponentWeights + 'w>(config: PipelineConfig, weights: impl Fn(&str) -> &'w W) -> Result<Pipeline, String> {
+    pub fn build<'w, W: ComponentWeights + 'w>(config: PipelineConfig, weights: impl Fn(&str) -> &'w W) -> Result<Pipeline, PipelineError> {
         let unet_w = weights("unet");
         let device = unet_w.device().clone();
         // f32 on the CPU; on a GPU the dtype the weights are held in, with
@@ -260,23 +278,23 @@ impl Pipeline {
         let mut encoders = Vec::new();
         for part in &config.text {
             let w = weights(part.component);
-            encoders.push(TextEncoder::new(w.var_builder(dtype), &part.config).map_err(|e| format!("{}: {e}", part.component))?);
+            encoders.push(TextEncoder::new(w.var_builder(dtype), &part.config).map_err(|source| PipelineError::Build { component: part.component, source })?);
         }
-        let unet = UNet::new(unet_w.var_builder(dtype), &config.unet).map_err(|e| format!("unet: {e}"))?;
-        let vae = Vae::new(weights("vae").var_builder(vae_dtype), &config.vae).map_err(|e| format!("vae: {e}"))?;
+        let unet = UNet::new(unet_w.var_builder(dtype), &config.unet).map_err(|source| PipelineError::Build { component: "unet", source })?;
+        let vae = Vae::new(weights("vae").var_builder(vae_dtype), &config.vae).map_err(|source| PipelineError::Build { component: "vae", source })?;
         Ok(Pipeline { config, encoders, unet, vae, device, dtype, vae_dtype })
     }
 
     /// Encodes `text` with every text encoder: (prompt embeddings, pooled
     /// embedding for SDXL).
-    fn encode(&self, text: &str) -> Result<(Tensor, Option<Tensor>), String> {
+    fn encode(&self, text: &str) -> Result<(Tensor, Option<Tensor>), PipelineError> {
         let mut states = Vec::new();
         let mut pooled = None;
         for (part, enc) in self.config.text.iter().zip(&self.encoders) {
-            let ids = part.tokenizer.encode(text)?;
+            let ids = part.tokenizer.encode(text).map_err(PipelineError::Request)?;
             let n = ids.len();
-            let ids = Tensor::from_vec(ids, (1, n), &self.device).map_err(err)?;
-            let out = enc.forward(&ids).map_err(err)?;
+            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+            let out = enc.forward(&ids)?;
             match self.config.family {
                 Family::Sd => states.push(out.last_hidden_state),
                 Family::Sdxl => {
@@ -285,14 +303,14 @@ impl Pipeline {
                 }
             }
         }
-        let embeds = Tensor::cat(&states, 2).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
-        Ok((embeds, pooled.map(|p| p.to_dtype(self.dtype)).transpose().map_err(err)?))
+        let embeds = Tensor::cat(&states, 2)?.to_dtype(self.dtype)?;
+        Ok((embeds, pooled.map(|p| p.to_dtype(self.dtype)).transpose()?))
     }
 
     /// Makes one image, its noise drawn from `Noise::new(req.seed)`.
     /// `progress(k)` is called after denoising step k (1-based) of
     /// `denoising_steps(req)`.
-    pub fn generate(&self, req: &ImageRequest, progress: &mut dyn FnMut(usize)) -> Result<RgbImage, String> {
+    pub fn generate(&self, req: &ImageRequest, progress: &mut dyn FnMut(usize)) -> Result<RgbImage, PipelineError> {
         let mut noise = Noise::new(req.seed);
         let latents = self.denoise(req, &mut |n| noise.normals(n), progress)?;
         self.decode(&latents)
@@ -304,20 +322,20 @@ impl Pipeline {
     /// the starting picture's latents (image to image), then for the VAE
     /// encoder's sample (image to image), then for each stochastic scheduler
     /// step's noise.
-    fn denoise(&self, req: &ImageRequest, normals: &mut dyn FnMut(usize) -> Vec<f32>, progress: &mut dyn FnMut(usize)) -> Result<Tensor, String> {
+    fn denoise(&self, req: &ImageRequest, normals: &mut dyn FnMut(usize) -> Vec<f32>, progress: &mut dyn FnMut(usize)) -> Result<Tensor, PipelineError> {
         self.config.check_size(req.width, req.height)?;
         let guided = req.guidance_scale > 1.0;
         let (cond, cond_pooled) = self.encode(&req.prompt)?;
         let (context, pooled) = if guided {
             let zeros = req.negative_prompt.is_none() && self.config.family == Family::Sdxl && self.config.force_zeros_for_empty_prompt;
             let (uncond, uncond_pooled) = if zeros {
-                (cond.zeros_like().map_err(err)?, cond_pooled.as_ref().map(|p| p.zeros_like()).transpose().map_err(err)?)
+                (cond.zeros_like()?, cond_pooled.as_ref().map(|p| p.zeros_like()).transpose()?)
             } else {
                 self.encode(req.negative_prompt.as_deref().unwrap_or(""))?
             };
-            let context = Tensor::cat(&[&uncond, &cond], 0).map_err(err)?;
+            let context = Tensor::cat(&[&uncond, &cond], 0)?;
             let pooled = match (uncond_pooled, cond_pooled) {
-                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0).map_err(err)?),
+                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
                 _ => None,
             };
             (context, pooled)
@@ -329,61 +347,61 @@ impl Pipeline {
             Some(text_embeds) => {
                 let (h, w) = (req.height as f32, req.width as f32);
                 let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-                let time_ids = Tensor::from_vec(ids, (batch, 6), &self.device).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
+                let time_ids = Tensor::from_vec(ids, (batch, 6), &self.device)?.to_dtype(self.dtype)?;
                 Some(AddedConditions { text_embeds, time_ids })
             }
             None => None,
         };
 
-        let mut scheduler = self.config.scheduler.build(req.steps)?;
+        let mut scheduler = self.config.scheduler.build(req.steps).map_err(PipelineError::Request)?;
         let scale = self.config.vae.downscale;
         let shape = (1, self.config.unet.in_channels, req.height / scale, req.width / scale);
         let mut draw = |shape: &candle_core::Shape| -> candle_core::Result<Tensor> {
             let n = shape.elem_count();
             Tensor::from_vec(normals(n), shape.clone(), &self.device)?.to_dtype(self.dtype)
         };
-        let initial = draw(&shape.into()).map_err(err)?;
+        let initial = draw(&shape.into())?;
         let (mut latents, begin) = match &req.init {
-            None => ((initial * scheduler.init_noise_sigma()).map_err(err)?, 0),
+            None => ((initial * scheduler.init_noise_sigma())?, 0),
             Some((image, strength)) => {
                 let begin = img2img_start(req.steps, *strength, scheduler.order());
                 if begin >= scheduler.timesteps().len() {
-                    return Err(format!("`strength` {strength} leaves no denoising step out of {}: raise it or `steps`", req.steps));
+                    return Err(PipelineError::Request(format!("`strength` {strength} leaves no denoising step out of {}: raise it or `steps`", req.steps)));
                 }
                 let x = self.pixels_to_tensor(image)?;
-                let (mean, std) = self.vae.encode(&x).map_err(err)?;
-                let sample = draw(mean.shape()).map_err(err)?.to_dtype(self.vae_dtype).map_err(err)?;
-                let z = (mean + (std * sample).map_err(err)?).map_err(err)?;
+                let (mean, std) = self.vae.encode(&x)?;
+                let sample = draw(mean.shape())?.to_dtype(self.vae_dtype)?;
+                let z = (mean + (std * sample)?)?;
                 let z = match self.config.vae.shift_factor {
-                    Some(shift) => (z - shift).map_err(err)?,
+                    Some(shift) => (z - shift)?,
                     None => z,
                 };
-                let z = (z * self.config.vae.scaling_factor).map_err(err)?.to_dtype(self.dtype).map_err(err)?;
-                (scheduler.add_noise(&z, &initial, begin).map_err(err)?, begin)
+                let z = (z * self.config.vae.scaling_factor)?.to_dtype(self.dtype)?;
+                (scheduler.add_noise(&z, &initial, begin)?, begin)
             }
         };
         let timesteps: Vec<f64> = scheduler.timesteps()[begin..].to_vec();
         for (k, &t) in timesteps.iter().enumerate() {
             let i = begin + k;
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0).map_err(err)? } else { latents.clone() };
-            let input = scheduler.scale_model_input(&input, i).map_err(err)?;
-            let pred = self.unet.forward(&input, t, &context, added.as_ref()).map_err(err)?;
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
             let pred = if guided {
-                let parts = pred.chunk(2, 0).map_err(err)?;
+                let parts = pred.chunk(2, 0)?;
                 let (uncond, cond) = (&parts[0], &parts[1]);
-                (uncond + ((cond - uncond).map_err(err)? * req.guidance_scale).map_err(err)?).map_err(err)?
+                (uncond + ((cond - uncond)? * req.guidance_scale)?)?
             } else {
                 pred
             };
-            latents = scheduler.step(&pred, i, &latents, &mut draw).map_err(err)?;
+            latents = scheduler.step(&pred, i, &latents, &mut draw)?;
             progress(k + 1);
         }
         Ok(latents)
     }
 
     /// How many times the UNet runs for `req` (the progress bar's length).
-    pub fn denoising_steps(&self, req: &ImageRequest) -> Result<usize, String> {
-        let scheduler = self.config.scheduler.build(req.steps)?;
+    pub fn denoising_steps(&self, req: &ImageRequest) -> Result<usize, PipelineError> {
+        let scheduler = self.config.scheduler.build(req.steps).map_err(PipelineError::Request)?;
         let begin = match &req.init {
             None => 0,
             Some((_, strength)) => img2img_start(req.steps, *strength, scheduler.order()),
@@ -392,30 +410,30 @@ impl Pipeline {
     }
 
     /// Latents to pixels, as diffusers' VAE decode and image processor do.
-    fn decode(&self, latents: &Tensor) -> Result<RgbImage, String> {
-        let z = (latents.to_dtype(self.vae_dtype).map_err(err)? / self.config.vae.scaling_factor).map_err(err)?;
+    fn decode(&self, latents: &Tensor) -> Result<RgbImage, PipelineError> {
+        let z = (latents.to_dtype(self.vae_dtype)? / self.config.vae.scaling_factor)?;
         let z = match self.config.vae.shift_factor {
-            Some(shift) => (z + shift).map_err(err)?,
+            Some(shift) => (z + shift)?,
             None => z,
         };
-        let x = self.vae.decode(&z).map_err(err)?;
-        let x = ((x / 2.0).map_err(err)? + 0.5).map_err(err)?.clamp(0f32, 1f32).map_err(err)?;
-        let x = (x * 255.0).map_err(err)?.round().map_err(err)?;
-        let (_, _, height, width) = x.dims4().map_err(err)?;
-        let hwc = x.squeeze(0).map_err(err)?.permute((1, 2, 0)).map_err(err)?.to_dtype(DType::U8).map_err(err)?;
-        let pixels = hwc.flatten_all().map_err(err)?.to_vec1::<u8>().map_err(err)?;
+        let x = self.vae.decode(&z)?;
+        let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let x = (x * 255.0)?.round()?;
+        let (_, _, height, width) = x.dims4()?;
+        let hwc = x.squeeze(0)?.permute((1, 2, 0))?.to_dtype(DType::U8)?;
+        let pixels = hwc.flatten_all()?.to_vec1::<u8>()?;
         Ok(RgbImage { width, height, pixels })
     }
 
     /// Pixels to the VAE's input: [1, 3, H, W] in [-1, 1].
-    fn pixels_to_tensor(&self, image: &RgbImage) -> Result<Tensor, String> {
+    fn pixels_to_tensor(&self, image: &RgbImage) -> Result<Tensor, PipelineError> {
         let floats: Vec<f32> = image.pixels.iter().map(|&p| p as f32 / 255.0 * 2.0 - 1.0).collect();
         Tensor::from_vec(floats, (image.height, image.width, 3), &Device::Cpu)
             .and_then(|t| t.permute((2, 0, 1)))
             .and_then(|t| t.unsqueeze(0))
             .and_then(|t| t.to_device(&self.device))
             .and_then(|t| t.to_dtype(self.vae_dtype))
-            .map_err(err)
+            .map_err(PipelineError::Compute)
     }
 }
 
