@@ -27,6 +27,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::own_kernels;
+
 /// Bytes of im2col buffer one tile may use: a tile's columns stay in the
 /// last-level cache while `gemm` reads them.
 const TILE_BYTES: usize = 4 << 20;
@@ -43,13 +45,6 @@ pub struct Conv2d {
 pub fn conv2d(cin: usize, cout: usize, k: usize, config: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
     let inner = candle_nn::conv2d(cin, cout, k, config, vb)?;
     Ok(Conv2d { weight: inner.weight().clone(), bias: inner.bias().cloned(), config })
-}
-
-/// Whether Mora's own CPU kernels run: `MORA_KERNELS=candle` runs candle's
-/// ops instead, to compare the two on the same run (docs/benchmarks.md).
-pub fn own_kernels() -> bool {
-    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OWN.get_or_init(|| std::env::var("MORA_KERNELS").map_or(true, |v| v != "candle"))
 }
 
 impl Conv2d {
@@ -266,12 +261,13 @@ impl CustomOp3 for Conv2dOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::image::vae::tests::assert_close;
     use candle_core::Device;
 
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1), for the kernels' tests.
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {
@@ -299,13 +295,6 @@ mod tests {
         }
     }
 
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30);
-        d / s
-    }
-
     #[test]
     fn equals_candles_conv2d_on_the_shapes_the_networks_use() {
         // (batch, c_in, h, w, c_out, k, stride, padding, dilation, bias)
@@ -324,8 +313,7 @@ mod tests {
             let x = Tensor::from_vec(values(b * cin * h * w, 100 + i as u64), (b, cin, h, w), &Device::Cpu).unwrap();
             let ours = l.forward(&x).unwrap();
             let want = reference(&l, &x);
-            let r = max_rel_diff(&ours, &want);
-            assert!(r <= 1e-5, "case {i}: max |diff| is {r:e} of max |ref|");
+            assert_close(&format!("case {i}"), &ours, &want, 1e-5);
         }
     }
 
@@ -334,7 +322,7 @@ mod tests {
         let l = layer(3, 4, 3, Conv2dConfig { padding: 1, ..Default::default() }, true, 7);
         let x = Tensor::from_vec(values(2 * 3 * 6 * 5, 8), (2, 5, 6, 3), &Device::Cpu).unwrap().permute((0, 3, 2, 1)).unwrap();
         assert!(!x.is_contiguous());
-        assert!(max_rel_diff(&l.forward(&x).unwrap(), &reference(&l, &x)) <= 1e-5);
+        assert_close("a strided input", &l.forward(&x).unwrap(), &reference(&l, &x), 1e-5);
     }
 
     #[test]

@@ -25,3 +25,10 @@ pub mod vae;
 
 /// Keys every diffusers config carries that do not change the network.
 pub(crate) const DIFFUSERS_NEUTRAL: &[&str] = &["_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"];
+
+/// Whether Mora's own CPU kernels run: `MORA_KERNELS=candle` runs candle's
+/// ops instead, to compare the two on the same run (docs/benchmarks.md).
+pub fn own_kernels() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("MORA_KERNELS").map_or(true, |v| v != "candle"))
+}

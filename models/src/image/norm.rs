@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::conv::own_kernels;
+use super::own_kernels;
 
 /// candle-nn's `GroupNorm` (weight and bias per channel), on Mora's kernel.
 #[derive(Clone, Debug)]
@@ -139,31 +139,15 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::conv::tests::values;
+    use crate::image::vae::tests::assert_close;
     use candle_core::Device;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect()
-    }
 
     fn layer(groups: usize, channels: usize, seed: u64) -> GroupNorm {
         let weight = Tensor::from_vec(values(channels, seed), channels, &Device::Cpu).unwrap();
         let bias = Tensor::from_vec(values(channels, seed + 1), channels, &Device::Cpu).unwrap();
         let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, 1e-6).unwrap();
         GroupNorm { inner, weight, bias, groups, eps: 1e-6 }
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]
@@ -173,10 +157,8 @@ mod tests {
             // An offset mean, so a sum in f32 would lose digits.
             let x = (Tensor::from_vec(values(b * c * h * w, 50 + i as u64), (b, c, h, w), &Device::Cpu).unwrap() + 3.0).unwrap();
             let want = l.inner.forward(&x).unwrap();
-            let r = max_rel_diff(&l.forward(&x).unwrap(), &want);
-            assert!(r <= 1e-5, "case {i}: group norm off by {r:e}");
-            let r = max_rel_diff(&l.forward_silu(&x).unwrap(), &candle_nn::ops::silu(&want).unwrap());
-            assert!(r <= 1e-5, "case {i}: group norm + silu off by {r:e}");
+            assert_close(&format!("case {i}: group norm"), &l.forward(&x).unwrap(), &want, 1e-5);
+            assert_close(&format!("case {i}: group norm + silu"), &l.forward_silu(&x).unwrap(), &candle_nn::ops::silu(&want).unwrap(), 1e-5);
         }
     }
 
@@ -184,10 +166,10 @@ mod tests {
     fn a_rank_three_input_and_a_strided_one_are_normalised_too() {
         let l = layer(2, 4, 3);
         let x = Tensor::from_vec(values(2 * 4 * 6, 4), (2, 4, 6), &Device::Cpu).unwrap();
-        assert!(max_rel_diff(&l.forward(&x).unwrap(), &l.inner.forward(&x).unwrap()) <= 1e-5);
+        assert_close("rank 3", &l.forward(&x).unwrap(), &l.inner.forward(&x).unwrap(), 1e-5);
         let t = Tensor::from_vec(values(2 * 6 * 4, 5), (2, 6, 4), &Device::Cpu).unwrap().transpose(1, 2).unwrap();
         assert!(!t.is_contiguous());
-        assert!(max_rel_diff(&l.forward(&t).unwrap(), &l.inner.forward(&t).unwrap()) <= 1e-5);
+        assert_close("strided", &l.forward(&t).unwrap(), &l.inner.forward(&t).unwrap(), 1e-5);
     }
 
     #[test]
