@@ -358,7 +358,7 @@ fn pooled_position(ids: &[u32], eos_token_id: u32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::vae::tests::{assert_close, fixture_dir, ref_tensor, reference, TOL};
+    use crate::image::testing::{assert_close, fixture_dir, ref_tensor, reference, TOL};
     use candle_core::Device;
     use serde_json::json;
 

@@ -261,23 +261,10 @@ impl CustomOp3 for Conv2dOp {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::image::vae::tests::assert_close;
+    use crate::image::testing::{assert_close, values};
     use candle_core::Device;
-
-    /// Deterministic values in [-1, 1), for the kernels' tests.
-    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn layer(cin: usize, cout: usize, k: usize, config: Conv2dConfig, bias: bool, seed: u64) -> Conv2d {
         let weight = Tensor::from_vec(values(cout * cin * k * k, seed), (cout, cin, k, k), &Device::Cpu).unwrap();

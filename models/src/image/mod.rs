@@ -20,6 +20,8 @@ pub mod norm;
 pub mod pipeline;
 pub mod scheduler;
 pub mod synth;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod unet;
 pub mod vae;
 

@@ -139,8 +139,7 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::conv::tests::values;
-    use crate::image::vae::tests::assert_close;
+    use crate::image::testing::{assert_close, values};
     use candle_core::Device;
 
     fn layer(groups: usize, channels: usize, seed: u64) -> GroupNorm {

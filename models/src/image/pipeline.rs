@@ -550,7 +550,7 @@ mod tests {
     /// boundary.
     #[test]
     fn every_fixture_run_matches_diffusers() {
-        use crate::image::vae::tests::{assert_close, fixture_dir, ref_tensor};
+        use crate::image::testing::{assert_close, fixture_dir, ref_tensor};
         use mora_common::ModelSource;
 
         /// A component's files read into f32 tensors on the CPU.
