@@ -21,7 +21,7 @@ use mora::bench::{self, Config};
 #[command(name = "mora-bench", bin_name = "scripts/bench.sh")]
 struct Args {
     /// Scenarios to run, e.g. 1,3 [default: all]
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=7))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=8))]
     scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses --runs)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -50,9 +50,15 @@ struct Args {
     /// Scenario 7: the synthetic SD 1.5 pipeline's size (f16 on disk)
     #[arg(long, default_value = "1900MiB")]
     image_pipeline: String,
-    /// Scenario 7: the side of the square image in pixels
+    /// Scenarios 7 and 8: the side of the square image in pixels
     #[arg(long, default_value_t = 256)]
     image_side: usize,
+    /// Scenario 8: repeats of each image run and of each component's forward
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    image_repeats: u64,
+    /// Scenario 8: latent sides the components are timed at (32: a 256×256 image, 64: 512×512)
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    image_latents: Vec<usize>,
     /// A configuration that runs every scenario in a minute on tiny models (what CI runs); writes under --report's directory
     #[arg(long)]
     smoke: bool,
@@ -81,6 +87,8 @@ fn main() -> ExitCode {
         config.acquires = args.acquires as usize;
         config.image_pipeline = args.image_pipeline;
         config.image_side = args.image_side;
+        config.image_repeats = args.image_repeats as usize;
+        config.image_latents = args.image_latents;
     }
     if !args.scenarios.is_empty() {
         config.scenarios = args.scenarios;

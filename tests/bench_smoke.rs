@@ -15,7 +15,7 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
     assert_eq!(
         titles,
-        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models", "7. Images: a Stable Diffusion pipeline"]
+        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models", "7. Images: a Stable Diffusion pipeline", "8. Images against diffusers and torch"]
     );
     let md = std::fs::read_to_string(&config.report).expect("report written");
     for t in &titles {
@@ -31,6 +31,28 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let s7 = &report.sections[6];
     assert_eq!(s7.tables[0].rows.len(), 2);
     assert_eq!(s7.tables[1].rows[3][2], "4", "{:?}", s7.tables[1].rows);
+
+    // Scenario 8: Mora's runs and forwards against diffusers' and torch's,
+    // or Mora's alone with the reason the peer did not run.
+    let s8 = &report.sections[7];
+    let forwards = &s8.tables[1].rows;
+    assert_eq!(forwards.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["text_encoder", "unet", "vae_decoder"]);
+    match s8.notes.iter().find(|n| n.starts_with("skipped:")) {
+        Some(why) => {
+            mora::skipped("bench_smoke: scenario 8's diffusers and torch contenders", why.trim_start_matches("skipped: "));
+            assert_eq!(s8.tables[0].rows.len(), 2, "{:?}", s8.tables[0].rows);
+            assert!(forwards.iter().all(|r| r[4] == "—"), "{forwards:?}");
+        }
+        None => {
+            let names: Vec<&str> = s8.tables[0].rows.iter().map(|r| r[0].as_str()).collect();
+            assert_eq!(names.len(), 4, "{names:?}");
+            assert!(names[0].starts_with("diffusers worker") && names[3].starts_with("diffusers, a process per run"), "{names:?}");
+            assert!(forwards.iter().all(|r| r[6].ends_with('x')), "{forwards:?}");
+            assert_eq!(s8.targets.len(), 2 + 3 * config.image_latents.len());
+        }
+    }
+    // Every contender's peak memory was read.
+    assert!(s8.tables[0].rows.iter().all(|r| mib(&r[5]) > 1.0), "{:?}", s8.tables[0].rows);
 
     // Scenario 1: the Python peers ran, or the report says why not.
     let s1 = &report.sections[0];

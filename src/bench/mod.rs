@@ -1,5 +1,5 @@
 //! The benchmark harness (`scripts/bench.sh`, `cargo bench --bench mora`):
-//! seven scenarios that time whole processes as a user runs them, each
+//! eight scenarios that time whole processes as a user runs them, each
 //! contender against a baseline measured in the same run with the runs
 //! interleaved (A B A B ...), so that machine drift falls on all of them
 //! alike. Figures are medians over repeats with min and max beside them;
@@ -10,6 +10,7 @@
 //! configuration (tiny models, few repeats) so that it keeps working.
 
 mod chart;
+mod images;
 mod proc;
 mod python;
 pub use python::peer_python;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 /// What to run and where to write.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Scenario numbers (1..=5) to run, in order.
+    /// Scenario numbers (1..=8) to run, in order.
     pub scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses `runs` instead).
     pub repeats: usize,
@@ -43,8 +44,14 @@ pub struct Config {
     pub acquires: usize,
     /// Scenario 7: the synthetic SD 1.5 pipeline's size (`mora-exec synth --arch sd15 --size`).
     pub image_pipeline: String,
-    /// Scenario 7: the side of the square image, in pixels.
+    /// Scenarios 7 and 8: the side of the square image, in pixels.
     pub image_side: usize,
+    /// Scenario 8: repeats of each image run and of each component's forward.
+    pub image_repeats: usize,
+    /// Scenario 8: the latent sides the components are timed at.
+    pub image_latents: Vec<usize>,
+    /// Scenario 8: the diffusers-written pipeline in small shapes (smoke runs).
+    pub image_peer_tiny: bool,
     /// Where synthetic models are written and kept between runs.
     pub model_dir: PathBuf,
     /// The Markdown report; the chart goes beside it with the extension `png`.
@@ -57,7 +64,7 @@ impl Config {
     /// The full configuration (`scripts/bench.sh`).
     pub fn full() -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6, 7],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8],
             repeats: 5,
             runs: 20,
             model_sizes: vec!["100MiB".into(), "1GiB".into(), "4GiB".into()],
@@ -68,6 +75,9 @@ impl Config {
             acquires: 400,
             image_pipeline: "1900MiB".into(),
             image_side: 256,
+            image_repeats: 3,
+            image_latents: vec![32, 64],
+            image_peer_tiny: false,
             model_dir: crate::root().join(".mora-bench").join("models"),
             report: crate::root().join("docs").join("benchmarks.md"),
             command: "scripts/bench.sh".into(),
@@ -77,7 +87,7 @@ impl Config {
     /// A configuration that exercises every scenario in seconds, for CI.
     pub fn smoke(dir: &std::path::Path) -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6, 7],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8],
             repeats: 2,
             runs: 2,
             model_sizes: vec!["2MiB".into(), "4MiB".into()],
@@ -88,6 +98,9 @@ impl Config {
             acquires: 10,
             image_pipeline: "24MiB".into(),
             image_side: 64,
+            image_repeats: 2,
+            image_latents: vec![8],
+            image_peer_tiny: true,
             model_dir: dir.join("models"),
             report: dir.join("benchmarks.md"),
             command: "scripts/bench.sh --smoke".into(),
@@ -353,8 +366,9 @@ pub fn run(config: &Config) -> Result<Report, String> {
             4 => scenarios::concurrency(config)?,
             5 => scenarios::soak(config)?,
             6 => scenarios::many_models(config)?,
-            7 => scenarios::images(config)?,
-            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 7)")),
+            7 => images::images(config)?,
+            8 => images::against_torch(config)?,
+            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 8)")),
         };
         print!("{}", section.plain());
         report.sections.push(section);
@@ -389,7 +403,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
         })
         .collect();
     let image = drawn.then(|| chart.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
-    let every = (1..=7).all(|n| config.scenarios.contains(&n));
+    let every = (1..=8).all(|n| config.scenarios.contains(&n));
     let md = assemble(old.as_deref(), &fresh, every, image.as_deref());
     std::fs::write(&config.report, md).map_err(|e| format!("write {}: {e}", config.report.display()))?;
     eprintln!("mora-bench: wrote {}", config.report.display());

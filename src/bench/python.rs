@@ -107,3 +107,123 @@ impl Drop for Worker {
         let _ = self.child.wait();
     }
 }
+
+/// The Python peer of scenario 8 (`benches/python/sd.py`): a diffusers
+/// pipeline made, run once per process or by a worker, and its components
+/// timed one forward at a time.
+pub struct Diffusers {
+    python: PathBuf,
+    script: PathBuf,
+    threads: usize,
+}
+
+/// One image request, as `sd.py` and Mora's image step both take it.
+pub struct ImageRequest<'a> {
+    pub prompt: &'a str,
+    pub side: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+impl ImageRequest<'_> {
+    fn json(&self, out: &Path) -> String {
+        serde_json::json!({"prompt": self.prompt, "side": self.side, "steps": self.steps, "guidance": self.guidance, "seed": self.seed, "out": out})
+            .to_string()
+    }
+}
+
+impl Diffusers {
+    /// The peer running torch on `threads` threads; `Err` says why it is skipped.
+    pub fn find(threads: usize) -> Result<Diffusers, String> {
+        let python = peer_python();
+        if !python.exists() {
+            return Err(format!("python peer not installed ({} is missing; scripts/bench-python.sh installs it)", python.display()));
+        }
+        Ok(Diffusers { python, script: crate::root().join("benches").join("python").join("sd.py"), threads })
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.python);
+        c.arg(&self.script).env("HF_HUB_OFFLINE", "1").env("MORA_BENCH_THREADS", self.threads.to_string());
+        c
+    }
+
+    fn output(&self, c: &mut Command) -> Result<String, String> {
+        let o = c.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", self.python.display()))?;
+        if !o.status.success() {
+            return Err(super::last_line(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// Writes an SD-1.5-shaped pipeline with diffusers' `save_pretrained`
+    /// into `out` (small shapes if `tiny`).
+    pub fn make(&self, out: &Path, tiny: bool) -> Result<(), String> {
+        let mut c = self.command();
+        c.arg("make").arg(out);
+        if tiny {
+            c.arg("--tiny");
+        }
+        self.output(&mut c).map(drop)
+    }
+
+    /// One process: import, load the pipeline, make the image into `out`,
+    /// exit. Returns the process's peak resident memory in bytes.
+    pub fn once(&self, pipeline: &Path, req: &ImageRequest, out: &Path) -> Result<u64, String> {
+        let stdout = self.output(self.command().arg("once").arg(pipeline).arg(req.json(out)))?;
+        stdout.lines().last().and_then(|l| l.trim().parse().ok()).ok_or_else(|| format!("sd.py once printed no peak memory: {stdout:?}"))
+    }
+
+    /// A worker with the pipeline loaded, ready for requests.
+    pub fn worker(&self, pipeline: &Path) -> Result<DiffusersWorker, String> {
+        let mut child = self
+            .command()
+            .arg("worker")
+            .arg(pipeline)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("run {}: {e}", self.python.display()))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut w = DiffusersWorker(Worker { child, stdin, stdout });
+        match w.0.answer()?.as_str() {
+            "ready" => Ok(w),
+            other => Err(format!("diffusers worker did not start: {other}")),
+        }
+    }
+
+    /// Milliseconds of each forward (`text_encoder`, `unet`, `vae_decoder`)
+    /// over `repeats`, at `latent`×`latent` latents.
+    pub fn components(&self, pipeline: &Path, latent: usize, repeats: usize) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let stdout = self.output(self.command().arg("components").arg(pipeline).arg(latent.to_string()).arg(repeats.to_string()))?;
+        let last = stdout.lines().last().unwrap_or("");
+        match serde_json::from_str(last) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            _ => Err(format!("sd.py components printed {last:?}")),
+        }
+    }
+}
+
+pub struct DiffusersWorker(Worker);
+
+impl DiffusersWorker {
+    /// One request in the loaded pipeline: the image into `out`.
+    pub fn image(&mut self, req: &ImageRequest, out: &Path) -> Result<(), String> {
+        let w = &mut self.0;
+        writeln!(w.stdin, "{}", req.json(out)).map_err(|e| format!("diffusers worker: {e}"))?;
+        w.stdin.flush().map_err(|e| format!("diffusers worker: {e}"))?;
+        match w.answer()?.as_str() {
+            "ok" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    }
+
+    /// The worker's peak resident memory (VmHWM) so far, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.child.id())).unwrap_or_default();
+        crate::kib_field(&status, "VmHWM:") * 1024
+    }
+}

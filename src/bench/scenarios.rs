@@ -15,7 +15,7 @@ const TEXTS: [&str; 2] = ["A man is eating food.", "A man is eating a piece of b
 
 /// Runs `cmd` to the end and returns what it printed; `Err` is the last line
 /// it printed on stderr when it failed.
-fn run_output(cmd: &mut Command) -> Result<std::process::Output, String> {
+pub(super) fn run_output(cmd: &mut Command) -> Result<std::process::Output, String> {
     let o = cmd.stdin(Stdio::null()).output().map_err(|e| format!("spawn: {e}"))?;
     if o.status.success() {
         return Ok(o);
@@ -24,11 +24,11 @@ fn run_output(cmd: &mut Command) -> Result<std::process::Output, String> {
 }
 
 /// Runs `cmd` to the end; `Err` is the last line it printed on stderr.
-fn run_ok(cmd: &mut Command) -> Result<(), String> {
+pub(super) fn run_ok(cmd: &mut Command) -> Result<(), String> {
     run_output(cmd).map(drop)
 }
 
-fn toml_str(p: &Path) -> String {
+pub(super) fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
@@ -727,111 +727,5 @@ pub fn many_models(config: &Config) -> Result<Section, String> {
             Target::at_most(&format!("ps p50, {k} models / 1 model"), last.3 / first.3, 1.2),
         ],
         notes: vec![],
-    })
-}
-
-/// A synthetic SD 1.5 pipeline of `size`, f16 on disk, written once.
-fn synth_pipeline(config: &Config, size: &str, seed: u64) -> Result<PathBuf, String> {
-    let name = format!("sd15-f16-{size}-seed{seed}");
-    let dir = config.model_dir.join(&name);
-    if dir.join("model_index.json").is_file() {
-        return Ok(dir);
-    }
-    eprintln!("mora-bench: writing a synthetic f16 SD 1.5 pipeline of {size} into {}", dir.display());
-    let tmp = config.model_dir.join(format!("{name}.tmp.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    run_ok(Command::new(bin("mora-exec")).args(["synth", "--arch", "sd15", "--dtype", "f16", "--seed", &seed.to_string(), "--size", size, "-o"]).arg(&tmp))
-        .map_err(|e| format!("synth {name}: {e}"))?;
-    std::fs::rename(&tmp, &dir).map_err(|e| format!("rename {}: {e}", tmp.display()))?;
-    Ok(dir)
-}
-
-fn image_workflow(pipelines: &[(&str, &Path)], side: usize) -> String {
-    let mut wf = "name = \"image\"\n".to_string();
-    for (name, dir) in pipelines {
-        wf.push_str(&format!("[models.{name}]\npath = {}\n", toml_str(dir)));
-    }
-    for (name, _) in pipelines {
-        wf.push_str(&format!(
-            "[[steps]]\nname = \"{name}-image\"\ntask = \"image\"\nmodel = \"{name}\"\nprompt = \"a lighthouse at dawn\"\n\
-             steps = 1\nwidth = {side}\nheight = {side}\nseed = 1\noutput = \"{name}.png\"\n"
-        ));
-    }
-    wf
-}
-
-/// Scenario 7: an image workflow repeated, warm against `--no-cache`, and two
-/// pipelines that share components.
-pub fn images(config: &Config) -> Result<Section, String> {
-    let a = synth_pipeline(config, &config.image_pipeline, 1)?;
-    // B: A with its own UNet (a fine-tune keeps its base's VAE and text encoder).
-    let b = config.model_dir.join(format!("sd15-f16-{}-own-unet", config.image_pipeline));
-    if !b.join("model_index.json").is_file() {
-        let other = synth_pipeline(config, &config.image_pipeline, 2)?;
-        let tmp = b.with_extension(format!("tmp.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        run_ok(Command::new("cp").arg("-r").arg(&a).arg(&tmp))?;
-        std::fs::remove_dir_all(tmp.join("unet")).map_err(|e| e.to_string())?;
-        run_ok(Command::new("cp").arg("-r").arg(other.join("unet")).arg(tmp.join("unet")))?;
-        std::fs::rename(&tmp, &b).map_err(|e| format!("rename {}: {e}", tmp.display()))?;
-    }
-    let side = config.image_side;
-    let env = Env::with_daemon("bench-images");
-    let wf = env.workflow("image.toml", &image_workflow(&[("a", &a)], side));
-    let warm_up = Instant::now();
-    run_ok(&mut env.exec_command(&wf, "cold"))?;
-    let cold_ms = warm_up.elapsed().as_secs_f64() * 1e3;
-    let m = interleave(
-        &mut [
-            Contender::timed("--no-cache (reads the pipeline every run)", || run_ok(env.exec_command(&wf, "out").arg("--no-cache"))),
-            Contender::timed("warm daemon", || run_ok(&mut env.exec_command(&wf, "out"))),
-        ],
-        config.repeats,
-    )?;
-    let mut runs = Table::new(
-        &format!(
-            "One image, 1 step at {side}×{side}, spawn to exit, {} repeats (the first daemon run, which loaded the pipeline, took {}).",
-            config.repeats,
-            fmt_ms(cold_ms)
-        ),
-        &["contender", "median", "min", "max", "vs --no-cache"],
-    );
-    runs.timing_rows(&m, "", |_| vec![]);
-
-    // Sharing: both pipelines resident in one daemon, against the sum of each alone.
-    let alone = |dir: &Path| -> Result<f64, String> {
-        let env = Env::with_daemon("bench-images-alone");
-        run_ok(env.command("mora-cache").arg("load").arg(dir))?;
-        Ok(env.resident_bytes() as f64)
-    };
-    let (bytes_a, bytes_b) = (alone(&a)?, alone(&b)?);
-    let both = Env::with_daemon("bench-images-both");
-    let two = both.workflow("two.toml", &image_workflow(&[("a", &a), ("b", &b)], side));
-    run_ok(&mut both.exec_command(&two, "out"))?;
-    let shared = both.resident_bytes() as f64;
-    let entries = both.ps().len();
-    let mut sharing = Table::new(
-        "Resident bytes (`mora-cache ps`) after one run of a workflow using both pipelines, against each pipeline loaded alone.",
-        &["what", "resident", "entries"],
-    );
-    sharing.row(vec!["pipeline A alone".into(), fmt_bytes(bytes_a), "3".into()]);
-    sharing.row(vec!["pipeline B alone (A with its own UNet)".into(), fmt_bytes(bytes_b), "3".into()]);
-    sharing.row(vec!["A and B without sharing (sum)".into(), fmt_bytes(bytes_a + bytes_b), "6".into()]);
-    sharing.row(vec!["A and B in one daemon".into(), fmt_bytes(shared), entries.to_string()]);
-    Ok(Section {
-        title: "7. Images: a Stable Diffusion pipeline".into(),
-        about: format!(
-            "A synthetic pipeline in SD 1.5's layout and shapes scaled to {} of f16 weights on disk \
-             (`mora-exec synth --arch sd15 --dtype f16 --size {}`), held as f32; the workflow makes one image \
-             with one denoising step, so loading shows.",
-            config.image_pipeline, config.image_pipeline
-        ),
-        tables: vec![runs, sharing],
-        targets: vec![],
-        notes: vec![format!(
-            "Warm runs take {} of the --no-cache time; sharing holds {} of what two separate pipelines would.",
-            fmt_ratio(m.ratio(1)),
-            fmt_ratio(shared / (bytes_a + bytes_b))
-        )],
     })
 }
