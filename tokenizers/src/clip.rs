@@ -9,19 +9,61 @@
 //! `tokenizer(prompt, padding="max_length", max_length=model_max_length,
 //! truncation=True)`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
-/// A JSON file that must hold an object; errors read `FILE: what is wrong`.
-fn read_json(path: &Path) -> Result<Map<String, Value>, String> {
-    let file = path.display();
-    let bytes = std::fs::read(path).map_err(|e| format!("{file}: cannot read it: {e}"))?;
+/// Why a CLIP tokenizer folder cannot be read or a prompt tokenized; each
+/// message names the file or folder and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    #[error("{}: cannot read it: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{}: not a JSON object", path.display())]
+    NotAnObject { path: PathBuf },
+    #[error("{}: no such tokenizer folder", dir.display())]
+    NoFolder { dir: PathBuf },
+    /// The folder holds neither form whole (`missing` says what it lacks).
+    #[error("{}: {missing}", dir.display())]
+    Incomplete { dir: PathBuf, missing: &'static str },
+    #[error("{}: `tokenizer_class` is `{class}`, not CLIPTokenizer", path.display())]
+    Class { path: PathBuf, class: String },
+    #[error("{}: `{key}` must be a token, not {value}", path.display())]
+    NotAToken { path: PathBuf, key: String, value: Value },
+    #[error("{}: `{key}` is `{config}` in tokenizer_config.json but `{map}` in special_tokens_map.json", dir.display())]
+    SpecialsDisagree { dir: PathBuf, key: String, config: String, map: String },
+    #[error("{}: the special token `{token}` is not in the vocabulary", dir.display())]
+    SpecialNotInVocabulary { dir: PathBuf, token: String },
+    #[error("{}: the id of `{token}` is {id}, not a token id", path.display())]
+    BadId { path: PathBuf, token: String, id: Value },
+    /// A key of tokenizer.json's BPE model is missing (`model`, `model.vocab`, `model.merges`).
+    #[error("{}: no `{key}`", path.display())]
+    Missing { path: PathBuf, key: &'static str },
+    #[error("{}: `model.type` is {found:?}; a CLIP tokenizer is a BPE", path.display())]
+    NotBpe { path: PathBuf, found: Option<String> },
+    /// `merge` as the file writes it (a string in backquotes, else JSON).
+    #[error("{}: the merge {merge} is not a pair", path.display())]
+    Merge { path: PathBuf, merge: String },
+    #[error("{}: `model_max_length` is {value}; a CLIP tokenizer pads to its text encoder's positions (77)", path.display())]
+    MaxLength { path: PathBuf, value: Value },
+    #[error("{}: no `model_max_length` in tokenizer_config.json (nor a truncation length in tokenizer.json): cannot tell how long the padded prompt is", dir.display())]
+    NoMaxLength { dir: PathBuf },
+    #[error("{}: cannot build the CLIP tokenizer: {source}", dir.display())]
+    Build { dir: PathBuf, source: tokenizers::Error },
+    #[error("cannot tokenize the prompt: {0}")]
+    Tokenize(#[source] tokenizers::Error),
+}
+
+/// A JSON file that must hold an object.
+fn read_json(path: &Path) -> Result<Map<String, Value>, ClipError> {
+    let bytes = std::fs::read(path).map_err(|source| ClipError::Read { path: path.to_path_buf(), source })?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(format!("{file}: not a JSON object")),
-        Err(e) => Err(format!("{file}: not valid JSON: {e}")),
+        Ok(_) => Err(ClipError::NotAnObject { path: path.to_path_buf() }),
+        Err(source) => Err(ClipError::Json { path: path.to_path_buf(), source }),
     }
 }
 
@@ -74,7 +116,7 @@ impl Special {
     }
 }
 
-fn read_optional(path: &Path) -> std::result::Result<Option<Map<String, Value>>, String> {
+fn read_optional(path: &Path) -> Result<Option<Map<String, Value>>, ClipError> {
     if path.exists() {
         read_json(path).map(Some)
     } else {
@@ -85,11 +127,11 @@ fn read_optional(path: &Path) -> std::result::Result<Option<Map<String, Value>>,
 impl ClipTokenizer {
     /// From a tokenizer folder in either form; errors name the folder and
     /// what is missing.
-    pub fn from_dir(dir: &Path) -> std::result::Result<ClipTokenizer, String> {
-        let d = dir.display();
+    pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, ClipError> {
         if !dir.is_dir() {
-            return Err(format!("{d}: no such tokenizer folder"));
+            return Err(ClipError::NoFolder { dir: dir.to_path_buf() });
         }
+        let incomplete = |missing| ClipError::Incomplete { dir: dir.to_path_buf(), missing };
         let config_path = dir.join("tokenizer_config.json");
         let map_path = dir.join("special_tokens_map.json");
         let config = read_optional(&config_path)?;
@@ -101,36 +143,40 @@ impl ClipTokenizer {
             let (v, m) = (dir.join("vocab.json"), dir.join("merges.txt"));
             match (v.exists(), m.exists()) {
                 (true, true) => (read_vocab(&v)?, read_merges(&m)?, Vec::new()),
-                (true, false) => return Err(format!("{d}: vocab.json without merges.txt (and no tokenizer.json)")),
-                (false, true) => return Err(format!("{d}: merges.txt without vocab.json (and no tokenizer.json)")),
+                (true, false) => return Err(incomplete("vocab.json without merges.txt (and no tokenizer.json)")),
+                (false, true) => return Err(incomplete("merges.txt without vocab.json (and no tokenizer.json)")),
                 (false, false) => {
-                    return Err(format!("{d}: no tokenizer.json, and no vocab.json + merges.txt: not a CLIP tokenizer folder"))
+                    return Err(incomplete("no tokenizer.json, and no vocab.json + merges.txt: not a CLIP tokenizer folder"))
                 }
             }
         };
         if let Some(class) = config.as_ref().and_then(|c| c.get("tokenizer_class")).and_then(Value::as_str) {
             if !class.starts_with("CLIPTokenizer") {
-                return Err(format!("{}: `tokenizer_class` is `{class}`, not CLIPTokenizer", config_path.display()));
+                return Err(ClipError::Class { path: config_path, class: class.to_string() });
             }
         }
         // Each special token: tokenizer_config.json, special_tokens_map.json, or CLIP's default.
-        let special = |key: &str, default: &str| -> std::result::Result<Special, String> {
-            let from = |m: &Option<Map<String, Value>>, p: &Path| -> std::result::Result<Option<Special>, String> {
+        let special = |key: &str, default: &str| -> Result<Special, ClipError> {
+            let from = |m: &Option<Map<String, Value>>, p: &Path| -> Result<Option<Special>, ClipError> {
                 match m.as_ref().and_then(|m| m.get(key)) {
                     None | Some(Value::Null) => Ok(None),
-                    Some(v) => Special::from_value(v)
-                        .map(Some)
-                        .ok_or_else(|| format!("{}: `{key}` must be a token, not {v}", p.display())),
+                    Some(v) => Special::from_value(v).map(Some).ok_or_else(|| ClipError::NotAToken {
+                        path: p.to_path_buf(),
+                        key: key.to_string(),
+                        value: v.clone(),
+                    }),
                 }
             };
             let a = from(&config, &config_path)?;
             let b = from(&map, &map_path)?;
             if let (Some(a), Some(b)) = (&a, &b) {
                 if a.content != b.content {
-                    return Err(format!(
-                        "{d}: `{key}` is `{}` in tokenizer_config.json but `{}` in special_tokens_map.json",
-                        a.content, b.content
-                    ));
+                    return Err(ClipError::SpecialsDisagree {
+                        dir: dir.to_path_buf(),
+                        key: key.to_string(),
+                        config: a.content.clone(),
+                        map: b.content.clone(),
+                    });
                 }
             }
             Ok(a.or(b).unwrap_or_else(|| Special::plain(default)))
@@ -156,12 +202,12 @@ impl ClipTokenizer {
                 added.push((s.clone(), true));
             }
         }
-        let id = |s: &Special| -> std::result::Result<u32, String> {
+        let id = |s: &Special| -> Result<u32, ClipError> {
             vocab
                 .get(&s.content)
                 .and_then(Value::as_u64)
                 .map(|n| n as u32)
-                .ok_or_else(|| format!("{d}: the special token `{}` is not in the vocabulary", s.content))
+                .ok_or_else(|| ClipError::SpecialNotInVocabulary { dir: dir.to_path_buf(), token: s.content.clone() })
         };
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
         id(&unk)?;
@@ -194,7 +240,7 @@ impl ClipTokenizer {
                 "vocab": vocab, "merges": merges},
         });
         let tokenizer: Tokenizer =
-            spec.to_string().parse().map_err(|e| format!("{d}: cannot build the CLIP tokenizer: {e}"))?;
+            spec.to_string().parse().map_err(|source| ClipError::Build { dir: dir.to_path_buf(), source })?;
         let max_length = max_length(dir, config.as_ref(), &json_path)?;
         Ok(ClipTokenizer { tokenizer, max_length, bos: bos_id, eos: eos_id, pad: pad_id })
     }
@@ -217,8 +263,8 @@ impl ClipTokenizer {
 
     /// Padded/truncated ids, length max_length: start-of-text, at most
     /// max_length - 2 tokens of the text, end-of-text, then the pad id.
-    pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ClipError> {
+        let enc = self.tokenizer.encode(text, false).map_err(ClipError::Tokenize)?;
         let body = enc.get_ids();
         let keep = body.len().min(self.max_length.saturating_sub(2));
         let mut ids = Vec::with_capacity(self.max_length);
@@ -233,15 +279,12 @@ impl ClipTokenizer {
 
 /// `model_max_length` of tokenizer_config.json, else the truncation length
 /// tokenizer.json carries.
-fn max_length(dir: &Path, config: Option<&Map<String, Value>>, json_path: &Path) -> std::result::Result<usize, String> {
+fn max_length(dir: &Path, config: Option<&Map<String, Value>>, json_path: &Path) -> Result<usize, ClipError> {
     let from_config = config.and_then(|c| c.get("model_max_length")).filter(|v| !v.is_null());
     if let Some(v) = from_config {
         return match v.as_f64() {
             Some(n) if (2.0..=1_000_000.0).contains(&n) && n.fract() == 0.0 => Ok(n as usize),
-            _ => Err(format!(
-                "{}: `model_max_length` is {v}; a CLIP tokenizer pads to its text encoder's positions (77)",
-                dir.join("tokenizer_config.json").display()
-            )),
+            _ => Err(ClipError::MaxLength { path: dir.join("tokenizer_config.json"), value: v.clone() }),
         };
     }
     if json_path.exists() {
@@ -253,24 +296,27 @@ fn max_length(dir: &Path, config: Option<&Map<String, Value>>, json_path: &Path)
             }
         }
     }
-    Err(format!(
-        "{}: no `model_max_length` in tokenizer_config.json (nor a truncation length in tokenizer.json): cannot tell how long the padded prompt is",
-        dir.display()
-    ))
+    Err(ClipError::NoMaxLength { dir: dir.to_path_buf() })
 }
 
-fn read_vocab(path: &Path) -> std::result::Result<Map<String, Value>, String> {
+fn read_vocab(path: &Path) -> Result<Map<String, Value>, ClipError> {
     let vocab = read_json(path)?;
-    if let Some((k, v)) = vocab.iter().find(|(_, v)| v.as_u64().is_none_or(|n| n > u32::MAX as u64)) {
-        return Err(format!("{}: the id of `{k}` is {v}, not a token id", path.display()));
-    }
+    check_ids(path, &vocab)?;
     Ok(vocab)
+}
+
+/// Every id of `vocab` (read from `path`) is a 32-bit token id.
+fn check_ids(path: &Path, vocab: &Map<String, Value>) -> Result<(), ClipError> {
+    match vocab.iter().find(|(_, v)| v.as_u64().is_none_or(|n| n > u32::MAX as u64)) {
+        Some((k, v)) => Err(ClipError::BadId { path: path.to_path_buf(), token: k.clone(), id: v.clone() }),
+        None => Ok(()),
+    }
 }
 
 /// merges.txt as transformers reads it: one `a b` pair a line, `#` lines
 /// (`#version: 0.2`) and blank lines skipped.
-fn read_merges(path: &Path) -> std::result::Result<Vec<Value>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+fn read_merges(path: &Path) -> Result<Vec<Value>, ClipError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ClipError::Read { path: path.to_path_buf(), source })?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -286,30 +332,29 @@ type FromJson = (Map<String, Value>, Vec<Value>, Vec<(Special, bool)>);
 
 /// The vocabulary, merges and added tokens of a tokenizer.json. transformers 5
 /// rebuilds `CLIPTokenizer`'s own pipeline around them, and so does Mora.
-fn from_tokenizer_json(path: &Path) -> std::result::Result<FromJson, String> {
-    let p = path.display();
+fn from_tokenizer_json(path: &Path) -> Result<FromJson, ClipError> {
+    let missing = |key| ClipError::Missing { path: path.to_path_buf(), key };
+    let not_a_pair = |merge| ClipError::Merge { path: path.to_path_buf(), merge };
     let root = read_json(path)?;
-    let model = root.get("model").and_then(Value::as_object).ok_or_else(|| format!("{p}: no `model`"))?;
+    let model = root.get("model").and_then(Value::as_object).ok_or_else(|| missing("model"))?;
     match model.get("type").and_then(Value::as_str) {
         Some("BPE") => {}
-        other => return Err(format!("{p}: `model.type` is {other:?}; a CLIP tokenizer is a BPE")),
+        other => return Err(ClipError::NotBpe { path: path.to_path_buf(), found: other.map(str::to_string) }),
     }
-    let vocab = model.get("vocab").and_then(Value::as_object).ok_or_else(|| format!("{p}: no `model.vocab`"))?.clone();
-    if let Some((k, v)) = vocab.iter().find(|(_, v)| v.as_u64().is_none_or(|n| n > u32::MAX as u64)) {
-        return Err(format!("{p}: the id of `{k}` is {v}, not a token id"));
-    }
-    let merges = model.get("merges").and_then(Value::as_array).ok_or_else(|| format!("{p}: no `model.merges`"))?;
+    let vocab = model.get("vocab").and_then(Value::as_object).ok_or_else(|| missing("model.vocab"))?.clone();
+    check_ids(path, &vocab)?;
+    let merges = model.get("merges").and_then(Value::as_array).ok_or_else(|| missing("model.merges"))?;
     let merges = merges
         .iter()
         .map(|m| match m {
             Value::String(s) => match s.split_once(' ') {
                 Some((a, b)) => Ok(json!([a, b])),
-                None => Err(format!("{p}: the merge `{s}` is not a pair")),
+                None => Err(not_a_pair(format!("`{s}`"))),
             },
             Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => Ok(m.clone()),
-            other => Err(format!("{p}: the merge {other} is not a pair")),
+            other => Err(not_a_pair(other.to_string())),
         })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mut added = Vec::new();
     for t in root.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
         if let Some(s) = Special::from_value(t) {
@@ -385,13 +430,13 @@ mod tests {
         // What is missing is named.
         let empty = base.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        let e = ClipTokenizer::from_dir(&empty).err().unwrap();
+        let e = ClipTokenizer::from_dir(&empty).err().unwrap().to_string();
         assert!(e.contains(&empty.display().to_string()) && e.contains("vocab.json") && e.contains("tokenizer.json"), "{e}");
         std::fs::copy(src.join("vocab.json"), empty.join("vocab.json")).unwrap();
-        let e = ClipTokenizer::from_dir(&empty).err().unwrap();
+        let e = ClipTokenizer::from_dir(&empty).err().unwrap().to_string();
         assert!(e.contains("merges.txt"), "{e}");
         std::fs::copy(src.join("merges.txt"), empty.join("merges.txt")).unwrap();
-        let e = ClipTokenizer::from_dir(&empty).err().unwrap();
+        let e = ClipTokenizer::from_dir(&empty).err().unwrap().to_string();
         assert!(e.contains("model_max_length"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -126,7 +126,7 @@ impl PipelineConfig {
         for (enc, tok) in text_components {
             let class = index.components.get(*enc).map(|(_, c)| c.as_str());
             let config = TextEncoderConfig::from_file_with_class(&root.join(enc).join("config.json"), class).map_err(|e| PipelineError::Layout(e.to_string()))?;
-            let tokenizer = ClipTokenizer::from_dir(&root.join(tok)).map_err(PipelineError::Layout)?;
+            let tokenizer = ClipTokenizer::from_dir(&root.join(tok)).map_err(|e| PipelineError::Layout(e.to_string()))?;
             text.push(TextPart { component: enc, config, tokenizer });
         }
         let unet = UNetConfig::from_file(&root.join("unet").join("config.json")).map_err(|e| PipelineError::Layout(e.to_string()))?;
@@ -291,7 +291,7 @@ impl Pipeline {
         let mut states = Vec::new();
         let mut pooled = None;
         for (part, enc) in self.config.text.iter().zip(&self.encoders) {
-            let ids = part.tokenizer.encode(text).map_err(PipelineError::Request)?;
+            let ids = part.tokenizer.encode(text).map_err(|e| PipelineError::Request(e.to_string()))?;
             let n = ids.len();
             let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
             let out = enc.forward(&ids)?;
