@@ -353,7 +353,7 @@ impl Pipeline {
             None => None,
         };
 
-        let mut scheduler = self.config.scheduler.build(req.steps).map_err(PipelineError::Request)?;
+        let mut scheduler = self.config.scheduler.build(req.steps).map_err(|e| PipelineError::Request(e.to_string()))?;
         let scale = self.config.vae.downscale;
         let shape = (1, self.config.unet.in_channels, req.height / scale, req.width / scale);
         let mut draw = |shape: &candle_core::Shape| -> candle_core::Result<Tensor> {
@@ -401,7 +401,7 @@ impl Pipeline {
 
     /// How many times the UNet runs for `req` (the progress bar's length).
     pub fn denoising_steps(&self, req: &ImageRequest) -> Result<usize, PipelineError> {
-        let scheduler = self.config.scheduler.build(req.steps).map_err(PipelineError::Request)?;
+        let scheduler = self.config.scheduler.build(req.steps).map_err(|e| PipelineError::Request(e.to_string()))?;
         let begin = match &req.init {
             None => 0,
             Some((_, strength)) => img2img_start(req.steps, *strength, scheduler.order()),

@@ -223,6 +223,24 @@ pub struct SchedulerSpec {
     eta: f64,
 }
 
+/// A number of inference steps a scheduler cannot run (diffusers fails
+/// with an error, or an IndexError, on each of these).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StepsError {
+    #[error("the number of inference steps must be at least 1")]
+    Zero,
+    /// DDIM and DDPM take their timesteps among the training ones.
+    #[error("{steps} steps is more than the {num_train} training timesteps {class} can run")]
+    MoreThanTrained { steps: usize, num_train: usize, class: &'static str },
+    #[error("PNDMScheduler with skip_prk_steps false needs at least 4 steps (its Runge-Kutta warm-up spans the last four), not {steps}")]
+    TooFewForWarmUp { steps: usize },
+    /// Leading spacing spaces the steps `num_train / steps` apart.
+    #[error("{steps} steps is more than the {num_train} training timesteps")]
+    LeadingSpacing { steps: usize, num_train: usize },
+    #[error("{steps} steps with steps_offset {steps_offset} reach timestep {timestep}, past the {num_train} training timesteps")]
+    PastTheEnd { steps: usize, steps_offset: usize, timestep: f64, num_train: usize },
+}
+
 /// The error for a value of `key` that Mora does not run: "`key` = value: why".
 fn bad(r: &Reader, key: &str, v: &dyn Display, why: &str) -> ConfigError {
     r.err(format!("`{key}` = {v}: {why}"))

@@ -372,7 +372,7 @@ fn zero_steps_and_too_many_steps_are_refused() {
     assert!(s.build(999).is_ok());
     for class in ["pndm", "ddim", "ddpm"] {
         let s = SchedulerSpec::from_json(sd15().as_object().unwrap(), "s.json", Some(class)).unwrap();
-        assert!(s.build(1000).err().unwrap().contains("timestep 1000"), "{class}");
+        assert!(s.build(1000).err().unwrap().to_string().contains("timestep 1000"), "{class}");
     }
 }
 

@@ -13,45 +13,36 @@ use super::euler::Euler;
 use super::numerics::{beta_sigmas, exponential_sigmas, karras_sigmas, np_linspace, trailing};
 use super::pndm::Pndm;
 use super::unipc::UniPc;
-use super::{Class, Scheduler, SchedulerSpec, SigmaSchedule, Spacing};
+use super::{Class, Scheduler, SchedulerSpec, SigmaSchedule, Spacing, StepsError};
 
 impl SchedulerSpec {
     /// A scheduler for `steps` inference steps (diffusers' `set_timesteps`).
-    pub fn build(&self, steps: usize) -> Result<Box<dyn Scheduler>, String> {
+    pub fn build(&self, steps: usize) -> Result<Box<dyn Scheduler>, StepsError> {
+        let num_train = self.num_train;
         if steps == 0 {
-            return Err("the number of inference steps must be at least 1".into());
+            return Err(StepsError::Zero);
         }
-        if matches!(self.class, Class::Ddim | Class::Ddpm) && steps > self.num_train {
-            return Err(format!(
-                "{} steps is more than the {} training timesteps {} can run",
-                steps,
-                self.num_train,
-                self.class.name()
-            ));
+        if matches!(self.class, Class::Ddim | Class::Ddpm) && steps > num_train {
+            return Err(StepsError::MoreThanTrained { steps, num_train, class: self.class.name() });
         }
         if self.class == Class::Pndm && !self.skip_prk && steps < 4 {
-            return Err(format!(
-                "PNDMScheduler with skip_prk_steps false needs at least 4 steps (its Runge-Kutta warm-up spans the last four), not {steps}"
-            ));
+            return Err(StepsError::TooFewForWarmUp { steps });
         }
-        if self.spacing == Spacing::Leading && self.num_train / steps == 0 {
-            return Err(format!("{steps} steps is more than the {} training timesteps", self.num_train));
+        if self.spacing == Spacing::Leading && num_train / steps == 0 {
+            return Err(StepsError::LeadingSpacing { steps, num_train });
         }
         let s: Box<dyn Scheduler> = match self.class {
             Class::Pndm => Box::new(Pndm::new(self, steps)),
             Class::Ddim => Box::new(Ddim::new(self, steps)),
             Class::Ddpm => Box::new(Ddpm::new(self, steps)),
             Class::Euler | Class::EulerAncestral => Box::new(Euler::new(self, steps)),
-            Class::UniPc => Box::new(UniPc::new(self, steps)?),
+            Class::UniPc => Box::new(UniPc::new(self, steps)),
         };
         // PNDM, DDIM and DDPM index `alphas_cumprod` by timestep (diffusers
         // fails with an IndexError past the end).
         if matches!(self.class, Class::Pndm | Class::Ddim | Class::Ddpm) {
-            if let Some(t) = s.timesteps().iter().find(|&&t| t >= self.num_train as f64) {
-                return Err(format!(
-                    "{steps} steps with steps_offset {} reach timestep {t}, past the {} training timesteps",
-                    self.steps_offset, self.num_train
-                ));
+            if let Some(&timestep) = s.timesteps().iter().find(|&&t| t >= num_train as f64) {
+                return Err(StepsError::PastTheEnd { steps, steps_offset: self.steps_offset, timestep, num_train });
             }
         }
         Ok(s)

@@ -75,7 +75,7 @@ struct Coeffs {
 }
 
 impl UniPc {
-    pub(super) fn new(spec: &SchedulerSpec, steps: usize) -> Result<UniPc, String> {
+    pub(super) fn new(spec: &SchedulerSpec, steps: usize) -> UniPc {
         let n = spec.num_train;
         let ts: Vec<f64> = match spec.spacing {
             Spacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps + 1)
@@ -110,7 +110,7 @@ impl UniPc {
             let sigmas: Vec<f32> = converted.iter().chain([&last]).map(|&s| s as f32).collect();
             (ts, sigmas)
         };
-        Ok(UniPc {
+        UniPc {
             timesteps: ts,
             bound: Bound { threshold: spec.threshold, clip: None },
             sigmas,
@@ -124,7 +124,7 @@ impl UniPc {
             last_sample: None,
             lower_order_nums: 0,
             this_order: 0,
-        })
+        }
     }
 
     /// `t`: index of the target sigma, `s0`: index of the base sigma, the
@@ -291,7 +291,7 @@ mod tests {
         sigmas_match_diffusers_fixtures(
             &["sd15-unipc", "unipc-noise-pred", "unipc-karras", "unipc-exponential", "unipc-beta"],
             &[Class::UniPc],
-            |spec, steps| UniPc::new(spec, steps).unwrap().sigmas,
+            |spec, steps| UniPc::new(spec, steps).sigmas,
         );
     }
 }
