@@ -218,7 +218,7 @@ pub fn run(
         (Some(InitImage::File(_)), Inputs::Image(img)) => Some(img),
         (Some(InitImage::Step(from)), _) => {
             let path = results.images.get(from).and_then(|v| v.first()).ok_or_else(|| fail(format!("step `{from}` made no image")))?;
-            Some(read_png(path).map_err(fail)?)
+            Some(read_png(path).map_err(|e| fail(e.to_string()))?)
         }
         _ => None,
     };
@@ -265,7 +265,7 @@ pub fn run(
         let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(|e| fail(e.to_string()))?;
         bar.finish();
         let (png, json) = image_paths(step.output, k, s.images);
-        write_bytes_atomically(&png, &png_bytes(&image).map_err(fail)?)?;
+        write_bytes_atomically(&png, &png_bytes(&image).map_err(|e| fail(e.to_string()))?)?;
         let mut doc = serde_json::json!({
             "image": png.file_name().map(|f| f.to_string_lossy().to_string()),
             "pipeline": parts.first().map(|(_, w, _)| pipeline_name(&w.name)),

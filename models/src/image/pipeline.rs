@@ -492,29 +492,42 @@ impl Noise {
     }
 }
 
+/// Why a PNG cannot be written or read; a read error names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PngError {
+    #[error(transparent)]
+    Encode(#[from] png::EncodingError),
+    #[error("{}: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a readable PNG: {source}", path.display())]
+    Decode { path: PathBuf, source: png::DecodingError },
+    #[error("{}: an indexed PNG was not expanded", path.display())]
+    Indexed { path: PathBuf },
+}
+
 /// Encodes `image` as a PNG (8-bit RGB, no metadata: the same pixels give
 /// the same bytes).
-pub fn png_bytes(image: &RgbImage) -> Result<Vec<u8>, String> {
+pub fn png_bytes(image: &RgbImage) -> Result<Vec<u8>, PngError> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| e.to_string())?;
-        w.write_image_data(&image.pixels).map_err(|e| e.to_string())?;
+        let mut w = enc.write_header()?;
+        w.write_image_data(&image.pixels)?;
     }
     Ok(out)
 }
 
 /// Reads a PNG as 8-bit RGB (alpha dropped, grey expanded).
-pub fn read_png(path: &Path) -> Result<RgbImage, String> {
-    let fail = |e: String| format!("{}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+pub fn read_png(path: &Path) -> Result<RgbImage, PngError> {
+    let file = std::fs::File::open(path).map_err(|source| PngError::Open { path: path.to_path_buf(), source })?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = decoder.read_info().map_err(|e| fail(format!("not a readable PNG: {e}")))?;
+    let unreadable = |source| PngError::Decode { path: path.to_path_buf(), source };
+    let mut reader = decoder.read_info().map_err(unreadable)?;
     let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).map_err(|e| fail(format!("not a readable PNG: {e}")))?;
+    let info = reader.next_frame(&mut buf).map_err(unreadable)?;
     let (w, h) = (info.width as usize, info.height as usize);
     let data = &buf[..info.buffer_size()];
     let pixels: Vec<u8> = match info.color_type {
@@ -522,7 +535,7 @@ pub fn read_png(path: &Path) -> Result<RgbImage, String> {
         png::ColorType::Rgba => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
         png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
         png::ColorType::GrayscaleAlpha => data.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
-        png::ColorType::Indexed => return Err(fail("an indexed PNG was not expanded".into())),
+        png::ColorType::Indexed => return Err(PngError::Indexed { path: path.to_path_buf() }),
     };
     Ok(RgbImage { width: w, height: h, pixels })
 }
@@ -642,7 +655,7 @@ mod tests {
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(read_png(&p).unwrap(), image);
         std::fs::write(&p, b"not a png").unwrap();
-        assert!(read_png(&p).unwrap_err().contains("not a readable PNG"));
+        assert!(read_png(&p).unwrap_err().to_string().contains("not a readable PNG"));
         let _ = std::fs::remove_file(&p);
     }
 }
