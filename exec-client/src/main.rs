@@ -216,7 +216,7 @@ fn command(command: Command) -> Result<(), String> {
             println!("{}: ok: {summary}", workflow.display());
         }
         Command::Synth { arch: SynthArch::Pipeline(arch), size, dtype, seed, output_dir } => {
-            let r = mora_models::image::synth::generate(arch, size, dtype, seed, &output_dir)?;
+            let r = mora_models::image::synth::generate(arch, size, dtype, seed, &output_dir).map_err(|e| e.to_string())?;
             println!(
                 "wrote {}: a pipeline of {} bytes of {dtype} weights ({:.3} of the real shapes' width)",
                 output_dir.display(),
@@ -225,7 +225,7 @@ fn command(command: Command) -> Result<(), String> {
             );
         }
         Command::Synth { arch: SynthArch::Model(arch), size, dtype, seed, output_dir } => {
-            let r = generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir)?;
+            let r = generate(&SynthSpec { arch, target_bytes: size, dtype, seed }, &output_dir).map_err(|e| e.to_string())?;
             println!(
                 "wrote {}: {} bytes of {dtype} weights ({} tensors, hidden {}, {} layers)",
                 r.dir.display(),

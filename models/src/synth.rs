@@ -21,6 +21,22 @@ use mora_common::manifest::WeightDType;
 /// The families synth writes, by the names `mora-exec synth --arch` takes.
 pub use crate::lm_config::Family;
 
+/// Why a synthetic model cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("size {target} B is below the smallest synthetic model, {MIN_BYTES} B")]
+    TooSmall { target: u64 },
+    /// A file or folder cannot be made (`action`: create, write, stat).
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// An I/O error of `action` on `path`.
+pub(crate) fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
+    let path = path.to_path_buf();
+    move |source| SynthError::Io { action, path, source }
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SynthSpec {
@@ -229,8 +245,7 @@ fn write_value(out: &mut Vec<u8>, v: f32, dtype: WeightDType) {
 
 /// Writes `tensors` with deterministic random values (by `seed` and each
 /// tensor's position) as a safetensors file in `dtype`.
-pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Init)], dtype: WeightDType, seed: u64) -> Result<(), String> {
-    let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Init)], dtype: WeightDType, seed: u64) -> Result<(), SynthError> {
     let elem = dtype.tensor_dtype().size_in_bytes() as u64;
     // Header: offsets follow from the shapes alone.
     let mut header = serde_json::Map::new();
@@ -247,11 +262,11 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Ini
         header.push(b' ');
     }
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
+        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
     }
-    let file = File::create(path).map_err(|e| io("create", path, e))?;
+    let file = File::create(path).map_err(io_error("create", path))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let werr = |e: std::io::Error| io("write", path, e);
+    let werr = |e| io_error("write", path)(e);
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
     w.write_all(&header).map_err(werr)?;
     let mut buf = Vec::with_capacity(1 << 20);
@@ -282,12 +297,11 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Ini
 }
 
 /// Writes the synthetic model into `dir` (created if needed).
-pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
+pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, SynthError> {
     if spec.target_bytes < MIN_BYTES {
-        return Err(format!("size {} B is below the smallest synthetic model, {MIN_BYTES} B", spec.target_bytes));
+        return Err(SynthError::TooSmall { target: spec.target_bytes });
     }
-    let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
-    fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+    fs::create_dir_all(dir).map_err(io_error("create", dir))?;
     let (vocab_tokens, tokenizer) = match spec.arch {
         Family::Bert => bert_tokenizer(),
         _ => llama_tokenizer(),
@@ -299,7 +313,7 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
 
     let weights_path = dir.join("model.safetensors");
     write_safetensors(&weights_path, &tensors, spec.dtype, spec.seed)?;
-    let weights_bytes = fs::metadata(&weights_path).map_err(|e| io("stat", &weights_path, e))?.len();
+    let weights_bytes = fs::metadata(&weights_path).map_err(io_error("stat", &weights_path))?.len();
 
     let torch_dtype = match spec.dtype {
         WeightDType::F32 => "float32",
@@ -428,9 +442,9 @@ pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<SynthReport, String> {
     let write_json = |name: &str, v: &serde_json::Value| {
         let p = dir.join(name);
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
+            fs::create_dir_all(parent).map_err(io_error("create", parent))?;
         }
-        fs::write(&p, serde_json::to_vec_pretty(v).expect("JSON")).map_err(|e| io("write", &p, e))
+        fs::write(&p, serde_json::to_vec_pretty(v).expect("JSON")).map_err(io_error("write", &p))
     };
     write_json("config.json", &config)?;
     write_json("tokenizer.json", &tokenizer)?;

@@ -19,8 +19,34 @@ use serde_json::{json, Value};
 use super::clip::{TextEncoder, TextEncoderConfig};
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
-use crate::synth::{write_safetensors, Init};
+use crate::lm_config::ConfigError;
+use crate::synth::{io_error, write_safetensors, Init, SynthError};
 use mora_common::manifest::WeightDType;
+
+/// Why a synthetic pipeline cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineSynthError {
+    #[error("{target} B is above this architecture's real size ({full} B, its largest synthetic pipeline)")]
+    TooLarge { target: u64, full: u64 },
+    #[error("{target} B is below this architecture's smallest synthetic pipeline ({smallest} B)")]
+    TooSmall { target: u64, smallest: u64 },
+    /// A file or folder cannot be made, or a weight file written.
+    #[error(transparent)]
+    Files(#[from] SynthError),
+    /// A tokenizer's `vocab.json` or `merges.txt` cannot be written.
+    #[error(transparent)]
+    Tokenizer(std::io::Error),
+    #[error("the built-in vocabulary: {0}")]
+    Vocabulary(#[source] serde_json::Error),
+    #[error("the built-in vocabulary has no <|endoftext|>")]
+    NoEndOfText,
+    /// A config written here does not read back (a bug in this module).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A network does not build from a config written here (a bug in this module).
+    #[error(transparent)]
+    Build(#[from] candle_core::Error),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipelineArch {
@@ -256,10 +282,10 @@ impl candle_nn::var_builder::SimpleBackend for Recorder {
 }
 
 /// The tensors `build` reads, in the order it reads them (each once).
-fn record(build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>) -> Result<Vec<Recorded>, String> {
+fn record(build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>) -> Result<Vec<Recorded>, PipelineSynthError> {
     let recorded = std::sync::Arc::new(Mutex::new(Vec::new()));
     let vb = candle_nn::VarBuilder::from_backend(Box::new(Recorder(recorded.clone())), DType::F32, Device::Cpu);
-    build(vb).map_err(|e| e.to_string())?;
+    build(vb)?;
     let mut seen = std::collections::HashSet::new();
     let all = recorded.lock().expect("recorder").clone();
     Ok(all.into_iter().filter(|(n, _)| seen.insert(n.clone())).collect())
@@ -279,14 +305,14 @@ fn init_of(name: &str, shape: &[usize]) -> Init {
     }
 }
 
-fn parse<T>(value: &Value, file: &str, read: impl Fn(&serde_json::Map<String, Value>, &str) -> Result<T, crate::lm_config::ConfigError>) -> Result<T, String> {
-    read(value.as_object().expect("an object"), file).map_err(|e| e.to_string())
+fn parse<T>(value: &Value, file: &str, read: impl Fn(&serde_json::Map<String, Value>, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+    read(value.as_object().expect("an object"), file)
 }
 
 /// Every component's tensors at multiplier `m`: (folder, file name, tensors).
 type Component = (&'static str, &'static str, Vec<(String, Vec<usize>)>);
 
-fn components(c: &Configs) -> Result<Vec<Component>, String> {
+fn components(c: &Configs) -> Result<Vec<Component>, PipelineSynthError> {
     let mut out = Vec::new();
     for (i, t) in c.text.iter().enumerate() {
         let cfg = parse(t, "config.json", TextEncoderConfig::from_json)?;
@@ -312,21 +338,18 @@ pub struct PipelineReport {
 }
 
 /// Writes a synthetic pipeline of about `target_bytes` into `dir`.
-pub fn generate(arch: PipelineArch, target_bytes: u64, dtype: WeightDType, seed: u64, dir: &Path) -> Result<PipelineReport, String> {
-    let vocab: serde_json::Map<String, Value> = serde_json::from_str(VOCAB).map_err(|e| format!("the built-in vocabulary: {e}"))?;
-    let eos = vocab.get("<|endoftext|>").and_then(Value::as_u64).ok_or("the built-in vocabulary has no <|endoftext|>")? as usize;
+pub fn generate(arch: PipelineArch, target_bytes: u64, dtype: WeightDType, seed: u64, dir: &Path) -> Result<PipelineReport, PipelineSynthError> {
+    let vocab: serde_json::Map<String, Value> = serde_json::from_str(VOCAB).map_err(PipelineSynthError::Vocabulary)?;
+    let eos = vocab.get("<|endoftext|>").and_then(Value::as_u64).ok_or(PipelineSynthError::NoEndOfText)? as usize;
     let elem = dtype.tensor_dtype().size_in_bytes() as u64;
-    let size_at = |m: f64| -> Result<u64, String> { Ok(elements(&components(&configs(arch, m, vocab.len(), eos))?) * elem) };
+    let size_at = |m: f64| -> Result<u64, PipelineSynthError> { Ok(elements(&components(&configs(arch, m, vocab.len(), eos))?) * elem) };
     let full = size_at(1.0)?;
     let smallest = size_at(0.05)?;
     if target_bytes > full + full / 20 {
-        return Err(format!(
-            "{} B is above this architecture's real size ({} B, its largest synthetic pipeline)",
-            target_bytes, full
-        ));
+        return Err(PipelineSynthError::TooLarge { target: target_bytes, full });
     }
     if target_bytes < smallest {
-        return Err(format!("{target_bytes} B is below this architecture's smallest synthetic pipeline ({smallest} B)"));
+        return Err(PipelineSynthError::TooSmall { target: target_bytes, smallest });
     }
     // Bytes grow with the multiplier: bisect it.
     let (mut lo, mut hi) = (0.05f64, 1.0f64);
@@ -341,11 +364,11 @@ pub fn generate(arch: PipelineArch, target_bytes: u64, dtype: WeightDType, seed:
     let m = if size_at(hi)?.abs_diff(target_bytes) < size_at(lo)?.abs_diff(target_bytes) { hi } else { lo };
     let c = configs(arch, m, vocab.len(), eos);
     let parts = components(&c)?;
-    let write_json = |p: &Path, v: &Value| -> Result<(), String> {
+    let write_json = |p: &Path, v: &Value| -> Result<(), SynthError> {
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(io_error("create", parent))?;
         }
-        std::fs::write(p, serde_json::to_string_pretty(v).expect("JSON") + "\n").map_err(|e| format!("cannot write {}: {e}", p.display()))
+        std::fs::write(p, serde_json::to_string_pretty(v).expect("JSON") + "\n").map_err(io_error("write", p))
     };
     write_json(&dir.join("model_index.json"), &c.index)?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &c.scheduler)?;
@@ -355,9 +378,9 @@ pub fn generate(arch: PipelineArch, target_bytes: u64, dtype: WeightDType, seed:
         let suffix = if i == 0 { String::new() } else { format!("_{}", i + 1) };
         write_json(&dir.join(format!("text_encoder{suffix}/config.json")), t)?;
         let tok = dir.join(format!("tokenizer{suffix}"));
-        std::fs::create_dir_all(&tok).map_err(|e| format!("cannot create {}: {e}", tok.display()))?;
-        std::fs::write(tok.join("vocab.json"), VOCAB).map_err(|e| e.to_string())?;
-        std::fs::write(tok.join("merges.txt"), MERGES).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&tok).map_err(io_error("create", &tok))?;
+        std::fs::write(tok.join("vocab.json"), VOCAB).map_err(PipelineSynthError::Tokenizer)?;
+        std::fs::write(tok.join("merges.txt"), MERGES).map_err(PipelineSynthError::Tokenizer)?;
         let specials = json!({
             "bos_token": {"content": "<|startoftext|>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
             "eos_token": {"content": "<|endoftext|>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false},
