@@ -14,6 +14,10 @@ and started when none answers, as ``mora-exec`` reaches it.
             model = AutoModel.from_config(AutoConfig.from_pretrained(sd.dir))
         mora.load_state_dict(model, sd, strict=False)   # assign=True; nothing left on meta
 
+The leases live as long as what borrows from them: a model's lease ends when
+the last array, tensor or module viewing it is collected (or at exit), and
+``mora.release(obj)`` ends it sooner, taking the weights out of ``obj``.
+
 Build the module under ``mora.init_empty_weights()``, not
 ``torch.device("meta")``: the latter leaves buffers that no state dict
 carries (``position_ids``) on meta, with no data, and the model then computes
@@ -27,11 +31,11 @@ this process and never reaches the daemon or any other process.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
-import threading
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from . import _mora
 from .errors import (
@@ -44,8 +48,10 @@ from .errors import (
     MetaTensorsLeft,
     ModelNotFound,
     MoraError,
+    Released,
     VersionMismatch,
 )
+from ._leases import Lent, Session, release
 from ._modules import init_empty_weights, load_state_dict
 
 __version__: str = _mora.__version__
@@ -56,6 +62,7 @@ __all__ = [
     "safe_open",
     "init_empty_weights",
     "load_state_dict",
+    "release",
     "Client",
     "StateDict",
     "SafeOpen",
@@ -70,6 +77,7 @@ __all__ = [
     "ModelNotFound",
     "DaemonError",
     "MetaTensorsLeft",
+    "Released",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -181,9 +189,10 @@ def _torch_dtype(dtype: str) -> Any:
     return t
 
 
-def _host_tensors(acquired: Any, framework: str) -> Dict[str, Any]:
-    """Arrays over a private copy-on-write mapping of the sealed segment.
-    The mapping lives as long as any array of it."""
+def _host_tensors(acquired: Any, framework: str) -> Tuple[Dict[str, Any], Optional[mmap.mmap]]:
+    """Arrays over a private copy-on-write mapping of the sealed segment, and
+    the mapping (None for a model of no bytes). The mapping lives as long as
+    any array of it: numpy and torch hold the buffer they view."""
     fd = acquired.fd
     try:
         buf = (
@@ -219,7 +228,7 @@ def _host_tensors(acquired: Any, framework: str) -> Dict[str, Any]:
             else:
                 t = torch.empty(tuple(shape), dtype=t_dtype)
             out[name] = t
-    return out
+    return out, buf
 
 
 class StateDict(Dict[str, Any]):
@@ -231,6 +240,10 @@ class StateDict(Dict[str, Any]):
     ``device`` ("cpu" or "cuda:N"), ``lease`` (the daemon's lease id),
     ``loaded_now`` (this request made the daemon read the files),
     ``load_ms`` and ``nbytes`` (bytes of the daemon's copy).
+
+    The lease lasts while any of its tensors lives, here or anywhere else;
+    :func:`mora.release` empties it and ends the lease if nothing else views
+    the memory.
     """
 
     name: str
@@ -253,58 +266,26 @@ class Evicted(NamedTuple):
     bytes: int
 
 
-class _Session:
-    """The connection, shared by a client and the GPU mappings made through
-    it: it closes once the client is closed and no GPU tensor is left, so the
-    daemon never frees GPU memory this process still maps."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.client_open = True
-        self.gpu_mappings = 0
-        self.lock = threading.Lock()
-
-    def mapping_closed(self, lease: int) -> None:
-        """A GPU mapping's tensors are all gone: end its lease now, and close
-        the connection if the client is closed and it was the last one."""
-        with self.lock:
-            self.gpu_mappings -= 1
-            done = not self.client_open and self.gpu_mappings == 0
-        if done:
-            self.conn.close()
-        elif not self.conn.closed:
-            try:
-                self.conn.release(lease)
-            except MoraError:
-                pass
-
-    def close_client(self) -> None:
-        with self.lock:
-            self.client_open = False
-            done = self.gpu_mappings == 0
-        if done:
-            self.conn.close()
-
-
 class Client:
     """A connection to the Mora cache daemon; see :func:`connect`.
 
     Every model lent through it stays leased (the daemon keeps it resident,
-    and will not evict it) until the client is closed. Host arrays stay valid
-    after that (the pages live while mapped), but the daemon may then evict
-    the model and the pages are no longer counted in its budget. GPU tensors
-    keep the connection, and so their lease, open until the last of them is
-    gone.
+    counts it in its budget and will not evict it) while any array or tensor
+    of it lives, whether or not the client is still open: the lease ends when
+    the last one is collected, or at :func:`mora.release`. Closing the client
+    stops requests through it; its connection, which holds the leases,
+    closes once the last array of them is gone.
     """
 
     def __init__(self, socket: Optional[PathLike] = None, autostart: bool = True) -> None:
         conn = _mora.Connection(None if socket is None else os.fspath(socket), autostart)
-        self._session = _Session(conn)
+        self._session = Session(conn)
         self._closed = False
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
-        """Ends this client's leases (GPU ones once their tensors are gone)."""
+        """No more requests through this client. Leases whose arrays are all
+        gone have ended already; each other one ends with its last array."""
         if not self._closed:
             self._closed = True
             self._session.close_client()
@@ -384,29 +365,33 @@ class Client:
         conn = self._conn()
         ka = None if keep_alive is None else str(keep_alive)
         acquired = conn.acquire(os.fspath(model), wd, gpu, ka, subfolder, variant)
+        sd_device = "cpu" if ordinal is None else f"cuda:{ordinal}"
+        lent = Lent(self._session, acquired.lease, acquired.name, acquired.dtype, sd_device)
         try:
             if acquired.fd is not None:
-                tensors = _host_tensors(acquired, fw)
+                tensors, buf = _host_tensors(acquired, fw)
+                sd = StateDict(tensors)
+                # The lease ends when the mapping is collected: after the last array.
+                if buf is not None:
+                    lent.watch(buf, ctypes.addressof(ctypes.c_char.from_buffer(buf)), acquired.len)
+                else:
+                    lent.watch(sd, 0, 0)
             else:
                 from . import _cuda
 
-                session = self._session
-                with session.lock:
-                    session.gpu_mappings += 1
-                lease = acquired.lease
-                # mapping_closed runs once, when the mapping goes (or at once if it cannot open).
-                tensors = _cuda.tensors(acquired, ordinal, session, lambda: session.mapping_closed(lease))
+                # The lease ends when the IPC mapping is collected (after the last tensor).
+                sd = StateDict(_cuda.tensors(acquired, ordinal, lent))
         except BaseException:
             try:
                 conn.release(acquired.lease)
             except MoraError:
                 pass
             raise
-        sd = StateDict(tensors)
+        sd._lent = lent
         sd.name = acquired.name
         sd.dir = os.fspath(acquired.dir)
         sd.dtype = acquired.dtype
-        sd.device = "cpu" if ordinal is None else f"cuda:{ordinal}"
+        sd.device = sd_device
         sd.lease = acquired.lease
         sd.loaded_now = acquired.loaded_now
         sd.load_ms = acquired.load_ms
@@ -506,34 +491,44 @@ class SafeOpen:
     """A ``safetensors.safe_open``-like object over a lent model, for loaders
     written for safetensors: ``keys()``, ``get_tensor(name)``,
     ``get_slice(name)``, ``metadata()``; a context manager. Its tensors are
-    the daemon's pages, not copies."""
+    the daemon's pages, not copies.
+
+    As with safetensors, the tensors taken from it outlive it: ``close()``
+    (the end of the ``with`` block) lets go of the model, whose lease then
+    ends when the last tensor taken is collected."""
 
     def __init__(self, state: StateDict, client: Optional[Client] = None) -> None:
-        self._sd = state
+        self._sd: Optional[StateDict] = state
         self._own = client
         self._dtypes = {}
         for name, t in state.items():
             self._dtypes[name] = _safetensors_dtype(t)
 
+    def _state(self) -> StateDict:
+        if self._sd is None:
+            raise ClientClosed("this mora.safe_open is closed: open the model again")
+        return self._sd
+
     @property
     def state_dict(self) -> StateDict:
-        return self._sd
+        return self._state()
 
     def keys(self) -> List[str]:
         """Tensor names, sorted (as safetensors lists them)."""
-        return sorted(self._sd)
+        return sorted(self._state())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._sd
+        return name in self._state()
 
     def get_tensor(self, name: str) -> Any:
+        sd = self._state()
         try:
-            return self._sd[name]
+            return sd[name]
         except KeyError:
-            raise KeyError(f"{self._sd.name} has no tensor `{name}`") from None
+            raise KeyError(f"{sd.name} has no tensor `{name}`") from None
 
     def get_slice(self, name: str) -> _Slice:
         return _Slice(self.get_tensor(name), self._dtypes[name])
@@ -543,6 +538,9 @@ class SafeOpen:
         return None
 
     def close(self) -> None:
+        """Lets go of the model (and closes the connection ``mora.safe_open``
+        made); tensors taken from it stay valid, and hold the lease."""
+        self._sd = None
         if self._own is not None:
             self._own.close()
 
@@ -568,7 +566,9 @@ def connect(socket: Optional[PathLike] = None, autostart: bool = True) -> Client
     (``mora-cache serve``, found on ``PATH``) when none answers, its log
     beside the socket. Raises ``DaemonNotRunning`` when none answers and
     ``autostart`` is off, ``VersionMismatch`` when it speaks another
-    protocol version. Use it as a context manager, or call ``close()``.
+    protocol version. Use it as a context manager, call ``close()``, or let
+    it be collected: either way, each lease lasts while any array of it
+    lives.
     """
     return Client(socket, autostart)
 
@@ -585,8 +585,9 @@ def safe_open(
     autostart: bool = True,
 ) -> SafeOpen:
     """``safetensors.safe_open(filename, framework, device)``, for a model the
-    daemon holds: connects, borrows the model, and closes the connection when
-    the ``with`` block ends.
+    daemon holds: connects and borrows the model. The end of the ``with``
+    block lets go of it; the lease, and the connection, end when no tensor
+    taken from it is left.
 
         with mora.safe_open("sentence-transformers/all-MiniLM-L6-v2", framework="pt") as f:
             for name in f.keys():

@@ -135,17 +135,15 @@ class _CudaView:
         }
 
 
-def tensors(acquired: Any, ordinal: int, keep: Any, on_close: Any) -> Dict[str, Any]:
-    """torch CUDA tensors over the daemon's allocation, one per manifest row."""
+def tensors(acquired: Any, ordinal: int, lent: Any) -> Dict[str, Any]:
+    """torch CUDA tensors over the daemon's allocation, one per manifest row.
+    ``lent`` (a ``mora._leases.Lent``) ends its lease once the mapping is
+    collected; if the handle cannot be opened, the caller ends it."""
     import numpy as np
     import torch
 
-    # on_close runs exactly once: when the mapping is collected, or now if it cannot open.
-    try:
-        mapping = IpcMapping(acquired.ipc_handle, ordinal, keep, on_close)
-    except BaseException:
-        on_close()
-        raise
+    mapping = IpcMapping(acquired.ipc_handle, ordinal, lent.session, lent.end)
+    lent.opened(mapping.ptr, acquired.len)
     out: Dict[str, Any] = {}
     device = torch.device("cuda", ordinal)
     for name, dtype, shape, offset, length in acquired.tensors:

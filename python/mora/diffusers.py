@@ -19,9 +19,9 @@ float32 and transformers models by transformers' rule (the config's
 ``dtype``, else the checkpoint's). ``variant`` applies to the components
 that have weight files of that variant, as in diffusers.
 
-The pipeline and each borrowed component keep their connection to the
-daemon, and so the leases on their weights, for as long as they live
-(``pipe._mora``, ``pipe.unet._mora``).
+The leases on the weights last as long as the pipeline, a component of it,
+or any tensor of one lives (they end when those are collected);
+``mora.release(pipe)`` ends them sooner.
 """
 
 from __future__ import annotations

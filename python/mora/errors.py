@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotFound",
     "DaemonError",
     "MetaTensorsLeft",
+    "Released",
 ]
 
 
@@ -83,3 +84,9 @@ class MetaTensorsLeft(MoraError, ValueError):
     def __init__(self, message: str, names: Iterable[str] = ()) -> None:
         super().__init__(message)
         self.names = list(names)
+
+
+class Released(MoraError, RuntimeError):
+    """A module whose weights were given back with :func:`mora.release` was
+    called: its lent parameters and buffers are on the ``meta`` device now.
+    Load the model again to use it."""

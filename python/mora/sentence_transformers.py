@@ -10,8 +10,8 @@ with the same arguments: the same modules (pooling, normalisation, dense
 layers), the same tokenizer, the same embeddings, but the transformer
 module's weights are the daemon's copy, built by
 :func:`mora.transformers.from_pretrained` instead of read from disk. The
-model keeps its connection to the daemon, and so its lease, for as long as
-it lives (``model._mora``). Other modules with weights of their own (a
+lease on its weights lasts as long as the model (or any tensor of it) lives;
+``mora.release(model)`` ends it sooner. Other modules with weights of their own (a
 ``Dense`` layer) are read from disk as usual: they are small.
 """
 

@@ -8,9 +8,9 @@
 :func:`from_pretrained` builds the model as transformers' own
 ``from_pretrained`` does (the same class, the same dtype rules, tied weights
 tied, ``eval()`` mode, the generation config read), but its parameters view
-the daemon's copy: no read of the weight files, no copy. The model keeps its
-connection to the daemon, and so the lease on its weights, for as long as it
-lives (``model._mora``).
+the daemon's copy: no read of the weight files, no copy. The lease on its
+weights lasts as long as the model, or any tensor of it, lives (it ends when
+they are collected); ``mora.release(model)`` ends it sooner.
 
 transformers' dtype rules, as ``from_pretrained`` applies them: with no
 ``dtype`` (or ``torch_dtype``), or ``"auto"``, the config's ``dtype`` if it
@@ -40,8 +40,9 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 
 
 class _Borrowed:
-    """What keeps a borrowed model's weights valid: the client (the daemon
-    connection that holds the leases) and the state dicts it lent."""
+    """What a borrowed model was built from, as ``model._mora``: the client
+    it borrowed through and the state dicts lent (each lease lasts while any
+    tensor of its state dict lives; :func:`mora.release` empties them)."""
 
     def __init__(self, client: Client, state_dicts: List[StateDict], own_client: bool) -> None:
         self.client = client
@@ -253,7 +254,8 @@ def from_pretrained(
     ``config``, and the config overrides transformers takes. ``client``: a
     :class:`mora.Client` to borrow through (default: a connection of the
     model's own, to ``socket``). ``device``: ``"cpu"`` or ``"cuda:N"``.
-    The model holds its client and leases in ``model._mora``.
+    The lease on its weights lasts while the model (or any tensor of it)
+    lives; ``mora.release(model)`` ends it sooner.
     """
     import transformers
 

@@ -3,6 +3,7 @@ calls, and every error a user can meet, each with the CLI's message."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket as socketlib
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,11 @@ def test_a_write_raises_and_a_forced_one_stays_in_this_process(daemon, model_fil
     assert float(other.stdout) == float(want[0, 0])
 
 
-def test_the_lease_lasts_while_the_client_is_open(daemon):
+def leases(client, dtype="f32"):
+    return sum(m["leases"] for m in client.ps() if m["dtype"] == dtype)
+
+
+def test_the_lease_lasts_while_any_array_lives_and_not_longer(daemon, model_file):
     client = mora.connect(daemon.socket)
     sd = client.state_dict(MODEL, framework="numpy")
     [entry] = [m for m in client.ps() if m["dtype"] == "f32"]
@@ -92,17 +98,108 @@ def test_the_lease_lasts_while_the_client_is_open(daemon):
     assert client.closed
     with pytest.raises(mora.ClientClosed, match="closed"):
         client.ps()
+    # Closing the client does not end a lease whose arrays live: one array
+    # (a slice of one, even) keeps the model leased and counted in the budget.
+    name = "embeddings.word_embeddings.weight"
+    kept = sd[name][1:]
+    del sd
+    gc.collect()
     with mora.connect(daemon.socket) as c2:
-        assert all(m["leases"] == 0 for m in c2.ps())
+        assert leases(c2) == 1 and c2.status()["used"] >= entry["bytes"]
+        with pytest.raises(mora.DaemonError, match=f"leased by pid {os.getpid()}"):
+            c2.evict(MODEL, dtype="f32")
+        assert np.array_equal(kept, load_file(str(model_file))[name][1:])
+        # The last array goes: the lease ends then (no gc needed without a cycle).
+        del kept
+        assert leases(c2) == 0
         evicted = c2.evict(MODEL, dtype="f32")
-        assert evicted.models == [MODEL] and evicted.bytes == sd.nbytes
-    # The arrays outlive the lease and the eviction: the pages stay while mapped.
-    assert np.array_equal(sd["embeddings.word_embeddings.weight"], load_file(sd.dir + "/model.safetensors")["embeddings.word_embeddings.weight"])
+        assert evicted.models == [MODEL] and evicted.bytes == entry["bytes"]
+
+
+def test_an_array_in_a_reference_cycle_holds_the_lease_until_gc_runs(daemon):
+    class Holder:
+        pass
+
+    with mora.connect(daemon.socket) as client:
+        h = Holder()
+        h.array, h.me = client.state_dict(MODEL, framework="numpy")["pooler.dense.weight"], h
+    gc.disable()
+    try:
+        del h
+        with mora.connect(daemon.socket) as c2:
+            assert leases(c2) == 1
+            gc.collect()
+            assert leases(c2) == 0
+            assert c2.evict(MODEL, dtype="f32").models == [MODEL]
+    finally:
+        gc.enable()
+
+
+def test_release_ends_the_lease_at_once(daemon):
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(MODEL, framework="numpy")
+        assert leases(client) == 1
+        assert mora.release(sd) is True
+        assert len(sd) == 0 and leases(client) == 0
+        assert client.evict(MODEL, dtype="f32").models == [MODEL]
+        assert mora.release(sd) is True  # again: nothing left to end
+
+
+def test_release_keeps_the_lease_of_an_array_kept_elsewhere_and_says_so(daemon, model_file):
+    name = "pooler.dense.weight"
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(MODEL, framework="numpy")
+        kept = sd[name]
+        with pytest.warns(UserWarning, match=rf"^mora.release: arrays or tensors of {MODEL} \(f32, cpu\) are still alive"):
+            assert mora.release(sd) is False
+        # Still mapped, still leased, still counted: the array reads the model.
+        assert len(sd) == 0 and leases(client) == 1
+        assert np.array_equal(kept, load_file(str(model_file))[name])
+        with pytest.raises(mora.DaemonError, match="leased by pid"):
+            client.evict(MODEL, dtype="f32")
+        del kept
+        assert leases(client) == 0
+    with pytest.raises(mora.InvalidArgument, match=r"^mora.release takes what mora lent .* not a numpy.ndarray"):
+        mora.release(np.zeros(3))
+
+
+def test_the_with_form_closes_the_connection_once_the_arrays_are_gone(daemon):
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(MODEL, framework="numpy")
+    conn = client._session.conn
+    assert client.closed and not conn.closed  # the connection holds the lease of sd
+    with mora.connect(daemon.socket) as c2:
+        assert leases(c2) == 1
+        del sd
+        assert conn.closed and leases(c2) == 0
+        with mora.connect(daemon.socket) as c3:
+            c3.state_dict(MODEL, framework="numpy")  # dropped at once: nothing keeps its lease
+            assert leases(c2) == 0
+        assert c3._session.conn.closed
+
+
+def test_a_process_that_exits_holding_arrays_gives_its_leases_back_quietly(daemon):
+    code = f"""
+import mora
+client = mora.connect({str(daemon.socket)!r}, autostart=False)
+sd = client.state_dict({MODEL!r}, framework="numpy")
+model = {{"weight": sd["pooler.dense.weight"], "me": None}}
+model["me"] = model  # a cycle, as models have: the process ends before any collection
+print(sum(m["leases"] for m in client.ps()))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["1"] and run.stderr == ""
+    with mora.connect(daemon.socket) as client:
+        # The daemon ends the leases of a connection it sees close.
+        deadline = time.monotonic() + 10
+        while leases(client) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert leases(client) == 0
 
 
 def test_two_processes_share_one_copy(daemon):
     with mora.connect(daemon.socket) as client:
-        client.state_dict(MODEL, framework="numpy")
+        sd = client.state_dict(MODEL, framework="numpy")  # noqa: F841 (its lease lasts while it lives)
         before = [m for m in client.ps() if m["dtype"] == "f32"][0]
         code = f"""
 import mora
@@ -130,9 +227,13 @@ def test_safe_open_drops_into_a_safetensors_loader(daemon, model_file):
             assert got.metadata() is None
             with pytest.raises(KeyError, match="no tensor `nope`"):
                 got.get_tensor("nope")
+    # As safetensors' tensors, those taken outlive the handle (and hold the lease).
+    with pytest.raises(mora.ClientClosed, match="safe_open is closed"):
+        got.get_tensor("pooler.dense.weight")
     with mora.connect(daemon.socket) as client:
-        # The module-level safe_open closed its connection: no lease is left.
-        assert all(m["leases"] == 0 for m in client.ps())
+        assert leases(client) == 1
+        del s
+        assert leases(client) == 0
         with client.safe_open(MODEL, framework="numpy") as f:
             assert "pooler.dense.weight" in f
 
@@ -152,6 +253,7 @@ def test_a_model_directory_and_the_admin_calls(daemon, model_file):
         status = client.status()
         assert status["pid"] == daemon.proc.pid == client.daemon_pid and status["used"] <= status["budget"]
         client.unpin(MODEL)
+    del sd
     with mora.connect(daemon.socket) as client:
         assert client.evict(MODEL, dtype="f16").models
 
@@ -334,10 +436,11 @@ def test_the_package_describes_itself():
     assert stubs.is_file() and (Path(mora.__file__).parent / "py.typed").is_file()
 
 
-def test_gpu_mappings_hold_the_connection_until_the_last_is_gone():
-    # The bookkeeping behind device="cuda:N" (the IPC path itself needs a GPU:
-    # scripts/gpu-check.sh runs it): each collected mapping ends its lease;
-    # the connection closes only once the client is closed and none is left.
+def test_mappings_hold_the_connection_until_the_last_is_gone():
+    # The bookkeeping behind every lease (host and device="cuda:N"; the IPC
+    # path itself needs a GPU: scripts/gpu-check.sh runs it): each collected
+    # mapping ends its lease; the connection closes only once the client is
+    # closed and none is left.
     class Conn:
         closed = False
 
@@ -351,15 +454,15 @@ def test_gpu_mappings_hold_the_connection_until_the_last_is_gone():
             self.closed = True
 
     conn = Conn()
-    session = mora._Session(conn)
-    session.gpu_mappings = 2
+    session = mora._leases.Session(conn)
+    session.mappings = 2
     session.mapping_closed(7)
     assert conn.released == [7] and not conn.closed
     session.close_client()
     assert not conn.closed
     session.mapping_closed(8)
-    assert conn.closed and conn.released == [7]
-    alone = mora._Session(Conn())
+    assert conn.closed and conn.released == [7, 8]
+    alone = mora._leases.Session(Conn())
     alone.close_client()
     assert alone.conn.closed
 

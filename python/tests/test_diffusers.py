@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
@@ -106,21 +105,46 @@ def test_one_model_by_subfolder_is_its_class_from_pretrained(daemon):
     assert type(text).__name__ == "CLIPTextModel" and text.dtype == torch.float32
 
 
-def test_a_borrowed_model_keeps_its_lease_while_it_lives(daemon):
+def leased(client, path):
+    return {m["name"] for m in client.ps() if m["leases"] and m["name"].startswith(str(path))}
+
+
+def test_a_borrowed_model_keeps_its_lease_until_collected(daemon):
     path = PIPELINES / "sd15"
     unet = mora.diffusers.from_pretrained(path, subfolder="unet", socket=daemon.socket, torch_dtype=torch.float16)
     entry = str(path / "unet")
+    gc.collect()
     with mora.connect(daemon.socket) as client:
         with pytest.raises(mora.DaemonError) as e:
             client.evict(entry, dtype="f16")
         assert e.value.kind == "refused"
         del unet
         gc.collect()
-        # The daemon ends the lease when it sees the model's connection close.
-        deadline = time.monotonic() + 10
-        while any(m["leases"] for m in client.ps() if m["name"] == entry) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Ended by the time the last tensor is collected: no wait for the daemon.
+        assert entry not in leased(client, path)
         assert client.evict(entry, dtype="f16").models
+
+
+def test_a_pipeline_holds_its_leases_until_collected_or_released(daemon):
+    path = PIPELINES / "sd15"
+    pipe = mora.diffusers.from_pretrained(path, socket=daemon.socket)
+    comps = {str(path / c) for c in WEIGHTED if getattr(pipe, c, None) is not None}
+    with mora.connect(daemon.socket) as client:
+        assert leased(client, path) == comps
+        with pytest.raises(mora.DaemonError, match="leased by pid"):
+            client.evict(str(path / "unet"), dtype="f32")
+        assert mora.release(pipe) is True
+        assert leased(client, path) == set()
+        assert pipe.unet.conv_in.weight.is_meta
+        with pytest.raises(mora.Released, match="weights were given back with mora.release"):
+            image(pipe)
+        assert client.evict(str(path / "unet"), dtype="f32").models
+        # A pipeline dropped unreleased gives its leases back when collected.
+        pipe = mora.diffusers.from_pretrained(path, socket=daemon.socket)
+        assert leased(client, path) == comps
+        del pipe
+        gc.collect()
+        assert leased(client, path) == set()
 
 
 def test_a_pipeline_root_without_model_index_names_its_models(daemon, tmp_path):

@@ -61,14 +61,52 @@ with mora.connect({str(daemon.socket)!r}, autostart=False) as c:
     assert float(out) == float(want[0, 0])
 
 
-def test_tensors_keep_their_mapping_alive(daemon, model_file):
+def leases(client, name=MODEL):
+    return sum(m["leases"] for m in client.ps() if m["name"] == name)
+
+
+def test_a_tensor_keeps_its_lease_after_close_until_collected(daemon, model_file):
     want = load_file(str(model_file))[NAME]
     with mora.connect(daemon.socket) as client:
         t = client.state_dict(MODEL)[NAME]
     gc.collect()
+    view = t[1:].view(-1)
+    del t
     with mora.connect(daemon.socket) as client:
-        client.evict(MODEL, dtype="f32")
-    assert torch.equal(t, want)
+        with pytest.raises(mora.DaemonError, match="leased by pid"):
+            client.evict(MODEL, dtype="f32")
+        assert torch.equal(view, want[1:].view(-1))
+        del view
+        assert leases(client) == 0
+        assert client.evict(MODEL, dtype="f32").models == [MODEL]
+
+
+def test_a_module_fed_by_hand_holds_the_lease_and_release_takes_it_back(daemon, model_file):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    ids = torch.tensor([[101, 1037, 2158, 102]])
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(MODEL)
+        with mora.init_empty_weights():
+            model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(sd.dir))
+        mora.load_state_dict(model, sd, strict=False).eval()
+    del sd  # the module alone keeps the lease now
+    gc.collect()
+    with mora.connect(daemon.socket) as client:
+        assert leases(client) == 1
+        kept = model.pooler.dense.weight
+        with pytest.warns(UserWarning, match=f"arrays or tensors of {MODEL} .f32, cpu. are still alive"):
+            assert mora.release(model) is False
+        assert model.pooler.dense.weight.is_meta and not kept.is_meta
+        assert torch.equal(kept, load_file(str(model_file))["pooler.dense.weight"])
+        assert leases(client) == 1
+        del kept
+        assert leases(client) == 0
+        # The module refuses to run rather than compute on meta tensors.
+        with pytest.raises(mora.Released, match=r"^this BertModel's weights were given back with mora.release\(\)"):
+            model(input_ids=ids)
+        with pytest.raises(mora.Released):
+            model.encoder.layer[0](torch.zeros(1, 4, 384))  # a submodule that lost its weights
+        assert client.evict(MODEL, dtype="f32").models == [MODEL]
 
 
 def test_transformers_bert_from_mora_matches_the_disk_load_without_a_copy(daemon):
@@ -269,6 +307,7 @@ def test_a_tied_weight_absent_from_the_checkpoint_is_tied_again():
 def test_cuda_without_a_gpu_is_a_one_line_error(daemon):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the GPU check (scripts/gpu-check.sh) covers device=cuda")
+    gc.collect()  # the models of the tests before, and their leases
     with mora.connect(daemon.socket) as client:
         with pytest.raises(mora.InvalidArgument) as e:
             client.state_dict(MODEL, device="cuda:0")

@@ -100,6 +100,41 @@ def test_sentence_transformers_through_the_daemon_gives_the_same_embeddings(daem
     assert model._mora.client is inner._mora.client
 
 
+def leases(client):
+    return sum(m["leases"] for m in client.ps() if m["name"] == MODEL)
+
+
+def test_a_model_holds_its_lease_until_collected_or_released(daemon):
+    import gc
+
+    model = mora.transformers.from_pretrained(MODEL, socket=daemon.socket)
+    gc.collect()
+    with mora.connect(daemon.socket) as client:
+        assert leases(client) == 1
+        with pytest.raises(mora.DaemonError, match="leased by pid"):
+            client.evict(MODEL)
+        del model
+        gc.collect()
+        assert leases(client) == 0
+        model = mora.transformers.from_pretrained(MODEL, client=client)
+        assert leases(client) == 1
+        assert mora.release(model) is True and leases(client) == 0
+        assert not hasattr(model, "_mora") and all(p.is_meta for p in model.parameters())
+        assert client.evict(MODEL).models
+
+
+def test_a_sentence_transformer_released_refuses_to_encode(daemon):
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    import mora.sentence_transformers
+
+    model = mora.sentence_transformers.SentenceTransformer(MODEL, device="cpu", socket=daemon.socket)
+    with mora.connect(daemon.socket) as client:
+        assert leases(client) == 1
+        assert mora.release(model) is True and leases(client) == 0
+    with pytest.raises(mora.Released, match="^this SentenceTransformer's weights were given back"):
+        model.encode(TEXTS)
+
+
 def test_a_missing_directory_is_named_as_such(daemon, tmp_path):
     with pytest.raises(mora.ModelNotFound) as e:
         mora.transformers.from_pretrained(tmp_path / "nowhere", socket=daemon.socket)
