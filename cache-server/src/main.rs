@@ -263,7 +263,7 @@ fn serve(
     metrics: Option<String>,
     gpu: GpuArgs,
 ) -> anyhow::Result<()> {
-    let format = mora_common::logging::log_format().map_err(|e| anyhow::anyhow!(e))?;
+    let format = mora_common::logging::log_format()?;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")

@@ -9,16 +9,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// A `MORA_LOG_FORMAT` that names no format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("MORA_LOG_FORMAT is `{0}`: use `text` (the default) or `json`")]
+pub struct UnknownLogFormat(pub String);
+
 /// `MORA_LOG_FORMAT`, or why its value is not one.
-pub fn log_format() -> Result<LogFormat, String> {
+pub fn log_format() -> Result<LogFormat, UnknownLogFormat> {
     parse(std::env::var("MORA_LOG_FORMAT").ok().as_deref())
 }
 
-fn parse(value: Option<&str>) -> Result<LogFormat, String> {
+fn parse(value: Option<&str>) -> Result<LogFormat, UnknownLogFormat> {
     match value.map(str::trim) {
         None | Some("") | Some("text") => Ok(LogFormat::Text),
         Some("json") => Ok(LogFormat::Json),
-        Some(other) => Err(format!("MORA_LOG_FORMAT is `{other}`: use `text` (the default) or `json`")),
+        Some(other) => Err(UnknownLogFormat(other.to_string())),
     }
 }
 
@@ -31,6 +36,6 @@ mod tests {
         assert_eq!(parse(None), Ok(LogFormat::Text));
         assert_eq!(parse(Some("text")), Ok(LogFormat::Text));
         assert_eq!(parse(Some(" json ")), Ok(LogFormat::Json));
-        assert!(parse(Some("xml")).unwrap_err().contains("use `text` (the default) or `json`"));
+        assert!(parse(Some("xml")).unwrap_err().to_string().contains("use `text` (the default) or `json`"));
     }
 }

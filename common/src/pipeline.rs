@@ -7,7 +7,7 @@
 //! (a VAE, a text encoder) hold it once.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -17,6 +17,21 @@ use crate::model::{variant_name, weight_candidates, ModelSource, ResolveError, D
 /// they are loaded. Other components of a pipeline (a safety checker, a
 /// feature extractor, an image encoder) are not run, so not loaded.
 pub const WEIGHTED_COMPONENTS: &[&str] = &["text_encoder", "text_encoder_2", "unet", "vae"];
+
+/// Why a `model_index.json` cannot be read; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("{}: cannot read it: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{}: not a JSON object", path.display())]
+    NotAnObject { path: PathBuf },
+    #[error("{}: no `_class_name`: not a diffusers pipeline index", path.display())]
+    NoClassName { path: PathBuf },
+    #[error("{}: component `{key}` is not [library, class]: {value}", path.display())]
+    Component { path: PathBuf, key: String, value: Value },
+}
 
 /// A pipeline's `model_index.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,21 +48,22 @@ pub struct PipelineIndex {
 
 impl PipelineIndex {
     /// Reads `model_index.json` in `dir`; `None` when there is none (not a pipeline).
-    pub fn read(dir: &Path) -> Result<Option<PipelineIndex>, String> {
+    pub fn read(dir: &Path) -> Result<Option<PipelineIndex>, IndexError> {
         let path = dir.join(PIPELINE_INDEX);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: cannot read it: {e}", path.display())),
+            Err(source) => return Err(IndexError::Read { path, source }),
         };
-        let bad = |why: String| format!("{}: {why}", path.display());
-        let json: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = json.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
-        let class_name = map
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("no `_class_name`: not a diffusers pipeline index".into()))?
-            .to_string();
+        let json: Value = match serde_json::from_slice(&bytes) {
+            Ok(json) => json,
+            Err(source) => return Err(IndexError::Json { path, source }),
+        };
+        let Some(map) = json.as_object() else { return Err(IndexError::NotAnObject { path }) };
+        let Some(class_name) = map.get("_class_name").and_then(Value::as_str) else {
+            return Err(IndexError::NoClassName { path });
+        };
+        let class_name = class_name.to_string();
         let mut components = BTreeMap::new();
         let mut settings = serde_json::Map::new();
         for (key, v) in map {
@@ -65,7 +81,7 @@ impl PipelineIndex {
                 [Value::String(l), Value::String(c)] => {
                     components.insert(key.clone(), (l.clone(), c.clone()));
                 }
-                _ => return Err(bad(format!("component `{key}` is not [library, class]: {v}"))),
+                _ => return Err(IndexError::Component { path, key: key.clone(), value: v.clone() }),
             }
         }
         Ok(Some(PipelineIndex { class_name, components, settings }))
@@ -89,7 +105,7 @@ pub fn components(source: &ModelSource) -> Result<Option<Vec<(&'static str, Mode
     let index = match PipelineIndex::read(&dir) {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(None),
-        Err(reason) => return Err(ResolveError::BadIndex { path: dir.join(PIPELINE_INDEX), reason }),
+        Err(e) => return Err(ResolveError::BadIndex { path: dir.join(PIPELINE_INDEX), reason: e.to_string() }),
     };
     let in_variant = |c: &str, v: &str| weight_candidates(&dir.join(c), Some(v)).iter().any(|f| f.is_file());
     let parts: Vec<(&'static str, ModelSource)> = index
@@ -147,7 +163,7 @@ mod tests {
         let parts = components(&ModelSource::dir(d.to_path_buf())).unwrap().unwrap();
         assert_eq!(parts[2], ("unet", ModelSource::dir(d.join("unet"))));
         std::fs::write(d.join(PIPELINE_INDEX), r#"{"_class_name": "X", "unet": ["diffusers"]}"#).unwrap();
-        assert!(PipelineIndex::read(&d).unwrap_err().contains("component `unet` is not [library, class]"));
+        assert!(PipelineIndex::read(&d).unwrap_err().to_string().contains("component `unet` is not [library, class]"));
         std::fs::remove_file(d.join(PIPELINE_INDEX)).unwrap();
         assert_eq!(PipelineIndex::read(&d).unwrap(), None);
     }

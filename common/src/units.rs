@@ -4,14 +4,37 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Why a size does not parse; the message quotes what was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size (try 8GiB, 512MiB, 2GB)")]
+    NotASize(String),
+    #[error("`{text}`: unknown size unit `{unit}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")]
+    Unit { text: String, unit: String },
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
+
+/// Why a duration or a keep-alive does not parse; the message quotes what
+/// was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` is not a duration (try 30m, 90s, 2h, -1, 0)")]
+    NotADuration(String),
+    #[error("`{text}`: unknown duration unit `{unit}` (use ms, s, m, h, d)")]
+    Unit { text: String, unit: String },
+    #[error("`{0}` is out of range")]
+    OutOfRange(String),
+}
+
 /// Parses a byte size: a number (decimals allowed) and an optional unit.
 /// `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` are powers of 1024;
 /// `KB`, `MB`, `GB`, `TB` are powers of 1000; `B` or no unit is bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 8GiB, 512MiB, 2GB)"))?;
+    let value: f64 = num.parse().map_err(|_| SizeError::NotASize(s.to_string()))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -22,11 +45,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(format!("`{s}`: unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        other => return Err(SizeError::Unit { text: s.to_string(), unit: other.to_string() }),
     };
     let bytes = value * mult;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("`{s}` is too large"));
+        return Err(SizeError::TooLarge(s.to_string()));
     }
     Ok(bytes.round() as u64)
 }
@@ -61,7 +84,7 @@ pub enum KeepAlive {
 impl KeepAlive {
     /// Parses `-1` (forever), `0` (at once), or a duration: `500ms`, `90s`,
     /// `30m`, `2h`, `1d`; a bare number is seconds.
-    pub fn parse(s: &str) -> Result<KeepAlive, String> {
+    pub fn parse(s: &str) -> Result<KeepAlive, DurationError> {
         let t = s.trim();
         if t == "-1" || t.starts_with('-') && parse_duration(&t[1..]).is_ok() {
             return Ok(KeepAlive::Forever);
@@ -80,20 +103,20 @@ impl std::fmt::Display for KeepAlive {
 }
 
 /// `500ms`, `90s`, `1.5m`, `30m`, `2h`, `1d`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (try 30m, 90s, 2h, -1, 0)"))?;
+    let value: f64 = num.parse().map_err(|_| DurationError::NotADuration(s.to_string()))?;
     let secs = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1e3,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        other => return Err(format!("`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)")),
+        other => return Err(DurationError::Unit { text: s.to_string(), unit: other.to_string() }),
     };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
+    Duration::try_from_secs_f64(secs).map_err(|_| DurationError::OutOfRange(s.to_string()))
 }
 
 /// The shortest of `1h30m`-style renderings that is exact to the millisecond.
@@ -147,8 +170,8 @@ mod tests {
         assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
         assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("3 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("lots").unwrap_err().to_string().contains("not a size"));
+        assert!(parse_size("3 parsecs").unwrap_err().to_string().contains("unknown size unit"));
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl PipelineConfig {
     /// `scheduler/scheduler_config.json`. Errors are one line naming the file.
     pub fn read(root: &Path, scheduler: Option<&str>) -> Result<PipelineConfig, PipelineError> {
         let index_path = root.join(mora_common::model::PIPELINE_INDEX);
-        let index = PipelineIndex::read(root).map_err(PipelineError::Layout)?.ok_or_else(|| {
+        let index = PipelineIndex::read(root).map_err(|e| PipelineError::Layout(e.to_string()))?.ok_or_else(|| {
             PipelineError::Layout(format!("{} holds no model_index.json: not a diffusers pipeline (an image step needs one)", root.display()))
         })?;
         let family = if SD_CLASSES.contains(&index.class_name.as_str()) {
