@@ -50,7 +50,7 @@ impl CudaGpus {
     /// free now minus `reserve` (default: 10% of the GPU, at least 2 GiB),
     /// capped at `max` when given.
     pub fn open(reserve: Option<u64>, max: Option<u64>) -> Result<Self, GpuError> {
-        let infos: Vec<GpuInfo> = gpu::visible().map_err(GpuError::Enumerate)?;
+        let infos: Vec<GpuInfo> = gpu::visible().map_err(|e| GpuError::Enumerate(e.to_string()))?;
         if infos.is_empty() {
             return Err(GpuError::NoGpu);
         }

@@ -24,7 +24,7 @@ use mora_common::protocol::{GpuUuid, IpcHandle};
 /// The candle device for the GPU `uuid`, found by UUID among those this
 /// process sees (its ordinal may differ from the daemon's).
 pub fn candle_device(uuid: GpuUuid) -> Result<Device, String> {
-    let ordinal = mora_common::gpu::ordinal_of(uuid)?;
+    let ordinal = mora_common::gpu::ordinal_of(uuid).map_err(|e| e.to_string())?;
     Device::new_cuda(ordinal as usize).map_err(|e| format!("cannot open cuda:{ordinal} ({uuid}): {e}"))
 }
 
