@@ -198,7 +198,7 @@ fn command(command: Command) -> Result<(), String> {
                 run_args.extend(["--set".to_string(), s.clone()]);
             }
             let opts = mora_exec::watch::WatchOptions { workflow: args.workflow, run_args, sets: args.flags.sets };
-            mora_exec::watch::watch(&opts)?;
+            mora_exec::watch::watch(&opts).map_err(|e| e.to_string())?;
         }
         Command::Repl(a) => {
             // The same options as `run`, passed to every run the REPL starts.
@@ -208,7 +208,7 @@ fn command(command: Command) -> Result<(), String> {
                 socket: socket_path(a.flags.socket.as_deref()),
                 sets: a.flags.sets,
             };
-            mora_exec::repl::repl(opts)?;
+            mora_exec::repl::repl(opts).map_err(|e| e.to_string())?;
         }
         Command::Check { workflow, sets } => {
             let wf = Workflow::load_with(&workflow, &sets).map_err(|e| e.to_string())?;

@@ -24,7 +24,34 @@ use rustyline::error::ReadlineError;
 
 use mora_common::units::human_bytes;
 
+use crate::workflow::error::WorkflowError;
 use crate::workflow::Workflow;
+
+/// Why the REPL cannot start, or stopped reading commands.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("cannot find this program: {0}")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot handle signals: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("--set {0}: expected NAME=VALUE")]
+    Set(String),
+    /// The line editor's settings are refused.
+    #[error(transparent)]
+    Settings(ReadlineError),
+    #[error("cannot start the line editor: {0}")]
+    Editor(#[source] ReadlineError),
+    #[error("cannot read a command: {0}")]
+    ReadCommand(#[source] ReadlineError),
+    /// Commands come from a pipe, and it cannot be read.
+    #[error("cannot read commands: {0}")]
+    ReadCommands(#[source] std::io::Error),
+}
+
+/// A command line with a quote that is not closed.
+#[derive(Debug, thiserror::Error)]
+#[error("a quote is not closed")]
+struct UnclosedQuote;
 
 /// What the REPL starts with.
 #[derive(Debug, Clone)]
@@ -74,13 +101,12 @@ struct Session {
 /// terminal needs.
 type Printer = Arc<Mutex<Box<dyn FnMut(String) + Send>>>;
 
-pub fn repl(opts: ReplOptions) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+pub fn repl(opts: ReplOptions) -> Result<(), ReplError> {
+    let exe = std::env::current_exe().map_err(ReplError::Exe)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     // SIGINT stops a run in progress; at the prompt the line editor reads
     // Ctrl-C as a key, so the REPL itself never dies of it.
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())
-        .map_err(|e| format!("cannot handle signals: {e}"))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone()).map_err(ReplError::Signals)?;
     let mut session = Session {
         workflow: None,
         sets: BTreeMap::new(),
@@ -93,7 +119,7 @@ pub fn repl(opts: ReplOptions) -> Result<(), String> {
         opts: opts.clone(),
     };
     for s in &opts.sets {
-        let (k, v) = s.split_once('=').ok_or_else(|| format!("--set {s}: expected NAME=VALUE"))?;
+        let (k, v) = s.split_once('=').ok_or_else(|| ReplError::Set(s.clone()))?;
         session.sets.insert(k.trim().to_string(), v.to_string());
     }
     let stdout_printer: Printer = Arc::new(Mutex::new(Box::new(|m: String| {
@@ -108,7 +134,7 @@ pub fn repl(opts: ReplOptions) -> Result<(), String> {
         interactive(&mut session)
     } else {
         for line in std::io::stdin().lock().lines() {
-            let line = line.map_err(|e| format!("cannot read commands: {e}"))?;
+            let line = line.map_err(ReplError::ReadCommands)?;
             if !session.command(&line, &stdout_printer) {
                 break;
             }
@@ -126,10 +152,10 @@ fn history_file() -> Option<PathBuf> {
     Some(state.join("mora").join("repl_history"))
 }
 
-fn interactive(session: &mut Session) -> Result<(), String> {
-    let config = rustyline::Config::builder().auto_add_history(true).max_history_size(1000).map_err(|e| e.to_string())?.build();
+fn interactive(session: &mut Session) -> Result<(), ReplError> {
+    let config = rustyline::Config::builder().auto_add_history(true).max_history_size(1000).map_err(ReplError::Settings)?.build();
     let mut editor: rustyline::Editor<ReplHelper, rustyline::history::FileHistory> =
-        rustyline::Editor::with_config(config).map_err(|e| format!("cannot start the line editor: {e}"))?;
+        rustyline::Editor::with_config(config).map_err(ReplError::Editor)?;
     editor.set_helper(Some(ReplHelper { names: session.names.clone(), files: FilenameCompleter::new() }));
     let history = history_file();
     if let Some(h) = &history {
@@ -156,7 +182,7 @@ fn interactive(session: &mut Session) -> Result<(), String> {
             // Ctrl-C at the prompt clears the line, as in Python's REPL.
             Err(ReadlineError::Interrupted) => continue,
             Err(ReadlineError::Eof) => break,
-            Err(e) => return Err(format!("cannot read a command: {e}")),
+            Err(e) => return Err(ReplError::ReadCommand(e)),
         }
     }
     session.stop_watch();
@@ -261,9 +287,9 @@ impl Session {
     }
 
     /// The workflow with this session's settings, parsed and checked.
-    fn parsed(&self, path: &Path, sets: &BTreeMap<String, String>) -> Result<Workflow, String> {
+    fn parsed(&self, path: &Path, sets: &BTreeMap<String, String>) -> Result<Workflow, WorkflowError> {
         let sets: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        Workflow::load_with(path, &sets).map_err(|e| e.to_string())
+        Workflow::load_with(path, &sets)
     }
 
     fn load(&mut self, path: &Path) {
@@ -436,7 +462,7 @@ impl Session {
 }
 
 /// A command line's words: split at spaces, except inside '...' or "...".
-fn split_words(line: &str) -> Result<Vec<String>, String> {
+fn split_words(line: &str) -> Result<Vec<String>, UnclosedQuote> {
     let mut words = Vec::new();
     let mut word: Option<String> = None;
     let mut quote: Option<char> = None;
@@ -453,7 +479,7 @@ fn split_words(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quote.is_some() {
-        return Err("a quote is not closed".into());
+        return Err(UnclosedQuote);
     }
     words.extend(word);
     Ok(words)
@@ -588,7 +614,7 @@ mod tests {
     #[test]
     fn words_split_at_spaces_but_not_inside_quotes() {
         assert_eq!(split_words("run a=1  b='x y' c=\"\"").unwrap(), vec!["run", "a=1", "b=x y", "c="]);
-        assert!(split_words("run a='x").unwrap_err().contains("not closed"));
+        assert!(split_words("run a='x").unwrap_err().to_string().contains("not closed"));
         assert!(split_words("   ").unwrap().is_empty());
     }
 }

@@ -18,6 +18,20 @@ use crate::workflow::Workflow;
 
 pub(crate) const POLL: Duration = Duration::from_millis(200);
 
+/// Why watching stopped before a signal asked it to.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot handle signals: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot find this program: {0}")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot start {}: {source}", exe.display())]
+    Start { exe: PathBuf, source: std::io::Error },
+    /// A run's process cannot be waited for.
+    #[error(transparent)]
+    Wait(std::io::Error),
+}
+
 /// What `watch` passes on to each `run`.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -78,12 +92,12 @@ pub(crate) fn pass_through(
 }
 
 /// Runs until SIGINT or SIGTERM; returns the number of runs.
-pub fn watch(opts: &WatchOptions) -> Result<usize, String> {
+pub fn watch(opts: &WatchOptions) -> Result<usize, WatchError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("cannot handle signals: {e}"))?;
+        signal_hook::flag::register(sig, stop.clone()).map_err(WatchError::Signals)?;
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let exe = std::env::current_exe().map_err(WatchError::Exe)?;
     let mut runs = 0;
     loop {
         let files = watched(opts);
@@ -96,7 +110,7 @@ pub fn watch(opts: &WatchOptions) -> Result<usize, String> {
             .args(&opts.run_args)
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+            .map_err(|source| WatchError::Start { exe: exe.clone(), source })?;
         // Pass the child's output through as it comes (generated text
         // streams), keeping a copy to say how the run went.
         let copier = pass_through(child.stdout.take().expect("piped"), |bytes| {
@@ -105,7 +119,7 @@ pub fn watch(opts: &WatchOptions) -> Result<usize, String> {
             let _ = stdout.flush();
         });
         let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            if let Some(s) = child.try_wait().map_err(WatchError::Wait)? {
                 break s;
             }
             if stop.load(Ordering::Relaxed) {
