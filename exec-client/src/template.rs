@@ -55,6 +55,51 @@ impl std::fmt::Display for Value {
     }
 }
 
+/// Why a `{{ }}` text does not expand; the workflow reader says where it is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("`{{{{` without a closing `}}}}` in \"{0}\"")]
+    Unclosed(String),
+    /// `{{ steps.NAME }}` where only variables expand.
+    #[error(
+        "`{{{{ {0} }}}}`: a step's results are not text; they can be used only as a whole `query` or `corpus` of a rank step"
+    )]
+    StepResults(String),
+    /// A variable, and the workflow declares none.
+    #[error("unknown variable `{0}`: declare it in a [variables] table")]
+    NoVariables(String),
+    #[error("unknown variable `{name}` (declared: {})", declared.join(", "))]
+    UnknownVariable { name: String, declared: Vec<String> },
+    /// `reference`: what is between the braces.
+    #[error("`{{{{ {reference} }}}}`: no earlier step `{step}` ({})", earlier_steps(.earlier))]
+    NoEarlierStep { reference: String, step: String, earlier: Vec<String> },
+    /// A step whose results (`results`) are not text.
+    #[error("`{{{{ {reference} }}}}`: step `{step}` is an {task} step; its {results} are not text")]
+    NotText { reference: String, step: String, task: &'static str, results: &'static str },
+    /// `givers`: each task that gives text, and the field it gives.
+    #[error("`{{{{ {reference} }}}}`: step `{step}` has no field `{field}` ({})", text_givers(.givers))]
+    NoField { reference: String, step: String, field: String, givers: Vec<(&'static str, &'static str)> },
+}
+
+/// `earlier steps: a, b`, or that there are none.
+fn earlier_steps(earlier: &[String]) -> String {
+    if earlier.is_empty() {
+        "no step comes before this one".into()
+    } else {
+        format!("earlier steps: {}", earlier.join(", "))
+    }
+}
+
+/// `a rank step gives `top`, a generate step `text``.
+fn text_givers(givers: &[(&str, &str)]) -> String {
+    givers
+        .iter()
+        .enumerate()
+        .map(|(i, (k, f))| format!("{} {k} step {}`{f}`", article(k), if i == 0 { "gives " } else { "" }))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Part of a prompt: text, or the text result of an earlier step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
@@ -65,18 +110,16 @@ pub enum Piece {
 
 /// Expands every `{{ variable }}` in `text`. Step results are not text:
 /// `{{ steps.NAME }}` is an error here (a rank step reads a whole reference itself).
-pub fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+pub fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, TemplateError> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
+        let close = after.find("}}").ok_or_else(|| TemplateError::Unclosed(text.to_string()))?;
         let name = after[..close].trim();
         if name.starts_with("steps.") {
-            return Err(format!(
-                "`{{{{ {name} }}}}`: a step's results are not text; they can be used only as a whole `query` or `corpus` of a rank step"
-            ));
+            return Err(TemplateError::StepResults(name.to_string()));
         }
         out.push_str(&variable(name, vars)?);
         rest = &after[close + 2..];
@@ -86,14 +129,11 @@ pub fn expand(text: &str, vars: &BTreeMap<String, Value>) -> Result<String, Stri
 }
 
 /// The value of the variable `name`, as text.
-fn variable(name: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+fn variable(name: &str, vars: &BTreeMap<String, Value>) -> Result<String, TemplateError> {
     match vars.get(name) {
         Some(v) => Ok(v.to_string()),
-        None if vars.is_empty() => Err(format!("unknown variable `{name}`: declare it in a [variables] table")),
-        None => {
-            let known: Vec<&str> = vars.keys().map(String::as_str).collect();
-            Err(format!("unknown variable `{name}` (declared: {})", known.join(", ")))
-        }
+        None if vars.is_empty() => Err(TemplateError::NoVariables(name.to_string())),
+        None => Err(TemplateError::UnknownVariable { name: name.to_string(), declared: vars.keys().cloned().collect() }),
     }
 }
 
@@ -106,44 +146,39 @@ pub fn prompt_pieces(
     vars: &BTreeMap<String, Value>,
     earlier: &BTreeMap<String, &'static Kind>,
     kinds: &[&Kind],
-) -> Result<Vec<Piece>, String> {
+) -> Result<Vec<Piece>, TemplateError> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
     while let Some(open) = rest.find("{{") {
         literal.push_str(&rest[..open]);
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| format!("`{{{{` without a closing `}}}}` in \"{text}\""))?;
+        let close = after.find("}}").ok_or_else(|| TemplateError::Unclosed(text.to_string()))?;
         let inner = after[..close].trim();
         match inner.strip_prefix("steps.") {
             None => literal.push_str(&variable(inner, vars)?),
             Some(path) => {
                 let (name, field) = path.split_once('.').map_or((path, None), |(n, f)| (n, Some(f)));
-                let task = earlier.get(name).ok_or_else(|| {
-                    let known: Vec<&str> = earlier.keys().map(String::as_str).collect();
-                    format!(
-                        "`{{{{ {inner} }}}}`: no earlier step `{name}` ({})",
-                        if known.is_empty() { "no step comes before this one".into() } else { format!("earlier steps: {}", known.join(", ")) }
-                    )
+                let task = earlier.get(name).ok_or_else(|| TemplateError::NoEarlierStep {
+                    reference: inner.to_string(),
+                    step: name.to_string(),
+                    earlier: earlier.keys().cloned().collect(),
                 })?;
                 if task.text_fields.is_empty() {
-                    return Err(format!(
-                        "`{{{{ {inner} }}}}`: step `{name}` is an {} step; its {} are not text",
-                        task.name, task.results
-                    ));
+                    return Err(TemplateError::NotText {
+                        reference: inner.to_string(),
+                        step: name.to_string(),
+                        task: task.name,
+                        results: task.results,
+                    });
                 }
                 if !field.is_none_or(|f| task.text_fields.contains(&f)) {
-                    let givers: Vec<String> = kinds
-                        .iter()
-                        .filter_map(|k| k.text_fields.first().map(|f| (k.name, f)))
-                        .enumerate()
-                        .map(|(i, (k, f))| format!("{} {k} step {}`{f}`", article(k), if i == 0 { "gives " } else { "" }))
-                        .collect();
-                    return Err(format!(
-                        "`{{{{ {inner} }}}}`: step `{name}` has no field `{}` ({})",
-                        field.unwrap_or_default(),
-                        givers.join(", ")
-                    ));
+                    return Err(TemplateError::NoField {
+                        reference: inner.to_string(),
+                        step: name.to_string(),
+                        field: field.unwrap_or_default().to_string(),
+                        givers: kinds.iter().filter_map(|k| k.text_fields.first().map(|f| (k.name, *f))).collect(),
+                    });
                 }
                 if !literal.is_empty() {
                     pieces.push(Piece::Text(std::mem::take(&mut literal)));
@@ -204,7 +239,7 @@ pub enum IntDecl {
 }
 
 /// An integer key: written as one, or as a `{{ variable }}` string.
-pub fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>, String> {
+pub fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>, TemplateError> {
     Ok(match d {
         IntDecl::Int(i) => Some(*i),
         IntDecl::Text(t) => expand(t, vars)?.trim().parse().ok(),
@@ -212,7 +247,7 @@ pub fn int_of(d: &IntDecl, vars: &BTreeMap<String, Value>) -> Result<Option<i64>
 }
 
 /// A number key: written as one, or as a `{{ variable }}` string.
-pub fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>, String> {
+pub fn float_of(d: &FloatDecl, vars: &BTreeMap<String, Value>) -> Result<Option<f64>, TemplateError> {
     Ok(match d {
         FloatDecl::Float(f) => Some(*f),
         FloatDecl::Int(i) => Some(*i as f64),

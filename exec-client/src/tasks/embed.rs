@@ -70,9 +70,9 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<E
     let texts = match (d.texts, d.texts_file) {
         (Some(t), None) if t.is_empty() => return Err(cx.err(None, "`texts` is empty".into())),
         (Some(t), None) => {
-            Texts::Inline(t.iter().map(|t| expand(t, cx.variables)).collect::<Result<_, _>>().map_err(|e| cx.err(None, e))?)
+            Texts::Inline(t.iter().map(|t| expand(t, cx.variables)).collect::<Result<_, _>>().map_err(|e| cx.err(None, e.to_string()))?)
         }
-        (None, Some(f)) => Texts::File(normalize(&cx.base.join(expand(&f, cx.variables).map_err(|e| cx.err(None, e))?))),
+        (None, Some(f)) => Texts::File(normalize(&cx.base.join(expand(&f, cx.variables).map_err(|e| cx.err(None, e.to_string()))?))),
         (Some(_), Some(_)) => return Err(cx.err(None, "gives both `texts` and `texts_file`: keep one".into())),
         (None, None) => return Err(cx.err(None, "needs `texts = [...]` or `texts_file = \"FILE\"`".into())),
     };

@@ -75,7 +75,7 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<G
     let prompt = match (&d.prompt, &d.messages) {
         (Some(prompt), None) => {
             let span = Some(prompt.span());
-            let pieces = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(span.clone(), e))?;
+            let pieces = prompt_pieces(prompt.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(span.clone(), e.to_string()))?;
             if pieces.is_empty() {
                 return Err(cx.err(span, "`prompt` is empty".into()));
             }

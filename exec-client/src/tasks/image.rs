@@ -86,7 +86,7 @@ struct Decl {
 pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<ImageStep, WorkflowError> {
     let model = cx.model()?;
     let d: Decl = cx.decode(keys)?;
-    let pieces = |p: &Spanned<String>| prompt_pieces(p.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(Some(p.span()), e));
+    let pieces = |p: &Spanned<String>| prompt_pieces(p.get_ref(), cx.variables, cx.earlier, cx.kinds).map_err(|e| cx.err(Some(p.span()), e.to_string()));
     let prompt = match &d.prompt {
         Some(p) => pieces(p)?,
         None => return Err(cx.err(None, "an image step needs `prompt = \"...\"`".into())),
@@ -133,7 +133,7 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<I
     if init_image.is_some() && (width.is_some() || height.is_some()) {
         return Err(cx.err(None, "`width` and `height` come from `init_image` in image to image: leave them out".into()));
     }
-    let scheduler = d.scheduler.map(|s| expand(&s, cx.variables)).transpose().map_err(|e| cx.err(None, e))?;
+    let scheduler = d.scheduler.map(|s| expand(&s, cx.variables)).transpose().map_err(|e| cx.err(None, e.to_string()))?;
     Ok(ImageStep {
         model,
         prompt,
@@ -161,7 +161,7 @@ fn init_image(cx: &StepContext, decl: &Spanned<String>) -> Result<InitImage, Wor
             None => Err(cx.err(Some(decl.span()), format!("`init_image`: no earlier step `{name}`"))),
         };
     }
-    let path = expand(text, cx.variables).map_err(|e| cx.err(Some(decl.span()), e))?;
+    let path = expand(text, cx.variables).map_err(|e| cx.err(Some(decl.span()), e.to_string()))?;
     Ok(InitImage::File(normalize(&cx.base.join(path))))
 }
 

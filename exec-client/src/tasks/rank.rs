@@ -35,19 +35,28 @@ struct Decl {
     top_k: Option<Spanned<IntDecl>>,
 }
 
+/// Why a `query` or `corpus` names no embed step's results.
+#[derive(Debug, thiserror::Error)]
+enum RefError {
+    #[error("`{0}` is not a step reference: write \"{{{{ steps.NAME }}}}\"")]
+    NotAReference(String),
+    #[error("step `{step}` has no field `{field}` (an embed step gives `embeddings`)")]
+    NoField { step: String, field: String },
+}
+
 /// The step a `"{{ steps.NAME }}"` (or `"{{ steps.NAME.embeddings }}"`) names.
-fn step_ref(value: &str) -> Result<String, String> {
+fn step_ref(value: &str) -> Result<String, RefError> {
     let inner = value
         .trim()
         .strip_prefix("{{")
         .and_then(|v| v.strip_suffix("}}"))
         .map(str::trim)
         .and_then(|v| v.strip_prefix("steps."))
-        .ok_or_else(|| format!("`{value}` is not a step reference: write \"{{{{ steps.NAME }}}}\""))?;
+        .ok_or_else(|| RefError::NotAReference(value.to_string()))?;
     match inner.split_once('.') {
         None => Ok(inner.to_string()),
         Some((name, "embeddings")) => Ok(name.to_string()),
-        Some((name, field)) => Err(format!("step `{name}` has no field `{field}` (an embed step gives `embeddings`)")),
+        Some((name, field)) => Err(RefError::NoField { step: name.to_string(), field: field.to_string() }),
     }
 }
 

@@ -110,7 +110,7 @@ impl StepContext<'_> {
 
     /// A whole-number key of at least `min`, written as one or as `{{ variable }}`s.
     pub fn int(&self, key: &str, decl: &Spanned<IntDecl>, min: i64, what: &str) -> Result<i64, WorkflowError> {
-        match template::int_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e))? {
+        match template::int_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e.to_string()))? {
             Some(v) if v >= min => Ok(v),
             _ => Err(self.err(Some(decl.span()), format!("`{key}` must be {what}"))),
         }
@@ -118,7 +118,7 @@ impl StepContext<'_> {
 
     /// A number key accepted by `ok`, written as one or as `{{ variable }}`s.
     pub fn float(&self, key: &str, decl: &Spanned<FloatDecl>, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, WorkflowError> {
-        match template::float_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e))? {
+        match template::float_of(decl.get_ref(), self.variables).map_err(|e| self.err(Some(decl.span()), e.to_string()))? {
             Some(v) if ok(v) => Ok(v),
             _ => Err(self.err(Some(decl.span()), format!("`{key}` must be {what}"))),
         }

@@ -164,7 +164,7 @@ impl Workflow {
         }
         let seed = match &file.seed {
             None => 0,
-            Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e))? {
+            Some(sd) => match int_of(sd.get_ref(), &variables).map_err(|e| at(Some(sd.span()), e.to_string()))? {
                 Some(v) if v >= 0 => v as u64,
                 _ => return Err(at(Some(sd.span()), "`seed` must be a whole number of at least 0".into())),
             },
@@ -203,7 +203,7 @@ impl Workflow {
             };
             let task = Task::parse(kind, &cx, own.clone())?;
             let output = match &head.output {
-                Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| cx.err(None, e))?),
+                Some(o) => PathBuf::from(expand(o, &variables).map_err(|e| cx.err(None, e.to_string()))?),
                 None => PathBuf::from(format!("{name}.json")),
             };
             earlier.insert(name.clone(), kind);
