@@ -11,9 +11,33 @@
 //! `raise_exception(message)` and `strftime_now(format)`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, ErrorKind};
+
+/// Why a model's chat template cannot be loaded or render; each message
+/// names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{} has no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json): use `prompt` instead of `messages`",
+        dir.display()
+    )]
+    NoTemplate { dir: PathBuf },
+    /// The template does not parse, or stops rendering (`raise_exception`
+    /// among others); `origin` says where it came from, and the message
+    /// is on one line.
+    #[error("{origin}: {}", one_line(.error))]
+    Template {
+        origin: String,
+        #[source]
+        error: minijinja::Error,
+    },
+}
 
 /// One message of a chat.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -35,15 +59,15 @@ const SPECIALS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "pad_token",
 
 impl ChatTemplate {
     /// The chat template of the model in `dir`; an error when it has none.
-    pub fn load(dir: &Path) -> Result<ChatTemplate, String> {
+    pub fn load(dir: &Path) -> Result<ChatTemplate, ChatError> {
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read(&config_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", config_path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ChatError::Json { path: config_path.clone(), source })?,
             Err(_) => serde_json::Value::Null,
         };
         let jinja = dir.join("chat_template.jinja");
         let (text, source) = if jinja.is_file() {
-            let text = std::fs::read_to_string(&jinja).map_err(|e| format!("cannot read {}: {e}", jinja.display()))?;
+            let text = std::fs::read_to_string(&jinja).map_err(|source| ChatError::Read { path: jinja.clone(), source })?;
             (text, jinja.display().to_string())
         } else {
             let from_config = match config.get("chat_template") {
@@ -56,10 +80,7 @@ impl ChatTemplate {
                 _ => None,
             };
             let Some(text) = from_config else {
-                return Err(format!(
-                    "{} has no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json): use `prompt` instead of `messages`",
-                    dir.display()
-                ));
+                return Err(ChatError::NoTemplate { dir: dir.to_path_buf() });
             };
             (text, format!("{} (chat_template)", config_path.display()))
         };
@@ -83,13 +104,13 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
-        env.add_template_owned("chat", text).map_err(|e| format!("{source}: {}", one_line(&e)))?;
+        env.add_template_owned("chat", text).map_err(|error| ChatError::Template { origin: source.clone(), error })?;
         Ok(ChatTemplate { env, specials, source })
     }
 
     /// The prompt text for `messages`, ending with what starts the
     /// assistant's answer (`add_generation_prompt`).
-    pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+    pub fn render(&self, messages: &[Message]) -> Result<String, ChatError> {
         let template = self.env.get_template("chat").expect("added in load");
         let mut ctx: BTreeMap<String, minijinja::Value> = BTreeMap::new();
         ctx.insert("messages".into(), minijinja::Value::from_serialize(messages));
@@ -97,7 +118,7 @@ impl ChatTemplate {
         for (k, v) in &self.specials {
             ctx.insert(k.clone(), v.clone().into());
         }
-        template.render(ctx).map_err(|e| format!("{}: {}", self.source, one_line(&e)))
+        template.render(ctx).map_err(|error| ChatError::Template { origin: self.source.clone(), error })
     }
 }
 
@@ -193,16 +214,16 @@ mod tests {
     #[test]
     fn missing_templates_bad_templates_and_raised_exceptions_are_one_line_errors() {
         let d = dir_with(&[("tokenizer_config.json", "{}")]);
-        let e = ChatTemplate::load(&d).err().unwrap();
+        let e = ChatTemplate::load(&d).err().unwrap().to_string();
         assert!(e.contains("has no chat template") && e.contains("use `prompt` instead of `messages`"), "{e}");
         let d = dir_with(&[("chat_template.jinja", "{% for m in messages %}"), ("tokenizer_config.json", "{}")]);
-        let e = ChatTemplate::load(&d).err().unwrap();
+        let e = ChatTemplate::load(&d).err().unwrap().to_string();
         assert!(e.contains("chat_template.jinja") && !e.contains('\n'), "{e}");
         let d = dir_with(&[
             ("chat_template.jinja", "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}"),
             ("tokenizer_config.json", "{}"),
         ]);
-        let e = ChatTemplate::load(&d).unwrap().render(&msgs(&[("system", "x")])).unwrap_err();
+        let e = ChatTemplate::load(&d).unwrap().render(&msgs(&[("system", "x")])).unwrap_err().to_string();
         assert!(e.contains("Conversations must start with the user") && !e.contains('\n'), "{e}");
     }
 

@@ -23,10 +23,7 @@ pub(crate) fn daemon_binary() -> PathBuf {
 pub fn connect(socket: &Path, autostart: bool) -> Result<Connection, ExecError> {
     let binary = daemon_binary();
     connect_or_start(socket, CLIENT, autostart.then_some(binary.as_path())).map_err(|e| match e {
-        ConnectError::NotRunning(p) => ExecError::Connect(format!(
-            "no cache daemon is listening at {}: start one with `mora-cache serve`, or drop --no-autostart",
-            p.display()
-        )),
-        other => ExecError::Connect(other.to_string()),
+        ConnectError::NotRunning(socket) => ExecError::NoDaemon { socket },
+        other => ExecError::Connect(other),
     })
 }

@@ -4,7 +4,7 @@
 //! model's own config files.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_nn::VarBuilder;
@@ -14,6 +14,28 @@ use mora_tokenizers::vocab::Prepared;
 
 use mora_models::decoder::Decoder;
 use mora_models::lm_config;
+
+/// Why a decoder cannot be built, or a generation run.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The model's config asks for a network Mora does not run.
+    #[error(transparent)]
+    Config(#[from] lm_config::ConfigError),
+    #[error("cannot build the {family} model in {}: {source}", dir.display())]
+    Build { family: &'static str, dir: PathBuf, source: candle_core::Error },
+    #[error(transparent)]
+    Tokenizer(#[from] mora_tokenizers::LoadError),
+    #[error("the prompt encodes to no tokens")]
+    EmptyPrompt,
+    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's {positions} positions")]
+    TooLong { prompt: usize, max_tokens: usize, positions: usize },
+    /// Encoding the prompt or decoding the answer failed.
+    #[error("generation failed: {0}")]
+    Tokens(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The network or the sampler failed.
+    #[error("generation failed: {0}")]
+    Compute(#[source] candle_core::Error),
+}
 
 /// How to pick each next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,12 +90,12 @@ pub struct TextGenerator {
 impl TextGenerator {
     /// Builds the model `dir/config.json` declares from `vb`; `tokenizer`,
     /// the daemon's prepared `tokenizer.json`, when it lent one.
-    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, String> {
-        let cfg = lm_config::read(dir).map_err(|e| e.to_string())?;
+    pub fn load(dir: &Path, vb: VarBuilder, tokenizer: Option<&Prepared>) -> Result<Self, GenerateError> {
+        let cfg = lm_config::read(dir)?;
         let decoder = Decoder::load(&cfg, vb)
-            .map_err(|e| format!("cannot build the {} model in {}: {e}", cfg.family.name(), dir.display()))?;
+            .map_err(|source| GenerateError::Build { family: cfg.family.name(), dir: dir.to_path_buf(), source })?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let (tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tokenizer_path, tokenizer).map_err(|e| e.to_string())?;
+        let (tokenizer, tokenizer_lent) = mora_tokenizers::load_lent(&tokenizer_path, tokenizer)?;
         Ok(TextGenerator { decoder, tokenizer, eos: cfg.eos, max_positions: cfg.max_positions, tokenizer_lent })
     }
 
@@ -88,18 +110,14 @@ impl TextGenerator {
         max_tokens: usize,
         sampling: SamplingSpec,
         mut on_text: impl FnMut(&str),
-    ) -> Result<Generated, String> {
-        let fail = |e: &dyn std::fmt::Display| format!("generation failed: {e}");
-        let mut tokens = self.tokenizer.encode(prompt, add_special_tokens).map_err(|e| fail(&e))?.get_ids().to_vec();
+    ) -> Result<Generated, GenerateError> {
+        let mut tokens = self.tokenizer.encode(prompt, add_special_tokens).map_err(GenerateError::Tokens)?.get_ids().to_vec();
         if tokens.is_empty() {
-            return Err("the prompt encodes to no tokens".into());
+            return Err(GenerateError::EmptyPrompt);
         }
         let prompt_len = tokens.len();
         if prompt_len + max_tokens > self.max_positions {
-            return Err(format!(
-                "the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the model's {} positions",
-                self.max_positions
-            ));
+            return Err(GenerateError::TooLong { prompt: prompt_len, max_tokens, positions: self.max_positions });
         }
         let mut processor = LogitsProcessor::from_sampling(
             sampling.seed,
@@ -117,8 +135,8 @@ impl TextGenerator {
         self.decoder.clear();
         for i in 0..max_tokens {
             let (context, pos) = if i == 0 { (&tokens[..], 0) } else { (&tokens[tokens.len() - 1..], tokens.len() - 1) };
-            let logits = self.decoder.forward(context, pos).map_err(|e| fail(&e))?;
-            let next = processor.sample(&logits).map_err(|e| fail(&e))?;
+            let logits = self.decoder.forward(context, pos).map_err(GenerateError::Compute)?;
+            let next = processor.sample(&logits).map_err(GenerateError::Compute)?;
             if self.eos.contains(&next) {
                 (finish, eos) = (Finish::EndOfSequence, Some(next));
                 break;
@@ -126,7 +144,7 @@ impl TextGenerator {
             tokens.push(next);
             // Decode everything generated so far and show what is new: a
             // token can complete a character that the previous one began.
-            text = self.tokenizer.decode(&tokens[prompt_len..], true).map_err(|e| fail(&e))?;
+            text = self.tokenizer.decode(&tokens[prompt_len..], true).map_err(GenerateError::Tokens)?;
             if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
                 on_text(&text[shown..]);
                 shown = text.len();
@@ -189,10 +207,11 @@ mod tests {
         let e = TextGenerator::load(&dir, vb, None)
             .unwrap()
             .generate("x", true, 10_000, SamplingSpec { temperature: 0.0, top_p: None, seed: 0 }, |_| {})
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exceeds the model's 512 positions"), "{e}");
         let (bert, vb) = model(Family::Bert, "bert");
-        let e = TextGenerator::load(&bert, vb, None).err().unwrap();
+        let e = TextGenerator::load(&bert, vb, None).err().unwrap().to_string();
         assert!(e.contains("`model_type` is `bert`; the generate task runs llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"), "{e}");
     }
 }

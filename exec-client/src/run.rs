@@ -11,7 +11,7 @@ use crate::tasks::step::{Results, StepModels, StepRun};
 use crate::weights::Weights;
 use crate::workflow::decl::ModelSpec;
 use crate::workflow::Workflow;
-use crate::{daemon, ExecError};
+use crate::{daemon, ExecError, ModelError, OutputError};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -28,20 +28,14 @@ pub struct RunOptions {
 /// Where a step's output goes: inside `dir`, unless `allow_outside`. An
 /// absolute path or a `..` is refused here, before anything runs; a symlink
 /// that leads out of `dir` is refused when the file is written.
-pub fn output_path(dir: &Path, output: &Path, allow_outside: bool) -> Result<PathBuf, String> {
+pub fn output_path(dir: &Path, output: &Path, allow_outside: bool) -> Result<PathBuf, OutputError> {
     use std::path::Component;
     if !allow_outside {
         if output.is_absolute() {
-            return Err(format!(
-                "output {} is an absolute path: outputs go inside the output directory (-o), unless --allow-outside-output",
-                output.display()
-            ));
+            return Err(OutputError::Absolute(output.to_path_buf()));
         }
         if output.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!(
-                "output {} climbs out of the output directory with `..` (allowed only with --allow-outside-output)",
-                output.display()
-            ));
+            return Err(OutputError::ClimbsOut(output.to_path_buf()));
         }
     }
     Ok(dir.join(output))
@@ -49,18 +43,14 @@ pub fn output_path(dir: &Path, output: &Path, allow_outside: bool) -> Result<Pat
 
 /// Refuses a write whose directory, once symlinks are resolved, lies
 /// outside `dir`.
-fn check_inside(dir: &Path, path: &Path) -> Result<(), ExecError> {
-    let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
+fn check_inside(dir: &Path, path: &Path) -> Result<(), OutputError> {
+    let fail = |source| OutputError::Write { path: path.to_path_buf(), source };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(fail)?;
     let (root, real) = (std::fs::canonicalize(dir).map_err(fail)?, std::fs::canonicalize(parent).map_err(fail)?);
     let leaf_escapes = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     if !real.starts_with(&root) || leaf_escapes {
-        return Err(ExecError::Output(format!(
-            "output {} leads outside the output directory {} through a symlink (allowed only with --allow-outside-output)",
-            path.display(),
-            dir.display()
-        )));
+        return Err(OutputError::Symlink { path: path.to_path_buf(), dir: dir.to_path_buf() });
     }
     Ok(())
 }
@@ -74,12 +64,12 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     for step in &workflow.steps {
         let p = output_path(&opts.output_dir, &step.output, opts.allow_outside_output)
             .and_then(|p| step.task.check_output(&p).map(|()| p))
-            .map_err(|e| ExecError::Output(format!("step `{}`: {e}", step.name)))?;
+            .map_err(|e| ExecError::step(&step.name, e))?;
         outputs.insert(step.name.as_str(), p);
     }
     let mut inputs = BTreeMap::new();
     for step in &workflow.steps {
-        let read = step.task.read_inputs().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
+        let read = step.task.read_inputs().map_err(|e| ExecError::step(&step.name, e))?;
         inputs.insert(step.name.as_str(), read);
     }
 
@@ -106,7 +96,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
             check_inside(&opts.output_dir, &output)?;
         }
         let acquire = |source: mora_common::ModelSource, spec: &ModelSpec, model: &str| {
-            let device = mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?;
+            let device = mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::model(model, e))?;
             match &conn {
                 Some(c) => Weights::from_daemon(c, source, spec.dtype, device, spec.keep_alive),
                 None => Weights::in_process(&source, spec.dtype, device),
@@ -123,7 +113,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
         // (`components` picks each folder's variant as diffusers does).
         let sources = match (step.model(), &config) {
             (Some(model), Some(_)) => mora_common::pipeline::components(&workflow.models[model].source)
-                .map_err(|e| ExecError::Model(format!("model `{model}`: {e}")))?
+                .map_err(|e| ExecError::model(model, e))?
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
@@ -170,7 +160,7 @@ pub fn pull_missing(workflow: &Workflow) -> Result<Vec<String>, ExecError> {
         let mut progress = mora_common::progress::PullProgress::new("mora-exec");
         Hub::from_env()
             .pull(repo, revision, &FileFilter::mora_default().with_variant(spec.source.variant()), &mut |e| progress.event(e))
-            .map_err(|e| ExecError::Model(format!("model `{key}`: {e}")))?;
+            .map_err(|e| ExecError::model(key, e))?;
         pulled.push(spec.source.display_name());
     }
     Ok(pulled)
@@ -181,10 +171,10 @@ pub fn pull_missing(workflow: &Workflow) -> Result<Vec<String>, ExecError> {
 /// a one-line summary.
 pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
     for step in &workflow.steps {
-        step.task.read_inputs().map_err(|e| ExecError::Input(format!("step `{}`: {e}", step.name)))?;
+        step.task.read_inputs().map_err(|e| ExecError::step(&step.name, e))?;
     }
     for (key, spec) in &workflow.models {
-        let fail = |e: mora_common::model::ResolveError| ExecError::Model(format!("model `{key}`: {e}"));
+        let fail = |e: mora_common::model::ResolveError| ExecError::model(key, ModelError::Resolve(e));
         match mora_common::pipeline::components(&spec.source).map_err(fail)? {
             Some(parts) => {
                 for (_, part) in parts {

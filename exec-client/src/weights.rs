@@ -26,7 +26,7 @@ use mora_common::units::KeepAlive;
 use mora_tokenizers::vocab::{Prepared, WordBytes};
 use mora_common::{Manifest, ModelSource, TensorEntry};
 
-use crate::ExecError;
+use crate::{ExecError, ProtocolError, WeightsError};
 
 /// Where a model's weights came from, for the run report.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,11 +70,9 @@ pub fn candle_device(device: protocol::Device) -> Result<Device, ExecError> {
     match device {
         protocol::Device::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        protocol::Device::Cuda(uuid) => crate::cuda::candle_device(uuid).map_err(ExecError::Model),
+        protocol::Device::Cuda(uuid) => crate::cuda::candle_device(uuid).map_err(|e| ExecError::Weights(WeightsError::OpenGpu(e))),
         #[cfg(not(feature = "cuda"))]
-        protocol::Device::Cuda(uuid) => Err(ExecError::Model(format!(
-            "GPU {uuid}: this mora-exec was built without CUDA (build with scripts/build-cuda.sh)"
-        ))),
+        protocol::Device::Cuda(uuid) => Err(ExecError::Weights(WeightsError::NoCuda(uuid))),
     }
 }
 
@@ -259,10 +257,7 @@ impl Weights {
             use mora_common::connection::CallError;
             use mora_common::frame::FrameError;
             match e {
-                CallError::Frame(FrameError::Closed | FrameError::Io(_)) => ExecError::Daemon(format!(
-                    "the cache daemon exited during the load of {name} (see its log beside the socket); \
-                     run again to start a new one, or use --no-cache"
-                )),
+                CallError::Frame(FrameError::Closed | FrameError::Io(_)) => ExecError::DaemonExited { model: name.clone() },
                 other => other.into(),
             }
         })?;
@@ -270,24 +265,25 @@ impl Weights {
         let mapping_start = Instant::now();
         let acquired = match response {
             Response::Acquired(a) => a,
-            Response::Error(e) => return Err(ExecError::Daemon(e.message)),
-            other => return Err(ExecError::Protocol(format!("unexpected reply to acquire: {other:?}"))),
+            Response::Error(e) => return Err(ExecError::Daemon(e)),
+            other => return Err(ProtocolError::UnexpectedReply(Box::new(other)).into()),
         };
-        let lent = mora_common::acquired::check(acquired, device, fds).map_err(|e| ExecError::Protocol(e.to_string()))?;
+        let lent = mora_common::acquired::check(acquired, device, fds).map_err(ProtocolError::Lent)?;
         let (acquired, len) = (lent.reply, lent.len);
         let store = match lent.memory {
             LentMemory::Host(segment) => Store::Mapped(
-                MappedWeights::map(&segment, acquired.manifest).map_err(|e| ExecError::Protocol(format!("{name}: {e}")))?,
+                MappedWeights::map(&segment, acquired.manifest)
+                    .map_err(|source| ProtocolError::Map { model: name.clone(), source })?,
             ),
             #[cfg(feature = "cuda")]
             LentMemory::Gpu { handle, .. } => {
                 let (tensors, mapping) = crate::cuda::import(handle, len, &acquired.manifest, &candle_dev)
-                    .map_err(|e| ExecError::Model(format!("{name}: {e}")))?;
+                    .map_err(|message| ExecError::Weights(WeightsError::ImportGpu { model: name.clone(), message }))?;
                 Store::Gpu { tensors, _mapping: mapping }
             }
             #[cfg(not(feature = "cuda"))]
             LentMemory::Gpu { .. } => {
-                return Err(ExecError::Protocol(format!("{name}: the daemon lent GPU memory to a build without CUDA")))
+                return Err(ProtocolError::GpuWithoutCuda { model: name.clone() }.into())
             }
         };
         // A prepared tokenizer that cannot be read is not an error: the
@@ -321,13 +317,13 @@ impl Weights {
         let dev = candle_device(device)?;
         let device_open = opening.elapsed();
         let start = Instant::now();
-        let resolved = source.resolve().map_err(|e| ExecError::Model(e.to_string()))?;
+        let resolved = source.resolve().map_err(WeightsError::Resolve)?;
         let mut tensors = HashMap::new();
         let mut bytes = 0u64;
         for file in &resolved.weights {
             bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
             let loaded = candle_core::safetensors::load(file, &dev)
-                .map_err(|e| ExecError::Model(format!("cannot load {}: {e}", file.display())))?;
+                .map_err(|source| WeightsError::Load { file: file.clone(), source })?;
             tensors.extend(loaded);
         }
         // Hold floats in the requested dtype, as the daemon would, so that a
@@ -335,7 +331,7 @@ impl Weights {
         let held = weight_dtype(dtype);
         for t in tensors.values_mut() {
             if t.dtype().is_float() && t.dtype() != held {
-                *t = t.to_dtype(held).map_err(|e| ExecError::Model(format!("cannot convert {}: {e}", resolved.name)))?;
+                *t = t.to_dtype(held).map_err(|source| WeightsError::Convert { model: resolved.name.clone(), source })?;
             }
         }
         crate::phases::mark("read weights");

@@ -15,7 +15,7 @@ use super::step::{drop_later, write_json, Inputs, Results, StepContext, StepRun}
 use crate::template::{expand, normalize};
 use crate::weights::Weights;
 use crate::workflow::error::WorkflowError;
-use crate::ExecError;
+use crate::{ExecError, InputError};
 
 pub const KIND: Kind = Kind { name: "embed", keys: &[&["texts"], &["texts_file"]], text_fields: &[], results: "embeddings" };
 
@@ -35,14 +35,14 @@ pub enum Texts {
 
 impl Texts {
     /// The texts themselves: inline, or the non-empty lines of the file.
-    pub fn load(&self) -> Result<Vec<String>, String> {
+    pub fn load(&self) -> Result<Vec<String>, InputError> {
         match self {
             Texts::Inline(t) => Ok(t.clone()),
             Texts::File(p) => {
-                let body = std::fs::read_to_string(p).map_err(|e| format!("cannot read texts_file {}: {e}", p.display()))?;
+                let body = std::fs::read_to_string(p).map_err(|source| InputError::Texts { path: p.clone(), source })?;
                 let texts: Vec<String> = body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
                 if texts.is_empty() {
-                    return Err(format!("texts_file {} holds no texts", p.display()));
+                    return Err(InputError::NoTexts(p.clone()));
                 }
                 Ok(texts)
             }
@@ -86,13 +86,13 @@ pub fn run(_: &EmbedStep, step: &StepRun, (w, reused): (&Weights, bool), inputs:
     // attention mask into NaN in f16 (0 × -inf), and f32 keeps GPU and CPU
     // outputs within 1e-4 of each other.
     let vb = w.var_builder(candle_core::DType::F32);
-    let network = EncoderNetwork::load(&w.dir, vb).map_err(|e| ExecError::Model(e.to_string()))?;
+    let network = EncoderNetwork::load(&w.dir, vb)?;
     crate::phases::mark("build model");
-    let embedder = SentenceEmbedder::with_tokenizer(network, &w.dir, w.tokenizer.as_ref()).map_err(|e| ExecError::Model(e.to_string()))?;
+    let embedder = SentenceEmbedder::with_tokenizer(network, &w.dir, w.tokenizer.as_ref())?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("tokenizer");
     let start = Instant::now();
-    let embeddings = embedder.embed(&texts).map_err(|e| ExecError::Model(e.to_string()))?;
+    let embeddings = embedder.embed(&texts)?;
     let run_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("inference");
     write_json(step.output, &serde_json::json!({ "model": w.name, "texts": texts, "embeddings": embeddings }))?;

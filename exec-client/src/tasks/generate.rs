@@ -17,7 +17,7 @@ use crate::template::{prompt_pieces, FloatDecl, IntDecl, Piece};
 use crate::weights::Weights;
 use crate::workflow::decl::ModelSpec;
 use crate::workflow::error::WorkflowError;
-use crate::ExecError;
+use crate::{ExecError, ModelError, StepError};
 
 pub const KIND: Kind = Kind {
     name: "generate",
@@ -127,9 +127,9 @@ pub(crate) fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Resul
         .iter()
         .map(|p| match p {
             Piece::Text(t) => Ok(t.clone()),
-            Piece::StepText(from) => results.texts.get(from).cloned().ok_or_else(|| {
-                ExecError::Model(format!("step `{}`: step `{from}` produced no text (a rank step with no matches?)", step.name))
-            }),
+            Piece::StepText(from) => {
+                results.texts.get(from).cloned().ok_or_else(|| ExecError::step(step.name, StepError::NoText(from.clone())))
+            }
         })
         .collect()
 }
@@ -140,10 +140,10 @@ pub(crate) fn fill(pieces: &[Piece], step: &StepRun, results: &Results) -> Resul
 /// where it is acquired.
 pub fn check_model(s: &GenerateStep, spec: &ModelSpec) -> Result<(), ExecError> {
     let Ok(resolved) = spec.source.resolve() else { return Ok(()) };
-    let fail = |e: String| ExecError::Model(format!("model `{}`: {e}", s.model));
-    mora_models::lm_config::read(&resolved.dir).map_err(|e| fail(e.to_string()))?;
+    let fail = |e: ModelError| ExecError::model(&s.model, e);
+    mora_models::lm_config::read(&resolved.dir).map_err(|e| fail(e.into()))?;
     if matches!(s.prompt, PromptDecl::Chat(_)) {
-        ChatTemplate::load(&resolved.dir).map_err(fail)?;
+        ChatTemplate::load(&resolved.dir).map_err(|e| fail(e.into()))?;
     }
     Ok(())
 }
@@ -158,8 +158,8 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
                 .iter()
                 .map(|(role, content)| Ok(Message { role: role.clone(), content: fill(content, step, results)? }))
                 .collect::<Result<Vec<_>, ExecError>>()?;
-            let template = ChatTemplate::load(&w.dir).map_err(ExecError::Model)?;
-            let rendered = template.render(&messages).map_err(|e| ExecError::Model(format!("step `{}`: {e}", step.name)))?;
+            let template = ChatTemplate::load(&w.dir)?;
+            let rendered = template.render(&messages).map_err(|e| ExecError::step(step.name, e))?;
             (rendered, Some(messages), false)
         }
     };
@@ -167,12 +167,12 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     // f32 on the CPU (candle's CPU kernels are f32 first); on a GPU, the
     // dtype the weights are held in.
     let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
-    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute), w.tokenizer.as_ref()).map_err(ExecError::Model)?;
+    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute), w.tokenizer.as_ref())?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("build model");
     let start = Instant::now();
     let sampling = SamplingSpec { temperature: s.temperature, top_p: s.top_p, seed: s.seed };
-    let g = generator.generate(&prompt, special_tokens, s.max_tokens, sampling, crate::generate::to_stdout).map_err(ExecError::Model)?;
+    let g = generator.generate(&prompt, special_tokens, s.max_tokens, sampling, crate::generate::to_stdout)?;
     println!();
     let run_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("inference");

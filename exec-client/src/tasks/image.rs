@@ -18,7 +18,7 @@ use crate::weights::Weights;
 use crate::workflow::decl::ModelSpec;
 use crate::workflow::error::WorkflowError;
 use mora_models::image::pipeline::{png_bytes, read_png, ImageRequest, Pipeline, PipelineConfig};
-use crate::ExecError;
+use crate::{ExecError, InputError, ModelError, StepError};
 
 pub const KIND: Kind = Kind {
     name: "image",
@@ -174,9 +174,9 @@ impl ImageStep {
     }
 
     /// Reads the starting picture from a file, before any model is acquired.
-    pub fn read_inputs(&self) -> Result<Inputs, String> {
+    pub fn read_inputs(&self) -> Result<Inputs, InputError> {
         match &self.init_image {
-            Some(InitImage::File(p)) => Ok(Inputs::Image(read_png(p).map_err(|e| format!("init_image {e}"))?)),
+            Some(InitImage::File(p)) => Ok(Inputs::Image(read_png(p).map_err(InputError::InitImage)?)),
             _ => Ok(Inputs::None),
         }
     }
@@ -185,9 +185,9 @@ impl ImageStep {
 /// The pipeline this step runs, its files read (configs, tokenizers, the
 /// scheduler with this step's override) before any weight is.
 pub fn pipeline_config(s: &ImageStep, spec: &ModelSpec) -> Result<PipelineConfig, ExecError> {
-    let fail = |e: String| ExecError::Model(format!("model `{}`: {e}", s.model));
-    let root = spec.source.resolve_dir().map_err(|e| fail(e.to_string()))?;
-    PipelineConfig::read(&root, s.scheduler.as_deref()).map_err(|e| fail(e.to_string()))
+    let fail = |e: ModelError| ExecError::model(&s.model, e);
+    let root = spec.source.resolve_dir().map_err(|e| fail(e.into()))?;
+    PipelineConfig::read(&root, s.scheduler.as_deref()).map_err(|e| fail(e.into()))
 }
 
 /// The files of image k (from 0) of `n`: `OUTPUT` alone, or `STEM-K.png`
@@ -213,12 +213,12 @@ pub fn run(
     inputs: Inputs,
     results: &mut Results,
 ) -> Result<StepReport, ExecError> {
-    let fail = |e: String| ExecError::Model(format!("step `{}`: {e}", step.name));
+    let fail = |e: StepError| ExecError::step(step.name, e);
     let init = match (&s.init_image, inputs) {
         (Some(InitImage::File(_)), Inputs::Image(img)) => Some(img),
         (Some(InitImage::Step(from)), _) => {
-            let path = results.images.get(from).and_then(|v| v.first()).ok_or_else(|| fail(format!("step `{from}` made no image")))?;
-            Some(read_png(path).map_err(|e| fail(e.to_string()))?)
+            let path = results.images.get(from).and_then(|v| v.first()).ok_or_else(|| fail(StepError::NoImage(from.clone())))?;
+            Some(read_png(path).map_err(|e| fail(e.into()))?)
         }
         _ => None,
     };
@@ -226,9 +226,9 @@ pub fn run(
         Some(img) => (img.width, img.height),
         None => (s.width.unwrap_or(config.default_size()), s.height.unwrap_or(config.default_size())),
     };
-    config.check_size(width, height).map_err(|e| {
+    config.check_size(width, height).map_err(|source| {
         let what = if init.is_some() { "init_image" } else { "image" };
-        fail(format!("{what} size {width}x{height}: {e}"))
+        fail(StepError::Size { what, width, height, source })
     })?;
     let guidance_scale = s.guidance_scale.unwrap_or(config.default_guidance());
     let prompt = fill(&s.prompt, step, results)?;
@@ -242,7 +242,7 @@ pub fn run(
         .collect();
     let class_name = config.class_name.clone();
     let scheduler_class = config.scheduler.class_name();
-    let pipeline = Pipeline::build(config, weights).map_err(|e| fail(e.to_string()))?;
+    let pipeline = Pipeline::build(config, weights).map_err(|e| fail(e.into()))?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("build model");
 
@@ -259,13 +259,13 @@ pub fn run(
             seed: s.seed + k as u64,
             init: init.clone().map(|img| (img, s.strength)),
         };
-        let total = pipeline.denoising_steps(&req).map_err(|e| fail(e.to_string()))?;
+        let total = pipeline.denoising_steps(&req).map_err(|e| fail(e.into()))?;
         let what = if s.images > 1 { format!("{}: image {} of {}", step.name, k + 1, s.images) } else { format!("{}: denoising", step.name) };
         let mut bar = mora_common::progress::StepProgress::new("mora-exec", what, total);
-        let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(|e| fail(e.to_string()))?;
+        let image = pipeline.generate(&req, &mut |done| bar.step(done)).map_err(|e| fail(e.into()))?;
         bar.finish();
         let (png, json) = image_paths(step.output, k, s.images);
-        write_bytes_atomically(&png, &png_bytes(&image).map_err(|e| fail(e.to_string()))?)?;
+        write_bytes_atomically(&png, &png_bytes(&image).map_err(|e| fail(e.into()))?)?;
         let mut doc = serde_json::json!({
             "image": png.file_name().map(|f| f.to_string_lossy().to_string()),
             "pipeline": parts.first().map(|(_, w, _)| pipeline_name(&w.name)),

@@ -18,7 +18,7 @@ use mora_models::image::pipeline::PipelineConfig;
 
 use crate::workflow::decl::ModelSpec;
 use crate::workflow::error::WorkflowError;
-use crate::ExecError;
+use crate::{ExecError, InputError, OutputError};
 
 pub mod embed;
 pub mod generate;
@@ -90,7 +90,7 @@ impl Task {
 
     /// Reads this step's inputs: done for every step before any model is
     /// acquired, so that a bad input fails fast (and in `check`).
-    pub fn read_inputs(&self) -> Result<Inputs, String> {
+    pub fn read_inputs(&self) -> Result<Inputs, InputError> {
         match self {
             Task::Embed(s) => Ok(Inputs::Texts(s.texts.load()?)),
             Task::Image(s) => s.read_inputs(),
@@ -99,10 +99,10 @@ impl Task {
     }
 
     /// Refuses an output this task cannot write (an image step writes PNG).
-    pub fn check_output(&self, output: &Path) -> Result<(), String> {
+    pub fn check_output(&self, output: &Path) -> Result<(), OutputError> {
         match self {
             Task::Image(_) if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) => {
-                Err(format!("output {} of an image step must be a .png file", output.display()))
+                Err(OutputError::NotPng(output.to_path_buf()))
             }
             _ => Ok(()),
         }

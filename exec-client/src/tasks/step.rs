@@ -15,7 +15,7 @@ use crate::template::{self, FloatDecl, IntDecl, Value};
 use crate::weights::Weights;
 use crate::workflow::decl::ModelSpec;
 use crate::workflow::error::WorkflowError;
-use crate::ExecError;
+use crate::{ExecError, OutputError};
 
 /// The models a step runs on.
 pub enum StepModels<'a> {
@@ -148,7 +148,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
 /// Writes `bytes` exactly, via a temporary file and a rename.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     use std::io::Write;
-    let fail = |e: std::io::Error| ExecError::Output(format!("cannot write {}: {e}", path.display()));
+    let fail = |source| ExecError::Output(OutputError::Write { path: path.to_path_buf(), source });
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(fail)?;
     }

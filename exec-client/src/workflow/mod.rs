@@ -440,7 +440,7 @@ output = "embeddings.json"
         std::fs::write(&f, "one\n\n two \nthree\n").unwrap();
         assert_eq!(Texts::File(f.clone()).load().unwrap(), vec!["one", " two ", "three"]);
         std::fs::write(&f, "\n\n").unwrap();
-        assert!(Texts::File(f).load().unwrap_err().contains("holds no texts"));
+        assert!(Texts::File(f).load().unwrap_err().to_string().contains("holds no texts"));
     }
 
     const SEARCH: &str = r#"
