@@ -305,7 +305,7 @@ mod winograd {
         let mut u = vec![0f32; 16 * co * ci];
         let dst = Out(u.as_mut_ptr());
         (0..co).into_par_iter().for_each(|o| {
-            let dst = dst;
+            let u_ptr = dst;
             for c in 0..ci {
                 let k = &w[(o * ci + c) * 9..(o * ci + c) * 9 + 9];
                 // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2.
@@ -321,7 +321,7 @@ mod winograd {
                     let row = [r[0], 0.5 * (r[0] + r[1] + r[2]), 0.5 * (r[0] - r[1] + r[2]), r[2]];
                     for (j, v) in row.into_iter().enumerate() {
                         // SAFETY: kernel o writes only its own row of each ξ.
-                        unsafe { *dst.0.add(((4 * i + j) * co + o) * ci + c) = v };
+                        unsafe { *u_ptr.0.add(((4 * i + j) * co + o) * ci + c) = v };
                     }
                 }
             }

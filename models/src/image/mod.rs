@@ -2,8 +2,8 @@
 //! writes (`model_index.json` and one folder per component), run on candle.
 //!
 //! - [`clip`] is the CLIP text encoders;
-//! - [`conv`] and [`norm`] are their convolution and group norm (with SiLU
-//!   fused), with Mora's own CPU kernels;
+//! - [`conv`], [`norm`] and [`attention`] are their convolution, group norm
+//!   (with SiLU fused) and attention, with Mora's own CPU kernels;
 //! - [`unet`] is the denoising UNet (`UNet2DConditionModel`), SD 1.5, 2.1, XL and Turbo shapes;
 //! - [`vae`] is the autoencoder (`AutoencoderKL`) that turns latents into pixels and back;
 //! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`;
@@ -14,6 +14,7 @@
 //! and that Mora cannot honour is refused with one line naming the file and
 //! the key, never replaced by a default.
 
+pub mod attention;
 pub mod clip;
 pub mod conv;
 pub mod norm;

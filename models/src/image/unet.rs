@@ -28,6 +28,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use serde_json::{Map, Value};
 
+use super::attention::attention;
 use super::conv::{conv2d, Conv2d};
 use super::norm::{group_norm, GroupNorm};
 
@@ -438,24 +439,12 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
-        let m = ctx.dim(1)?;
-        let dtype = x.dtype();
         // Attention in float32 when the config asks for it (`upcast_attention`);
         // otherwise in the weights' dtype, with the softmax in float32.
-        let work = if self.upcast { DType::F32 } else { dtype };
-        let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?.to_dtype(work)
-        };
-        let q = split(self.to_q.forward(x)?, n)?;
-        let k = split(self.to_k.forward(ctx)?, m)?;
-        let v = split(self.to_v.forward(ctx)?, m)?;
+        let work = if self.upcast { DType::F32 } else { x.dtype() };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(work)?;
-        let out = probs.matmul(&v)?.to_dtype(dtype)?;
-        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        let out = attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, scale, work)?;
         self.to_out.forward(&out)
     }
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use super::attention;
 use super::conv::{conv2d, Conv2d};
 use super::norm::{group_norm, GroupNorm};
 use serde_json::{Map, Value};
@@ -229,11 +230,24 @@ impl AttentionBlock {
 
 impl Module for AttentionBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, attention::ours(&[x]))
+    }
+}
+
+impl AttentionBlock {
+    /// With Mora's attention kernel when `own` (CPU, f32), else with candle's
+    /// ops by chunks of queries.
+    fn forward_with(&self, x: &Tensor, own: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hs = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.q.forward(&hs)?;
         let k = self.k.forward(&hs)?;
         let v = self.v.forward(&hs)?;
+        if own {
+            // Mora's kernel holds a block of scores at a time already.
+            let o = self.out.forward(&attention::attention(&q, &k, &v, 1, self.scale, DType::F32)?)?;
+            return o.transpose(1, 2)?.reshape((b, c, h, w))? + x;
+        }
         let kt = k.t()?;
         // The pixels attend to each other: a 1024x1024 SDXL image has 16384
         // latent pixels, a 1 GiB score matrix. Queries go by chunks of at
@@ -660,11 +674,13 @@ mod tests {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }.unwrap();
         let mut attn = AttentionBlock::new(vb.pp("decoder.mid_block.attentions.0"), 32, 8).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 32, 5, 7), &Device::Cpu).unwrap();
-        let whole = attn.forward(&x).unwrap();
+        let whole = attn.forward_with(&x, false).unwrap();
         // 35 pixels by 3 queries at a time: 11 full chunks and one of 2.
         attn.chunk = 3 * 35;
-        let chunked = attn.forward(&x).unwrap();
-        let diff = (whole - chunked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let chunked = attn.forward_with(&x, false).unwrap();
+        let diff = (&whole - chunked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
+        // Mora's kernel, which holds a block of scores at a time itself.
+        assert_close("Mora's attention kernel", &attn.forward_with(&x, true).unwrap(), &whole, 1e-5);
     }
 }
