@@ -194,13 +194,14 @@ fn mora_components(root: &Path, latent: usize, repeats: usize) -> Result<Vec<(&'
     let sample = Tensor::randn(0f32, 1.0, (2, cfg.unet.in_channels, latent, latent), cpu).map_err(e)?;
     let context = Tensor::randn(0f32, 1.0, (2, 77, cfg.unet.cross_attention_dim), cpu).map_err(e)?;
     let z = Tensor::randn(0f32, 1.0, (1, cfg.vae.latent_channels, latent, latent), cpu).map_err(e)?;
-    let mut forwards: Vec<(&'static str, Box<dyn Fn() -> candle_core::Result<Tensor>>)> = vec![
+    type Forward<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let forwards: Vec<(&'static str, Forward)> = vec![
         ("text_encoder", Box::new(|| Ok(encoder.forward(&ids)?.last_hidden_state))),
         ("unet", Box::new(|| unet.forward(&sample, 999.0, &context, None))),
         ("vae_decoder", Box::new(|| vae.decode(&z))),
     ];
     let mut out = Vec::new();
-    for (name, f) in forwards.iter_mut() {
+    for (name, f) in &forwards {
         f().map_err(e)?; // warm-up
         let mut ms = Vec::with_capacity(repeats);
         for _ in 0..repeats {
