@@ -33,22 +33,30 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     assert_eq!(s7.tables[1].rows[3][2], "4", "{:?}", s7.tables[1].rows);
 
     // Scenario 8: Mora's runs and forwards against diffusers' and torch's,
-    // or Mora's alone with the reason the peer did not run.
+    // or Mora's alone with the reason the peer did not run; `python -m mora
+    // run`'s two contenders where the peer has the package.
     let s8 = &report.sections[7];
     let forwards = &s8.tables[1].rows;
     assert_eq!(forwards.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["text_encoder", "unet", "vae_decoder"]);
-    match s8.notes.iter().find(|n| n.starts_with("skipped:")) {
+    let no_fork = s8.notes.iter().find(|n| n.starts_with("skipped: python -m mora run"));
+    match s8.notes.iter().find(|n| n.starts_with("skipped:") && !n.starts_with("skipped: python -m mora run")) {
         Some(why) => {
             mora::skipped("bench_smoke: scenario 8's diffusers and torch contenders", why.trim_start_matches("skipped: "));
             assert_eq!(s8.tables[0].rows.len(), 2, "{:?}", s8.tables[0].rows);
             assert!(forwards.iter().all(|r| r[4] == "—"), "{forwards:?}");
         }
         None => {
+            if let Some(why) = no_fork {
+                mora::skipped("bench_smoke: scenario 8's python -m mora run contenders", why.trim_start_matches("skipped: "));
+            }
             let names: Vec<&str> = s8.tables[0].rows.iter().map(|r| r[0].as_str()).collect();
-            assert_eq!(names.len(), 4, "{names:?}");
+            assert_eq!(names.len(), if no_fork.is_none() { 6 } else { 4 }, "{names:?}");
             assert!(names[0].starts_with("diffusers worker") && names[3].starts_with("diffusers, a process per run"), "{names:?}");
+            if no_fork.is_none() {
+                assert!(names[4].contains("python -m mora run (load from disk)") && names[5].contains("python -m mora run (weights from the daemon)"), "{names:?}");
+            }
             assert!(forwards.iter().all(|r| r[6].ends_with('x')), "{forwards:?}");
-            assert_eq!(s8.targets.len(), 2 + 3 * config.image_latents.len());
+            assert_eq!(s8.targets.len(), 2 + usize::from(no_fork.is_none()) + 3 * config.image_latents.len());
         }
     }
     // Every contender's peak memory was read.

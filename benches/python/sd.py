@@ -7,8 +7,11 @@ one forward at a time against Mora's.
                                  official shapes (float16 on disk), the
                                  tokenizer of the test fixtures; --tiny: small
                                  shapes, for the harness's smoke run
-  sd.py once PIPELINE REQ        a process per run: import, load, make one
-                                 image, write it, exit; REQ is the request's JSON
+  sd.py once PIPELINE REQ [--mora]
+                                 a process per run: import, load, make one
+                                 image, write it, exit; REQ is the request's JSON;
+                                 --mora: the weights borrowed from the Mora
+                                 daemon ($MORA_SOCKET), mora.diffusers.from_pretrained
   sd.py worker PIPELINE          a persistent process with the pipeline loaded:
                                  one request per stdin line, answered by one
                                  "ok" (or "error: ...") line
@@ -22,6 +25,8 @@ A request is {"prompt", "side", "steps", "guidance", "seed", "out"}. The
 pipeline is loaded in float32 (computed as Mora computes it). Threads:
 torch.set_num_threads($MORA_BENCH_THREADS) when set. A process prints its
 peak resident memory (VmHWM, bytes) as its last stdout line after "once".
+"once" also runs through `python -m mora run sd.py once ...`, in a process
+forked from an interpreter that has already imported torch and diffusers.
 scripts/bench-python.sh installs the venv.
 """
 import json
@@ -98,10 +103,15 @@ def make(out, tiny):
     os.rename(tmp, out)
 
 
-def load(path):
-    from diffusers import StableDiffusionPipeline
+def load(path, borrow=False):
+    if borrow:
+        import mora.diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
+        pipe = mora.diffusers.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -153,8 +163,8 @@ def main():
     a = sys.argv[1:]
     if len(a) in (2, 3) and a[0] == "make" and a[2:] in ([], ["--tiny"]):
         make(a[1], a[2:] == ["--tiny"])
-    elif len(a) == 3 and a[0] == "once":
-        image(load(a[1]), json.loads(a[2]))
+    elif len(a) in (3, 4) and a[0] == "once" and a[3:] in ([], ["--mora"]):
+        image(load(a[1], borrow=a[3:] == ["--mora"]), json.loads(a[2]))
         print(peak_rss(), flush=True)
     elif len(a) == 2 and a[0] == "worker":
         pipe = load(a[1])

@@ -225,7 +225,8 @@ fn compute_threads() -> usize {
 }
 
 /// Scenario 8: the image workflow against diffusers (a worker with the
-/// pipeline loaded, a process per run), and each component's forward against
+/// pipeline loaded, a process per run, a process per run forked by
+/// `python -m mora run`), and each component's forward against
 /// torch's on inputs of the same shapes.
 pub fn against_torch(config: &Config) -> Result<Section, String> {
     let threads = compute_threads();
@@ -245,7 +246,7 @@ pub fn against_torch(config: &Config) -> Result<Section, String> {
         }
         c
     };
-    let peaks: RefCell<Vec<u64>> = RefCell::new(vec![0; 4]);
+    let peaks: RefCell<Vec<u64>> = RefCell::new(vec![0; 6]);
     let peak = |i: usize, bytes: u64| {
         let mut p = peaks.borrow_mut();
         p[i] = p[i].max(bytes);
@@ -285,11 +286,42 @@ pub fn against_torch(config: &Config) -> Result<Section, String> {
             Ok(())
         }));
     }
+    // A process per run again, forked from an interpreter that has imported
+    // torch and diffusers (`python -m mora run`): loading from disk, and
+    // with the weights the daemon holds. Its server starts before the timing.
+    let forked = match &peer {
+        Ok(p) => match p.start_forked(&env.socket, &env.scratch) {
+            Ok(()) => true,
+            Err(why) => {
+                notes.push(format!("skipped: python -m mora run in the peer ({why}): scripts/python-env.sh installs the package there"));
+                false
+            }
+        },
+        Err(_) => false,
+    };
+    if let (Ok(p), true) = (&peer, forked) {
+        contenders.push(Contender::timed("diffusers, a process per run through python -m mora run (load from disk)", || {
+            peak(4, p.once_forked(&env.socket, &pipeline, &req, &png, false)?);
+            Ok(())
+        }));
+        contenders.push(Contender::timed("diffusers, a process per run through python -m mora run (weights from the daemon)", || {
+            peak(5, p.once_forked(&env.socket, &pipeline, &req, &png, true)?);
+            Ok(())
+        }));
+    }
     let with_peer = peer.is_ok();
-    let m = interleave(&mut contenders, config.image_repeats)?;
+    let m = interleave(&mut contenders, config.image_repeats);
+    if let (Ok(p), true) = (&peer, forked) {
+        p.stop_forked(&env.socket);
+    }
+    let m = m?;
     drop(contenders);
     let peaks = peaks.into_inner();
-    let slots: Vec<usize> = if with_peer { vec![0, 1, 2, 3] } else { vec![1, 2] };
+    let slots: Vec<usize> = match (with_peer, forked) {
+        (true, true) => vec![0, 1, 2, 3, 4, 5],
+        (true, false) => vec![0, 1, 2, 3],
+        _ => vec![1, 2],
+    };
     let mut runs = Table::new(
         &format!(
             "One image, 1 step at {side}×{side} with guidance 7.5, spawn to exit (the worker: request to answer), {} repeats, {threads} threads each. \
@@ -303,6 +335,9 @@ pub fn against_torch(config: &Config) -> Result<Section, String> {
     if with_peer {
         targets.push(Target::at_most("warm mora-exec run / diffusers worker", m.ratio(1), 1.0));
         targets.push(Target::at_most("warm mora-exec run / diffusers process per run", m.stats(1).median / m.stats(3).median, 0.4));
+    }
+    if forked {
+        targets.push(Target::at_most("python -m mora run (weights from the daemon) / diffusers worker", m.ratio(5), 1.2));
     }
     drop(worker);
 

@@ -175,6 +175,44 @@ impl Diffusers {
         stdout.lines().last().and_then(|l| l.trim().parse().ok()).ok_or_else(|| format!("sd.py once printed no peak memory: {stdout:?}"))
     }
 
+    /// `once` through `python -m mora run` (a process forked from a warm
+    /// interpreter, started on first use beside the daemon at `socket`);
+    /// with `borrow`, the weights are the daemon's (`sd.py once --mora`).
+    /// Returns the run's peak resident memory in bytes.
+    pub fn once_forked(&self, socket: &Path, pipeline: &Path, req: &ImageRequest, out: &Path, borrow: bool) -> Result<u64, String> {
+        let mut c = self.forked(socket);
+        c.arg(&self.script).arg("once").arg(pipeline).arg(req.json(out));
+        if borrow {
+            c.arg("--mora");
+        }
+        let stdout = self.output(&mut c)?;
+        stdout.lines().last().and_then(|l| l.trim().parse().ok()).ok_or_else(|| format!("sd.py once printed no peak memory: {stdout:?}"))
+    }
+
+    /// `python -m mora run` in the peer, with the daemon at `socket`.
+    fn forked(&self, socket: &Path) -> Command {
+        let mut c = Command::new(&self.python);
+        c.args(["-m", "mora", "run"])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("MORA_BENCH_THREADS", self.threads.to_string())
+            .env("MORA_SOCKET", socket);
+        c
+    }
+
+    /// Starts the run server of `python -m mora run` (so that its start, once
+    /// per installation, is not timed): runs an empty script through it.
+    /// `Err` says why the peer cannot run it (the package is not installed).
+    pub fn start_forked(&self, socket: &Path, scratch: &Path) -> Result<(), String> {
+        let empty = scratch.join("empty.py");
+        std::fs::write(&empty, "").map_err(|e| format!("write {}: {e}", empty.display()))?;
+        self.output(self.forked(socket).arg(&empty)).map(drop)
+    }
+
+    /// Stops the run server started for the daemon at `socket`.
+    pub fn stop_forked(&self, socket: &Path) {
+        let _ = self.forked(socket).arg("--stop").stdin(Stdio::null()).output();
+    }
+
     /// A worker with the pipeline loaded, ready for requests.
     pub fn worker(&self, pipeline: &Path) -> Result<DiffusersWorker, String> {
         let mut child = self
