@@ -14,6 +14,15 @@ pub fn peer_python() -> PathBuf {
         .unwrap_or_else(|| crate::root().join(".mora-bench").join("python").join("bin").join("python"))
 }
 
+/// The peer's interpreter, if installed; `Err` says why the peer is skipped.
+fn installed_peer() -> Result<PathBuf, String> {
+    let python = peer_python();
+    if !python.exists() {
+        return Err(format!("python peer not installed ({} is missing; scripts/bench-python.sh installs it)", python.display()));
+    }
+    Ok(python)
+}
+
 pub struct Python {
     python: PathBuf,
     script: PathBuf,
@@ -23,10 +32,7 @@ impl Python {
     /// `$MORA_BENCH_PYTHON`, else the venv of `scripts/bench-python.sh`;
     /// `Err` says why the peer is skipped.
     pub fn find() -> Result<Python, String> {
-        let python = peer_python();
-        if !python.exists() {
-            return Err(format!("python peer not installed ({} is missing; scripts/bench-python.sh installs it)", python.display()));
-        }
+        let python = installed_peer()?;
         Ok(Python { python, script: crate::root().join("benches").join("python").join("minilm.py") })
     }
 
@@ -55,21 +61,7 @@ impl Python {
 
     /// A worker with the model loaded, ready for requests.
     pub fn worker(&self) -> Result<Worker, String> {
-        let mut child = self
-            .command()
-            .arg("worker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("run {}: {e}", self.python.display()))?;
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut w = Worker { child, stdin, stdout };
-        match w.answer()?.as_str() {
-            "ready" => Ok(w),
-            other => Err(format!("python worker did not start: {other}")),
-        }
+        Worker::start(self.command().arg("worker"), &self.python, "python worker")
     }
 }
 
@@ -80,6 +72,23 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Spawns `cmd` (a peer's `worker` mode) and waits for its "ready" line.
+    fn start(cmd: &mut Command, python: &Path, what: &str) -> Result<Worker, String> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("run {}: {e}", python.display()))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut w = Worker { child, stdin, stdout };
+        match w.answer()?.as_str() {
+            "ready" => Ok(w),
+            other => Err(format!("{what} did not start: {other}")),
+        }
+    }
+
     fn answer(&mut self) -> Result<String, String> {
         let mut line = String::new();
         let n = self.stdout.read_line(&mut line).map_err(|e| format!("python worker: {e}"))?;
@@ -136,10 +145,7 @@ impl ImageRequest<'_> {
 impl Diffusers {
     /// The peer running torch on `threads` threads; `Err` says why it is skipped.
     pub fn find(threads: usize) -> Result<Diffusers, String> {
-        let python = peer_python();
-        if !python.exists() {
-            return Err(format!("python peer not installed ({} is missing; scripts/bench-python.sh installs it)", python.display()));
-        }
+        let python = installed_peer()?;
         Ok(Diffusers { python, script: crate::root().join("benches").join("python").join("sd.py"), threads })
     }
 
@@ -215,22 +221,7 @@ impl Diffusers {
 
     /// A worker with the pipeline loaded, ready for requests.
     pub fn worker(&self, pipeline: &Path) -> Result<DiffusersWorker, String> {
-        let mut child = self
-            .command()
-            .arg("worker")
-            .arg(pipeline)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("run {}: {e}", self.python.display()))?;
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut w = DiffusersWorker(Worker { child, stdin, stdout });
-        match w.0.answer()?.as_str() {
-            "ready" => Ok(w),
-            other => Err(format!("diffusers worker did not start: {other}")),
-        }
+        Worker::start(self.command().arg("worker").arg(pipeline), &self.python, "diffusers worker").map(DiffusersWorker)
     }
 
     /// Milliseconds of each forward (`text_encoder`, `unet`, `vae_decoder`)
