@@ -189,11 +189,11 @@ impl CustomOp3 for AttentionOp {
             // batch bi, which no other block writes.
             unsafe {
                 // scores[r, m] = scale · q[r, d] × kᵀ[d, m]
-                gemm::gemm(r, m, d, scores.as_mut_ptr(), 1, m as isize, false, qp, 1, inner as isize, kp, inner as isize, 1, 0.0, self.scale, false, false, false, par);
+                crate::image::product::gemm(r, m, d, scores.as_mut_ptr(), 1, m as isize, false, qp, 1, inner as isize, kp, inner as isize, 1, 0.0, self.scale, par);
                 softmax_rows(scores, m);
                 // out[r, d] = scores[r, m] × v[m, d]
                 let op = out_ptr.0.add((bi * n + first) * inner + hi * d);
-                gemm::gemm(r, d, m, op, 1, inner as isize, false, scores.as_ptr(), 1, m as isize, vp, 1, inner as isize, 0.0, 1.0, false, false, false, par);
+                crate::image::product::gemm(r, d, m, op, 1, inner as isize, false, scores.as_ptr(), 1, m as isize, vp, 1, inner as isize, 0.0, 1.0, par);
             }
         };
         if tasks >= 2 * threads {

@@ -197,12 +197,12 @@ unsafe fn product(g: &Geometry, w: &[f32], col: &[f32], dst: Dst, bias: &[f32], 
         std::slice::from_raw_parts_mut(ptr.add(o * row_stride), n).fill(*b);
     }
     let k = g.k();
-    gemm::gemm(
+    crate::image::product::gemm(
         g.c_out, n, k,
         ptr, 1, row_stride as isize, true,
         w.as_ptr(), 1, k as isize,
         col.as_ptr(), 1, n as isize,
-        1.0, 1.0, false, false, false, parallelism,
+        1.0, 1.0, parallelism,
     );
 }
 
@@ -299,10 +299,19 @@ mod winograd {
     use super::{Geometry, Out};
     use rayon::prelude::*;
 
-    /// `U = G g Gᵀ` of every kernel, `[16][c_out][c_in]` (ξ = 4 row + column).
-    fn kernels(g: &Geometry, w: &[f32]) -> Vec<f32> {
+    thread_local! {
+        /// The transformed kernels' buffer, kept between convolutions: a
+        /// fresh one of 16/9 the kernel's size would be faulted in page by
+        /// page on every call (a third of the time of a 512-channel
+        /// convolution at 32x32 went there).
+        static KERNELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// `U = G g Gᵀ` of every kernel, `[16][c_out][c_in]` (ξ = 4 row + column),
+    /// into `u`.
+    fn kernels(g: &Geometry, w: &[f32], u: &mut Vec<f32>) {
         let (co, ci) = (g.c_out, g.c_in);
-        let mut u = vec![0f32; 16 * co * ci];
+        u.resize(16 * co * ci, 0.0);
         let dst = Out(u.as_mut_ptr());
         (0..co).into_par_iter().for_each(|o| {
             let u_ptr = dst;
@@ -326,7 +335,6 @@ mod winograd {
                 }
             }
         });
-        u
     }
 
     /// Tiles (2x2 output blocks) of one image: rows and columns.
@@ -430,7 +438,8 @@ mod winograd {
     pub(super) fn run(g: &Geometry, batch: usize, x: &[f32], w: &[f32], bias: &[f32], block_bytes: usize) -> Vec<f32> {
         let threads = rayon::current_num_threads().max(1);
         let (th, tw) = tiles(g);
-        let u = kernels(g, w);
+        let mut u = KERNELS.with_borrow_mut(std::mem::take);
+        kernels(g, w, &mut u);
         let mut out = vec![0f32; batch * g.c_out * g.out_h * g.out_w];
         let out_ptr = Out(out.as_mut_ptr());
         let rows = (block_bytes / (16 * 4 * (g.c_in + g.c_out) * tw).max(1)).clamp(1, th);
@@ -450,12 +459,12 @@ mod winograd {
                 // SAFETY: `m` holds 16 × c_out × n floats; the operands are
                 // read within their lengths.
                 unsafe {
-                    gemm::gemm(
+                    crate::image::product::gemm(
                         g.c_out, n, g.c_in,
                         m.as_mut_ptr().add(xi * g.c_out * n), 1, n as isize, false,
                         uk.as_ptr(), 1, g.c_in as isize,
                         vk.as_ptr(), 1, n as isize,
-                        0.0, 1.0, false, false, false, par,
+                        0.0, 1.0, par,
                     );
                 }
             }
@@ -473,6 +482,7 @@ mod winograd {
                 block(i, par, &mut bufs);
             }
         }
+        KERNELS.with_borrow_mut(|kept| *kept = u);
         out
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`clip`] is the CLIP text encoders;
 //! - [`conv`], [`norm`] and [`attention`] are their convolution, group norm
-//!   (with SiLU fused) and attention, with Mora's own CPU kernels;
+//!   (with SiLU fused) and attention, with Mora's own CPU kernels, whose
+//!   matrix products go through [`product`];
 //! - [`unet`] is the denoising UNet (`UNet2DConditionModel`), SD 1.5, 2.1, XL and Turbo shapes;
 //! - [`vae`] is the autoencoder (`AutoencoderKL`) that turns latents into pixels and back;
 //! - [`scheduler`] is the noise schedulers, configured by `scheduler/scheduler_config.json`;
@@ -19,6 +20,7 @@ pub mod clip;
 pub mod conv;
 pub mod norm;
 pub mod pipeline;
+mod product;
 pub mod scheduler;
 pub mod synth;
 #[cfg(test)]
