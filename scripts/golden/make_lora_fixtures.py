@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Writes the LoRA parity fixtures of tests/fixtures/lora/.
+
+Adapters with seeded random weights over the tiny committed bases, written by
+the reference libraries themselves, and what those libraries compute with
+them:
+
+- sd15-diffusers/pytorch_lora_weights.safetensors: a PEFT LoRA on the UNet of
+  tests/fixtures/image/pipelines/sd15 (r=4, lora_alpha=8 on to_q, to_k, to_v,
+  to_out.0 and the 1x1 convolution proj_in; rank_pattern {"to_out.0": 2},
+  alpha_pattern {"to_out.0": 2, "proj_in": 2}, so the scales alpha/r are 2,
+  1 and 0.5) and on its CLIP text encoder (r=2, lora_alpha=4 on q_proj,
+  k_proj, v_proj, out_proj: scale 2), saved by diffusers'
+  `StableDiffusionPipeline.save_lora_weights` with each LoraConfig as the
+  file's `lora_adapter_metadata` (keys `unet.<module>.lora_A.weight`,
+  `text_encoder.<module>.lora_B.weight`, ...).
+- sd15-kohya/lora.safetensors: the same base in Kohya's format, written here
+  (keys `lora_unet_<module path, '.' -> '_'>.lora_down.weight`,
+  `.lora_up.weight`, `.alpha` as a 0-dim tensor; text encoder
+  `lora_te_text_model_encoder_layers_<i>_...`). Rank 4, alpha 2 (scale 0.5)
+  on the UNet's attention to_q/to_k/to_v/to_out_0, ff_net_2, proj_in (1x1
+  convolution) and a 3x3 resnet conv1 (LoCon: lora_down [r, in, 3, 3],
+  lora_up [out, r, 1, 1]), and on the text encoder's q_proj, v_proj,
+  out_proj and mlp_fc1. diffusers 0.42 loads all of it, the 3x3 convolution
+  included; the script checks that every module got its LoRA layer. (The
+  text encoder's out_proj is there because diffusers 0.42 tells the old
+  `to_q_lora` spelling it converts Kohya's attention keys to by the presence
+  of a `to_out_lora` key: without one it drops q_proj and v_proj. Kohya's
+  own trainer targets all four projections, so its files are not affected.)
+  The text encoder keys keep Kohya's `text_model_` level although
+  transformers 5's CLIPTextModel has none; diffusers strips it. Note that
+  diffusers' own file (above) has no such level with transformers 5:
+  `text_encoder.encoder.layers.<i>....`.
+- sd15.json: for seeded UNet and text encoder inputs, the outputs of the
+  base and of each adapter at scales 1.0 and 0.5 (`cases`), and whole
+  text-to-image runs with an adapter (`runs`, recorded as
+  make_pipeline_fixtures.py records runs.json, plus `adapter` and
+  `lora_scale`). Each adapter is loaded alone with
+  `pipe.load_lora_weights(dir, weight_name=..., adapter_name=...)` and
+  scaled with `pipe.set_adapters([name], adapter_weights=[scale])`, which in
+  diffusers 0.42 sets the same weight on the UNet and the text encoder (each
+  LoRA layer's scaling becomes scale * alpha / r); `cross_attention_kwargs=
+  {"scale": s}` scales both as well, and the script checks that it gives the
+  UNet the same output. `pipe.unload_lora_weights()` between adapters.
+- <fixture>-peft/ for the golden decoders llama-tf5 and qwen2-tf5: a PEFT
+  adapter (r=4, lora_alpha=8 on q_proj, v_proj, o_proj, gate_proj;
+  rank_pattern {"o_proj": 2}, alpha_pattern {"gate_proj": 3}: scales 2, 2, 4
+  and 0.75) saved by PEFT's `save_pretrained` (adapter_config.json,
+  adapter_model.safetensors), and lora.json: transformers' greedy ids (16
+  new tokens after the fixture's prompt, as make_fixtures.py generates them)
+  of the base, and of the adapter read back with `PeftModel.from_pretrained`
+  at scale 1.0 and at 0.5 (PEFT's `LoraLayer.set_scale("default", 0.5)` on
+  every LoRA layer: scaling = 0.5 * alpha / r). The adapter's seed is drawn
+  again until its ids differ from the base's and every greedy step wins by
+  at least make_fixtures.py's MIN_MARGIN at both scales.
+
+The script also merges each adapter by hand into a copy of its base (W +
+scale * alpha / r * up @ down, with r and alpha read from the files: the
+metadata's patterns, Kohya's `.alpha`, adapter_config.json) and checks that
+the libraries give the same outputs (SD 1.5) or the same ids (decoders), so
+the fixtures pin down what the formats mean. Each recorded run is also made
+without a LoRA (not written): every adapter changes the latents.
+
+Run with the benchmark environment's Python (torch CPU, diffusers 0.42,
+transformers 5, peft; scripts/bench-python.sh installs it), after
+make_fixtures.py and make_image_fixtures.py:
+
+    python scripts/golden/make_lora_fixtures.py
+"""
+
+import copy
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import peft
+import safetensors
+import torch
+import transformers
+import diffusers
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from make_fixtures import MIN_MARGIN, NEW_TOKENS, greedy  # noqa: E402
+from make_pipeline_fixtures import entry, run_once  # noqa: E402
+
+FIXTURES = os.path.join(HERE, "..", "..", "tests", "fixtures")
+OUT = os.path.join(FIXTURES, "lora")
+SD15 = "image/pipelines/sd15"
+TEXT_PROMPT = "a photo of a cat wearing a red hat"
+RUN = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5)
+DECODERS = ["llama-tf5", "qwen2-tf5"]
+
+
+def randomize(model, seed, magnitude):
+    """Seeded A and B for every LoRA layer (B is zero after PEFT's init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in sorted(model.named_modules(), key=lambda kv: kv[0]):
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in sorted(module.lora_A.keys()):
+                a = module.lora_A[name].weight
+                b = module.lora_B[name].weight
+                fan_in = a[0].numel()
+                a.copy_(torch.randn(a.shape, generator=g) / fan_in**0.5)
+                b.copy_(torch.randn(b.shape, generator=g) * magnitude / b.shape[1] ** 0.5)
+
+
+def delta(down, up):
+    """up @ down in the shape of the base weight (linear or convolution)."""
+    r = down.shape[0]
+    d = up.reshape(up.shape[0], r) @ down.reshape(r, -1)
+    return d.reshape(up.shape[0], *down.shape[1:])
+
+
+def merged(model, deltas):
+    """A copy of `model` with W += factor * up @ down for each module."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, (down, up, factor) in deltas.items():
+            w = m.get_submodule(path).weight
+            w += factor * delta(down.float(), up.float()).reshape(w.shape)
+    return m
+
+
+def rel(a, b):
+    """Largest difference, as a share of b's range."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+def close(a, b, what, tol=1e-4):
+    e = rel(a, b)
+    assert e < tol, f"{what}: off by {e:.2e} of the range"
+
+
+# --- SD 1.5 -----------------------------------------------------------------
+
+
+def sd_outputs(pipe, inputs):
+    with torch.no_grad():
+        unet = pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["context"]).sample
+        text = pipe.text_encoder(inputs["ids"])[0]
+    return unet.numpy(), text.numpy()
+
+
+def component_outputs(unet, text_encoder, inputs):
+    with torch.no_grad():
+        u = unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["context"]).sample
+        t = text_encoder(inputs["ids"])[0]
+    return u.numpy(), t.numpy()
+
+
+def lora_modules(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def scrub(config_dict):
+    d = dict(config_dict)
+    d["base_model_name_or_path"] = None
+    d["target_modules"] = sorted(d["target_modules"])  # a set: a stable file
+    return d
+
+
+def make_diffusers_adapter(path, out_dir):
+    """PEFT adapters on the UNet and the text encoder, saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    unet_config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"],
+        rank_pattern={"to_out.0": 2}, alpha_pattern={"to_out.0": 2, "proj_in": 2},
+    )
+    text_config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    pipe.unet.add_adapter(unet_config)
+    pipe.text_encoder.add_adapter(text_config)
+    randomize(pipe.unet, 11, 0.5)
+    randomize(pipe.text_encoder, 12, 0.5)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=scrub(pipe.unet.peft_config["default"].to_dict()),
+        text_encoder_lora_adapter_metadata=scrub(pipe.text_encoder.peft_config["default"].to_dict()),
+        safe_serialization=True,
+    )
+    return "pytorch_lora_weights.safetensors"
+
+
+def diffusers_deltas(file):
+    """{component: {module: (down, up, alpha / r)}} from the saved file and its
+    metadata, read the way a loader without PEFT would."""
+    import re
+
+    with safetensors.safe_open(file, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        component, module = key[: -len(".lora_A.weight")].split(".", 1)
+        cfg = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
+
+        def pick(pattern, default):
+            for p, v in (pattern or {}).items():
+                if re.match(rf"(.*\.)?({p})$", module):
+                    return v
+            return default
+
+        r = pick(cfg["rank_pattern"], cfg["r"])
+        alpha = pick(cfg["alpha_pattern"], cfg["lora_alpha"])
+        down, up = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+        assert down.shape[0] == r, (key, down.shape, r)
+        out.setdefault(component, {})[module] = (down, up, alpha / r)
+    return out
+
+
+def make_kohya_adapter(pipe, out_dir):
+    """A Kohya-format LoRA (with a 3x3 LoCon), seeded."""
+    unet, te = pipe.unet, pipe.text_encoder
+    targets = []
+    for name, _ in unet.named_modules():
+        last = name.split(".")[-1]
+        if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                          "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.2")) \
+                or (last == "proj_in" and "attentions" in name):
+            targets.append(("unet", name))
+    targets.append(("unet", "down_blocks.0.resnets.0.conv1"))
+    targets.append(("unet", "up_blocks.1.resnets.0.conv1"))
+    for name, _ in te.named_modules():
+        if name.endswith(("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")):
+            targets.append(("text_encoder", name))
+    rank, alpha = 4, 2.0
+    g = torch.Generator().manual_seed(21)
+    sd, deltas = {}, {"unet": {}, "text_encoder": {}}
+    for component, name in targets:
+        model = unet if component == "unet" else te
+        w = model.get_submodule(name).weight
+        if w.dim() == 4:
+            down = torch.randn((rank, w.shape[1], w.shape[2], w.shape[3]), generator=g) / (w[0].numel()) ** 0.5
+            up = torch.randn((w.shape[0], rank, 1, 1), generator=g) * 0.5
+        else:
+            down = torch.randn((rank, w.shape[1]), generator=g) / w.shape[1] ** 0.5
+            up = torch.randn((w.shape[0], rank), generator=g) * 0.5
+        if component == "unet":
+            prefix = "lora_unet_" + name.replace(".", "_")
+        else:
+            # Kohya names the CLIP text encoder's modules from CLIPTextModel's
+            # `text_model` level, which transformers 5 no longer has.
+            path = name if name.startswith("text_model.") else "text_model." + name
+            prefix = "lora_te_" + path.replace(".", "_")
+        sd[f"{prefix}.lora_down.weight"] = down.contiguous()
+        sd[f"{prefix}.lora_up.weight"] = up.contiguous()
+        sd[f"{prefix}.alpha"] = torch.tensor(alpha)
+        deltas[component][name] = (down, up, alpha / rank)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    save_file(sd, os.path.join(out_dir, "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    return "lora.safetensors", deltas
+
+
+def scaled(deltas, scale):
+    return {k: (d, u, f * scale) for k, (d, u, f) in deltas.items()}
+
+
+def record_run(pipe, name, seed, adapter, scale):
+    scale_factor = pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size * scale_factor
+    g = torch.Generator().manual_seed(seed + 1000)
+    latents = torch.randn((1, pipe.unet.config.in_channels, size // scale_factor, size // scale_factor), generator=g)
+    out_latents, taken = run_once(pipe, RUN, seed, latents, None, "latent")
+    image, _ = run_once(pipe, RUN, seed, latents, None, "np")
+    assert not taken, f"{name}: a deterministic scheduler drew {len(taken)} tensors"
+    return {
+        "name": name,
+        "pipeline": "sd15",
+        "class_name": type(pipe).__name__,
+        "scheduler": None,
+        "prompt": RUN["prompt"],
+        "negative_prompt": RUN.get("negative_prompt"),
+        "steps": RUN["num_inference_steps"],
+        "guidance_scale": RUN["guidance_scale"],
+        "width": size,
+        "height": size,
+        "strength": None,
+        "init_image": None,
+        "draws": [entry(latents)],
+        "latents": entry(out_latents),
+        "image": entry(image[0]),
+        "adapter": adapter,
+        "lora_scale": scale,
+    }, out_latents
+
+
+def sd15():
+    path = os.path.join(FIXTURES, SD15)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(7)
+    cfg = pipe.unet.config
+    inputs = {
+        "sample": torch.randn((2, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g),
+        "timestep": 500,
+        "context": torch.randn((2, 8, cfg.cross_attention_dim), generator=g),
+    }
+    tok = pipe.tokenizer
+    ids = tok(TEXT_PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    inputs["ids"] = ids
+    base_unet, base_text = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+
+    base = sd_outputs(pipe, inputs)
+    cases = [{"adapter": None, "scale": 1.0, "unet": entry(base[0]), "text_encoder": entry(base[1])}]
+    _, base_latents = record_run(pipe, "sd15-lora-base", 300, None, None)
+
+    diffusers_dir = os.path.join(OUT, "sd15-diffusers")
+    weight = make_diffusers_adapter(path, diffusers_dir)
+    kohya_dir = os.path.join(OUT, "sd15-kohya")
+    kohya_weight, kohya_deltas = make_kohya_adapter(pipe, kohya_dir)
+    expected = {
+        "sd15-diffusers": diffusers_deltas(os.path.join(diffusers_dir, weight)),
+        "sd15-kohya": kohya_deltas,
+    }
+
+    runs = []
+    plan = [("sd15-diffusers", diffusers_dir, weight, [1.0, 0.5]), ("sd15-kohya", kohya_dir, kohya_weight, [1.0])]
+    for adapter, folder, file, run_scales in plan:
+        pipe.load_lora_weights(folder, weight_name=file, adapter_name=adapter)
+        deltas = expected[adapter]
+        for component in ("unet", "text_encoder"):
+            got = lora_modules(getattr(pipe, component))
+            want = sorted(deltas[component])
+            assert got == want, f"{adapter} {component}: LoRA layers on {sorted(set(got) ^ set(want))} differ"
+        for scale in (1.0, 0.5):
+            pipe.set_adapters([adapter], adapter_weights=[scale])
+            out = sd_outputs(pipe, inputs)
+            # The same LoRA merged by hand from the file's tensors and alphas.
+            ref = component_outputs(
+                merged(base_unet, scaled(deltas["unet"], scale)),
+                merged(base_text, scaled(deltas["text_encoder"], scale)),
+                inputs,
+            )
+            close(out[0], ref[0], f"{adapter} x{scale} unet vs merged by hand")
+            close(out[1], ref[1], f"{adapter} x{scale} text encoder vs merged by hand")
+            change = (rel(out[0], base[0]), rel(out[1], base[1]))
+            print(f"{adapter} x{scale}: changes the unet by {change[0]:.3f}, the text encoder by {change[1]:.3f} of their ranges")
+            assert min(change) > 0.05, f"{adapter} x{scale}: the LoRA hardly changes the outputs"
+            cases.append({"adapter": adapter, "scale": scale, "unet": entry(out[0]), "text_encoder": entry(out[1])})
+        # cross_attention_kwargs' scale multiplies the adapter weight: the
+        # same UNet output as set_adapters' weight.
+        pipe.set_adapters([adapter], adapter_weights=[1.0])
+        with torch.no_grad():
+            via_kwargs = pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["context"],
+                                   cross_attention_kwargs={"scale": 0.5}).sample.numpy()
+        half = np.asarray(cases[-1]["unet"]["data"]).reshape(via_kwargs.shape)
+        close(via_kwargs, half, f"{adapter}: cross_attention_kwargs scale vs set_adapters", tol=1e-5)
+        for scale in run_scales:
+            pipe.set_adapters([adapter], adapter_weights=[scale])
+            run, latents = record_run(pipe, f"{adapter}-x{scale}", 300, adapter, scale)
+            print(f"{run['name']}: latents differ from the base run's by {rel(latents, base_latents):.3f} of their range")
+            assert rel(latents, base_latents) > 0.05
+            runs.append(run)
+        pipe.unload_lora_weights()
+        again = sd_outputs(pipe, inputs)
+        assert np.array_equal(again[0], base[0]) and np.array_equal(again[1], base[1]), "unload left a LoRA behind"
+
+    doc = {
+        "diffusers_version": diffusers.__version__,
+        "transformers_version": transformers.__version__,
+        "peft_version": peft.__version__,
+        "base": SD15,
+        "unet_input": {"sample": entry(inputs["sample"]), "timestep": inputs["timestep"], "context": entry(inputs["context"])},
+        "text_input_ids": ids.tolist(),
+        "cases": cases,
+        "runs": runs,
+    }
+    with open(os.path.join(OUT, "sd15.json"), "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.write("\n")
+
+
+# --- decoders ---------------------------------------------------------------
+
+
+def load_base(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def decoder_config():
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"],
+        rank_pattern={"o_proj": 2}, alpha_pattern={"gate_proj": 3}, task_type="CAUSAL_LM",
+    )
+
+
+def set_scale(model, scale):
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", scale)
+
+
+def generate_scales(model, ids, eos):
+    out = []
+    for scale in (1.0, 0.5):
+        set_scale(model, scale)
+        out.append(greedy(model, ids, eos))
+    set_scale(model, 1.0)
+    return out
+
+
+def clear(new, margin, base_ids):
+    return margin >= MIN_MARGIN and len(new) == NEW_TOKENS and new != base_ids
+
+
+def decoder(fixture):
+    path = os.path.join(FIXTURES, "golden", fixture)
+    with open(os.path.join(path, "golden.json")) as f:
+        golden = json.load(f)
+    ids = golden["prompt_ids"]
+    base = load_base(path)
+    eos = base.config.eos_token_id
+    base_ids, base_margin = greedy(base, ids, eos)
+    assert base_ids == golden["token_ids"], f"{fixture}: the base no longer gives golden.json's ids"
+    for seed in range(1, 200):
+        model = get_peft_model(load_base(path), decoder_config())
+        randomize(model, seed, 1.0)
+        (ids1, m1), (ids05, m05) = generate_scales(model, ids, eos)
+        if clear(ids1, m1, base_ids) and clear(ids05, m05, base_ids) and ids1 != ids05:
+            break
+    else:
+        sys.exit(f"{fixture}: no seed gave clear margins")
+    out_dir = os.path.join(OUT, f"{fixture}-peft")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for extra in os.listdir(out_dir):
+        if extra not in ("adapter_config.json", "adapter_model.safetensors"):
+            os.remove(os.path.join(out_dir, extra))
+    # PEFT writes where the base was loaded from; the base is "base" in lora.json.
+    config_path = os.path.join(out_dir, "adapter_config.json")
+    with open(config_path) as f:
+        written = json.load(f)
+    written["base_model_name_or_path"] = None
+    written["target_modules"] = sorted(written["target_modules"])
+    with open(config_path, "w") as f:
+        json.dump(written, f, indent=2, sort_keys=True)
+
+    # The reference: the adapter as PEFT reads it back from the files.
+    loaded = PeftModel.from_pretrained(load_base(path), out_dir).eval()
+    cases = []
+    for scale, (new, margin), before in zip((1.0, 0.5), generate_scales(loaded, ids, eos), (ids1, ids05)):
+        assert new == before and margin >= MIN_MARGIN, f"{fixture} x{scale}: reloaded adapter gives {new}, not {before}"
+        cases.append({"scale": scale, "ids": new, "min_margin": round(margin, 4)})
+
+    # The same by hand: factor * B @ A merged into the base's weights.
+    import re
+
+    cfg = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    with safetensors.safe_open(os.path.join(out_dir, "adapter_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for case in cases:
+        deltas = {}
+        for key in tensors:
+            if key.endswith(".lora_A.weight"):
+                module = key[len("base_model.model."): -len(".lora_A.weight")]
+                pick = lambda pattern, default: next(
+                    (v for p, v in pattern.items() if re.match(rf"(.*\.)?({p})$", module)), default)
+                r, alpha = pick(cfg["rank_pattern"], cfg["r"]), pick(cfg["alpha_pattern"], cfg["lora_alpha"])
+                assert tensors[key].shape[0] == r
+                deltas[module] = (tensors[key], tensors[key.replace("lora_A", "lora_B")], case["scale"] * alpha / r)
+        by_hand, _ = greedy(merged(load_base(path), deltas), ids, eos)
+        assert by_hand == case["ids"], f"{fixture} x{case['scale']}: merged by hand gives {by_hand}"
+
+    doc = {
+        "peft_version": peft.__version__,
+        "transformers_version": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "base": f"golden/{fixture}",
+        "prompt": golden["prompt"],
+        "prompt_ids": ids,
+        "max_tokens": NEW_TOKENS,
+        "seed": seed,
+        "base_ids": base_ids,
+        "cases": cases,
+    }
+    with open(os.path.join(out_dir, "lora.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(f"{fixture}-peft: seed {seed}, margins {cases[0]['min_margin']} / {cases[1]['min_margin']}, "
+          f"ids x1 {cases[0]['ids']}, x0.5 {cases[1]['ids']}, base {base_ids}")
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    torch.manual_seed(0)
+    for fixture in DECODERS:
+        decoder(fixture)
+    sd15()
+
+
+if __name__ == "__main__":
+    main()
