@@ -29,6 +29,7 @@ pub mod cuda;
 pub mod daemon;
 pub mod generate;
 pub mod lent;
+pub mod lora;
 pub mod phases;
 pub mod repl;
 pub mod run;
@@ -135,6 +136,8 @@ pub enum StepError {
     Pipeline(#[from] mora_models::image::pipeline::PipelineError),
     #[error(transparent)]
     Png(#[from] mora_models::image::pipeline::PngError),
+    #[error(transparent)]
+    Lora(#[from] lora::LoraStepError),
 }
 
 /// A step's input that cannot be read: checked before any model is acquired.

@@ -10,7 +10,8 @@ use crate::tasks::report::StepReport;
 use crate::tasks::step::{Results, StepModels, StepRun};
 use crate::weights::Weights;
 use crate::workflow::decl::ModelSpec;
-use crate::workflow::Workflow;
+use crate::lora::Applied;
+use crate::workflow::{Step, Workflow};
 use crate::{daemon, ExecError, ModelError, OutputError};
 
 #[derive(Debug, Clone)]
@@ -80,6 +81,9 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     for step in &workflow.steps {
         prepared.push(step.task.prepare(&workflow.models)?);
     }
+    // Each step's LoRA adapters, read (they are small) and matched to the
+    // components they update before any lease.
+    let loras = workflow.steps.iter().zip(&prepared).map(|(step, config)| step_loras(step, config.as_ref())).collect::<Result<Vec<_>, _>>()?;
     crate::phases::mark("read inputs");
 
     let conn: Option<Connection> =
@@ -90,7 +94,7 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     let mut weights: BTreeMap<String, Weights> = BTreeMap::new();
     let mut results = Results::default();
     let mut reports = Vec::new();
-    for (step, config) in workflow.steps.iter().zip(prepared) {
+    for ((step, config), loras) in workflow.steps.iter().zip(prepared).zip(&loras) {
         let output = outputs.remove(step.name.as_str()).expect("checked above");
         if !opts.allow_outside_output {
             check_inside(&opts.output_dir, &output)?;
@@ -139,10 +143,53 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
             _ => unreachable!("one model, one key"),
         };
         let inputs = inputs.remove(step.name.as_str()).expect("read above");
-        let run = StepRun { name: &step.name, output: &output };
+        let run = StepRun { name: &step.name, output: &output, loras };
         reports.push(step.task.run(&run, models, inputs, &mut results)?);
     }
     Ok(reports)
+}
+
+/// A step's LoRA adapters, read, each checked to update only components
+/// its model has (a pipeline's UNet and text encoders, or a decoder).
+fn step_loras(step: &Step, config: Option<&mora_models::image::pipeline::PipelineConfig>) -> Result<Vec<Applied>, ExecError> {
+    let specs = step.task.loras();
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fail = |e: crate::lora::LoraStepError| ExecError::step(&step.name, e);
+    let applied = crate::lora::read(specs).map_err(fail)?;
+    let model = step.task.model().unwrap_or_default();
+    match config {
+        Some(c) => crate::lora::check_components(&applied, &format!("pipeline `{model}`"), &c.components()).map_err(fail)?,
+        None => crate::lora::check_components(&applied, &format!("model `{model}`"), &[""]).map_err(fail)?,
+    }
+    Ok(applied)
+}
+
+/// Matches a step's adapters to its model's files (tensor names and
+/// shapes from their headers), as a run would match them to the weights.
+fn check_loras(step: &Step, spec: &ModelSpec, applied: &[Applied], components: Option<Vec<&'static str>>) -> Result<(), ExecError> {
+    let model = step.task.model().unwrap_or_default();
+    let fail = |e: crate::lora::LoraStepError| ExecError::step(&step.name, e);
+    let resolve = |source: &mora_common::ModelSource| source.resolve().map_err(|e| ExecError::model(model, ModelError::Resolve(e)));
+    match components {
+        None => {
+            let shapes = crate::lora::header_shapes(&resolve(&spec.source)?.weights).map_err(fail)?;
+            crate::lora::deltas(applied, "", &spec.source.display_name(), &shapes).map_err(fail)?;
+        }
+        Some(components) => {
+            let sources = mora_common::pipeline::components(&spec.source).map_err(|e| ExecError::model(model, ModelError::Resolve(e)))?.unwrap_or_default();
+            for c in components {
+                if !applied.iter().any(|a| a.adapter.components().contains(&c)) {
+                    continue;
+                }
+                let source = sources.iter().find(|(n, _)| *n == c).map_or_else(|| spec.source.component(c), |(_, s)| s.clone());
+                let shapes = crate::lora::header_shapes(&resolve(&source)?.weights).map_err(fail)?;
+                crate::lora::deltas(applied, c, &source.display_name(), &shapes).map_err(fail)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Downloads from the hub each model of the workflow that is a repo id not
@@ -187,7 +234,11 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
         }
     }
     for step in &workflow.steps {
-        step.task.prepare(&workflow.models)?;
+        let config = step.task.prepare(&workflow.models)?;
+        let applied = step_loras(step, config.as_ref())?;
+        if let (false, Some(model)) = (applied.is_empty(), step.task.model()) {
+            check_loras(step, &workflow.models[model], &applied, config.map(|c| c.components()))?;
+        }
     }
     let steps: Vec<&str> = workflow.steps.iter().map(|s| s.name.as_str()).collect();
     Ok(format!(

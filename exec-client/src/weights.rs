@@ -361,6 +361,16 @@ impl Weights {
         }
     }
 
+    /// Every tensor's name and shape (what a LoRA is matched against).
+    pub fn shapes(&self) -> HashMap<String, Vec<usize>> {
+        match &self.store {
+            Store::Mapped(m) => m.index.iter().map(|(n, e)| (n.clone(), e.shape.clone())).collect(),
+            Store::Loaded(t) => t.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect(),
+            #[cfg(feature = "cuda")]
+            Store::Gpu { tensors, .. } => tensors.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect(),
+        }
+    }
+
     pub fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
         match &self.store {
             Store::Mapped(m) => VarBuilder::from_backend(Box::new(m.clone()), compute, self.device.clone()),

@@ -11,6 +11,8 @@
 //! - [`decoder`] is the llama family and GPT-2;
 //! - [`image`] is Stable Diffusion: text encoders, UNet, VAE, schedulers and
 //!   the pipeline that runs them prompt to pixels;
+//! - [`lora`] reads LoRA adapters (PEFT, diffusers, Kohya) and applies
+//!   them over a base's weights without writing to the base;
 //! - [`synth`] writes deterministic random-weight checkpoints of every
 //!   family in the layouts the reference libraries read, for tests and
 //!   benchmarks.
@@ -23,4 +25,5 @@ pub mod decoder;
 pub mod embed;
 pub mod image;
 pub mod lm_config;
+pub mod lora;
 pub mod synth;

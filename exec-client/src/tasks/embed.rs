@@ -66,6 +66,9 @@ struct Decl {
 
 pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<EmbedStep, WorkflowError> {
     let model = cx.model()?;
+    if cx.models.get(&model).is_some_and(|m| !m.loras.is_empty()) {
+        return Err(cx.err(None, format!("model `{model}` declares `loras`, which embed steps do not apply (image and generate steps do)")));
+    }
     let d: Decl = cx.decode(keys)?;
     let texts = match (d.texts, d.texts_file) {
         (Some(t), None) if t.is_empty() => return Err(cx.err(None, "`texts` is empty".into())),

@@ -15,13 +15,13 @@ use crate::chat::{ChatTemplate, Message};
 use crate::generate::{SamplingSpec, TextGenerator};
 use crate::template::{prompt_pieces, FloatDecl, IntDecl, Piece};
 use crate::weights::Weights;
-use crate::workflow::decl::ModelSpec;
+use crate::workflow::decl::{LoraDecl, LoraSpec, ModelSpec};
 use crate::workflow::error::WorkflowError;
 use crate::{ExecError, ModelError, StepError};
 
 pub const KIND: Kind = Kind {
     name: "generate",
-    keys: &[&["prompt"], &["messages"], &["max_tokens"], &["temperature", "top_p", "seed"]],
+    keys: &[&["prompt"], &["messages"], &["max_tokens"], &["temperature", "top_p", "seed"], &["loras"]],
     text_fields: &["text"],
     results: "text",
 };
@@ -40,6 +40,8 @@ pub struct GenerateStep {
     pub top_p: Option<f64>,
     /// The step's `seed`, else the workflow's, else 0.
     pub seed: u64,
+    /// PEFT LoRA adapters over the decoder.
+    pub loras: Vec<LoraSpec>,
 }
 
 /// What the model is asked: a prompt, or chat messages rendered with the
@@ -67,6 +69,7 @@ struct Decl {
     temperature: Option<Spanned<FloatDecl>>,
     top_p: Option<Spanned<FloatDecl>>,
     seed: Option<Spanned<IntDecl>>,
+    loras: Option<Vec<Spanned<LoraDecl>>>,
 }
 
 pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<GenerateStep, WorkflowError> {
@@ -118,7 +121,8 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<G
         None => cx.seed,
         Some(sd) => cx.int("seed", sd, 0, "a whole number of at least 0")? as u64,
     };
-    Ok(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed })
+    let loras = cx.loras(&model, &d.loras)?;
+    Ok(GenerateStep { model, prompt, max_tokens, temperature, top_p, seed, loras })
 }
 
 /// `pieces` with earlier steps' text results filled in.
@@ -167,7 +171,9 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     // f32 on the CPU (candle's CPU kernels are f32 first); on a GPU, the
     // dtype the weights are held in.
     let compute = if w.device.is_cpu() { candle_core::DType::F32 } else { crate::weights::weight_dtype(w.dtype) };
-    let mut generator = TextGenerator::load(&w.dir, w.var_builder(compute), w.tokenizer.as_ref())?;
+    let deltas = crate::lora::deltas(step.loras, "", &w.name, &w.shapes()).map_err(|e| ExecError::step(step.name, e))?;
+    let vb = mora_models::lora::merged(w.var_builder(compute), deltas);
+    let mut generator = TextGenerator::load(&w.dir, vb, w.tokenizer.as_ref())?;
     let build_ms = start.elapsed().as_millis() as u64;
     crate::phases::mark("build model");
     let start = Instant::now();
@@ -187,6 +193,9 @@ pub fn run(s: &GenerateStep, step: &StepRun, (w, reused): (&Weights, bool), resu
     });
     if let Some(m) = messages {
         doc["messages"] = serde_json::json!(m);
+    }
+    if !step.loras.is_empty() {
+        doc["loras"] = crate::lora::report(step.loras);
     }
     write_json(step.output, &doc)?;
     crate::phases::mark("write output");

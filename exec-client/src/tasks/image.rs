@@ -15,9 +15,9 @@ use super::report::{StepKind, StepReport};
 use super::step::{write_bytes_atomically, write_json, Inputs, Results, StepContext, StepRun};
 use crate::template::{expand, normalize, prompt_pieces, FloatDecl, IntDecl, Piece};
 use crate::weights::Weights;
-use crate::workflow::decl::ModelSpec;
+use crate::workflow::decl::{LoraDecl, LoraSpec, ModelSpec};
 use crate::workflow::error::WorkflowError;
-use mora_models::image::pipeline::{png_bytes, read_png, ImageRequest, Pipeline, PipelineConfig};
+use mora_models::image::pipeline::{png_bytes, read_png, ComponentWeights, ImageRequest, Pipeline, PipelineConfig};
 use crate::{ExecError, InputError, ModelError, StepError};
 
 pub const KIND: Kind = Kind {
@@ -28,6 +28,7 @@ pub const KIND: Kind = Kind {
         &["width", "height"],
         &["seed", "images"],
         &["init_image", "strength"],
+        &["loras"],
     ],
     text_fields: &[],
     results: "images",
@@ -56,6 +57,8 @@ pub struct ImageStep {
     pub strength: f64,
     /// Overrides the class of `scheduler/scheduler_config.json`.
     pub scheduler: Option<String>,
+    /// LoRA adapters over the pipeline's UNet and text encoders.
+    pub loras: Vec<LoraSpec>,
 }
 
 /// Where an image-to-image step's starting picture comes from.
@@ -81,6 +84,7 @@ struct Decl {
     images: Option<Spanned<IntDecl>>,
     init_image: Option<Spanned<String>>,
     strength: Option<Spanned<FloatDecl>>,
+    loras: Option<Vec<Spanned<LoraDecl>>>,
 }
 
 pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<ImageStep, WorkflowError> {
@@ -134,6 +138,7 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<I
         return Err(cx.err(None, "`width` and `height` come from `init_image` in image to image: leave them out".into()));
     }
     let scheduler = d.scheduler.map(|s| expand(&s, cx.variables)).transpose().map_err(|e| cx.err(None, e.to_string()))?;
+    let loras = cx.loras(&model, &d.loras)?;
     Ok(ImageStep {
         model,
         prompt,
@@ -147,6 +152,7 @@ pub fn parse(cx: &StepContext, keys: Spanned<toml::de::DeValue<'_>>) -> Result<I
         init_image,
         strength,
         scheduler,
+        loras,
     })
 }
 
@@ -235,7 +241,17 @@ pub fn run(
     let negative_prompt = s.negative_prompt.as_ref().map(|p| fill(p, step, results)).transpose()?;
 
     let start = Instant::now();
-    let weights = |c: &str| parts.iter().find(|(n, _, _)| *n == c).map(|(_, w, _)| *w).expect("every component was acquired");
+    // Each component with the step's LoRA updates over it (none: the
+    // component's own weights, untouched).
+    let adapted = parts
+        .iter()
+        .map(|(c, w, _)| {
+            let deltas = if step.loras.is_empty() { Default::default() } else { crate::lora::deltas(step.loras, c, &w.name, &w.shapes())? };
+            Ok((*c, Adapted { weights: w, deltas }))
+        })
+        .collect::<Result<Vec<_>, crate::lora::LoraStepError>>()
+        .map_err(|e| fail(e.into()))?;
+    let weights = |c: &str| adapted.iter().find(|(n, _)| *n == c).map(|(_, w)| w).expect("every component was acquired");
     let identities: Vec<serde_json::Value> = parts
         .iter()
         .map(|(c, w, _)| serde_json::json!({ "component": c, "name": w.name, "dir": w.dir, "dtype": w.dtype.to_string() }))
@@ -282,6 +298,9 @@ pub fn run(
             "height": height,
             "noise": "mora xoshiro256** (seeded by splitmix64), Box-Muller",
         });
+        if !step.loras.is_empty() {
+            doc["loras"] = crate::lora::report(step.loras);
+        }
         if let Some(init) = &s.init_image {
             doc["init_image"] = serde_json::json!(match init {
                 InitImage::File(p) => p.display().to_string(),
@@ -303,6 +322,27 @@ pub fn run(
         run_ms,
         what: StepKind::pipeline(parts, build_ms),
     })
+}
+
+/// A component's weights with a step's LoRA updates: the targeted tensors
+/// are private copies with the updates added, the rest the component's own.
+struct Adapted<'w> {
+    weights: &'w Weights,
+    deltas: mora_models::lora::Deltas,
+}
+
+impl ComponentWeights for Adapted<'_> {
+    fn device(&self) -> &candle_core::Device {
+        ComponentWeights::device(self.weights)
+    }
+
+    fn held_dtype(&self) -> candle_core::DType {
+        ComponentWeights::held_dtype(self.weights)
+    }
+
+    fn var_builder(&self, compute: candle_core::DType) -> candle_nn::VarBuilder<'static> {
+        mora_models::lora::merged(self.weights.var_builder(compute), self.deltas.clone())
+    }
 }
 
 /// The pipeline a component's name belongs to (`org/sd` of `org/sd/unet`).

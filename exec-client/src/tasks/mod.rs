@@ -79,6 +79,15 @@ impl Task {
         }
     }
 
+    /// The LoRA adapters this step applies (its own `loras`, or its model's).
+    pub fn loras(&self) -> &[crate::workflow::decl::LoraSpec] {
+        match self {
+            Task::Generate(s) => &s.loras,
+            Task::Image(s) => &s.loras,
+            Task::Embed(_) | Task::Rank(_) => &[],
+        }
+    }
+
     /// Files this step reads besides models (what `watch` watches).
     pub fn input_files(&self) -> Vec<PathBuf> {
         match self {

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::kind::Kind;
 use crate::template::{self, FloatDecl, IntDecl, Value};
 use crate::weights::Weights;
-use crate::workflow::decl::ModelSpec;
+use crate::workflow::decl::{lora_specs, LoraDecl, LoraSpec, ModelSpec};
 use crate::workflow::error::WorkflowError;
 use crate::{ExecError, OutputError};
 
@@ -38,6 +38,8 @@ pub enum Inputs {
 pub struct StepRun<'a> {
     pub name: &'a str,
     pub output: &'a Path,
+    /// The LoRA adapters the step applies, read before any lease.
+    pub loras: &'a [crate::lora::Applied],
 }
 
 /// Earlier steps' results, by step name.
@@ -106,6 +108,14 @@ impl StepContext<'_> {
             return Err(self.at(model.span(), format!("step `{}` uses unknown model `{}` ({hint})", self.name, model.get_ref())));
         }
         Ok(model.get_ref().clone())
+    }
+
+    /// The step's `loras`, or its model's when it gives none.
+    pub(crate) fn loras(&self, model: &str, decl: &Option<Vec<Spanned<LoraDecl>>>) -> Result<Vec<LoraSpec>, WorkflowError> {
+        match decl {
+            Some(d) => lora_specs(&format!("step `{}`", self.name), d, self.base, self.at),
+            None => Ok(self.models.get(model).map(|m| m.loras.clone()).unwrap_or_default()),
+        }
     }
 
     /// A whole-number key of at least `min`, written as one or as `{{ variable }}`s.

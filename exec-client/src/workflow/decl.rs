@@ -25,6 +25,104 @@ pub(crate) struct ModelDecl {
     dtype: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
     keep_alive: Option<Spanned<KeepAliveDecl>>,
+    /// The LoRA adapters its image and generate steps apply unless a step
+    /// gives its own `loras`.
+    loras: Option<Vec<Spanned<LoraDecl>>>,
+}
+
+/// One entry of `loras = [...]`: `{ path = "..." }` or `{ repo = "OWNER/NAME" }`,
+/// with an optional `scale` (default 1) and `weight_name` (the file, where
+/// the folder holds several).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoraDecl {
+    repo: Option<String>,
+    revision: Option<String>,
+    path: Option<PathBuf>,
+    weight_name: Option<String>,
+    scale: Option<f64>,
+}
+
+/// A LoRA adapter a step applies, and its scale (diffusers' `lora_scale`,
+/// PEFT's `set_scale`): the update is `scale · alpha / r · B A`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub source: LoraSource,
+    pub scale: f64,
+}
+
+/// Where an adapter's files are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraSource {
+    /// A file or a directory (relative paths anchored at the workflow's).
+    Path { path: PathBuf, weight_name: Option<String> },
+    /// A hub repo in the Hugging Face cache (`mora-cache pull` fetches it).
+    Repo { source: ModelSource, weight_name: Option<String> },
+}
+
+impl LoraSpec {
+    /// How messages and reports name it: the path, or the repo id.
+    pub fn display_name(&self) -> String {
+        let (base, weight) = match &self.source {
+            LoraSource::Path { path, weight_name } => (path.display().to_string(), weight_name),
+            LoraSource::Repo { source, weight_name } => (source.display_name(), weight_name),
+        };
+        match weight {
+            Some(w) => format!("{base} ({w})"),
+            None => base,
+        }
+    }
+
+    /// The file or directory to read: a repo is looked up in the Hugging
+    /// Face cache, offline, as models are.
+    pub fn locate(&self) -> Result<PathBuf, mora_common::model::ResolveError> {
+        let (dir, weight_name) = match &self.source {
+            LoraSource::Path { path, weight_name } => (path.clone(), weight_name),
+            LoraSource::Repo { source, weight_name } => (source.resolve_dir()?, weight_name),
+        };
+        Ok(match weight_name {
+            Some(w) => dir.join(w),
+            None => dir,
+        })
+    }
+}
+
+/// The adapters `decls` declare; `what` names their owner in messages.
+pub(crate) fn lora_specs(
+    what: &str,
+    decls: &[Spanned<LoraDecl>],
+    base: &Path,
+    at: &dyn Fn(Option<Range<usize>>, String) -> WorkflowError,
+) -> Result<Vec<LoraSpec>, WorkflowError> {
+    decls
+        .iter()
+        .map(|decl| {
+            let span = Some(decl.span());
+            let d = decl.get_ref();
+            let weight_name = match &d.weight_name {
+                Some(w) if w.is_empty() || w.contains('/') || w.contains('\\') || w == ".." => {
+                    return Err(at(span, format!("{what}: `weight_name` is a file name in the adapter's folder, not `{w}`")))
+                }
+                w => w.clone(),
+            };
+            let source = match (&d.repo, &d.path) {
+                (Some(repo), None) => LoraSource::Repo { source: ModelSource::hf_repo(repo, d.revision.as_deref()), weight_name },
+                (None, Some(p)) => {
+                    if d.revision.is_some() {
+                        return Err(at(span, format!("{what}: a LoRA's `revision` applies to `repo`, not to `path`")));
+                    }
+                    LoraSource::Path { path: normalize(&base.join(p)), weight_name }
+                }
+                (Some(_), Some(_)) => return Err(at(span, format!("{what}: a LoRA gives both `repo` and `path`: keep one"))),
+                (None, None) => return Err(at(span, format!("{what}: a LoRA needs `path = \"FILE_OR_DIR\"` or `repo = \"OWNER/NAME\"`"))),
+            };
+            let scale = d.scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                return Err(at(span, format!("{what}: a LoRA's `scale` must be a finite number, not {scale}")));
+            }
+            Ok(LoraSpec { source, scale })
+        })
+        .collect()
 }
 
 /// `keep_alive = "10m"`, or the integers `-1` (forever) and `0` (at once).
@@ -45,6 +143,8 @@ pub struct ModelSpec {
     pub device: DeviceSpec,
     /// Asked of the daemon with every acquire; `None` keeps the daemon's.
     pub keep_alive: Option<KeepAlive>,
+    /// LoRA adapters its image and generate steps apply by default.
+    pub loras: Vec<LoraSpec>,
 }
 
 /// The model `[models.KEY]` declares; relative paths are anchored at
@@ -91,5 +191,9 @@ pub(crate) fn model_spec(
                 Some(KeepAlive::parse(&text).map_err(|e| at(Some(k.span()), format!("model `{key}`: keep_alive {e}")))?)
             }
         };
-    Ok(ModelSpec { source, dtype, device, keep_alive })
+    let loras = match &decl.loras {
+        Some(l) => lora_specs(&format!("model `{key}`"), l, base, at)?,
+        None => Vec::new(),
+    };
+    Ok(ModelSpec { source, dtype, device, keep_alive, loras })
 }

@@ -614,6 +614,7 @@ seed = 3
                 temperature: 0.0,
                 top_p: None,
                 seed: 7,
+                loras: Vec::new(),
             })
         );
         assert!(matches!(&w.steps[4].task, Task::Generate(GenerateStep { seed: 3, top_p: Some(p), temperature, max_tokens: DEFAULT_MAX_TOKENS, .. }) if *p == 0.9 && *temperature == 0.7));
