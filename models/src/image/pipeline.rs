@@ -554,6 +554,81 @@ mod tests {
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, variance {var}");
     }
 
+    /// A component's files read into f32 tensors on the CPU, with LoRA
+    /// updates over them when `deltas` has any.
+    struct Files(std::collections::HashMap<String, Tensor>, crate::lora::Deltas);
+    impl ComponentWeights for Files {
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+        fn held_dtype(&self) -> DType {
+            DType::F32
+        }
+        fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
+            crate::lora::merged(VarBuilder::from_tensors(self.0.clone(), compute, &Device::Cpu), self.1.clone())
+        }
+    }
+
+    fn read_files(source: mora_common::ModelSource) -> Files {
+        let mut tensors = std::collections::HashMap::new();
+        for file in source.resolve().unwrap().weights {
+            for (name, t) in candle_core::safetensors::load(&file, &Device::Cpu).unwrap() {
+                let t = if t.dtype().is_float() { t.to_dtype(DType::F32).unwrap() } else { t };
+                tensors.insert(name, t);
+            }
+        }
+        Files(tensors, Default::default())
+    }
+
+    /// Replays one recorded diffusers run (`runs.json`'s form) on `parts`.
+    fn replay(run: &serde_json::Value, config: PipelineConfig, parts: &[(&str, Files)]) {
+        use crate::image::testing::{assert_close, ref_tensor};
+        let name = run["name"].as_str().unwrap();
+        let pipeline = Pipeline::build(config, |c| &parts.iter().find(|(n, _)| *n == c).unwrap().1).unwrap();
+        let (width, height) = (run["width"].as_u64().unwrap() as usize, run["height"].as_u64().unwrap() as usize);
+        let init = run["init_image"].as_array().map(|px| {
+            let pixels = px.iter().map(|v| v.as_u64().unwrap() as u8).collect();
+            (RgbImage { width, height, pixels }, run["strength"].as_f64().unwrap())
+        });
+        let req = ImageRequest {
+            prompt: run["prompt"].as_str().unwrap().to_string(),
+            negative_prompt: run["negative_prompt"].as_str().map(str::to_string),
+            steps: run["steps"].as_u64().unwrap() as usize,
+            guidance_scale: run["guidance_scale"].as_f64().unwrap(),
+            width,
+            height,
+            seed: 0,
+            init,
+        };
+        let mut draws = run["draws"].as_array().unwrap().iter().map(|d| ref_tensor(d).flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let mut taken = 0;
+        let mut normals = |n: usize| {
+            let d = draws.next().unwrap_or_else(|| panic!("{name}: Mora drew more often than diffusers"));
+            assert_eq!(d.len(), n, "{name}: draw {taken} has another shape");
+            taken += 1;
+            d
+        };
+        let mut steps = 0;
+        let latents = pipeline.denoise(&req, &mut normals, &mut |k| steps = k).unwrap();
+        assert_eq!(taken, run["draws"].as_array().unwrap().len(), "{name}: Mora drew less often than diffusers");
+        assert_eq!(steps, pipeline.denoising_steps(&req).unwrap(), "{name}");
+        assert_close(&format!("{name} latents"), &latents, &ref_tensor(&run["latents"]), 1e-4);
+        let image = pipeline.decode(&latents).unwrap();
+        assert_eq!((image.width, image.height), (width, height), "{name}");
+        let want = ref_tensor(&run["image"]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(image.pixels.len(), want.len(), "{name}");
+        let mut off = 0;
+        for (i, (&got, &w)) in image.pixels.iter().zip(&want).enumerate() {
+            let exact = (w * 255.0).round();
+            if got as f32 != exact {
+                let boundary = ((w * 255.0).fract() - 0.5).abs() < 0.05;
+                assert!(boundary && (got as f32 - exact).abs() <= 1.0, "{name}: pixel {i} is {got}, diffusers {}", w * 255.0);
+                off += 1;
+            }
+        }
+        eprintln!("{name}: {} of {} pixel values equal diffusers' rounded", want.len() - off, want.len());
+    }
+
     /// Whole runs of diffusers' own pipelines on the fixture pipelines
     /// (tests/fixtures/image/pipelines/runs.json, written by
     /// scripts/golden/make_pipeline_fixtures.py), replayed with diffusers'
@@ -563,85 +638,88 @@ mod tests {
     /// boundary.
     #[test]
     fn every_fixture_run_matches_diffusers() {
-        use crate::image::testing::{assert_close, fixture_dir, ref_tensor};
+        use crate::image::testing::fixture_dir;
         use mora_common::ModelSource;
-
-        /// A component's files read into f32 tensors on the CPU.
-        struct Files(std::collections::HashMap<String, Tensor>);
-        impl ComponentWeights for Files {
-            fn device(&self) -> &Device {
-                &Device::Cpu
-            }
-            fn held_dtype(&self) -> DType {
-                DType::F32
-            }
-            fn var_builder(&self, compute: DType) -> VarBuilder<'static> {
-                VarBuilder::from_tensors(self.0.clone(), compute, &Device::Cpu)
-            }
-        }
-        let read = |source: ModelSource| {
-            let mut tensors = std::collections::HashMap::new();
-            for file in source.resolve().unwrap().weights {
-                for (name, t) in candle_core::safetensors::load(&file, &Device::Cpu).unwrap() {
-                    let t = if t.dtype().is_float() { t.to_dtype(DType::F32).unwrap() } else { t };
-                    tensors.insert(name, t);
-                }
-            }
-            Files(tensors)
-        };
         let path = fixture_dir("runs.json");
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let runs = doc["runs"].as_array().unwrap();
         assert_eq!(runs.len(), 6);
         for run in runs {
-            let name = run["name"].as_str().unwrap();
             let root = fixture_dir(run["pipeline"].as_str().unwrap());
             let config = PipelineConfig::read(&root, run["scheduler"].as_str()).unwrap();
-            let parts: Vec<(&str, Files)> =
-                config.components().into_iter().map(|c| (c, read(ModelSource::dir(&root).component(c)))).collect();
-            let pipeline = Pipeline::build(config, |c| &parts.iter().find(|(n, _)| *n == c).unwrap().1).unwrap();
-            let (width, height) = (run["width"].as_u64().unwrap() as usize, run["height"].as_u64().unwrap() as usize);
-            let init = run["init_image"].as_array().map(|px| {
-                let pixels = px.iter().map(|v| v.as_u64().unwrap() as u8).collect();
-                (RgbImage { width, height, pixels }, run["strength"].as_f64().unwrap())
-            });
-            let req = ImageRequest {
-                prompt: run["prompt"].as_str().unwrap().to_string(),
-                negative_prompt: run["negative_prompt"].as_str().map(str::to_string),
-                steps: run["steps"].as_u64().unwrap() as usize,
-                guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-                width,
-                height,
-                seed: 0,
-                init,
-            };
-            let mut draws = run["draws"].as_array().unwrap().iter().map(|d| ref_tensor(d).flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            let mut taken = 0;
-            let mut normals = |n: usize| {
-                let d = draws.next().unwrap_or_else(|| panic!("{name}: Mora drew more often than diffusers"));
-                assert_eq!(d.len(), n, "{name}: draw {taken} has another shape");
-                taken += 1;
-                d
-            };
-            let mut steps = 0;
-            let latents = pipeline.denoise(&req, &mut normals, &mut |k| steps = k).unwrap();
-            assert_eq!(taken, run["draws"].as_array().unwrap().len(), "{name}: Mora drew less often than diffusers");
-            assert_eq!(steps, pipeline.denoising_steps(&req).unwrap(), "{name}");
-            assert_close(&format!("{name} latents"), &latents, &ref_tensor(&run["latents"]), 1e-4);
-            let image = pipeline.decode(&latents).unwrap();
-            assert_eq!((image.width, image.height), (width, height), "{name}");
-            let want = ref_tensor(&run["image"]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(image.pixels.len(), want.len(), "{name}");
-            let mut off = 0;
-            for (i, (&got, &w)) in image.pixels.iter().zip(&want).enumerate() {
-                let exact = (w * 255.0).round();
-                if got as f32 != exact {
-                    let boundary = ((w * 255.0).fract() - 0.5).abs() < 0.05;
-                    assert!(boundary && (got as f32 - exact).abs() <= 1.0, "{name}: pixel {i} is {got}, diffusers {}", w * 255.0);
-                    off += 1;
-                }
+            let parts: Vec<(&str, Files)> = config.components().into_iter().map(|c| (c, read_files(ModelSource::dir(&root).component(c)))).collect();
+            replay(run, config, &parts);
+        }
+    }
+
+    /// The LoRA fixtures (tests/fixtures/lora, written by
+    /// scripts/golden/make_lora_fixtures.py): an SD 1.5 adapter written by
+    /// diffusers' `save_lora_weights` (rank and alpha patterns in its
+    /// metadata, a 1x1 convolution among its targets) and a Kohya file
+    /// diffusers loads (LoCon on 3x3 convolutions, `text_model_` names), each
+    /// at two scales: the UNet's and the text encoder's outputs as diffusers
+    /// computes them after `load_lora_weights` and `set_adapters`, within
+    /// the parity tolerance, and whole runs as above. The base's outputs
+    /// are checked too, and each adapter is checked to change them.
+    #[test]
+    fn lora_adapters_match_diffusers_load_lora_weights() {
+        use crate::image::clip::TextEncoder;
+        use crate::image::testing::{assert_close, ref_tensor, TOL};
+        use crate::image::unet::UNet;
+        use crate::lora::Adapter;
+        use mora_common::ModelSource;
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("lora/sd15.json")).unwrap()).unwrap();
+        let root = fixtures.join(doc["base"].as_str().unwrap());
+        let config = PipelineConfig::read(&root, None).unwrap();
+        let with = |adapter: Option<&str>, scale: f64| -> Vec<(&'static str, Files)> {
+            let read = adapter.map(|a| Adapter::read(&fixtures.join("lora").join(a)).unwrap());
+            config
+                .components()
+                .into_iter()
+                .map(|c| {
+                    let mut files = read_files(ModelSource::dir(&root).component(c));
+                    if let Some(a) = &read {
+                        let shapes: std::collections::HashMap<String, Vec<usize>> = files.0.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+                        let mut names: Vec<String> = shapes.keys().cloned().collect();
+                        names.sort();
+                        a.resolve(c, c, &names, |n| shapes.get(n).cloned(), scale, &mut files.1).unwrap();
+                    }
+                    (c, files)
+                })
+                .collect()
+        };
+        let input = &doc["unet_input"];
+        let (sample, context) = (ref_tensor(&input["sample"]), ref_tensor(&input["context"]));
+        let ids: Vec<u32> = doc["text_input_ids"][0].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let base = with(None, 1.0);
+        let mut changed = 0;
+        for case in doc["cases"].as_array().unwrap() {
+            let (adapter, scale) = (case["adapter"].as_str(), case["scale"].as_f64().unwrap());
+            let what = format!("{} x{scale}", adapter.unwrap_or("base"));
+            let parts = with(adapter, scale);
+            let part = |c: &str| &parts.iter().find(|(n, _)| *n == c).unwrap().1;
+            let unet = UNet::new(part("unet").var_builder(DType::F32), &config.unet).unwrap();
+            let out = unet.forward(&sample, input["timestep"].as_f64().unwrap(), &context, None).unwrap();
+            assert_close(&format!("{what}: unet"), &out, &ref_tensor(&case["unet"]), TOL);
+            let enc = TextEncoder::new(part("text_encoder").var_builder(DType::F32), &config.text[0].config).unwrap();
+            let hidden = enc.forward(&ids).unwrap().last_hidden_state;
+            assert_close(&format!("{what}: text encoder"), &hidden, &ref_tensor(&case["text_encoder"]), TOL);
+            if adapter.is_some() {
+                // The adapter moves both outputs well beyond the tolerance.
+                let base_unet = UNet::new(base.iter().find(|(n, _)| *n == "unet").unwrap().1.var_builder(DType::F32), &config.unet).unwrap();
+                let moved = (out - base_unet.forward(&sample, input["timestep"].as_f64().unwrap(), &context, None).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(moved > 1e-2, "{what}: the adapter barely changes the UNet ({moved})");
+                changed += 1;
             }
-            eprintln!("{name}: {} of {} pixel values equal diffusers' rounded", want.len() - off, want.len());
+        }
+        assert_eq!(changed, 4);
+        let runs = doc["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 3);
+        for run in runs {
+            let parts = with(run["adapter"].as_str(), run["lora_scale"].as_f64().unwrap());
+            replay(run, PipelineConfig::read(&root, run["scheduler"].as_str()).unwrap(), &parts);
         }
     }
 
