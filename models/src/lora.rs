@@ -266,6 +266,9 @@ impl Merged {
         let Some(deltas) = self.deltas.get(name) else {
             return Ok(w);
         };
+        if w.device().is_cpu() && w.dtype() == DType::F32 {
+            return add_in_place(w, deltas);
+        }
         // Summed in f32 whatever the compute dtype, then given back in it.
         let mut acc = w.to_dtype(DType::F32)?;
         for d in deltas {
@@ -281,6 +284,52 @@ impl Merged {
         }
         acc.to_dtype(w.dtype())
     }
+}
+
+/// A CPU f32 tensor's values, copied over every core (the pages of a
+/// targeted tensor are the merge's main cost: a lent weight's are first
+/// read here, the copy's first written).
+fn copy_f32(w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(src)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        drop(storage);
+        return w.flatten_all()?.to_vec1();
+    };
+    let src = &src[a..b];
+    let mut out = vec![0f32; src.len()];
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
+    Ok(out)
+}
+
+/// `w + Σ scale · up × down` on the CPU in f32: one copy of `w`, then each
+/// update accumulated into it by `gemm` (no intermediate tensor of `w`'s
+/// size: a run's merge touches each targeted tensor's pages once).
+fn add_in_place(w: Tensor, deltas: &[Delta]) -> candle_core::Result<Tensor> {
+    let shape = w.shape().clone();
+    let (out, inner) = (shape.dims()[0], shape.elem_count() / shape.dims()[0].max(1));
+    let mut acc = copy_f32(&w)?;
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    for d in deltas {
+        let up = d.up.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let down = d.down.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let r = d.down.dim(0)?;
+        // The update is [o, i] = up [o, r] × down [r, i]; stored transposed
+        // (`fan_in_fan_out`) it lands at [i, o], the base's own layout.
+        let (o, i) = if d.transposed { (inner, out) } else { (out, inner) };
+        let (dst_rs, dst_cs) = if d.transposed { (1isize, o as isize) } else { (i as isize, 1isize) };
+        if up.len() != o * r || down.len() != r * i || acc.len() != o * i {
+            candle_core::bail!("a LoRA update of {o}x{r} by {r}x{i} does not fit a weight of shape {shape:?}");
+        }
+        // SAFETY: acc holds o × i floats addressed by (dst_rs, dst_cs); up is
+        // o × r and down r × i, row-major, read within their lengths.
+        unsafe {
+            gemm::gemm(o, i, r, acc.as_mut_ptr(), dst_cs, dst_rs, true, up.as_ptr(), 1, r as isize, down.as_ptr(), 1, i as isize, 1.0, d.scale as f32, false, false, false, par);
+        }
+    }
+    Tensor::from_vec(acc, shape, &Device::Cpu)
 }
 
 impl SimpleBackend for Merged {
@@ -724,6 +773,25 @@ mod tests {
         config(r#""gate_proj": 2, "q_proj": 3"#, "");
         let e = Adapter::read(&dir).unwrap_err().to_string();
         assert!(e.contains("q_proj.lora_A.weight") && e.contains("rank 4, where the config says 3"), "{e}");
+    }
+
+    #[test]
+    fn fan_in_fan_out_updates_land_transposed_on_gpt2_style_weights() {
+        let dir = Scratch::new("lora-fan-in");
+        // GPT-2's Conv1D keeps its weight as [in, out]: here [4, 8].
+        let name = "model.layers.0.mlp.gate_proj.weight";
+        let (d, u) = (t(&[2, 4], 41), t(&[8, 2], 42));
+        save(&dir.join("adapter_model.safetensors"), &[("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", d.clone()), ("base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight", u.clone())]);
+        std::fs::write(dir.join("adapter_config.json"), r#"{"r": 2, "lora_alpha": 2, "fan_in_fan_out": true}"#).unwrap();
+        let a = Adapter::read(&dir).unwrap();
+        let mut b = base();
+        b.insert(name.into(), t(&[4, 8], 5));
+        let (names, s) = shapes(&b);
+        let mut deltas = Deltas::new();
+        a.resolve("", "the base", &names, |n| s.get(n).cloned(), 1.0, &mut deltas).unwrap();
+        let got = merged(VarBuilder::from_tensors(b.clone(), DType::F32, &Device::Cpu), deltas).get((4, 8), name).unwrap();
+        let want = (&b[name] + u.matmul(&d).unwrap().t().unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-6);
     }
 
     #[test]
