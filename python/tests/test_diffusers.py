@@ -156,3 +156,34 @@ def test_a_pipeline_root_without_model_index_names_its_models(daemon, tmp_path):
     with pytest.raises(mora.ModelNotFound) as e:
         mora.diffusers.from_pretrained(tmp_path / "missing", socket=daemon.socket)
     assert "no such directory" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+LORAS = PIPELINES.parent.parent / "lora"
+
+
+@pytest.mark.parametrize("adapter, weight_name", [("sd15-diffusers", None), ("sd15-kohya", "lora.safetensors")])
+def test_a_lora_loads_over_a_borrowed_pipeline_as_over_diffusers_own(daemon, adapter, weight_name):
+    """diffusers' `load_lora_weights` on a pipeline borrowed from the daemon
+    gives the images it gives on diffusers' own pipeline (PEFT wraps the
+    layers: the base stays the daemon's pages); `fuse_lora` writes into the
+    weights, which copies the touched pages into this process alone."""
+    pytest.importorskip("peft", reason="peft is not installed (diffusers needs it for LoRAs)")
+    path, lora = PIPELINES / "sd15", LORAS / adapter
+    kw = {"weight_name": weight_name} if weight_name else {}
+    ref = aligned(diffusers.DiffusionPipeline.from_pretrained(path))
+    plain = image(ref)
+    ref.load_lora_weights(lora, **kw)
+    pipe = mora.diffusers.from_pretrained(path, socket=daemon.socket)
+    pipe.load_lora_weights(lora, **kw)
+    with_lora = image(pipe)
+    assert (with_lora == image(ref)).all()
+    assert not (with_lora == plain).all(), "the adapter changed nothing"
+    # Fused into the borrowed weights: this process's copy-on-write pages.
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    ref.fuse_lora()
+    ref.unload_lora_weights()
+    assert (image(pipe) == image(ref)).all()
+    # The daemon's copy is untouched: a fresh borrowed pipeline is the base.
+    again = mora.diffusers.from_pretrained(path, socket=daemon.socket)
+    assert (image(again) == plain).all()

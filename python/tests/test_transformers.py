@@ -139,3 +139,28 @@ def test_a_missing_directory_is_named_as_such(daemon, tmp_path):
     with pytest.raises(mora.ModelNotFound) as e:
         mora.transformers.from_pretrained(tmp_path / "nowhere", socket=daemon.socket)
     assert "no such directory" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize("adapter", ["llama-tf5-peft", "qwen2-tf5-peft"])
+def test_a_peft_adapter_over_a_borrowed_decoder_gives_peft_greedy_tokens(daemon, adapter):
+    """PEFT's `PeftModel.from_pretrained` over a decoder borrowed from the
+    daemon gives the greedy tokens transformers + PEFT gave with both read
+    from disk (tests/fixtures/lora/*/lora.json), and leaves the base's
+    tensors the daemon's."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    import json
+
+    lora = FIXTURES / "lora" / adapter
+    ref = json.loads((lora / "lora.json").read_text())
+    base = mora.transformers.from_pretrained(FIXTURES / ref["base"], auto_class="AutoModelForCausalLM", socket=daemon.socket, dtype=torch.float32)
+    lent = lent_pointers(base)
+    lm = peft.PeftModel.from_pretrained(base, lora)
+    ids = torch.tensor([ref["prompt_ids"]])
+    out = lm.generate(input_ids=ids, max_new_tokens=ref["max_tokens"], do_sample=False)
+    want = [c for c in ref["cases"] if c["scale"] == 1.0][0]["ids"]
+    assert out[0, ids.shape[1]:].tolist() == want
+    q = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q.data_ptr() in lent, "the base's weights were copied"
