@@ -3,8 +3,8 @@
 //! PEFT adapters over the golden llama and qwen2 decoders give the greedy
 //! ids transformers + PEFT gave, at two scales, through the daemon and with
 //! `--no-cache`; an image step applies diffusers' and Kohya's files over the
-//! SD 1.5 fixture pipeline, records them, and leaves the base's resident
-//! copy untouched; adapters that do not fit are refused by `check` and
+//! SD 1.5 fixture pipeline, records them, holds each as a cache entry of its
+//! own, and leaves the base's resident copy untouched; adapters that do not fit are refused by `check` and
 //! `run` in one line. The networks' outputs themselves are checked against
 //! diffusers in `mora-models` (`lora_adapters_match_diffusers_load_lora_weights`).
 
@@ -90,6 +90,15 @@ fn image_steps_apply_diffusers_and_kohya_loras_without_touching_the_shared_base(
     assert_ne!(with, plain, "two adapters changed nothing");
     let recorded: Vec<(String, f64)> = doc["loras"].as_array().unwrap().iter().map(|l| (l["format"].as_str().unwrap().to_string(), l["scale"].as_f64().unwrap())).collect();
     assert_eq!(recorded, vec![("diffusers".to_string(), 0.8), ("Kohya".to_string(), 0.5)], "{doc}");
+    // Each adapter is a cache entry of its own, held once: the second run
+    // on them finds them resident.
+    let (_, again_doc) = run("both.toml", &both, "both-again", &[]);
+    assert_eq!(again_doc["loras"], doc["loras"]);
+    let ps = env.ps();
+    for file in ["sd15-diffusers/pytorch_lora_weights.safetensors", "sd15-kohya/lora.safetensors"] {
+        let entry = ps.iter().find(|m| m["name"].as_str().is_some_and(|n| n.ends_with(file))).unwrap_or_else(|| panic!("no entry for {file} in {ps:?}"));
+        assert!(entry["hits"].as_u64().unwrap() >= 1, "{entry}");
+    }
     // The same adapters with --no-cache give the same bytes.
     let (again, _) = run("both.toml", &both, "both-no-cache", &["--no-cache"]);
     assert_eq!(again, with, "--no-cache differs from the warm run");

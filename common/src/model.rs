@@ -28,7 +28,8 @@ pub enum ModelSource {
         /// as diffusers' and transformers' `variant=`.
         variant: Option<String>,
     },
-    /// A directory holding `config.json` and safetensors weights.
+    /// A directory holding `config.json` and safetensors weights, or one
+    /// `.safetensors` file (a LoRA adapter's), which is then the weights.
     Dir { path: PathBuf, variant: Option<String> },
 }
 
@@ -276,6 +277,9 @@ impl ModelSource {
                 }
             }
             ModelSource::Dir { path, .. } => {
+                if let Some(parent) = single_file(path) {
+                    return Ok(parent.to_path_buf());
+                }
                 if !path.is_dir() {
                     return Err(ResolveError::NoSuchDir(path.clone()));
                 }
@@ -287,10 +291,22 @@ impl ModelSource {
     /// Finds the model's directory and weight files. Reads only small files
     /// (refs, the shard index); never the weights.
     pub fn resolve(&self) -> Result<ResolvedModel, ResolveError> {
+        if let ModelSource::Dir { path, variant: None } = self {
+            if let Some(parent) = single_file(path) {
+                return Ok(ResolvedModel { name: self.display_name(), dir: parent.to_path_buf(), weights: vec![path.clone()] });
+            }
+        }
         let dir = self.resolve_dir()?;
         let weights = weight_files(&dir, self.variant())?;
         Ok(ResolvedModel { name: self.display_name(), dir, weights })
     }
+}
+
+/// A path that names one `.safetensors` file (a LoRA adapter, a single
+/// checkpoint file) rather than a model's folder: its folder.
+fn single_file(path: &Path) -> Option<&Path> {
+    let file = path.extension().is_some_and(|e| e == "safetensors") && path.is_file();
+    file.then(|| path.parent()).flatten()
 }
 
 fn valid_subfolder(s: &str) -> bool {
@@ -458,6 +474,18 @@ mod tests {
         let by_commit = ModelSource::hf_repo_in("org/tiny", "abc123", &hub);
         assert_eq!(by_commit.resolve().unwrap().dir, snap);
         assert_eq!(by_commit.display_name(), "org/tiny@abc123");
+    }
+
+    #[test]
+    fn one_safetensors_file_is_a_model_of_that_file() {
+        let d = tmpdir("single-file");
+        fs::write(d.join("style.safetensors"), "x").unwrap();
+        fs::write(d.join("notes.txt"), "x").unwrap();
+        let r = ModelSource::dir(&d.join("style.safetensors")).resolve().unwrap();
+        assert_eq!((r.dir, r.weights), (d.to_path_buf(), vec![d.join("style.safetensors")]));
+        // Another file is no model, and says so as a missing directory does.
+        assert!(matches!(ModelSource::dir(&d.join("notes.txt")).resolve(), Err(ResolveError::NoSuchDir(_))));
+        assert!(matches!(ModelSource::dir(&d.join("gone.safetensors")).resolve(), Err(ResolveError::NoSuchDir(_))));
     }
 
     #[test]

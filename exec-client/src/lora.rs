@@ -49,6 +49,41 @@ pub fn read(specs: &[LoraSpec]) -> Result<Vec<Applied>, LoraStepError> {
         .collect()
 }
 
+/// Reads every adapter of `specs` through the daemon: each adapter's
+/// weights file is a cache entry of its own (keyed by its content, in `ps`,
+/// evictable, held once however many runs and workflows use it), lent like
+/// any model's, in `dtype` on `device`. The returned weights hold the
+/// leases: they must outlive the networks built on the adapters.
+pub fn read_lent(
+    step: &str,
+    specs: &[LoraSpec],
+    conn: &mora_common::connection::Connection,
+    dtype: mora_common::manifest::WeightDType,
+    device: mora_common::protocol::Device,
+    keep_alive: Option<mora_common::units::KeepAlive>,
+) -> Result<(Vec<Applied>, Vec<crate::weights::Weights>), crate::ExecError> {
+    let mut applied = Vec::new();
+    let mut leases = Vec::new();
+    for spec in specs {
+        let fail = |e: LoraStepError| crate::ExecError::step(step, e);
+        let path = spec.locate().map_err(|source| fail(LoraStepError::Locate { name: spec.display_name(), source }))?;
+        let file = Adapter::weights_file(&path).map_err(|e| fail(e.into()))?;
+        let lent = crate::weights::Weights::from_daemon(conn, mora_common::ModelSource::dir(&file), dtype, device, keep_alive)?;
+        let vb = lent.var_builder(candle_core::DType::F32);
+        let names: Vec<String> = lent.shapes().into_keys().collect();
+        let tensors = |_: &Path| -> Result<HashMap<String, candle_core::Tensor>, LoraError> {
+            names
+                .iter()
+                .map(|n| vb.get_unchecked(n).map(|t| (n.clone(), t)).map_err(|e| LoraError::Invalid { path: file.clone(), message: format!("`{n}` as lent: {e}") }))
+                .collect()
+        };
+        let adapter = Adapter::read_with(&path, &tensors).map_err(|e| fail(e.into()))?;
+        applied.push(Applied { spec: spec.clone(), adapter });
+        leases.push(lent);
+    }
+    Ok((applied, leases))
+}
+
 /// Refuses adapters that update components `what` does not have; a
 /// decoder's `components` is `[""]`.
 pub fn check_components(applied: &[Applied], what: &str, components: &[&str]) -> Result<(), LoraStepError> {

@@ -81,9 +81,15 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     for step in &workflow.steps {
         prepared.push(step.task.prepare(&workflow.models)?);
     }
-    // Each step's LoRA adapters, read (they are small) and matched to the
-    // components they update before any lease.
-    let loras = workflow.steps.iter().zip(&prepared).map(|(step, config)| step_loras(step, config.as_ref())).collect::<Result<Vec<_>, _>>()?;
+    // Without the cache, each step's LoRA adapters are read from their
+    // files here, and matched to the components they update before any
+    // weight is read.
+    let mut loras = Vec::new();
+    if opts.no_cache {
+        for (step, config) in workflow.steps.iter().zip(&prepared) {
+            loras.push(step_loras(step, config.as_ref(), None)?.0);
+        }
+    }
     crate::phases::mark("read inputs");
 
     let conn: Option<Connection> =
@@ -92,6 +98,16 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
     // Declared after the connection, so dropped before it: GPU mappings
     // close before the leases that keep their memory alive end.
     let mut weights: BTreeMap<String, Weights> = BTreeMap::new();
+    let mut adapter_leases: Vec<Weights> = Vec::new();
+    // With the cache, each adapter is a cache entry of its own, borrowed
+    // before any step's model is acquired.
+    if let Some(c) = &conn {
+        for (step, config) in workflow.steps.iter().zip(&prepared) {
+            let (applied, leases) = step_loras(step, config.as_ref(), Some((c, &workflow.models)))?;
+            loras.push(applied);
+            adapter_leases.extend(leases);
+        }
+    }
     let mut results = Results::default();
     let mut reports = Vec::new();
     for ((step, config), loras) in workflow.steps.iter().zip(prepared).zip(&loras) {
@@ -151,19 +167,32 @@ pub fn run(workflow: &Workflow, opts: &RunOptions) -> Result<Vec<StepReport>, Ex
 
 /// A step's LoRA adapters, read, each checked to update only components
 /// its model has (a pipeline's UNet and text encoders, or a decoder).
-fn step_loras(step: &Step, config: Option<&mora_models::image::pipeline::PipelineConfig>) -> Result<Vec<Applied>, ExecError> {
+/// From their files, or through the daemon (`lent`: the connection and the
+/// workflow's models), with the leases then taken.
+fn step_loras(
+    step: &Step,
+    config: Option<&mora_models::image::pipeline::PipelineConfig>,
+    lent: Option<(&Connection, &BTreeMap<String, ModelSpec>)>,
+) -> Result<(Vec<Applied>, Vec<Weights>), ExecError> {
     let specs = step.task.loras();
     if specs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let fail = |e: crate::lora::LoraStepError| ExecError::step(&step.name, e);
-    let applied = crate::lora::read(specs).map_err(fail)?;
     let model = step.task.model().unwrap_or_default();
+    let (applied, leases) = match lent {
+        None => (crate::lora::read(specs).map_err(fail)?, Vec::new()),
+        Some((c, models)) => {
+            let spec = &models[model];
+            let device = mora_common::gpu::resolve(spec.device).map_err(|e| ExecError::model(model, e))?;
+            crate::lora::read_lent(&step.name, specs, c, mora_common::manifest::WeightDType::F32, device, spec.keep_alive)?
+        }
+    };
     match config {
         Some(c) => crate::lora::check_components(&applied, &format!("pipeline `{model}`"), &c.components()).map_err(fail)?,
         None => crate::lora::check_components(&applied, &format!("model `{model}`"), &[""]).map_err(fail)?,
     }
-    Ok(applied)
+    Ok((applied, leases))
 }
 
 /// Matches a step's adapters to its model's files (tensor names and
@@ -235,7 +264,7 @@ pub fn check(workflow: &Workflow) -> Result<String, ExecError> {
     }
     for step in &workflow.steps {
         let config = step.task.prepare(&workflow.models)?;
-        let applied = step_loras(step, config.as_ref())?;
+        let (applied, _) = step_loras(step, config.as_ref(), None)?;
         if let (false, Some(model)) = (applied.is_empty(), step.task.model()) {
             check_loras(step, &workflow.models[model], &applied, config.map(|c| c.components()))?;
         }

@@ -133,6 +133,26 @@ impl Adapter {
     /// Reads the adapter at `path`: a directory (PEFT or diffusers) or a
     /// `.safetensors` file (diffusers or Kohya).
     pub fn read(path: &Path) -> Result<Adapter, LoraError> {
+        Self::read_with(path, &read_tensors)
+    }
+
+    /// The weights file of the adapter at `path` (what [`Adapter::read`]
+    /// reads), without reading it.
+    pub fn weights_file(path: &Path) -> Result<PathBuf, LoraError> {
+        let found = std::cell::RefCell::new(None);
+        let read = Self::read_with(path, &|f| {
+            *found.borrow_mut() = Some(f.to_path_buf());
+            Err(LoraError::NotFound { path: f.to_path_buf() })
+        });
+        match (found.into_inner(), read) {
+            (Some(file), _) => Ok(file),
+            (None, Err(e)) => Err(e),
+            (None, Ok(_)) => Err(LoraError::NotFound { path: path.to_path_buf() }),
+        }
+    }
+
+    /// As [`Adapter::read`], the tensors from `load`.
+    pub fn read_with(path: &Path, load: Loader) -> Result<Adapter, LoraError> {
         let read_err = |source| LoraError::Read { path: path.to_path_buf(), source };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         if meta.is_dir() {
@@ -143,11 +163,11 @@ impl Adapter {
                     let why = if path.join("adapter_model.bin").is_file() { "only adapter_model.bin (a pickle) is here; Mora reads safetensors: re-save with safe_serialization=True" } else { "adapter_model.safetensors is missing" };
                     return Err(LoraError::Invalid { path: path.to_path_buf(), message: why.into() });
                 }
-                return read_peft(&config, &file);
+                return read_peft(&config, &file, load);
             }
             let diffusers = path.join("pytorch_lora_weights.safetensors");
             if diffusers.is_file() {
-                return read_file(&diffusers);
+                return read_file(&diffusers, load);
             }
             let files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(read_err)?
@@ -156,11 +176,11 @@ impl Adapter {
                 .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
                 .collect();
             return match files.as_slice() {
-                [one] => read_file(one),
+                [one] => read_file(one, load),
                 _ => Err(LoraError::NotFound { path: path.to_path_buf() }),
             };
         }
-        read_file(path)
+        read_file(path, load)
     }
 
     /// The components this adapter updates.
@@ -348,19 +368,35 @@ impl SimpleBackend for Merged {
     }
 }
 
-/// A safetensors file's tensors (on the CPU) and its `__metadata__`.
-fn load(file: &Path) -> Result<(HashMap<String, Tensor>, Map<String, Value>), LoraError> {
+/// Where an adapter's tensors come from: its file read here
+/// ([`read_tensors`]), or the copy a cache daemon holds of it.
+pub type Loader<'a> = &'a dyn Fn(&Path) -> Result<HashMap<String, Tensor>, LoraError>;
+
+/// A safetensors file's tensors, read into memory on the CPU.
+pub fn read_tensors(file: &Path) -> Result<HashMap<String, Tensor>, LoraError> {
+    metadata(file)?;
+    candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| LoraError::Invalid { path: file.to_path_buf(), message: format!("not a safetensors file: {e}") })
+}
+
+/// A safetensors file's `__metadata__`, from its header alone.
+fn metadata(file: &Path) -> Result<Map<String, Value>, LoraError> {
+    use std::io::Read;
     let invalid = |message: String| LoraError::Invalid { path: file.to_path_buf(), message };
-    let bytes = std::fs::read(file).map_err(|source| LoraError::Read { path: file.to_path_buf(), source })?;
-    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
-    let header = n.and_then(|n| bytes.get(8..8usize.checked_add(n)?)).ok_or_else(|| invalid("not a safetensors file (its header is cut short)".into()))?;
-    let header: Map<String, Value> = serde_json::from_slice(header).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
-    let metadata = match header.get("__metadata__") {
+    let read_err = |source| LoraError::Read { path: file.to_path_buf(), source };
+    let mut f = std::fs::File::open(file).map_err(read_err)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| invalid("not a safetensors file (its header is cut short)".into()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(invalid("not a safetensors file (its header is cut short)".into()));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|_| invalid("not a safetensors file (its header is cut short)".into()))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+    Ok(match header.get("__metadata__") {
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
-    };
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
-    Ok((tensors, metadata))
+    })
 }
 
 /// The scalar of a 0-d (or 1-element) alpha tensor.
@@ -390,8 +426,9 @@ fn refused(key: &str) -> Option<&'static str> {
 }
 
 /// A diffusers or Kohya file, by its keys.
-fn read_file(file: &Path) -> Result<Adapter, LoraError> {
-    let (tensors, metadata) = load(file)?;
+fn read_file(file: &Path, load: Loader) -> Result<Adapter, LoraError> {
+    let metadata = metadata(file)?;
+    let tensors = load(file)?;
     if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
         read_kohya(file, tensors)
     } else if tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
@@ -529,12 +566,12 @@ fn pairs(file: &Path, tensors: HashMap<String, Tensor>) -> Result<HashMap<String
     Ok(by_module)
 }
 
-fn read_peft(config_path: &Path, file: &Path) -> Result<Adapter, LoraError> {
+fn read_peft(config_path: &Path, file: &Path, load: Loader) -> Result<Adapter, LoraError> {
     let text = std::fs::read_to_string(config_path).map_err(|source| LoraError::Read { path: config_path.to_path_buf(), source })?;
     let config: Map<String, Value> = serde_json::from_str(&text).map_err(|e| LoraError::Invalid { path: config_path.to_path_buf(), message: format!("not a JSON object: {e}") })?;
     let scaling = Scaling::read(config_path, &config)?;
     let transposed = config.get("fan_in_fan_out").is_some_and(|v| v.as_bool() == Some(true));
-    let (tensors, _) = load(file)?;
+    let tensors = load(file)?;
     let mut modules = Vec::new();
     for (module, (key, down, up)) in pairs(file, tensors)? {
         let (Some(down), Some(up)) = (down, up) else {

@@ -43,6 +43,23 @@ def test_numpy_state_dict_is_the_checkpoint_viewed_in_place(daemon, model_file):
         assert all((p - start) % 64 == 0 for p, _ in spans)
 
 
+def test_a_lora_file_is_a_cache_entry_of_its_own(daemon):
+    """A LoRA adapter's one `.safetensors` file is a model of that file: its
+    tensors come from the daemon as any model's (the entry `mora-exec` steps'
+    `loras` use), held once, in `ps`, evictable."""
+    lora = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "lora" / "sd15-kohya" / "lora.safetensors"
+    ref = load_file(str(lora))
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(str(lora), dtype="f16", framework="numpy")
+        assert set(sd) == set(ref)
+        for name, want in ref.items():
+            assert sd[name].shape == want.shape and np.array_equal(sd[name], want.astype(np.float16)), name
+        assert str(lora) in {m["name"] for m in client.ps()}
+        del sd
+        gc.collect()
+        assert client.evict(str(lora), dtype="f16").models
+
+
 def test_f16_is_the_checkpoint_rounded_as_numpy_rounds_it(daemon, model_file):
     ref = load_file(str(model_file))
     with mora.connect(daemon.socket) as client:

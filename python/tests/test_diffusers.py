@@ -187,3 +187,18 @@ def test_a_lora_loads_over_a_borrowed_pipeline_as_over_diffusers_own(daemon, ada
     # The daemon's copy is untouched: a fresh borrowed pipeline is the base.
     again = mora.diffusers.from_pretrained(path, socket=daemon.socket)
     assert (image(again) == plain).all()
+
+
+def test_a_kohya_lora_lent_by_the_daemon_loads_as_from_its_file(daemon):
+    """The adapter's tensors borrowed from the daemon (its file is a cache
+    entry of its own) load into diffusers as the file does."""
+    pytest.importorskip("peft", reason="peft is not installed (diffusers needs it for LoRAs)")
+    path, lora = PIPELINES / "sd15", LORAS / "sd15-kohya" / "lora.safetensors"
+    ref = aligned(diffusers.DiffusionPipeline.from_pretrained(path))
+    ref.load_lora_weights(lora.parent, weight_name=lora.name)
+    pipe = mora.diffusers.from_pretrained(path, socket=daemon.socket)
+    with mora.connect(daemon.socket) as client:
+        sd = client.state_dict(str(lora), dtype="f32")
+        pipe.load_lora_weights(dict(sd))
+        assert str(lora) in {m["name"] for m in client.ps()}
+    assert (image(pipe) == image(ref)).all()
