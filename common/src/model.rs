@@ -481,11 +481,11 @@ mod tests {
         let d = tmpdir("single-file");
         fs::write(d.join("style.safetensors"), "x").unwrap();
         fs::write(d.join("notes.txt"), "x").unwrap();
-        let r = ModelSource::dir(&d.join("style.safetensors")).resolve().unwrap();
+        let r = ModelSource::dir(d.join("style.safetensors")).resolve().unwrap();
         assert_eq!((r.dir, r.weights), (d.to_path_buf(), vec![d.join("style.safetensors")]));
         // Another file is no model, and says so as a missing directory does.
-        assert!(matches!(ModelSource::dir(&d.join("notes.txt")).resolve(), Err(ResolveError::NoSuchDir(_))));
-        assert!(matches!(ModelSource::dir(&d.join("gone.safetensors")).resolve(), Err(ResolveError::NoSuchDir(_))));
+        assert!(matches!(ModelSource::dir(d.join("notes.txt")).resolve(), Err(ResolveError::NoSuchDir(_))));
+        assert!(matches!(ModelSource::dir(d.join("gone.safetensors")).resolve(), Err(ResolveError::NoSuchDir(_))));
     }
 
     #[test]

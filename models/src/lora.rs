@@ -211,7 +211,7 @@ impl Adapter {
                     };
                     if shape(&direct).is_some() {
                         direct
-                    } else if component != "" && shape(&other).is_some() {
+                    } else if !component.is_empty() && shape(&other).is_some() {
                         other
                     } else {
                         return Err(unknown(&direct));
@@ -535,10 +535,13 @@ impl Scaling {
     }
 }
 
+/// A module's down (A) key, and its A and B tensors as found.
+type Pair = (String, Option<Tensor>, Option<Tensor>);
+
 /// Pairs `lora_A`/`lora_B` tensors by module; `component(module)` splits
 /// a module path into its component and its path inside it.
-fn pairs(file: &Path, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, (String, Option<Tensor>, Option<Tensor>)>, LoraError> {
-    let mut by_module: HashMap<String, (String, Option<Tensor>, Option<Tensor>)> = HashMap::new();
+fn pairs(file: &Path, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Pair>, LoraError> {
+    let mut by_module: HashMap<String, Pair> = HashMap::new();
     for (key, t) in tensors {
         if let Some(why) = refused(&key) {
             return Err(LoraError::Unsupported { path: file.to_path_buf(), key, why: why.into() });
