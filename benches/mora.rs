@@ -21,7 +21,7 @@ use mora::bench::{self, Config};
 #[command(name = "mora-bench", bin_name = "scripts/bench.sh")]
 struct Args {
     /// Scenarios to run, e.g. 1,3 [default: all]
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=8))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=9))]
     scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses --runs)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]

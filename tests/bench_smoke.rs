@@ -15,7 +15,7 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let titles: Vec<&str> = report.sections.iter().map(|s| s.title.as_str()).collect();
     assert_eq!(
         titles,
-        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models", "7. Images: a Stable Diffusion pipeline", "8. Images against diffusers and torch"]
+        ["1. Repeat one workflow", "2. Model size", "3. Cross-workflow reuse", "4. Concurrency and memory", "5. Soak", "6. Many models", "7. Images: a Stable Diffusion pipeline", "8. Images against diffusers and torch", "9. LoRA adapters over one shared base"]
     );
     let md = std::fs::read_to_string(&config.report).expect("report written");
     for t in &titles {
@@ -31,6 +31,12 @@ fn every_scenario_runs_and_writes_a_report_and_a_chart() {
     let s7 = &report.sections[6];
     assert_eq!(s7.tables[0].rows.len(), 2);
     assert_eq!(s7.tables[1].rows[3][2], "4", "{:?}", s7.tables[1].rows);
+
+    // Scenario 9: three LoRAs over one base: the base's three components
+    // and each adapter held once.
+    let s9 = &report.sections[8];
+    assert_eq!(s9.tables[0].rows.len(), 3);
+    assert_eq!((s9.tables[1].rows[0][1].as_str(), s9.tables[1].rows[1][1].as_str()), ("3", "3"), "{:?}", s9.tables[1].rows);
 
     // Scenario 8: Mora's runs and forwards against diffusers' and torch's,
     // or Mora's alone with the reason the peer did not run; `python -m mora

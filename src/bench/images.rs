@@ -19,7 +19,7 @@ use super::{fmt_bytes, fmt_ms, fmt_ratio, interleave, Config, Contender, Section
 use crate::{bin, Env};
 
 /// A synthetic SD 1.5 pipeline of `size`, f16 on disk, written once.
-fn synth_pipeline(config: &Config, size: &str, seed: u64) -> Result<PathBuf, String> {
+pub(super) fn synth_pipeline(config: &Config, size: &str, seed: u64) -> Result<PathBuf, String> {
     let name = format!("sd15-f16-{size}-seed{seed}");
     let dir = config.model_dir.join(&name);
     if dir.join("model_index.json").is_file() {
@@ -126,7 +126,7 @@ pub fn images(config: &Config) -> Result<Section, String> {
 
 /// Runs `cmd` to the end, sampling its peak resident memory (`VmHWM`) every
 /// 5 ms: the time from spawn to exit and the last peak read.
-fn run_sampling_peak(cmd: &mut Command) -> Result<(Duration, u64), String> {
+pub(super) fn run_sampling_peak(cmd: &mut Command) -> Result<(Duration, u64), String> {
     let t = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
     let status = format!("/proc/{}/status", child.id());

@@ -1,5 +1,5 @@
 //! The benchmark harness (`scripts/bench.sh`, `cargo bench --bench mora`):
-//! eight scenarios that time whole processes as a user runs them, each
+//! nine scenarios that time whole processes as a user runs them, each
 //! contender against a baseline measured in the same run with the runs
 //! interleaved (A B A B ...), so that machine drift falls on all of them
 //! alike. Figures are medians over repeats with min and max beside them;
@@ -11,6 +11,7 @@
 
 mod chart;
 mod images;
+mod loras;
 mod proc;
 mod python;
 pub use python::peer_python;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 /// What to run and where to write.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Scenario numbers (1..=8) to run, in order.
+    /// Scenario numbers (1..=9) to run, in order.
     pub scenarios: Vec<u32>,
     /// Repeats of each measurement (scenario 1 uses `runs` instead).
     pub repeats: usize,
@@ -64,7 +65,7 @@ impl Config {
     /// The full configuration (`scripts/bench.sh`).
     pub fn full() -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
             repeats: 5,
             runs: 20,
             model_sizes: vec!["100MiB".into(), "1GiB".into(), "4GiB".into()],
@@ -87,7 +88,7 @@ impl Config {
     /// A configuration that exercises every scenario in seconds, for CI.
     pub fn smoke(dir: &std::path::Path) -> Config {
         Config {
-            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            scenarios: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
             repeats: 2,
             runs: 2,
             model_sizes: vec!["2MiB".into(), "4MiB".into()],
@@ -368,7 +369,8 @@ pub fn run(config: &Config) -> Result<Report, String> {
             6 => scenarios::many_models(config)?,
             7 => images::images(config)?,
             8 => images::against_torch(config)?,
-            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 8)")),
+            9 => loras::loras(config)?,
+            other => return Err(format!("there is no scenario {other} (scenarios are 1 to 9)")),
         };
         print!("{}", section.plain());
         report.sections.push(section);
@@ -403,7 +405,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
         })
         .collect();
     let image = drawn.then(|| chart.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
-    let every = (1..=8).all(|n| config.scenarios.contains(&n));
+    let every = (1..=9).all(|n| config.scenarios.contains(&n));
     let md = assemble(old.as_deref(), &fresh, every, image.as_deref());
     std::fs::write(&config.report, md).map_err(|e| format!("write {}: {e}", config.report.display()))?;
     eprintln!("mora-bench: wrote {}", config.report.display());
