@@ -42,6 +42,45 @@ them:
   LoRA layer's scaling becomes scale * alpha / r); `cross_attention_kwargs=
   {"scale": s}` scales both as well, and the script checks that it gives the
   UNet the same output. `pipe.unload_lora_weights()` between adapters.
+- sdxl-kohya-sgm/lora.safetensors: a Kohya-format LoRA on
+  tests/fixtures/image/pipelines/sdxl whose UNet keys use the original
+  sgm/LDM UNet's module names, as kohya-ss sd-scripts writes SDXL LoRAs (it
+  trains SDXL on that UNet, not on diffusers'): `input_blocks.<i>.<j>`,
+  `middle_block.<j>`, `output_blocks.<i>.<j>`; in a resnet `in_layers.2`
+  (conv1), `out_layers.3` (conv2), `emb_layers.1` (time_emb_proj) and
+  `skip_connection` (conv_shortcut); a downsampler's `op`. The names are
+  diffusers' module names put through the inverse of diffusers'
+  `_maybe_map_sgm_blocks_to_diffusers` for the UNet's layers_per_block L:
+  down block b, layer l is input block 1 + b * (L + 1) + l (inner 0 the
+  resnet, 1 the attention), its downsampler input block (b + 1) * (L + 1),
+  inner 0; middle_block 0, 1, 2 are resnets.0, attentions.0, resnets.1; up
+  block b, layer l is output block b * (L + 1) + l. Rank 4, alpha 2 (scale
+  0.5) on every attention's attn1/attn2 to_q, to_k, to_v, to_out_0 and the
+  linear proj_in/proj_out, in input, middle and output blocks; on two 3x3
+  resnet in_layers_2 (one input, one output block) and a middle block's
+  out_layers_3, the downsampler's 3x3 op (all LoCon: lora_down
+  [r, in, 3, 3], lora_up [out, r, 1, 1]), an emb_layers_1 (linear) and a
+  1x1 skip_connection. Text encoders: layer 0's q_proj, k_proj, v_proj and
+  out_proj of both, as `lora_te1_text_model_...` and
+  `lora_te2_text_model_...` (transformers 5's CLIPTextModelWithProjection
+  still has the `text_model` level, CLIPTextModel not: diffusers strips it
+  for the first). diffusers 0.42 loads all of it; the script checks that
+  the modules with a LoRA layer are exactly those the file names. Left out:
+  upsamplers. diffusers reads an output block's inner index 2 as its
+  upsampler, which holds for SDXL's own UNet (every up block with an
+  upsampler has attentions there) but not for this tiny one, whose
+  attention-less first up block has its upsampler at inner index 1 in sgm
+  names (`output_blocks.1.1.conv`, where diffusers' own single-file
+  checkpoint converter looks for it too): diffusers' LoRA loader maps that to
+  up_blocks.0.attentions.0.conv, which does not exist, and drops the key
+  without an error.
+- sdxl.json: seeded UNet inputs (sample, timestep, context and the added
+  conditions text_embeds, time_ids), one prompt through each tokenizer, the
+  diffusers module names the adapter targets (`targets`), and the outputs
+  of the UNet and of both text encoders (text_encoder_2's
+  `last_hidden_state`, not its projected `text_embeds`) without the adapter
+  and with it at scales 1.0 and 0.5 (`cases`), loaded and scaled as for
+  SD 1.5 (`set_adapters` sets the weight on all three components).
 - <fixture>-peft/ for the golden decoders llama-tf5 and qwen2-tf5: a PEFT
   adapter (r=4, lora_alpha=8 on q_proj, v_proj, o_proj, gate_proj;
   rank_pattern {"o_proj": 2}, alpha_pattern {"gate_proj": 3}: scales 2, 2, 4
@@ -57,7 +96,7 @@ them:
 The script also merges each adapter by hand into a copy of its base (W +
 scale * alpha / r * up @ down, with r and alpha read from the files: the
 metadata's patterns, Kohya's `.alpha`, adapter_config.json) and checks that
-the libraries give the same outputs (SD 1.5) or the same ids (decoders), so
+the libraries give the same outputs (SD 1.5, SDXL) or the same ids (decoders), so
 the fixtures pin down what the formats mean. Each recorded run is also made
 without a LoRA (not written): every adapter changes the latents.
 
@@ -71,6 +110,7 @@ make_fixtures.py and make_image_fixtures.py:
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -94,6 +134,7 @@ from make_pipeline_fixtures import entry, run_once  # noqa: E402
 FIXTURES = os.path.join(HERE, "..", "..", "tests", "fixtures")
 OUT = os.path.join(FIXTURES, "lora")
 SD15 = "image/pipelines/sd15"
+SDXL = "image/pipelines/sdxl"
 TEXT_PROMPT = "a photo of a cat wearing a red hat"
 RUN = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5)
 DECODERS = ["llama-tf5", "qwen2-tf5"]
@@ -388,6 +429,185 @@ def sd15():
         f.write("\n")
 
 
+# --- SDXL -------------------------------------------------------------------
+
+RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+
+def sgm_name(name, layers_per_block):
+    """The sgm/LDM UNet's name of a diffusers UNet module: what diffusers'
+    _maybe_map_sgm_blocks_to_diffusers and _convert_unet_lora_key map back
+    onto `name` (upsamplers excepted, see the docstring)."""
+    per = layers_per_block + 1
+    parts = name.split(".")
+    inner = {"resnets": 0, "attentions": 1}
+    if parts[0] == "down_blocks":
+        b, kind, l, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            assert rest == ["conv"], name
+            return f"input_blocks.{(b + 1) * per}.0.op"
+        head = f"input_blocks.{1 + b * per + l}.{inner[kind]}"
+    elif parts[0] == "mid_block":
+        kind, rest = parts[1], parts[3:]
+        head = "middle_block." + {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}[kind, parts[2]]
+    elif parts[0] == "up_blocks":
+        b, kind, l, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        head = f"output_blocks.{b * per + l}.{inner[kind]}"
+    else:
+        raise ValueError(name)
+    if kind == "resnets":
+        rest = [RESNET_SGM[".".join(rest)]]
+    return ".".join([head] + rest)
+
+
+def make_sdxl_kohya_adapter(pipe, out_dir):
+    """A Kohya-format SDXL LoRA in the sgm UNet's names (with LoCon), seeded.
+    Returns the file's name, {component: {module: (down, up, alpha / r)}} in
+    diffusers' module names, and {sgm key prefix: diffusers module}."""
+    unet = pipe.unet
+    L = unet.config.layers_per_block
+    targets = []
+    for name, _ in unet.named_modules():
+        if ".attentions." in name and name.endswith((
+                "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "proj_in", "proj_out")):
+            targets.append(("unet", name))
+    targets += [("unet", n) for n in (
+        "down_blocks.0.resnets.0.conv1",  # input_blocks.1.0.in_layers.2
+        "up_blocks.1.resnets.0.conv1",  # output_blocks.2.0.in_layers.2
+        "mid_block.resnets.0.conv2",  # middle_block.0.out_layers.3
+        "down_blocks.0.downsamplers.0.conv",  # input_blocks.2.0.op
+        "down_blocks.1.resnets.0.time_emb_proj",  # input_blocks.3.0.emb_layers.1
+        "down_blocks.1.resnets.0.conv_shortcut",  # input_blocks.3.0.skip_connection
+    )]
+    for component in ("text_encoder", "text_encoder_2"):
+        for name, _ in getattr(pipe, component).named_modules():
+            if re.search(r"encoder\.layers\.0\.self_attn\.(q|k|v|out)_proj$", name):
+                targets.append((component, name))
+    rank, alpha = 4, 2.0
+    g = torch.Generator().manual_seed(31)
+    sd, names = {}, {}
+    deltas = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
+    for component, name in targets:
+        w = getattr(pipe, component).get_submodule(name).weight
+        if w.dim() == 4:
+            down = torch.randn((rank, *w.shape[1:]), generator=g) / (w[0].numel()) ** 0.5
+            up = torch.randn((w.shape[0], rank, 1, 1), generator=g) * 0.5
+        else:
+            down = torch.randn((rank, w.shape[1]), generator=g) / w.shape[1] ** 0.5
+            up = torch.randn((w.shape[0], rank), generator=g) * 0.5
+        if component == "unet":
+            prefix = "lora_unet_" + sgm_name(name, L).replace(".", "_")
+        else:
+            path = name if name.startswith("text_model.") else "text_model." + name
+            prefix = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + path.replace(".", "_")
+        assert prefix not in names, prefix
+        names[prefix] = (component, name)
+        sd[f"{prefix}.lora_down.weight"] = down.contiguous()
+        sd[f"{prefix}.lora_up.weight"] = up.contiguous()
+        sd[f"{prefix}.alpha"] = torch.tensor(alpha)
+        deltas[component][name] = (down, up, alpha / rank)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    save_file(sd, os.path.join(out_dir, "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    return "lora.safetensors", deltas, names
+
+
+def sdxl_outputs(unet, text_encoder, text_encoder_2, inputs, **unet_kwargs):
+    with torch.no_grad():
+        u = unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["context"],
+                 added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+                 **unet_kwargs).sample
+        t1 = text_encoder(inputs["ids"])[0]
+        t2 = text_encoder_2(inputs["ids_2"]).last_hidden_state
+    return u.numpy(), t1.numpy(), t2.numpy()
+
+
+def adapter_modules(model, adapter):
+    """Modules holding a PEFT lora_A for `adapter`."""
+    return sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A)
+
+
+def sdxl():
+    from diffusers import StableDiffusionXLPipeline
+
+    components = ("unet", "text_encoder", "text_encoder_2")
+    path = os.path.join(FIXTURES, SDXL)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = pipe.unet.config
+    g = torch.Generator().manual_seed(8)
+    text_embeds_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    inputs = {
+        "sample": torch.randn((2, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g),
+        "timestep": 500,
+        "context": torch.randn((2, 8, cfg.cross_attention_dim), generator=g),
+        "text_embeds": torch.randn((2, text_embeds_dim), generator=g),
+        # original size, crop top-left, target size
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 80.0, 8.0, 16.0, 64.0, 64.0]]),
+    }
+    for key, tok in (("ids", pipe.tokenizer), ("ids_2", pipe.tokenizer_2)):
+        inputs[key] = tok(TEXT_PROMPT, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+    bases = [copy.deepcopy(getattr(pipe, c)) for c in components]
+
+    base = sdxl_outputs(*(getattr(pipe, c) for c in components), inputs)
+    cases = [{"adapter": None, "scale": 1.0, **{c: entry(o) for c, o in zip(components, base)}}]
+
+    adapter = "sdxl-kohya-sgm"
+    folder = os.path.join(OUT, adapter)
+    weight, deltas, names = make_sdxl_kohya_adapter(pipe, folder)
+    pipe.load_lora_weights(folder, weight_name=weight, adapter_name=adapter)
+    for component in components:
+        got = adapter_modules(getattr(pipe, component), adapter)
+        want = sorted(deltas[component])
+        assert got == want, f"{adapter} {component}: LoRA layers on {sorted(set(got) ^ set(want))} differ"
+    for scale in (1.0, 0.5):
+        pipe.set_adapters([adapter], adapter_weights=[scale])
+        out = sdxl_outputs(*(getattr(pipe, c) for c in components), inputs)
+        ref = sdxl_outputs(*(merged(b, scaled(deltas[c], scale)) for b, c in zip(bases, components)), inputs)
+        for c, o, r, b in zip(components, out, ref, base):
+            close(o, r, f"{adapter} x{scale} {c} vs merged by hand")
+        change = [rel(o, b) for o, b in zip(out, base)]
+        print(f"{adapter} x{scale}: changes " + ", ".join(f"the {c} by {x:.3f}" for c, x in zip(components, change))
+              + " of their ranges")
+        assert min(change) > 0.05, f"{adapter} x{scale}: the LoRA hardly changes the outputs"
+        cases.append({"adapter": adapter, "scale": scale, **{c: entry(o) for c, o in zip(components, out)}})
+    # cross_attention_kwargs' scale multiplies the adapter weight here too.
+    pipe.set_adapters([adapter], adapter_weights=[1.0])
+    via_kwargs = sdxl_outputs(*(getattr(pipe, c) for c in components), inputs,
+                              cross_attention_kwargs={"scale": 0.5})[0]
+    half = np.asarray(cases[-1]["unet"]["data"]).reshape(via_kwargs.shape)
+    close(via_kwargs, half, f"{adapter}: cross_attention_kwargs scale vs set_adapters", tol=1e-5)
+    pipe.unload_lora_weights()
+    again = sdxl_outputs(*(getattr(pipe, c) for c in components), inputs)
+    assert all(np.array_equal(a, b) for a, b in zip(again, base)), "unload left a LoRA behind"
+    for prefix, (component, name) in sorted(names.items()):
+        print(f"  {prefix} -> {component}.{name}")
+
+    doc = {
+        "diffusers_version": diffusers.__version__,
+        "transformers_version": transformers.__version__,
+        "peft_version": peft.__version__,
+        "base": SDXL,
+        "unet_input": {
+            "sample": entry(inputs["sample"]),
+            "timestep": inputs["timestep"],
+            "context": entry(inputs["context"]),
+            "text_embeds": entry(inputs["text_embeds"]),
+            "time_ids": entry(inputs["time_ids"]),
+        },
+        "text_input_ids": inputs["ids"].tolist(),
+        "text_input_ids_2": inputs["ids_2"].tolist(),
+        "targets": {c: sorted(deltas[c]) for c in components},
+        "cases": cases,
+    }
+    with open(os.path.join(OUT, "sdxl.json"), "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.write("\n")
+
+
 # --- decoders ---------------------------------------------------------------
 
 
@@ -504,6 +724,7 @@ def main():
     for fixture in DECODERS:
         decoder(fixture)
     sd15()
+    sdxl()
 
 
 if __name__ == "__main__":
