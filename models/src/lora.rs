@@ -230,6 +230,12 @@ impl Adapter {
                                 }
                             }
                         }
+                        // Kohya's SDXL LoRAs name the original (sgm) UNet's modules.
+                        if component == "unet" {
+                            for (alias, n) in sgm_aliases(names) {
+                                h.entry(alias).or_insert(n);
+                            }
+                        }
                         h
                     });
                     match index.get(f.as_str()) {
@@ -244,6 +250,86 @@ impl Adapter {
         }
         Ok(())
     }
+}
+
+/// The original (sgm, LDM) UNet's name of each diffusers UNet weight, as
+/// Kohya flattens it (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`):
+/// the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers` and
+/// `_convert_unet_lora_key`, with the layers per block read off the base's
+/// own names.
+fn sgm_aliases(names: &[String]) -> Vec<(String, &String)> {
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    // Resnets per down block (diffusers' `layers_per_block`).
+    let per_block = names.iter().filter_map(|n| n.strip_prefix("down_blocks.0.resnets.")).filter_map(index).max().map_or(0, |m| m + 1);
+    if per_block == 0 {
+        return Vec::new();
+    }
+    // A resnet's parts under their sgm names.
+    let resnet = |rest: &str| -> String {
+        let (part, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let sgm = match part {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            other => other,
+        };
+        if tail.is_empty() { sgm.to_string() } else { format!("{sgm}.{tail}") }
+    };
+    // `down_blocks.B.KIND.L.REST` → (B, KIND, L, REST).
+    let split = |m: &str, prefix: &str| -> Option<(usize, String, usize, String)> {
+        let rest = m.strip_prefix(prefix)?;
+        let mut it = rest.splitn(4, '.');
+        let (b, kind, l, tail) = (it.next()?.parse().ok()?, it.next()?.to_string(), it.next()?.parse().ok()?, it.next().unwrap_or("").to_string());
+        Some((b, kind, l, tail))
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let Some(m) = n.strip_suffix(".weight") else { continue };
+        let sgm = match m {
+            "conv_in" => Some("input_blocks.0.0".to_string()),
+            "conv_out" => Some("out.2".to_string()),
+            "time_embedding.linear_1" => Some("time_embed.0".to_string()),
+            "time_embedding.linear_2" => Some("time_embed.2".to_string()),
+            "add_embedding.linear_1" => Some("label_emb.0.0".to_string()),
+            "add_embedding.linear_2" => Some("label_emb.0.2".to_string()),
+            _ => {
+                if let Some((b, kind, l, tail)) = split(m, "down_blocks.") {
+                    match kind.as_str() {
+                        "resnets" => Some(format!("input_blocks.{}.0.{}", 1 + b * (per_block + 1) + l, resnet(&tail))),
+                        "attentions" => Some(format!("input_blocks.{}.1.{tail}", 1 + b * (per_block + 1) + l)),
+                        "downsamplers" => Some(format!("input_blocks.{}.0.{}", (b + 1) * (per_block + 1), tail.replacen("conv", "op", 1))),
+                        _ => None,
+                    }
+                } else if let Some((b, kind, l, tail)) = split(m, "up_blocks.") {
+                    let block = b * (per_block + 1);
+                    match kind.as_str() {
+                        "resnets" => Some(format!("output_blocks.{}.0.{}", block + l, resnet(&tail))),
+                        "attentions" => Some(format!("output_blocks.{}.1.{tail}", block + l)),
+                        "upsamplers" => Some(format!("output_blocks.{}.2.{tail}", block + per_block)),
+                        _ => None,
+                    }
+                } else if let Some(rest) = m.strip_prefix("mid_block.") {
+                    let (kind, rest) = rest.split_once('.').unwrap_or((rest, ""));
+                    let (l, tail) = rest.split_once('.').unwrap_or((rest, ""));
+                    match (kind, l) {
+                        ("resnets", "0") => Some(format!("middle_block.0.{}", resnet(tail))),
+                        ("attentions", "0") => Some(format!("middle_block.1.{tail}")),
+                        ("resnets", "1") => Some(format!("middle_block.2.{}", resnet(tail))),
+                        _ => None,
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(sgm) = sgm {
+            out.push((sgm.trim_end_matches('.').replace('.', "_"), n));
+        }
+    }
+    out
 }
 
 /// The update's `[out, in…]` must have the base's element count and its
@@ -676,9 +762,6 @@ fn read_kohya(file: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Adapt
         } else {
             return Err(LoraError::Unsupported { path: file.to_path_buf(), key, why: "names no pipeline component (lora_unet_, lora_te_, lora_te1_, lora_te2_)".into() });
         };
-        if component == "unet" && (flat.starts_with("input_blocks") || flat.starts_with("middle_block") || flat.starts_with("output_blocks")) {
-            return Err(LoraError::Unsupported { path: file.to_path_buf(), key, why: "a LoRA on the original (sgm) UNet's module names (SDXL's Kohya layout) is not supported yet".into() });
-        }
         let down = tensors.remove(&key).expect("listed");
         let up_key = format!("{name}.lora_up.weight");
         let up = tensors.remove(&up_key).ok_or_else(|| LoraError::Invalid { path: file.to_path_buf(), message: format!("`{key}` has no `{up_key}`") })?;
@@ -816,6 +899,50 @@ mod tests {
     }
 
     #[test]
+    fn sgm_names_map_onto_the_diffusers_unet_as_diffusers_maps_them() {
+        // Two resnets per down block (three per up block), as SDXL.
+        let names: Vec<String> = [
+            "conv_in.weight",
+            "down_blocks.0.resnets.0.conv1.weight",
+            "down_blocks.0.resnets.1.time_emb_proj.weight",
+            "down_blocks.0.downsamplers.0.conv.weight",
+            "down_blocks.1.resnets.0.conv_shortcut.weight",
+            "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q.weight",
+            "mid_block.resnets.1.conv2.weight",
+            "mid_block.attentions.0.proj_in.weight",
+            "up_blocks.0.resnets.2.conv1.weight",
+            "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_out.0.weight",
+            "up_blocks.0.upsamplers.0.conv.weight",
+            "up_blocks.1.resnets.0.norm1.weight",
+            "time_embedding.linear_2.weight",
+            "add_embedding.linear_1.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let got: HashMap<String, String> = sgm_aliases(&names).into_iter().map(|(a, n)| (a, n.clone())).collect();
+        for (sgm, diffusers) in [
+            ("input_blocks_0_0", "conv_in"),
+            ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+            ("input_blocks_2_0_emb_layers_1", "down_blocks.0.resnets.1.time_emb_proj"),
+            ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+            ("input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
+            ("input_blocks_5_1_transformer_blocks_0_attn1_to_q", "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"),
+            ("middle_block_2_out_layers_3", "mid_block.resnets.1.conv2"),
+            ("middle_block_1_proj_in", "mid_block.attentions.0.proj_in"),
+            ("output_blocks_2_0_in_layers_2", "up_blocks.0.resnets.2.conv1"),
+            ("output_blocks_2_1_transformer_blocks_1_attn2_to_out_0", "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_out.0"),
+            // At inner index 2 whatever the block holds, as diffusers reads it.
+            ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+            ("output_blocks_3_0_in_layers_0", "up_blocks.1.resnets.0.norm1"),
+            ("time_embed_2", "time_embedding.linear_2"),
+            ("label_emb_0_0", "add_embedding.linear_1"),
+        ] {
+            assert_eq!(got.get(sgm).map(String::as_str), Some(format!("{diffusers}.weight").as_str()), "{sgm}");
+        }
+    }
+
+    #[test]
     fn fan_in_fan_out_updates_land_transposed_on_gpt2_style_weights() {
         let dir = Scratch::new("lora-fan-in");
         // GPT-2's Conv1D keeps its weight as [in, out]: here [4, 8].
@@ -846,7 +973,6 @@ mod tests {
         let (d, u) = (t(&[2, 4], 1), t(&[6, 2], 2));
         refuse(&[("lora_unet_a.lora_down.weight", d.clone()), ("lora_unet_a.lora_up.weight", u.clone()), ("lora_unet_a.dora_scale", t(&[6, 1], 3))], "DoRA");
         refuse(&[("lora_unet_a.hada_w1_a", d.clone())], "LoHa");
-        refuse(&[("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", d.clone()), ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight", u.clone())], "sgm");
         refuse(&[("unet.a.processor.to_q_lora.down.weight", d.clone())], "old attention-processor");
         refuse(&[("unet.a.lora_A.weight", d.clone()), ("unet.a.lora_magnitude_vector", t(&[6], 1))], "DoRA");
         refuse(&[("transformer.a.lora_A.weight", d.clone()), ("transformer.a.lora_B.weight", u.clone())], "names no pipeline component");

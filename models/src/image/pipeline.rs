@@ -723,6 +723,64 @@ mod tests {
         }
     }
 
+    /// An SDXL Kohya LoRA named after the original (sgm) UNet's modules, as
+    /// kohya-ss writes SDXL LoRAs (LoCon on 3x3 convolutions, a
+    /// downsampler, a time-embedding projection, a shortcut, both text
+    /// encoders; tests/fixtures/lora/sdxl.json): the UNet's and both text
+    /// encoders' outputs as diffusers computes them after
+    /// `load_lora_weights`, at two scales.
+    #[test]
+    fn an_sdxl_lora_in_sgm_names_matches_diffusers_load_lora_weights() {
+        use crate::image::clip::TextEncoder;
+        use crate::image::testing::{assert_close, ref_tensor, TOL};
+        use crate::image::unet::{AddedConditions, UNet};
+        use crate::lora::Adapter;
+        use mora_common::ModelSource;
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("lora/sdxl.json")).unwrap()).unwrap();
+        let root = fixtures.join(doc["base"].as_str().unwrap());
+        let config = PipelineConfig::read(&root, None).unwrap();
+        let input = &doc["unet_input"];
+        let (sample, context) = (ref_tensor(&input["sample"]), ref_tensor(&input["context"]));
+        let added = AddedConditions { text_embeds: ref_tensor(&input["text_embeds"]), time_ids: ref_tensor(&input["time_ids"]) };
+        let ids = |key: &str| {
+            let v: Vec<u32> = doc[key][0].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu).unwrap()
+        };
+        for case in doc["cases"].as_array().unwrap() {
+            let (adapter, scale) = (case["adapter"].as_str(), case["scale"].as_f64().unwrap());
+            let what = format!("{} x{scale}", adapter.unwrap_or("base"));
+            let read = adapter.map(|a| Adapter::read(&fixtures.join("lora").join(a)).unwrap());
+            let part = |c: &str| {
+                let mut files = read_files(ModelSource::dir(&root).component(c));
+                if let Some(a) = &read {
+                    let shapes: std::collections::HashMap<String, Vec<usize>> = files.0.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+                    let mut names: Vec<String> = shapes.keys().cloned().collect();
+                    names.sort();
+                    a.resolve(c, c, &names, |n| shapes.get(n).cloned(), scale, &mut files.1).unwrap();
+                    if c == "unet" {
+                        // Every module diffusers gave a LoRA layer gets its update.
+                        let targets: Vec<String> = doc["targets"][c].as_array().unwrap().iter().map(|t| format!("{}.weight", t.as_str().unwrap())).collect();
+                        let mut got: Vec<String> = files.1.keys().cloned().collect();
+                        got.sort();
+                        let mut want = targets.clone();
+                        want.sort();
+                        assert_eq!(got, want, "{what}: targets");
+                    }
+                }
+                files
+            };
+            let unet = UNet::new(part("unet").var_builder(DType::F32), &config.unet).unwrap();
+            let out = unet.forward(&sample, input["timestep"].as_f64().unwrap(), &context, Some(&added)).unwrap();
+            assert_close(&format!("{what}: unet"), &out, &ref_tensor(&case["unet"]), TOL);
+            for (i, (c, key)) in [("text_encoder", "text_input_ids"), ("text_encoder_2", "text_input_ids_2")].into_iter().enumerate() {
+                let enc = TextEncoder::new(part(c).var_builder(DType::F32), &config.text[i].config).unwrap();
+                let hidden = enc.forward(&ids(key)).unwrap().last_hidden_state;
+                assert_close(&format!("{what}: {c}"), &hidden, &ref_tensor(&case[c]), TOL);
+            }
+        }
+    }
+
     #[test]
     fn a_png_reads_back_as_written() {
         let image = RgbImage { width: 3, height: 2, pixels: (0..18).map(|i| (i * 14) as u8).collect() };
