@@ -117,10 +117,8 @@ pub fn deltas(applied: &[Applied], component: &str, what: &str, shapes: &HashMap
     if applied.is_empty() {
         return Ok(into);
     }
-    let mut names: Vec<String> = shapes.keys().cloned().collect();
-    names.sort();
     for a in applied {
-        a.adapter.resolve(component, what, &names, |n| shapes.get(n).cloned(), a.spec.scale, &mut into)?;
+        a.adapter.resolve(component, what, shapes, a.spec.scale, &mut into)?;
     }
     Ok(into)
 }

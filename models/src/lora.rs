@@ -191,11 +191,11 @@ impl Adapter {
         c
     }
 
-    /// Matches the modules of `component` to the base's tensors:
-    /// `shape(name)` is the base tensor's shape, `None` when it has none;
-    /// `names` every base tensor name (Kohya's flattened paths are matched
-    /// against them). `scale` is the run's (diffusers' `lora_scale`).
-    pub fn resolve(&self, component: &str, what: &str, names: &[String], shape: impl Fn(&str) -> Option<Vec<usize>>, scale: f64, into: &mut Deltas) -> Result<(), LoraError> {
+    /// Matches the modules of `component` to the base's tensors, `base`
+    /// (every tensor's name and shape; Kohya's flattened paths are matched
+    /// against the names). `scale` is the run's (diffusers' `lora_scale`).
+    pub fn resolve(&self, component: &str, what: &str, base: &HashMap<String, Vec<usize>>, scale: f64, into: &mut Deltas) -> Result<(), LoraError> {
+        let shape = |n: &str| base.get(n).cloned();
         let mut flat: Option<HashMap<String, &String>> = None;
         for m in self.modules.iter().filter(|m| m.component == component) {
             let unknown = |target: &str| LoraError::UnknownTarget { path: self.file.clone(), key: m.key.clone(), target: target.to_string(), component: what.to_string() };
@@ -219,8 +219,11 @@ impl Adapter {
                 }
                 Target::Flat(f) => {
                     let index = flat.get_or_insert_with(|| {
+                        // In name order, so that which name an alias keeps is fixed.
+                        let mut names: Vec<&String> = base.keys().collect();
+                        names.sort();
                         let mut h = HashMap::new();
-                        for n in names {
+                        for &n in &names {
                             if let Some(module) = n.strip_suffix(".weight") {
                                 h.insert(module.replace('.', "_"), n);
                                 if let Some(rest) = module.strip_prefix("text_model.") {
@@ -232,7 +235,7 @@ impl Adapter {
                         }
                         // Kohya's SDXL LoRAs name the original (sgm) UNet's modules.
                         if component == "unet" {
-                            for (alias, n) in sgm_aliases(names) {
+                            for (alias, n) in sgm_aliases(&names) {
                                 h.entry(alias).or_insert(n);
                             }
                         }
@@ -257,7 +260,7 @@ impl Adapter {
 /// the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers` and
 /// `_convert_unet_lora_key`, with the layers per block read off the base's
 /// own names.
-fn sgm_aliases(names: &[String]) -> Vec<(String, &String)> {
+fn sgm_aliases<'a>(names: &[&'a String]) -> Vec<(String, &'a String)> {
     let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
     // Resnets per down block (diffusers' `layers_per_block`).
     let per_block = names.iter().filter_map(|n| n.strip_prefix("down_blocks.0.resnets.")).filter_map(index).max().map_or(0, |m| m + 1);
@@ -286,7 +289,7 @@ fn sgm_aliases(names: &[String]) -> Vec<(String, &String)> {
         Some((b, kind, l, tail))
     };
     let mut out = Vec::new();
-    for n in names {
+    for &n in names {
         let Some(m) = n.strip_suffix(".weight") else { continue };
         let sgm = match m {
             "conv_in" => Some("input_blocks.0.0".to_string()),
@@ -805,19 +808,15 @@ mod tests {
         .collect()
     }
 
-    fn shapes(b: &HashMap<String, Tensor>) -> (Vec<String>, HashMap<String, Vec<usize>>) {
-        let s: HashMap<String, Vec<usize>> = b.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
-        let mut names: Vec<String> = s.keys().cloned().collect();
-        names.sort();
-        (names, s)
+    fn shapes(b: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
+        b.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect()
     }
 
     /// The merged weight `name` of `adapter` over [`base`] at `scale`.
     fn merged_weight(adapter: &Adapter, component: &str, scale: f64, name: &str) -> Tensor {
         let b = base();
-        let (names, s) = shapes(&b);
         let mut deltas = Deltas::new();
-        adapter.resolve(component, "the base", &names, |n| s.get(n).cloned(), scale, &mut deltas).unwrap();
+        adapter.resolve(component, "the base", &shapes(&b), scale, &mut deltas).unwrap();
         let vb = merged(VarBuilder::from_tensors(b.clone(), DType::F32, &Device::Cpu), deltas);
         vb.get(b[name].dims(), name).unwrap()
     }
@@ -920,7 +919,7 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let got: HashMap<String, String> = sgm_aliases(&names).into_iter().map(|(a, n)| (a, n.clone())).collect();
+        let got: HashMap<String, String> = sgm_aliases(&names.iter().collect::<Vec<_>>()).into_iter().map(|(a, n)| (a, n.clone())).collect();
         for (sgm, diffusers) in [
             ("input_blocks_0_0", "conv_in"),
             ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
@@ -953,9 +952,8 @@ mod tests {
         let a = Adapter::read(&dir).unwrap();
         let mut b = base();
         b.insert(name.into(), t(&[4, 8], 5));
-        let (names, s) = shapes(&b);
         let mut deltas = Deltas::new();
-        a.resolve("", "the base", &names, |n| s.get(n).cloned(), 1.0, &mut deltas).unwrap();
+        a.resolve("", "the base", &shapes(&b), 1.0, &mut deltas).unwrap();
         let got = merged(VarBuilder::from_tensors(b.clone(), DType::F32, &Device::Cpu), deltas).get((4, 8), name).unwrap();
         let want = (&b[name] + u.matmul(&d).unwrap().t().unwrap()).unwrap();
         assert!(max_diff(&got, &want) < 1e-6);
@@ -1005,8 +1003,7 @@ mod tests {
         let file = dir.join("pytorch_lora_weights.safetensors");
         let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight";
         let resolve = |a: &Adapter| {
-            let (names, s) = shapes(&base());
-            a.resolve("unet", "the UNet", &names, |n| s.get(n).cloned(), 1.0, &mut Deltas::new()).unwrap_err().to_string()
+            a.resolve("unet", "the UNet", &shapes(&base()), 1.0, &mut Deltas::new()).unwrap_err().to_string()
         };
         save(&file, &[(key, t(&[2, 5], 1)), (&key.replace("lora_A", "lora_B"), t(&[6, 2], 2))]);
         let e = resolve(&Adapter::read(&dir).unwrap());

@@ -569,6 +569,12 @@ mod tests {
         }
     }
 
+    impl Files {
+        fn shapes(&self) -> std::collections::HashMap<String, Vec<usize>> {
+            self.0.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect()
+        }
+    }
+
     fn read_files(source: mora_common::ModelSource) -> Files {
         let mut tensors = std::collections::HashMap::new();
         for file in source.resolve().unwrap().weights {
@@ -680,10 +686,7 @@ mod tests {
                 .map(|c| {
                     let mut files = read_files(ModelSource::dir(&root).component(c));
                     if let Some(a) = &read {
-                        let shapes: std::collections::HashMap<String, Vec<usize>> = files.0.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
-                        let mut names: Vec<String> = shapes.keys().cloned().collect();
-                        names.sort();
-                        a.resolve(c, c, &names, |n| shapes.get(n).cloned(), scale, &mut files.1).unwrap();
+                        a.resolve(c, c, &files.shapes(), scale, &mut files.1).unwrap();
                     }
                     (c, files)
                 })
@@ -754,10 +757,7 @@ mod tests {
             let part = |c: &str| {
                 let mut files = read_files(ModelSource::dir(&root).component(c));
                 if let Some(a) = &read {
-                    let shapes: std::collections::HashMap<String, Vec<usize>> = files.0.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
-                    let mut names: Vec<String> = shapes.keys().cloned().collect();
-                    names.sort();
-                    a.resolve(c, c, &names, |n| shapes.get(n).cloned(), scale, &mut files.1).unwrap();
+                    a.resolve(c, c, &files.shapes(), scale, &mut files.1).unwrap();
                     if c == "unet" {
                         // Every module diffusers gave a LoRA layer gets its update.
                         let targets: Vec<String> = doc["targets"][c].as_array().unwrap().iter().map(|t| format!("{}.weight", t.as_str().unwrap())).collect();
