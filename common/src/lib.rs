@@ -19,6 +19,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod protocol;
+pub mod safetensors;
 pub mod segment;
 pub mod units;
 

@@ -127,35 +127,10 @@ pub fn deltas(applied: &[Applied], component: &str, what: &str, shapes: &HashMap
 pub fn header_shapes(files: &[PathBuf]) -> Result<HashMap<String, Vec<usize>>, LoraStepError> {
     let mut shapes = HashMap::new();
     for file in files {
-        let fail = |message: String| LoraStepError::BaseHeader { file: file.clone(), message };
-        let header = read_header(file).map_err(fail)?;
-        for (name, info) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let shape = info
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| fail(format!("tensor `{name}` has no shape")))?;
-            shapes.insert(name, shape);
-        }
+        let header = mora_common::safetensors::read_header(file).map_err(|e| LoraStepError::BaseHeader { file: file.clone(), message: e.reason() })?;
+        shapes.extend(mora_common::safetensors::shapes(&header));
     }
     Ok(shapes)
-}
-
-fn read_header(file: &Path) -> Result<serde_json::Map<String, serde_json::Value>, String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(file).map_err(|e| e.to_string())?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| e.to_string())?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(format!("a header of {len} bytes"));
-    }
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&buf).map_err(|e| e.to_string())
 }
 
 /// What a step's JSON records of its adapters, to make the result again.

@@ -469,23 +469,12 @@ pub fn read_tensors(file: &Path) -> Result<HashMap<String, Tensor>, LoraError> {
 
 /// A safetensors file's `__metadata__`, from its header alone.
 fn metadata(file: &Path) -> Result<Map<String, Value>, LoraError> {
-    use std::io::Read;
-    let invalid = |message: String| LoraError::Invalid { path: file.to_path_buf(), message };
-    let read_err = |source| LoraError::Read { path: file.to_path_buf(), source };
-    let mut f = std::fs::File::open(file).map_err(read_err)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| invalid("not a safetensors file (its header is cut short)".into()))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(invalid("not a safetensors file (its header is cut short)".into()));
+    use mora_common::safetensors::{self, HeaderError};
+    match safetensors::read_header(file) {
+        Ok(header) => Ok(safetensors::metadata(&header)),
+        Err(HeaderError::Read { source, .. }) => Err(LoraError::Read { path: file.to_path_buf(), source }),
+        Err(e) => Err(LoraError::Invalid { path: file.to_path_buf(), message: format!("not a safetensors file: {}", e.reason()) }),
     }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|_| invalid("not a safetensors file (its header is cut short)".into()))?;
-    let header: Map<String, Value> = serde_json::from_slice(&header).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
-    Ok(match header.get("__metadata__") {
-        Some(Value::Object(m)) => m.clone(),
-        _ => Map::new(),
-    })
 }
 
 /// The scalar of a 0-d (or 1-element) alpha tensor.

@@ -17,21 +17,6 @@ use crate::Env;
 /// The LoRAs' rank.
 const RANK: usize = 16;
 
-/// Tensor names and shapes of a safetensors file, from its header.
-fn header(file: &Path) -> Result<Vec<(String, Vec<usize>)>, String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| format!("{}: {e}", file.display()))?;
-    let mut buf = vec![0u8; u64::from_le_bytes(len) as usize];
-    f.read_exact(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
-    let h: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok(h.into_iter()
-        .filter(|(k, _)| k != "__metadata__")
-        .map(|(k, v)| (k, v["shape"].as_array().map(|a| a.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect()).unwrap_or_default()))
-        .collect())
-}
-
 /// Deterministic values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -63,7 +48,10 @@ fn kohya_lora(config: &Config, pipeline: &Path, seed: u64) -> Result<PathBuf, St
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .ok_or_else(|| format!("{}: no safetensors", dir.display()))?;
-        for (k, (name, shape)) in header(&weights)?.into_iter().enumerate() {
+        let header = mora_common::safetensors::read_header(&weights).map_err(|e| e.to_string())?;
+        let mut tensors_in: Vec<(String, Vec<usize>)> = mora_common::safetensors::shapes(&header).into_iter().collect();
+        tensors_in.sort();
+        for (k, (name, shape)) in tensors_in.into_iter().enumerate() {
             let Some(module) = name.strip_suffix(".weight") else { continue };
             if shape.len() != 2 || !targets.iter().any(|t| module.ends_with(&format!(".{t}"))) {
                 continue;
