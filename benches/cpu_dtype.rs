@@ -211,8 +211,9 @@ fn tokens(args: &Args) {
 }
 
 fn main() {
-    // As `mora-exec` does first: candle's thread count worked out once, not on every matmul.
-    mora_exec::threads::settle();
+    // As `mora-exec` does first: candle's thread count worked out once (not on
+    // every matmul) and its elementwise workers' spin limit.
+    mora_models::threads::settle();
     let args = Args::parse();
     println!("## CPU compute: bf16 against f32 (`cargo bench --bench cpu_dtype -- --repeats {}`)", args.repeats);
     println!("\n{} CPU threads, candle 0.11.", std::thread::available_parallelism().map_or(1, |n| n.get()));

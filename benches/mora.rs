@@ -71,6 +71,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The in-process timings (scenario 8's forwards) run candle as a run
+    // would; the thread count stays the user's, for every contender.
+    mora_models::threads::settle_spin();
     let args = Args::parse();
     let mut config = Config::full();
     if args.smoke {

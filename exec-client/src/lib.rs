@@ -35,7 +35,6 @@ pub mod repl;
 pub mod run;
 pub mod tasks;
 pub mod template;
-pub mod threads;
 pub mod watch;
 pub mod weights;
 pub mod workflow;

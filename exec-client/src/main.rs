@@ -143,7 +143,7 @@ static ALLOCATOR: mora_exec::lent::LentAware = mora_exec::lent::LentAware;
 fn main() -> ExitCode {
     mora_exec::phases::start();
     // Before any thread starts: the environment is not safe to change after.
-    mora_exec::threads::settle();
+    mora_models::threads::settle();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")

@@ -26,6 +26,8 @@ fn weights(root: &Path, component: &str) -> VarBuilder<'static> {
 }
 
 fn main() -> candle_core::Result<()> {
+    // As `mora-exec` does, before any thread starts.
+    mora_models::threads::settle();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [root, component, latent, repeats] = args.as_slice() else {
         eprintln!("usage: image_forward PIPELINE text_encoder|unet|vae_decoder LATENT REPEATS");

@@ -15,7 +15,9 @@
 //!   them over a base's weights without writing to the base;
 //! - [`synth`] writes deterministic random-weight checkpoints of every
 //!   family in the layouts the reference libraries read, for tests and
-//!   benchmarks.
+//!   benchmarks;
+//! - [`threads`] settles, once per process, how candle's CPU kernels use
+//!   the cores.
 //!
 //! The crate knows nothing of workflows, of the daemon or of how weights
 //! reach it: every network is built on a candle `VarBuilder`, whatever backs
@@ -27,3 +29,4 @@ pub mod image;
 pub mod lm_config;
 pub mod lora;
 pub mod synth;
+pub mod threads;

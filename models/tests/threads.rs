@@ -30,7 +30,7 @@ fn read_by_matmuls(n: usize) -> u64 {
 
 #[test]
 fn settled_thread_count_keeps_candles_count_and_matmuls_read_no_files() {
-    std::env::remove_var(mora_exec::threads::VAR);
+    std::env::remove_var(mora_models::threads::VAR);
     let count = candle_core::utils::get_num_threads();
     read_by_matmuls(1); // thread pools start, reading what they read once
     let unsettled = read_by_matmuls(8);
@@ -39,13 +39,13 @@ fn settled_thread_count_keeps_candles_count_and_matmuls_read_no_files() {
         "candle no longer reads files on each matmul; threads::settle can go (read {unsettled} bytes)"
     );
 
-    assert!(mora_exec::threads::settle());
-    assert_eq!(std::env::var(mora_exec::threads::VAR).unwrap(), count.to_string());
+    assert!(mora_models::threads::settle().contains(&mora_models::threads::VAR));
+    assert_eq!(std::env::var(mora_models::threads::VAR).unwrap(), count.to_string());
     assert_eq!(candle_core::utils::get_num_threads(), count, "candle's own count, unchanged");
     assert_eq!(read_by_matmuls(8), 0, "a matmul read files with the count settled");
 
     // A count the user set is theirs.
-    std::env::set_var(mora_exec::threads::VAR, "3");
-    assert!(!mora_exec::threads::settle());
+    std::env::set_var(mora_models::threads::VAR, "3");
+    assert!(!mora_models::threads::settle().contains(&mora_models::threads::VAR));
     assert_eq!(candle_core::utils::get_num_threads(), 3);
 }
