@@ -28,6 +28,7 @@ pub mod chat;
 pub mod cuda;
 pub mod daemon;
 pub mod generate;
+pub mod heap;
 pub mod lent;
 pub mod lora;
 pub mod phases;

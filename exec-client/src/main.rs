@@ -144,6 +144,7 @@ fn main() -> ExitCode {
     mora_exec::phases::start();
     // Before any thread starts: the environment is not safe to change after.
     mora_models::threads::settle();
+    mora_exec::heap::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MORA_LOG")

@@ -50,7 +50,8 @@ DEFAULT_PRELOAD = (
 )
 
 # Variables read when a module is imported (huggingface_hub's constants,
-# torch's and the BLAS libraries' settings at load, Python's own): a server
+# torch's and the BLAS libraries' settings at load, Python's own) or when
+# the server starts (glibc's malloc settings): a server
 # is made for one set of their values, since a forked run inherits what its
 # imports read.
 IMPORT_TIME_ENV_PREFIXES = (
@@ -67,6 +68,8 @@ IMPORT_TIME_ENV_PREFIXES = (
     "MKL_",
     "OPENBLAS_",
     "LD_",
+    "GLIBC_TUNABLES",
+    "MALLOC_",
     "TOKENIZERS_",
     "XDG_CACHE_HOME",
 )

@@ -246,3 +246,34 @@ def test_torch_threads_and_cuda_start_in_the_run_not_the_server(tmp_path):
         assert out["torch_threads"] == out["cpus"] and out["ok"], out
     finally:
         r.stop()
+
+
+FAULTS = """
+    import json, resource
+
+    def faults_of_blocks(n, size):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for i in range(n):
+            b = bytearray(size)
+            b[::4096] = b"x" * len(range(0, size, 4096))  # every page written
+            del b
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_blocks(1, 48 << 20)  # the heap grows once
+    print(json.dumps({"faults": faults_of_blocks(4, 48 << 20), "pages": (48 << 20) // 4096}))
+"""
+
+
+def test_a_run_reuses_the_memory_it_frees_unless_the_user_configured_malloc(runner, tmp_path):
+    # glibc maps a 48 MiB block afresh on each allocation by default: every
+    # page faulted in again. The server has malloc keep freed memory, and the
+    # runs inherit it.
+    s = runner.script("faults.py", FAULTS)
+    out = report(runner.run(str(s)))
+    assert out["faults"] < out["pages"] // 4, out
+    log = (tmp_path / "rt").glob("run-*.log")
+    assert any("malloc keeps freed memory" in p.read_text() for p in log)
+    # A malloc setting of the user's is theirs (and makes a server of its own).
+    env = dict(runner.env, MALLOC_TRIM_THRESHOLD_="131072")
+    out = report(runner.run(str(s), env=env))
+    assert out["faults"] >= 3 * out["pages"], out
