@@ -7,7 +7,7 @@
 //! 128 KiB or more lies free there. A network's activations are exactly such
 //! blocks, allocated and freed layer after layer: each one fresh pages, each
 //! page faulted in and zeroed by the kernel. A warm 256x256 image run made
-//! about 390 000 page faults and spent 1.4 s of its 9 s of CPU in the
+//! about 390 000 page faults and spent 1.4 s of its 8 s of CPU time in the
 //! kernel. A run is a short-lived process, so `mora-exec` has malloc serve
 //! blocks up to [`MMAP_THRESHOLD`] from its heap and keep what is freed
 //! ([`TRIM_THRESHOLD`]): freed activations are reused by the next layer
