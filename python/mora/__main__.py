@@ -21,13 +21,15 @@ stdin, stdout and stderr; its exit status comes back as this process's, and
 a script killed by a signal kills this one with the same signal. SIGINT,
 SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent here go to the script's
 process group. Each run is its own process: a crash or a leak in one never
-reaches the next.
+reaches the next. Runs keep the memory they free for reuse (glibc's malloc:
+no fresh mapping per large block, no trimming) unless MALLOC_* or a
+glibc.malloc tunable in GLIBC_TUNABLES is set.
 
 The warm interpreter (the run server) starts on first use, saying so in one
 line on stderr, and listens beside the Mora daemon's socket
 ($MORA_SOCKET's directory, else $XDG_RUNTIME_DIR/mora, else /tmp/mora-$UID):
 one per Python interpreter, MORA_PRELOAD and import-time environment
-(PYTHON*, HF_*, TORCH*, OMP_*, ...). It is replaced when a preloaded
+(PYTHON*, HF_*, TORCH*, OMP_*, MALLOC_*, ...). It is replaced when a preloaded
 package, or this package, changes on disk, and exits after MORA_RUN_IDLE
 seconds without a run (default 3600; 0: never).
 
