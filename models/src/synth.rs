@@ -208,6 +208,20 @@ fn fit(arch: Family, vocab: usize, target_params: u64) -> Dims {
     best
 }
 
+/// `n` deterministic values in [-scale, scale) from `seed` (xorshift64):
+/// the inputs of the kernels' tests and the adapters the benchmarks write.
+pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
 /// splitmix64: a tiny, fast, well-mixed generator; enough for weights.
 struct SplitMix(u64);
 

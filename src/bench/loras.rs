@@ -17,19 +17,6 @@ use crate::Env;
 /// The LoRAs' rank.
 const RANK: usize = 16;
 
-/// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
-        .collect()
-}
-
 /// A Kohya-format LoRA (`lora_unet_*`, `lora_te_*`, rank [`RANK`], alpha
 /// = rank) over every attention projection of the pipeline's UNet and text
 /// encoder, written once.
@@ -39,7 +26,7 @@ fn kohya_lora(config: &Config, pipeline: &Path, seed: u64) -> Result<PathBuf, St
         return Ok(file);
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let t = |shape: &[usize], seed: u64| Tensor::from_vec(values(shape.iter().product(), seed, 0.02), shape, &Device::Cpu).map_err(|e| e.to_string());
+    let t = |shape: &[usize], seed: u64| Tensor::from_vec(mora_models::synth::uniform(shape.iter().product(), seed, 0.02), shape, &Device::Cpu).map_err(|e| e.to_string());
     for (component, prefix, targets) in [("unet", "lora_unet_", &["to_q", "to_k", "to_v", "to_out.0"][..]), ("text_encoder", "lora_te_", &["q_proj", "k_proj", "v_proj", "out_proj"][..])] {
         let dir = pipeline.join(component);
         let weights = std::fs::read_dir(&dir)

@@ -42,13 +42,5 @@ pub(crate) const TOL: f32 = 1e-5;
 
 /// Deterministic values in [-1, 1), for the kernels' tests.
 pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    crate::synth::uniform(n, seed, 1.0)
 }
