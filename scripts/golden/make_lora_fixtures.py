@@ -283,31 +283,50 @@ def make_kohya_adapter(pipe, out_dir):
             targets.append(("text_encoder", name))
     rank, alpha = 4, 2.0
     g = torch.Generator().manual_seed(21)
-    sd, deltas = {}, {"unet": {}, "text_encoder": {}}
+
+    def prefix(component, name):
+        if component == "unet":
+            return "lora_unet_" + name.replace(".", "_")
+        return "lora_te_" + kohya_te_path(name)
+
+    _, deltas = write_kohya(pipe, targets, prefix, rank, alpha, g, out_dir)
+    return "lora.safetensors", deltas
+
+
+def kohya_te_path(name):
+    """A CLIP text encoder module's path as Kohya writes it: from
+    CLIPTextModel's `text_model` level, which transformers 5 no longer has."""
+    path = name if name.startswith("text_model.") else "text_model." + name
+    return path.replace(".", "_")
+
+
+def write_kohya(pipe, targets, prefix, rank, alpha, g, out_dir):
+    """Writes out_dir/lora.safetensors in Kohya's format: for each (component,
+    module) of `targets`, seeded lora_down/lora_up (LoCon on a convolution: a
+    kernel-shaped down, a 1x1 up) and alpha under `prefix(component, module)`.
+    Returns {prefix: (component, module)} and {component: {module: (down, up,
+    alpha / rank)}}."""
+    sd, names = {}, {}
+    deltas = {component: {} for component, _ in targets}
     for component, name in targets:
-        model = unet if component == "unet" else te
-        w = model.get_submodule(name).weight
+        w = getattr(pipe, component).get_submodule(name).weight
         if w.dim() == 4:
-            down = torch.randn((rank, w.shape[1], w.shape[2], w.shape[3]), generator=g) / (w[0].numel()) ** 0.5
+            down = torch.randn((rank, *w.shape[1:]), generator=g) / (w[0].numel()) ** 0.5
             up = torch.randn((w.shape[0], rank, 1, 1), generator=g) * 0.5
         else:
             down = torch.randn((rank, w.shape[1]), generator=g) / w.shape[1] ** 0.5
             up = torch.randn((w.shape[0], rank), generator=g) * 0.5
-        if component == "unet":
-            prefix = "lora_unet_" + name.replace(".", "_")
-        else:
-            # Kohya names the CLIP text encoder's modules from CLIPTextModel's
-            # `text_model` level, which transformers 5 no longer has.
-            path = name if name.startswith("text_model.") else "text_model." + name
-            prefix = "lora_te_" + path.replace(".", "_")
-        sd[f"{prefix}.lora_down.weight"] = down.contiguous()
-        sd[f"{prefix}.lora_up.weight"] = up.contiguous()
-        sd[f"{prefix}.alpha"] = torch.tensor(alpha)
+        key = prefix(component, name)
+        assert key not in names, key
+        names[key] = (component, name)
+        sd[f"{key}.lora_down.weight"] = down.contiguous()
+        sd[f"{key}.lora_up.weight"] = up.contiguous()
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
         deltas[component][name] = (down, up, alpha / rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     save_file(sd, os.path.join(out_dir, "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
-    return "lora.safetensors", deltas
+    return names, deltas
 
 
 def scaled(deltas, scale):
@@ -487,30 +506,13 @@ def make_sdxl_kohya_adapter(pipe, out_dir):
                 targets.append((component, name))
     rank, alpha = 4, 2.0
     g = torch.Generator().manual_seed(31)
-    sd, names = {}, {}
-    deltas = {"unet": {}, "text_encoder": {}, "text_encoder_2": {}}
-    for component, name in targets:
-        w = getattr(pipe, component).get_submodule(name).weight
-        if w.dim() == 4:
-            down = torch.randn((rank, *w.shape[1:]), generator=g) / (w[0].numel()) ** 0.5
-            up = torch.randn((w.shape[0], rank, 1, 1), generator=g) * 0.5
-        else:
-            down = torch.randn((rank, w.shape[1]), generator=g) / w.shape[1] ** 0.5
-            up = torch.randn((w.shape[0], rank), generator=g) * 0.5
+
+    def prefix(component, name):
         if component == "unet":
-            prefix = "lora_unet_" + sgm_name(name, L).replace(".", "_")
-        else:
-            path = name if name.startswith("text_model.") else "text_model." + name
-            prefix = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + path.replace(".", "_")
-        assert prefix not in names, prefix
-        names[prefix] = (component, name)
-        sd[f"{prefix}.lora_down.weight"] = down.contiguous()
-        sd[f"{prefix}.lora_up.weight"] = up.contiguous()
-        sd[f"{prefix}.alpha"] = torch.tensor(alpha)
-        deltas[component][name] = (down, up, alpha / rank)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
-    save_file(sd, os.path.join(out_dir, "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+            return "lora_unet_" + sgm_name(name, L).replace(".", "_")
+        return ("lora_te1_" if component == "text_encoder" else "lora_te2_") + kohya_te_path(name)
+
+    names, deltas = write_kohya(pipe, targets, prefix, rank, alpha, g, out_dir)
     return "lora.safetensors", deltas, names
 
 
