@@ -259,11 +259,38 @@ fn without_the_flag_no_port_is_open() {
 
 /// Sockets among a process's descriptors.
 fn open_sockets(pid: u32) -> usize {
+    socket_inodes(pid).len()
+}
+
+/// The inodes of the sockets the daemon holds open.
+fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the daemon's descriptors")
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter(|t| t.to_str().is_some_and(|t| t.starts_with("socket:[")))
+        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_string()))
+        .collect()
+}
+
+/// How many connections to the metrics port `addr` the daemon has accepted
+/// and holds: its sockets that the kernel's TCP tables list with that local
+/// port, the listener left out. Counted this way, a socket the daemon opens
+/// or closes for anything else (a client of its own socket that has not yet
+/// hung up) cannot move the figure.
+fn accepted_connections(pid: u32, addr: &str) -> usize {
+    let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).expect("a port in the metrics address");
+    let held = socket_inodes(pid);
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|table| table.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            const LISTEN: &str = "0A";
+            local_port == Some(port) && fields.get(3) != Some(&LISTEN) && fields.get(9).is_some_and(|inode| held.contains(*inode))
+        })
         .count()
 }
 
@@ -289,20 +316,26 @@ fn a_thousand_idle_connections_leave_scrapes_and_probes_answered() {
     let env = Env::with_daemon_args("metrics-idle", &["--metrics", "127.0.0.1:0"]);
     let addr = metrics_addr(&env);
     let pid = env.daemon_pid().unwrap();
-    let before = open_sockets(pid);
+    assert_eq!(accepted_connections(pid, &addr), 0, "connections to the metrics port before the test opened any");
     // Opened a hundred at a time, each hundred accepted before the next: a
     // thousand at once overflow the listen backlog on a loaded machine, and
     // the retried handshakes can take longer than the idle ones' 10 s
     // deadline, so that they are never all open together.
     let mut idle: Vec<TcpStream> = Vec::with_capacity(IDLE);
-    for batch in 0..IDLE / 100 {
+    for _ in 0..IDLE / 100 {
         idle.extend((0..100).map(|_| TcpStream::connect(&addr).expect("open an idle connection")));
-        let accepted = || open_sockets(pid) >= before + 100 * (batch + 1);
-        assert!(wait_until(Duration::from_secs(5), accepted), "after {} connections the daemon holds {} sockets", idle.len(), open_sockets(pid));
+        let accepted = || accepted_connections(pid, &addr) >= idle.len();
+        assert!(
+            wait_until(Duration::from_secs(5), accepted),
+            "after {} connections the daemon has accepted {} (it holds {} sockets)",
+            idle.len(),
+            accepted_connections(pid, &addr),
+            open_sockets(pid)
+        );
     }
     // Every one of them accepted and held open by the daemon.
-    let held = || open_sockets(pid) >= before + IDLE;
-    assert!(wait_until(Duration::from_secs(5), held), "the daemon holds {} sockets", open_sockets(pid));
+    let held = || accepted_connections(pid, &addr) >= IDLE;
+    assert!(held(), "the daemon holds {} of the {IDLE} idle connections", accepted_connections(pid, &addr));
 
     // Answered at once, not after the idle ones' 10 s deadline.
     let started = Instant::now();
