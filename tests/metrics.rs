@@ -226,23 +226,29 @@ fn a_metrics_address_that_cannot_be_bound_is_one_line_at_start() {
     }
 }
 
+/// The TCP state the kernel's tables give a listening socket.
+const LISTEN: &str = "0A";
+
+/// The TCP sockets among a process's descriptors: each one's local port and
+/// state, as the kernel's tables (`/proc/PID/net/tcp`, `tcp6`) list them.
+fn tcp_sockets(pid: u32) -> Vec<(u16, String)> {
+    let held = socket_inodes(pid);
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default().lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|row| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let port = u16::from_str_radix(cols.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let state = cols.get(3)?.to_string();
+            held.contains(*cols.get(9)?).then_some((port, state))
+        })
+        .collect()
+}
+
 /// TCP sockets in LISTEN state among a process's descriptors.
 fn tcp_listeners(pid: u32) -> usize {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the daemon's descriptors")
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|t| t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
-        .collect();
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .flat_map(|table| std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_string).collect::<Vec<_>>())
-        .filter(|row| {
-            let cols: Vec<&str> = row.split_whitespace().collect();
-            // sl local remote st ... inode (the tenth column)
-            cols.get(3) == Some(&"0A") && cols.get(9).is_some_and(|inode| inodes.iter().any(|i| i == inode))
-        })
-        .count()
+    tcp_sockets(pid).iter().filter(|(_, state)| state == LISTEN).count()
 }
 
 #[test]
@@ -262,7 +268,7 @@ fn open_sockets(pid: u32) -> usize {
     socket_inodes(pid).len()
 }
 
-/// The inodes of the sockets the daemon holds open.
+/// The inodes of the sockets a process holds open.
 fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the daemon's descriptors")
@@ -273,25 +279,13 @@ fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
 }
 
 /// How many connections to the metrics port `addr` the daemon has accepted
-/// and holds: its sockets that the kernel's TCP tables list with that local
-/// port, the listener left out. Counted this way, a socket the daemon opens
-/// or closes for anything else (a client of its own socket that has not yet
-/// hung up) cannot move the figure.
+/// and holds: its TCP sockets on that local port, the listener left out.
+/// Counted this way, a socket the daemon opens or closes for anything else
+/// (a client of its own socket that has not yet hung up) cannot move the
+/// figure.
 fn accepted_connections(pid: u32, addr: &str) -> usize {
     let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).expect("a port in the metrics address");
-    let held = socket_inodes(pid);
-    ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
-        .flat_map(|table| table.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
-        .filter(|line| {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            const LISTEN: &str = "0A";
-            local_port == Some(port) && fields.get(3) != Some(&LISTEN) && fields.get(9).is_some_and(|inode| held.contains(*inode))
-        })
-        .count()
+    tcp_sockets(pid).iter().filter(|(p, state)| *p == port && state != LISTEN).count()
 }
 
 /// Raises this process's soft limit on open files to at least `want` (up to
