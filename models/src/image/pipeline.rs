@@ -575,6 +575,32 @@ mod tests {
         }
     }
 
+    /// A LoRA parity fixture (`tests/fixtures/lora/NAME.json`): the fixtures
+    /// folder, the reference's document, and its base pipeline's root and
+    /// config.
+    fn lora_fixture(name: &str) -> (std::path::PathBuf, serde_json::Value, std::path::PathBuf, PipelineConfig) {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("lora").join(name)).unwrap()).unwrap();
+        let root = fixtures.join(doc["base"].as_str().unwrap());
+        let config = PipelineConfig::read(&root, None).unwrap();
+        (fixtures, doc, root, config)
+    }
+
+    /// The first row of the token ids under `key` in a fixture's document, as a (1, n) tensor.
+    fn fixture_ids(doc: &serde_json::Value, key: &str) -> Tensor {
+        let ids: Vec<u32> = doc[key][0].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap()
+    }
+
+    /// Component `c` of the pipeline at `root`, with `adapter` (if any) applied at `scale`.
+    fn adapted_files(root: &std::path::Path, c: &str, adapter: Option<&crate::lora::Adapter>, scale: f64) -> Files {
+        let mut files = read_files(mora_common::ModelSource::dir(root).component(c));
+        if let Some(a) = adapter {
+            a.resolve(c, c, &files.shapes(), scale, &mut files.1).unwrap();
+        }
+        files
+    }
+
     fn read_files(source: mora_common::ModelSource) -> Files {
         let mut tensors = std::collections::HashMap::new();
         for file in source.resolve().unwrap().weights {
@@ -673,29 +699,14 @@ mod tests {
         use crate::image::testing::{assert_close, ref_tensor, TOL};
         use crate::image::unet::UNet;
         use crate::lora::Adapter;
-        use mora_common::ModelSource;
-        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("lora/sd15.json")).unwrap()).unwrap();
-        let root = fixtures.join(doc["base"].as_str().unwrap());
-        let config = PipelineConfig::read(&root, None).unwrap();
+        let (fixtures, doc, root, config) = lora_fixture("sd15.json");
         let with = |adapter: Option<&str>, scale: f64| -> Vec<(&'static str, Files)> {
             let read = adapter.map(|a| Adapter::read(&fixtures.join("lora").join(a)).unwrap());
-            config
-                .components()
-                .into_iter()
-                .map(|c| {
-                    let mut files = read_files(ModelSource::dir(&root).component(c));
-                    if let Some(a) = &read {
-                        a.resolve(c, c, &files.shapes(), scale, &mut files.1).unwrap();
-                    }
-                    (c, files)
-                })
-                .collect()
+            config.components().into_iter().map(|c| (c, adapted_files(&root, c, read.as_ref(), scale))).collect()
         };
         let input = &doc["unet_input"];
         let (sample, context) = (ref_tensor(&input["sample"]), ref_tensor(&input["context"]));
-        let ids: Vec<u32> = doc["text_input_ids"][0].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let ids = fixture_ids(&doc, "text_input_ids");
         let base = with(None, 1.0);
         let mut changed = 0;
         for case in doc["cases"].as_array().unwrap() {
@@ -738,35 +749,23 @@ mod tests {
         use crate::image::testing::{assert_close, ref_tensor, TOL};
         use crate::image::unet::{AddedConditions, UNet};
         use crate::lora::Adapter;
-        use mora_common::ModelSource;
-        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("lora/sdxl.json")).unwrap()).unwrap();
-        let root = fixtures.join(doc["base"].as_str().unwrap());
-        let config = PipelineConfig::read(&root, None).unwrap();
+        let (fixtures, doc, root, config) = lora_fixture("sdxl.json");
         let input = &doc["unet_input"];
         let (sample, context) = (ref_tensor(&input["sample"]), ref_tensor(&input["context"]));
         let added = AddedConditions { text_embeds: ref_tensor(&input["text_embeds"]), time_ids: ref_tensor(&input["time_ids"]) };
-        let ids = |key: &str| {
-            let v: Vec<u32> = doc[key][0].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu).unwrap()
-        };
         for case in doc["cases"].as_array().unwrap() {
             let (adapter, scale) = (case["adapter"].as_str(), case["scale"].as_f64().unwrap());
             let what = format!("{} x{scale}", adapter.unwrap_or("base"));
             let read = adapter.map(|a| Adapter::read(&fixtures.join("lora").join(a)).unwrap());
             let part = |c: &str| {
-                let mut files = read_files(ModelSource::dir(&root).component(c));
-                if let Some(a) = &read {
-                    a.resolve(c, c, &files.shapes(), scale, &mut files.1).unwrap();
-                    if c == "unet" {
-                        // Every module diffusers gave a LoRA layer gets its update.
-                        let targets: Vec<String> = doc["targets"][c].as_array().unwrap().iter().map(|t| format!("{}.weight", t.as_str().unwrap())).collect();
-                        let mut got: Vec<String> = files.1.keys().cloned().collect();
-                        got.sort();
-                        let mut want = targets.clone();
-                        want.sort();
-                        assert_eq!(got, want, "{what}: targets");
-                    }
+                let files = adapted_files(&root, c, read.as_ref(), scale);
+                if read.is_some() && c == "unet" {
+                    // Every module diffusers gave a LoRA layer gets its update.
+                    let mut want: Vec<String> = doc["targets"][c].as_array().unwrap().iter().map(|t| format!("{}.weight", t.as_str().unwrap())).collect();
+                    want.sort();
+                    let mut got: Vec<String> = files.1.keys().cloned().collect();
+                    got.sort();
+                    assert_eq!(got, want, "{what}: targets");
                 }
                 files
             };
@@ -775,7 +774,7 @@ mod tests {
             assert_close(&format!("{what}: unet"), &out, &ref_tensor(&case["unet"]), TOL);
             for (i, (c, key)) in [("text_encoder", "text_input_ids"), ("text_encoder_2", "text_input_ids_2")].into_iter().enumerate() {
                 let enc = TextEncoder::new(part(c).var_builder(DType::F32), &config.text[i].config).unwrap();
-                let hidden = enc.forward(&ids(key)).unwrap().last_hidden_state;
+                let hidden = enc.forward(&fixture_ids(&doc, key)).unwrap().last_hidden_state;
                 assert_close(&format!("{what}: {c}"), &hidden, &ref_tensor(&case[c]), TOL);
             }
         }
